@@ -1,0 +1,1 @@
+"""Protocol buffer definitions (quadapt.v1) and their generated stubs."""

@@ -1,0 +1,1 @@
+"""The runtime: model config, model, loader, tokenizer, sampling and generation."""

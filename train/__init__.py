@@ -1,0 +1,1 @@
+"""QLoRA training on the runtime's quantized modules."""
