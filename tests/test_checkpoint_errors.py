@@ -1,0 +1,128 @@
+"""Bad checkpoints and configs get a clear error that names the problem, never a deep traceback."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from quadapt.runtime.config import ModelConfig
+from quadapt.runtime.errors import CheckpointError, ConfigError, UnsupportedError
+from quadapt.runtime.loader import load_model
+
+from .conftest import tiny_llama_config
+from .test_model import save_hf_model
+
+
+def test_dir_without_config_json(tmp_path):
+    save_file({"x": torch.zeros(2)}, tmp_path / "model.safetensors")
+    with pytest.raises(CheckpointError, match="no config.json"):
+        load_model(tmp_path)
+
+
+def test_missing_path():
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_model("/nonexistent/model")
+
+
+def test_pickle_only_dir_is_refused(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(tiny_llama_config()))
+    (tmp_path / "pytorch_model.bin").write_bytes(b"not loaded")
+    with pytest.raises(CheckpointError, match="pickle files, which quadapt never loads"):
+        load_model(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "architecture",
+    ["GPT2LMHeadModel", "MixtralForCausalLM", "Gemma2ForCausalLM"],
+)
+def test_unsupported_architecture(architecture):
+    with pytest.raises(UnsupportedError, match=architecture):
+        ModelConfig.from_dict(tiny_llama_config(architectures=[architecture], model_type="other"))
+
+
+@pytest.mark.parametrize(
+    "overrides, error, match",
+    [
+        ({"hidden_act": "gelu"}, UnsupportedError, "hidden_act 'gelu'"),
+        ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, UnsupportedError, "'yarn'"),
+        ({"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, UnsupportedError, "'dynamic'"),
+        ({"num_key_value_heads": 3}, ConfigError, "multiple of num_key_value_heads"),
+        ({"hidden_size": 0}, ConfigError, "positive integer"),
+        ({"architectures": ["Qwen2ForCausalLM"], "use_sliding_window": True, "sliding_window": 64}, UnsupportedError, "sliding"),
+    ],
+)
+def test_unrunnable_configs(overrides, error, match):
+    with pytest.raises(error, match=match):
+        ModelConfig.from_dict(tiny_llama_config(**overrides))
+
+
+def test_missing_required_field():
+    config = tiny_llama_config()
+    del config["hidden_size"]
+    with pytest.raises(ConfigError, match="'hidden_size'"):
+        ModelConfig.from_dict(config)
+
+
+def test_mistral_sliding_window_caps_the_context():
+    config = ModelConfig.from_dict(
+        tiny_llama_config(architectures=["MistralForCausalLM"], max_position_embeddings=4096, sliding_window=128)
+    )
+    assert config.max_position_embeddings == 128
+
+
+def test_truncated_safetensors(tmp_path):
+    _, path = save_hf_model(tmp_path, "llama")
+    weights = path / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        load_model(path)
+
+
+def test_corrupt_safetensors_header(tmp_path):
+    _, path = save_hf_model(tmp_path, "llama")
+    (path / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}")
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        load_model(path)
+
+
+def test_missing_tensors_are_listed(tmp_path):
+    _, path = save_hf_model(tmp_path, "llama")
+    weights = load_file(path / "model.safetensors")
+    del weights["model.layers.1.mlp.down_proj.weight"]
+    del weights["model.norm.weight"]
+    save_file(weights, path / "model.safetensors")
+    with pytest.raises(CheckpointError) as info:
+        load_model(path)
+    message = str(info.value)
+    assert "Missing 2 tensor(s)" in message
+    assert "model.layers.1.mlp.down_proj.weight" in message and "model.norm.weight" in message
+
+
+def test_unexpected_tensors_are_listed(tmp_path):
+    _, path = save_hf_model(tmp_path, "llama")
+    weights = load_file(path / "model.safetensors")
+    weights["model.layers.7.self_attn.q_proj.weight"] = torch.zeros(64, 64)
+    save_file(weights, path / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"Unexpected 1 tensor\(s\): model.layers.7.self_attn.q_proj.weight"):
+        load_model(path)
+
+
+def test_shape_mismatch_names_the_tensor(tmp_path):
+    _, path = save_hf_model(tmp_path, "llama")
+    config = json.loads((path / "config.json").read_text())
+    config["intermediate_size"] = 96
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"down_proj.weight' has shape \(64, 112\).*\(64, 96\)"):
+        load_model(path)
+
+
+def test_index_pointing_at_missing_shard(tmp_path):
+    _, path = save_hf_model(tmp_path, "llama", shard=True)
+    shard = sorted(path.glob("model-*.safetensors"))[-1]
+    shard.unlink()
+    with pytest.raises(CheckpointError, match=f"{shard.name}.*missing"):
+        load_model(path)
