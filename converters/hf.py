@@ -53,14 +53,7 @@ class HFCheckpoint:
                 raise CheckpointError(f"cannot read {str(shard)!r}: {e}; the file is damaged, download it again") from None
 
     def tokenizer_files(self) -> TokenizerFiles | None:
-        tokenizer = self.path / "tokenizer.json"
-        if not tokenizer.is_file():
-            return None
-        return TokenizerFiles(
-            tokenizer_json=tokenizer.read_text(encoding="utf-8"),
-            tokenizer_config=_read_json_or_empty(self.path / "tokenizer_config.json"),
-            generation_config=_read_json_or_empty(self.path / "generation_config.json"),
-        )
+        return read_tokenizer_files(self.path)
 
     def _find_shards(self) -> dict[Path, list[str]]:
         index = self.path / INDEX_FILE
@@ -106,11 +99,37 @@ class HFCheckpoint:
                 raise CheckpointError(f"the index puts {name!r} in {file!r}, but that shard does not hold it")
 
 
+def read_tokenizer_files(path: Path) -> TokenizerFiles | None:
+    """The tokenizer files of an HF directory, or None when it has no `tokenizer.json`.
+
+    A `chat_template.jinja` beside them takes priority over tokenizer_config's template, as in
+    transformers.
+
+    Raises:
+        CheckpointError: a JSON file is not valid JSON or not an object.
+    """
+    tokenizer = path / "tokenizer.json"
+    if not tokenizer.is_file():
+        return None
+    tokenizer_config = _read_json_or_empty(path / "tokenizer_config.json")
+    template = path / "chat_template.jinja"
+    if template.is_file():
+        tokenizer_config["chat_template"] = template.read_text(encoding="utf-8")
+    return TokenizerFiles(
+        tokenizer_json=tokenizer.read_text(encoding="utf-8"),
+        tokenizer_config=tokenizer_config,
+        generation_config=_read_json_or_empty(path / "generation_config.json"),
+    )
+
+
 def _read_json_or_empty(path: Path) -> dict[str, Any]:
+    """The JSON object in `path`, or {} when the file does not exist."""
     if not path.is_file():
         return {}
     try:
-        d = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{str(path)!r} is not valid JSON: {e}") from None
-    return d if isinstance(d, dict) else {}
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{str(path)!r} is not valid JSON: {e}; restore the file from the model repo") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{str(path)!r} must hold a JSON object, got {type(data).__name__}")
+    return data

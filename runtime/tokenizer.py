@@ -1,0 +1,316 @@
+"""Text in and out: a model's HF tokenizer, its chat template, and streaming detokenization.
+
+`Tokenizer` wraps the `tokenizers` library on a checkpoint's `tokenizer.json`, reading
+`tokenizer_config.json` and `generation_config.json` the way transformers does, so `encode`,
+`decode` and `apply_chat_template` (rendered by `chat_template.py`) give transformers' answers.
+`IncrementalDetokenizer` turns a stream of token ids into text deltas that never split a character.
+
+This is the edge of the runtime: the engine sees token ids only. It deliberately does not pad,
+truncate (a `truncation` entry in tokenizer.json is dropped: a runtime never cuts a prompt
+silently), batch, or apply transformers' `clean_up_tokenization_spaces`, which transformers
+itself skips for the BPE tokenizers of the models quadapt runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import tokenizers
+from tokenizers import AddedToken
+
+from ..converters.checkpoint import TokenizerFiles
+from .chat_template import render_chat_template
+from .errors import CheckpointError, ConfigError
+
+# The named special tokens transformers passes to every chat template (its SPECIAL_TOKENS_ATTRIBUTES).
+_NAMED_SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+_ADDED_TOKEN_FLAGS = ("single_word", "lstrip", "rstrip", "normalized", "special")
+_REPLACEMENT_CHAR = "\ufffd"
+
+
+class Tokenizer:
+    """A model's tokenizer and chat template, with transformers' semantics.
+
+    Build it with `from_dir` or `from_files`. Special tokens named in tokenizer_config.json that
+    tokenizer.json lacks as added tokens are added as special, as transformers does, so they
+    encode as one token and `decode(..., skip_special_tokens=True)` drops them. What `encode`
+    adds (BOS, EOS) is tokenizer.json's post-processor alone: transformers 5 ignores
+    `add_bos_token` beside a tokenizer.json, whose post-processor transformers 4 already
+    rewrote from that flag when it saved the file.
+    """
+
+    def __init__(
+        self,
+        backend: tokenizers.Tokenizer,
+        tokenizer_config: Mapping[str, Any] | None = None,
+        generation_config: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Wrap `backend` (which this object then owns and adjusts).
+
+        Args:
+            backend: the tokenizer built from tokenizer.json.
+            tokenizer_config: the dict of tokenizer_config.json.
+            generation_config: the dict of generation_config.json.
+
+        Raises:
+            ConfigError: a special token or eos id in the configs has the wrong type.
+        """
+        self._backend = backend
+        self._config = dict(tokenizer_config or {})
+        generation_config = dict(generation_config or {})
+        backend.no_truncation()
+        backend.no_padding()
+
+        self._special_tokens = {
+            name: content for name in _NAMED_SPECIAL_TOKENS if (content := _token_content(self._config, name))
+        }
+        self._add_missing_special_tokens()
+
+        self._chat_template = _default_template(self._config)
+        self._bos_token_id = self._id_of(self._special_tokens.get("bos_token"))
+        if self._bos_token_id is None:
+            self._bos_token_id = _optional_id(generation_config, "bos_token_id")
+        eos = self._id_of(self._special_tokens.get("eos_token"))
+        self._eos_token_ids = ({eos} if eos is not None else set()) | _id_set(generation_config, "eos_token_id")
+
+    @classmethod
+    def from_files(cls, files: TokenizerFiles) -> Tokenizer:
+        """Build from the tokenizer files a checkpoint reader returned.
+
+        Raises:
+            CheckpointError: tokenizer.json is not a valid `tokenizers` serialization.
+            ConfigError: tokenizer_config or generation_config hold values of the wrong type.
+        """
+        try:
+            backend = tokenizers.Tokenizer.from_str(files.tokenizer_json)
+        except Exception as e:  # tokenizers raises a plain Exception for any parse error
+            raise CheckpointError(
+                f"tokenizer.json could not be parsed by the tokenizers library: {e}; "
+                "re-export it with a current transformers or tokenizers"
+            ) from e
+        return cls(backend, files.tokenizer_config, files.generation_config)
+
+    @classmethod
+    def from_dir(cls, path: str | Path) -> Tokenizer:
+        """Read `tokenizer.json`, `tokenizer_config.json`, `generation_config.json` and, when
+        present, `chat_template.jinja` (which takes priority, as in transformers) from a directory.
+
+        Raises:
+            CheckpointError: the directory or its tokenizer.json is missing, or a file is not valid JSON.
+            ConfigError: the configs hold values of the wrong type.
+        """
+        from ..converters.hf import read_tokenizer_files
+
+        path = Path(path).expanduser()
+        files = read_tokenizer_files(path)
+        if files is None:
+            raise CheckpointError(
+                f"{str(path)!r} has no tokenizer.json; quadapt reads the HF fast-tokenizer file, so save the "
+                "tokenizer with transformers' save_pretrained (which writes it) or copy it from the model repo"
+            )
+        return cls.from_files(files)
+
+    @property
+    def eos_token_ids(self) -> set[int]:
+        """Ids that end a turn: tokenizer_config's eos_token and generation_config's eos_token_id(s)."""
+        return set(self._eos_token_ids)
+
+    @property
+    def bos_token_id(self) -> int | None:
+        """The id of tokenizer_config's bos_token (else generation_config's bos_token_id), or None."""
+        return self._bos_token_id
+
+    @property
+    def vocab_size(self) -> int:
+        """How many ids the tokenizer knows, added tokens included (transformers' `len(tokenizer)`)."""
+        return self._backend.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def chat_template(self) -> str | None:
+        """The Jinja chat template, or None for a model without one."""
+        return self._chat_template
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of `text`.
+
+        Args:
+            text: the text to encode; special-token strings in it encode as their special tokens.
+            add_special_tokens: let the tokenizer's post-processor add what it adds (BOS for
+                Llama 2 and 3; nothing for SmolLM2 or Qwen2). Pass False for text that already
+                holds them, such as a rendered chat template.
+        """
+        return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
+        """The text of `ids`.
+
+        Args:
+            ids: token ids.
+            skip_special_tokens: drop special tokens (BOS, EOS, `<|im_end|>`, ...) from the
+                text. Unlike transformers, the default is True: quadapt decodes model output.
+        """
+        return self._backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def stream(self, skip_special_tokens: bool = True) -> IncrementalDetokenizer:
+        """A fresh incremental detokenizer for one output stream."""
+        return IncrementalDetokenizer(self, skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        *,
+        tools: list[dict[str, Any]] | None = None,
+        chat_template: str | None = None,
+        **template_kwargs: Any,
+    ) -> str:
+        """Render a conversation to prompt text with the model's chat template, as transformers'
+        `apply_chat_template(..., tokenize=False)` does. Encode the result with
+        `add_special_tokens=False`: the template already wrote the special tokens.
+
+        Args:
+            messages: dicts with at least `role` and `content`.
+            add_generation_prompt: end with the header of an assistant turn (transformers'
+                default is False; quadapt renders prompts to generate from).
+            tools: JSON schemas of tools, for templates that support them.
+            chat_template: a template to use instead of the model's.
+            **template_kwargs: more template variables (e.g. `enable_thinking`); they override
+                the special-token variables (`bos_token`, `eos_token`, ...).
+
+        Returns:
+            The rendered prompt text.
+
+        Raises:
+            ConfigError: the model has no chat template, or the template is not valid Jinja.
+            InvalidParameterError: the messages are empty or not JSON data, or the template
+                rejected them (see `render_chat_template`).
+        """
+        template = chat_template if chat_template is not None else self._chat_template
+        if template is None:
+            raise ConfigError(
+                "this tokenizer has no chat template (tokenizer_config.json has no 'chat_template' and there is "
+                "no chat_template.jinja); it is likely a base model: format the prompt yourself and encode it, "
+                "or pass chat_template="
+            )
+        return render_chat_template(
+            template,
+            messages,
+            add_generation_prompt,
+            special_tokens=self._special_tokens,
+            tools=tools,
+            **template_kwargs,
+        )
+
+    def _id_of(self, token: str | None) -> int | None:
+        return None if token is None else self._backend.token_to_id(token)
+
+    def _add_missing_special_tokens(self) -> None:
+        # transformers adds every special token the configs name, special, when tokenizer.json does
+        # not already hold it as an added token; an id from tokenizer_config's added_tokens_decoder
+        # keeps its flags.
+        present = {t.content for t in self._backend.get_added_tokens_decoder().values()}
+        missing: list[AddedToken] = []
+        for spec in (self._config.get("added_tokens_decoder") or {}).values():
+            if isinstance(spec, Mapping) and spec.get("content") and spec["content"] not in present:
+                flags = {k: bool(spec[k]) for k in _ADDED_TOKEN_FLAGS if k in spec}
+                missing.append(AddedToken(spec["content"], **flags))
+                present.add(spec["content"])
+        extra = self._config.get("extra_special_tokens", self._config.get("additional_special_tokens")) or []
+        extra = list(extra.values()) if isinstance(extra, Mapping) else list(extra)
+        for content in [*self._special_tokens.values(), *(_content(t) for t in extra)]:
+            if content and content not in present:
+                missing.append(AddedToken(content, special=True, normalized=False))
+                present.add(content)
+        self._backend.add_special_tokens([t for t in missing if t.special])
+        self._backend.add_tokens([t for t in missing if not t.special])
+
+
+class IncrementalDetokenizer:
+    """Turns token ids, one at a time, into text deltas whose concatenation is `decode(all ids)`.
+
+    Each step decodes a short window (the tokens of the last emitted delta, then the new ones)
+    and emits the difference between the window's text with and without the new tokens, as
+    vLLM and TGI do: this keeps word-initial spaces right for tokenizers whose decoders strip
+    the first one. While the text ends in U+FFFD (a UTF-8 character whose bytes are split
+    across tokens) nothing is emitted; `finish()` flushes whatever is still held.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True) -> None:
+        self._tokenizer = tokenizer
+        self._skip_special_tokens = skip_special_tokens
+        self._ids: list[int] = []
+        # Invariant: ids[:read] are emitted; ids[prefix:read] are the last delta's tokens, the window's context.
+        self._prefix = 0
+        self._read = 0
+
+    def add(self, token_id: int) -> str:
+        """Add one token id; return the text it completes ("" while a character is incomplete)."""
+        self._ids.append(token_id)
+        return self._emit(final=False)
+
+    def finish(self) -> str:
+        """The text still held back at the end of the stream (an incomplete character decodes to U+FFFD)."""
+        return self._emit(final=True)
+
+    def _emit(self, final: bool) -> str:
+        decode = self._tokenizer.decode
+        context = decode(self._ids[self._prefix : self._read], skip_special_tokens=self._skip_special_tokens)
+        text = decode(self._ids[self._prefix :], skip_special_tokens=self._skip_special_tokens)
+        if len(text) <= len(context) or (text.endswith(_REPLACEMENT_CHAR) and not final):
+            return ""
+        self._prefix, self._read = self._read, len(self._ids)
+        return text[len(context) :]
+
+
+def _content(token: Any) -> str | None:
+    """The text of a special token, written as a string or as a serialized AddedToken dict."""
+    if isinstance(token, str):
+        return token
+    if isinstance(token, Mapping) and isinstance(token.get("content"), str):
+        return token["content"]
+    return None
+
+
+def _token_content(config: Mapping[str, Any], name: str) -> str | None:
+    value = config.get(name)
+    content = _content(value)
+    if value is not None and content is None:
+        raise ConfigError(
+            f"tokenizer_config.json: {name} must be a string or an AddedToken dict with 'content', got {value!r}"
+        )
+    return content
+
+
+def _default_template(config: Mapping[str, Any]) -> str | None:
+    template = config.get("chat_template")
+    if template is None or isinstance(template, str):
+        return template
+    # Older transformers saved several named templates as [{"name": ..., "template": ...}].
+    if isinstance(template, list):
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, Mapping)}
+        if "default" in named:
+            return named["default"]
+        raise ConfigError(
+            f"tokenizer_config.json has chat templates {sorted(map(str, named))} but none named 'default'; "
+            "pass chat_template= to apply_chat_template"
+        )
+    raise ConfigError(f"tokenizer_config.json: chat_template must be a string or a list, got {type(template).__name__}")
+
+
+def _optional_id(config: Mapping[str, Any], key: str) -> int | None:
+    value = config.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ConfigError(f"generation_config.json: {key} must be an integer, got {value!r}")
+    return value
+
+
+def _id_set(config: Mapping[str, Any], key: str) -> set[int]:
+    value = config.get(key)
+    values = value if isinstance(value, list) else [] if value is None else [value]
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        raise ConfigError(f"generation_config.json: {key} must be an integer or a list of integers, got {value!r}")
+    return set(values)
