@@ -14,15 +14,32 @@ from collections.abc import Sequence
 DTYPES = ("float32", "bfloat16", "float16")
 
 
-def _generate(args: argparse.Namespace) -> int:
+def _load(args: argparse.Namespace):
+    """The model and tokenizer named by `--model`, with `--dtype` and `--threads` applied."""
     import torch
 
     from .converters.checkpoint import open_checkpoint
     from .runtime.errors import CheckpointError
-    from .runtime.generate import generate_text
     from .runtime.loader import load_model
-    from .runtime.sampling import SamplingParams
     from .runtime.tokenizer import Tokenizer
+
+    reader = open_checkpoint(args.model)
+    files = reader.tokenizer_files()
+    if files is None:
+        raise CheckpointError(
+            f"{args.model!r} carries no tokenizer (tokenizer.json); copy the model's tokenizer files beside its weights"
+        )
+    tokenizer = Tokenizer.from_files(files)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return load_model(reader, dtype=getattr(torch, args.dtype)), tokenizer
+
+
+def _generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from .runtime.generate import generate_text
+    from .runtime.sampling import SamplingParams
 
     params = SamplingParams(
         max_new_tokens=args.max_new_tokens,
@@ -34,16 +51,7 @@ def _generate(args: argparse.Namespace) -> int:
         stop=args.stop or [],
         ignore_eos=args.ignore_eos,
     )
-    reader = open_checkpoint(args.model)
-    files = reader.tokenizer_files()
-    if files is None:
-        raise CheckpointError(
-            f"{args.model!r} carries no tokenizer (tokenizer.json); copy the model's tokenizer files beside its weights"
-        )
-    tokenizer = Tokenizer.from_files(files)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    model = load_model(reader, dtype=getattr(torch, args.dtype))
+    model, tokenizer = _load(args)
 
     prompt = args.prompt
     if args.chat:
@@ -59,6 +67,25 @@ def _generate(args: argparse.Namespace) -> int:
             sys.stdout.write(delta)
             sys.stdout.flush()
     sys.stdout.write("\n")
+    return 0
+
+
+def _eval_ppl(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+
+    from .runtime.errors import CheckpointError
+    from .runtime.perplexity import perplexity
+
+    text_file = Path(args.text)
+    if not text_file.is_file():
+        raise CheckpointError(f"text file {args.text!r} does not exist; pass a UTF-8 text file with --text")
+    text = text_file.read_text(encoding="utf-8")
+    model, tokenizer = _load(args)
+    ids = tokenizer.encode(text)
+    result = perplexity(model, ids, window=args.window, stride=args.stride, progress=True)
+    print(f"tokens: {result.tokens} (window {result.window}, stride {result.stride})")
+    print(f"perplexity: {result.perplexity:.4f}")
     return 0
 
 
@@ -99,6 +126,19 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", choices=DTYPES, default="float32", help="weights and activations dtype (default float32)")
     gen.add_argument("--threads", type=int, default=0, metavar="N", help="CPU threads (default: torch's choice)")
     gen.set_defaults(handler=_generate)
+
+    ppl = sub.add_parser(
+        "eval-ppl",
+        help="sliding-window perplexity of a model on a text file",
+        description="Sliding-window perplexity on a text file. The last line printed is `perplexity: <number>`.",
+    )
+    ppl.add_argument("--model", required=True, help="checkpoint directory or .gguf file")
+    ppl.add_argument("--text", required=True, metavar="FILE", help="UTF-8 text to score")
+    ppl.add_argument("--window", type=int, default=1024, metavar="N", help="tokens per window (default 1024)")
+    ppl.add_argument("--stride", type=int, default=None, metavar="N", help="tokens each window advances (default: window/2)")
+    ppl.add_argument("--dtype", choices=DTYPES, default="float32", help="weights and activations dtype (default float32)")
+    ppl.add_argument("--threads", type=int, default=0, metavar="N", help="CPU threads (default: torch's choice)")
+    ppl.set_defaults(handler=_eval_ppl)
 
     fetch = sub.add_parser(
         "fetch-default",
