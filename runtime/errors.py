@@ -23,3 +23,7 @@ class UnsupportedError(QuadaptError, ValueError):
 
 class InvalidParameterError(QuadaptError, ValueError):
     """A request parameter (sampling settings, prompt, chat messages) outside what is allowed."""
+
+
+class AdapterError(QuadaptError, ValueError):
+    """A LoRA adapter that is malformed, or does not fit the base model it is applied to."""

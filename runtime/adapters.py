@@ -1,0 +1,128 @@
+"""Putting LoRA adapters on a loaded model: slot stacks on its projections, adapters copied into slots.
+
+`add_lora_slots` wraps chosen linear modules (float `nn.Linear` or quantized modules alike) in
+`LoRALinear` stacks sharing one `SlotMapping`; `load_into_slot` copies an adapter into one slot of
+every stack (and clears that slot where the adapter has no module); `apply_adapter` does both for
+the single-adapter case (`quadapt generate --adapter`): one slot, every token uses it.
+
+This is not yet the serving registry (loading and unloading while serving, LRU over a host cache,
+pinning, reference counts): that builds on these three functions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..converters.adapters import BaseModules, check_adapter_fits, load_adapter_for
+from ..converters.peft import PeftAdapter
+from .errors import AdapterError
+from .lora import LoRALinear, LoRAWeights, SlotMapping
+
+
+def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
+    """The model's LoRA stacks, by the name of the module they replaced."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def add_lora_slots(model: nn.Module, module_names: Iterable[str], *, num_slots: int, max_rank: int) -> SlotMapping:
+    """Wrap each named linear module of `model` in a `LoRALinear` stack of `num_slots` empty slots.
+
+    The stacks' buffers take the dtype and device of the model's first float parameter (the
+    embedding in a `CausalLM`), i.e. the activations'.
+
+    Args:
+        model: the model, modified in place.
+        module_names: HF names of the modules to wrap (`model.layers.0.self_attn.q_proj`).
+        num_slots: how many adapters the stacks hold at once.
+        max_rank: the largest adapter rank a slot accepts.
+
+    Returns:
+        The `SlotMapping` every new stack reads; set it to choose slots per token (initially -1: none).
+
+    Raises:
+        AdapterError: the model already has LoRA stacks, or a name is not a linear-like module.
+    """
+    if lora_modules(model):
+        raise AdapterError(
+            "the model already carries LoRA slots; load further adapters into its slots with load_into_slot, "
+            "or start from a freshly loaded model"
+        )
+    reference = next((p for p in model.parameters() if p.is_floating_point()), None)
+    dtype = reference.dtype if reference is not None else torch.float32
+    device = reference.device if reference is not None else torch.device("cpu")
+    bases = {}
+    for name in module_names:  # check every name before changing the model
+        try:
+            base = model.get_submodule(name)
+        except AttributeError:
+            raise AdapterError(f"the model has no module {name!r} to put LoRA slots on") from None
+        if not (isinstance(getattr(base, "in_features", None), int) and isinstance(getattr(base, "out_features", None), int)):
+            raise AdapterError(
+                f"module {name!r} is a {type(base).__name__}, not a linear layer with in_features/out_features; "
+                "LoRA slots go on linear projections only"
+            )
+        bases[name] = base
+    mapping = SlotMapping(num_slots)
+    for name, base in bases.items():
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, LoRALinear(base, mapping, max_rank, dtype=dtype, device=device))
+    return mapping
+
+
+def load_into_slot(model: nn.Module, adapter: Mapping[str, LoRAWeights], slot: int) -> None:
+    """Copy an adapter into `slot` of every LoRA stack; stacks it does not cover get that slot cleared.
+
+    Args:
+        model: a model with LoRA stacks (`add_lora_slots`).
+        adapter: HF module name -> factors; check it against the base first (`check_adapter_fits`).
+        slot: the slot to fill.
+
+    Raises:
+        AdapterError: the adapter has a module without a LoRA stack.
+        InvalidParameterError: the slot is out of range, or a rank exceeds the stacks' max rank.
+    """
+    stacks = lora_modules(model)
+    missing = [name for name in adapter if name not in stacks]
+    if missing:
+        raise AdapterError(
+            f"the adapter has LoRA weights for {', '.join(missing[:4])}, but the model has no LoRA slots there; "
+            "add slots for every module the served adapters target"
+        )
+    for name, stack in stacks.items():
+        if name in adapter:
+            stack.set_slot(slot, adapter[name])
+        else:
+            stack.clear_slot(slot)
+
+
+def apply_adapter(model: nn.Module, adapter: str | Path | PeftAdapter) -> SlotMapping:
+    """Put one adapter on `model`: LoRA slots on the modules it targets, the adapter in slot 0,
+    every token using slot 0.
+
+    Args:
+        model: a loaded model (float or quantized linear layers), modified in place.
+        adapter: a PEFT adapter directory, or a `PeftAdapter` already read.
+
+    Returns:
+        The model's `SlotMapping` (set it to -1 to run the base alone).
+
+    Raises:
+        AdapterError, UnsupportedError: the adapter is malformed, unsupported, or made for another base.
+    """
+    if lora_modules(model):  # checked first: a wrapped model's layout is not the base's
+        raise AdapterError("the model already carries LoRA slots; apply an adapter to a freshly loaded model")
+    base = BaseModules.of_model(model)
+    if isinstance(adapter, PeftAdapter):
+        check_adapter_fits(adapter, base)
+        peft_adapter = adapter
+    else:
+        peft_adapter = load_adapter_for(adapter, base)
+    mapping = add_lora_slots(model, peft_adapter.modules, num_slots=1, max_rank=peft_adapter.max_rank)
+    load_into_slot(model, peft_adapter.modules, 0)
+    mapping.set(0)
+    return mapping

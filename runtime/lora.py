@@ -1,0 +1,234 @@
+"""LoRA on top of any linear-like base module, as stacks of adapter slots selected per token.
+
+A `LoRALinear` wraps a base module that has `in_features`, `out_features` and `forward(x)` (an
+`nn.Linear`, or a quantized linear module) and adds, for each token, the LoRA of the slot that
+token selects:
+
+    y = base(x) + (x @ A[s].T) @ B[s].T        s = slot of the token; s = -1 adds nothing
+
+The slots are two buffers created once, `lora_a` [S, R, in] and `lora_b` [S, out, R] with R the
+largest rank the stack accepts. An adapter of rank r < R is zero-padded, which adds exact zeros,
+and its scale (alpha/r, or alpha/sqrt(r) for rsLoRA) is folded into B when it is copied in, so the
+computation has no per-adapter scalar. This is vLLM's slot layout (`lora_a_stacked` /
+`lora_b_stacked`): a later batching engine serves many adapters in one batch by giving each token
+its slot, and a Triton kernel replaces `add_lora`, the torch reference, with the same signature.
+
+Every `LoRALinear` of a model shares one `SlotMapping`, the per-token slot choice for the
+current forward pass, so the model's forward signature does not change.
+
+This file is the math only: it does not read adapter files (converters/peft.py), decide which
+modules of a model get slots, or manage which adapter sits in which slot (runtime/adapters.py).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .errors import InvalidParameterError
+
+NO_SLOT = -1  # a token with this slot gets the base output only
+
+
+@dataclass(frozen=True)
+class LoRAWeights:
+    """One module's LoRA factors, in PEFT's orientation: delta W = scale * b @ a.
+
+    Attributes:
+        a: `lora_A` [r, in_features].
+        b: `lora_B` [out_features, r].
+        alpha: `lora_alpha` for this module.
+        use_rslora: the scale is alpha / sqrt(r) (rank-stabilized LoRA) instead of alpha / r.
+    """
+
+    a: torch.Tensor
+    b: torch.Tensor
+    alpha: float
+    use_rslora: bool = False
+
+    def __post_init__(self) -> None:
+        assert self.a.dim() == 2 and self.b.dim() == 2 and self.a.shape[0] == self.b.shape[1], (
+            f"LoRA factors disagree: a {tuple(self.a.shape)}, b {tuple(self.b.shape)}"
+        )
+
+    @property
+    def rank(self) -> int:
+        return self.a.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.a.shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return self.b.shape[0]
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
+
+    def delta(self) -> torch.Tensor:
+        """The weight update scale * b @ a [out, in], computed in fp32."""
+        return (self.b.float() @ self.a.float()) * self.scale
+
+
+class SlotMapping:
+    """Which slot each token of the current forward pass uses; shared by a model's LoRA modules.
+
+    `slots` is an int (every token uses that slot; `NO_SLOT` for none) or an int64 tensor: [B]
+    for one slot per sequence, or [B, T] (the input's leading shape) for one per token.
+    """
+
+    def __init__(self, num_slots: int) -> None:
+        if num_slots < 1:
+            raise InvalidParameterError(f"a LoRA slot stack needs at least one slot, got num_slots={num_slots}")
+        self.num_slots = num_slots
+        self.slots: int | torch.Tensor = NO_SLOT
+
+    def set(self, slots: int | torch.Tensor) -> None:
+        """Choose the slots for the next forward passes.
+
+        Raises:
+            InvalidParameterError: a slot outside [-1, num_slots).
+        """
+        if isinstance(slots, torch.Tensor):
+            bad = slots[(slots < NO_SLOT) | (slots >= self.num_slots)]
+            if bad.numel():
+                raise InvalidParameterError(
+                    f"LoRA slot {int(bad[0])} is out of range; slots are 0..{self.num_slots - 1}, or -1 for none"
+                )
+            self.slots = slots.to(torch.int64)
+        else:
+            if not NO_SLOT <= slots < self.num_slots:
+                raise InvalidParameterError(
+                    f"LoRA slot {slots} is out of range; slots are 0..{self.num_slots - 1}, or -1 for none"
+                )
+            self.slots = int(slots)
+
+    def token_slots(self, leading_shape: torch.Size) -> int | torch.Tensor:
+        """The slots for an input whose shape without its feature dim is `leading_shape`:
+        an int, or an int64 tensor [N] with N = prod(leading_shape)."""
+        if isinstance(self.slots, int):
+            return self.slots
+        slots = self.slots
+        if slots.dim() < len(leading_shape):  # per sequence: repeat over the sequence's tokens
+            slots = slots.reshape(slots.shape + (1,) * (len(leading_shape) - slots.dim()))
+        return slots.expand(leading_shape).reshape(-1)
+
+
+def add_lora(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    token_slots: int | torch.Tensor,
+) -> torch.Tensor:
+    """The torch reference of multi-slot LoRA: y + (x @ A[s].T) @ B[s].T per row, s its slot.
+
+    Args:
+        y: base output [N, out].
+        x: input [N, in].
+        lora_a: A stack [S, R, in].
+        lora_b: B stack [S, out, R], scales already folded in.
+        token_slots: one slot for every row (an int), or an int64 tensor [N]; -1 adds nothing.
+
+    Returns:
+        A new tensor [N, out]; `y` is not modified.
+    """
+    if isinstance(token_slots, int):
+        if token_slots == NO_SLOT:
+            return y
+        return y + (x @ lora_a[token_slots].T) @ lora_b[token_slots].T  # shrink to R, expand to out
+    out = y.clone()
+    # Obviously correct, not fast: one gather and two matmuls per slot present in the batch.
+    for slot in torch.unique(token_slots).tolist():
+        if slot == NO_SLOT:
+            continue
+        rows = token_slots == slot
+        out[rows] += (x[rows] @ lora_a[slot].T) @ lora_b[slot].T
+    return out
+
+
+class LoRALinear(nn.Module):
+    """A base linear-like module plus a stack of LoRA slots.
+
+    Args:
+        base: the module to wrap; needs `in_features`, `out_features` and `forward(x)`.
+        mapping: the model's shared `SlotMapping` (its `num_slots` sizes the stack).
+        max_rank: the largest rank a slot holds.
+        dtype: dtype of the slot buffers; should be the activations' dtype.
+        device: where the slot buffers live.
+    """
+
+    def __init__(
+        self,
+        base: nn.Module,
+        mapping: SlotMapping,
+        max_rank: int,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        super().__init__()
+        if max_rank < 1:
+            raise InvalidParameterError(f"max_rank must be a positive integer, got {max_rank}")
+        self.base = base
+        self.in_features: int = base.in_features
+        self.out_features: int = base.out_features
+        self.mapping = mapping
+        self.max_rank = max_rank
+        # Zero slots are exact no-ops, so a fresh stack changes nothing.
+        S, R = mapping.num_slots, max_rank
+        self.register_buffer("lora_a", torch.zeros(S, R, self.in_features, dtype=dtype, device=device))
+        self.register_buffer("lora_b", torch.zeros(S, self.out_features, R, dtype=dtype, device=device))
+
+    def set_slot(self, slot: int, weights: LoRAWeights) -> None:
+        """Copy one adapter's factors into `slot`: scale folded into B, rank zero-padded to `max_rank`.
+
+        Raises:
+            InvalidParameterError: the slot is out of range, the rank exceeds `max_rank`, or the
+                factors' shapes do not fit this module.
+        """
+        self._check_slot(slot)
+        if weights.rank > self.max_rank:
+            raise InvalidParameterError(
+                f"LoRA rank {weights.rank} exceeds this slot stack's max rank {self.max_rank}; "
+                "build the slots with a larger max_rank"
+            )
+        if (weights.in_features, weights.out_features) != (self.in_features, self.out_features):
+            raise InvalidParameterError(
+                f"LoRA factors for a [{weights.out_features}, {weights.in_features}] weight do not fit a "
+                f"[{self.out_features}, {self.in_features}] module"
+            )
+        r = weights.rank
+        with torch.no_grad():
+            self.clear_slot(slot)
+            self.lora_a[slot, :r].copy_(weights.a)
+            # Fold in fp32, then cast once: the scale is not rounded to the buffer dtype separately.
+            self.lora_b[slot, :, :r].copy_(weights.b.float() * weights.scale)
+
+    def clear_slot(self, slot: int) -> None:
+        """Zero `slot`, so tokens that select it get the base output."""
+        self._check_slot(slot)
+        with torch.no_grad():
+            self.lora_a[slot].zero_()
+            self.lora_b[slot].zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        slots = self.mapping.token_slots(x.shape[:-1])
+        if isinstance(slots, int) and slots == NO_SLOT:
+            return y
+        # [..., in] -> [N, in]; the reference works on rows.
+        x2, y2 = x.reshape(-1, self.in_features), y.reshape(-1, self.out_features)
+        return add_lora(y2, x2.to(self.lora_a.dtype), self.lora_a, self.lora_b, slots).to(y.dtype).view(y.shape)
+
+    def _check_slot(self, slot: int) -> None:
+        if not 0 <= slot < self.mapping.num_slots:
+            raise InvalidParameterError(f"LoRA slot {slot} is out of range; slots are 0..{self.mapping.num_slots - 1}")
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, slots={self.mapping.num_slots}, max_rank={self.max_rank}"
