@@ -4,7 +4,8 @@
 `AutoTokenizer.from_pretrained(dir)` read: `config.json`, `model.safetensors` (or numbered shards
 with `model.safetensors.index.json`), and the tokenizer files. It builds everything in a hidden
 sibling directory and renames it into place only at the end, so an interrupted run leaves nothing
-under the final name, and it holds at most one shard of tensors in memory.
+under the final name, and it holds no tensor in memory beyond the one being written: each shard's
+data is spooled to disk as it arrives.
 
 It does not convert, quantize or validate weights against the config; a reader (`gguf.py`, `hf.py`)
 supplies them under HF names.
@@ -16,7 +17,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +63,7 @@ def write_checkpoint(
     *,
     overwrite: bool = False,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    extra_files: Callable[[], Mapping[str, str]] | None = None,
 ) -> Path:
     """Write an HF-layout checkpoint directory from a stream of named tensors.
 
@@ -73,6 +75,8 @@ def write_checkpoint(
         overwrite: replace an existing directory at `out_dir` (only once the new one is complete).
         max_shard_bytes: start a new safetensors shard before one would grow past this; a tensor
             larger than this gets a shard of its own.
+        extra_files: called once the tensors are written (so it may report on them); returns
+            further text files to put in the directory, file name -> content (e.g. a manifest).
 
     Returns:
         `out_dir`.
@@ -97,6 +101,8 @@ def write_checkpoint(
             _write_json(staging / "tokenizer_config.json", tokenizer.tokenizer_config)
             if tokenizer.generation_config:
                 _write_json(staging / "generation_config.json", tokenizer.generation_config)
+        for name, text in (extra_files() if extra_files is not None else {}).items():
+            (staging / name).write_text(text, encoding="utf-8")
         _move_into_place(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -108,19 +114,16 @@ def _write_weights(
     staging: Path, tensors: Iterable[tuple[str, torch.Tensor]], *, skip_lm_head: bool, max_shard_bytes: int
 ) -> None:
     """Write shards as tensors arrive; name them once their count is known, and index them if several."""
-    from safetensors.torch import save_file
-
-    shard: dict[str, torch.Tensor] = {}
-    shard_bytes, total_bytes = 0, 0
+    shard: _ShardWriter | None = None
+    total_bytes = 0
     shard_files: list[Path] = []
     shard_of: dict[str, int] = {}
 
     def flush() -> None:
-        nonlocal shard, shard_bytes
-        path = staging / f"shard-{len(shard_files):05d}.safetensors"
-        save_file(shard, path, metadata={"format": "pt"})
-        shard_files.append(path)
-        shard, shard_bytes = {}, 0
+        nonlocal shard
+        assert shard is not None
+        shard_files.append(shard.close())
+        shard = None
 
     for name, tensor in tensors:
         if not isinstance(tensor, torch.Tensor):
@@ -130,15 +133,16 @@ def _write_weights(
         if skip_lm_head and name == "lm_head.weight":
             continue  # tied: transformers rebuilds it from the embedding
         nbytes = tensor.numel() * tensor.element_size()
-        if shard and shard_bytes + nbytes > max_shard_bytes:
+        if shard is not None and shard.nbytes + nbytes > max_shard_bytes:
             flush()
-        shard[name] = tensor.detach().to("cpu").contiguous()
+        if shard is None:
+            shard = _ShardWriter(staging / f"shard-{len(shard_files):05d}.safetensors")
+        shard.add(name, tensor)
         shard_of[name] = len(shard_files)
-        shard_bytes += nbytes
         total_bytes += nbytes
     if not shard_of:
         raise CheckpointError("the checkpoint stream held no tensors; nothing to write")
-    if shard:
+    if shard is not None:
         flush()
 
     if len(shard_files) == 1:
@@ -150,6 +154,68 @@ def _write_weights(
         os.replace(path, staging / name)
     index = {"metadata": {"total_size": total_bytes}, "weight_map": {name: final[i] for name, i in shard_of.items()}}
     _write_json(staging / INDEX_FILE, index)
+
+
+# torch dtype -> safetensors dtype name
+_SAFETENSORS_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+
+class _ShardWriter:
+    """One safetensors file written as tensors arrive, holding none of them in memory.
+
+    The format is an 8-byte little-endian header size, a JSON header (dtype, shape and byte range
+    of each tensor, padded with spaces to 8 bytes), then the data with no gaps. The header comes
+    first but is known only at the end, so data is spooled to scratch files beside the shard, one
+    per element size, and `close` writes the header and then the scratch files largest element
+    first: every tensor then starts at a multiple of its element size, as in safetensors' own files.
+    (`safetensors.torch.save_file` would need the whole shard in memory, and copies it once more.)
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.nbytes = 0
+        self._spools: dict[int, Any] = {}  # element size -> open scratch file
+        self._entries: dict[int, list[tuple[str, str, list[int], int]]] = {}  # element size -> (name, dtype, shape, bytes)
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        if tensor.dtype not in _SAFETENSORS_DTYPES:
+            raise CheckpointError(f"tensor {name!r} has dtype {tensor.dtype}, which safetensors cannot store")
+        tensor = tensor.detach().to("cpu").contiguous()
+        size = tensor.element_size()
+        if size not in self._spools:
+            self._spools[size] = open(self.path.with_name(f"{self.path.name}.{size}.spool"), "w+b")  # noqa: SIM115
+            self._entries[size] = []
+        # A uint8 view of the tensor's own memory: numpy hands it to write() without a copy.
+        self._spools[size].write(tensor.reshape(-1).view(torch.uint8).numpy())
+        nbytes = tensor.numel() * size
+        self._entries[size].append((name, _SAFETENSORS_DTYPES[tensor.dtype], list(tensor.shape), nbytes))
+        self.nbytes += nbytes
+
+    def close(self, metadata: dict[str, str] | None = None) -> Path:
+        """Write the finished file and remove the scratch files; return the file's path."""
+        header: dict[str, Any] = {"__metadata__": metadata or {"format": "pt"}}
+        offset = 0
+        sizes = sorted(self._spools, reverse=True)
+        for size in sizes:
+            for name, dtype, shape, nbytes in self._entries[size]:
+                header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + nbytes]}
+                offset += nbytes
+        encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
+        encoded += b" " * (-len(encoded) % 8)
+        with open(self.path, "wb") as f:
+            f.write(len(encoded).to_bytes(8, "little"))
+            f.write(encoded)
+            for size in sizes:
+                spool = self._spools[size]
+                spool.seek(0)
+                shutil.copyfileobj(spool, f, 1 << 24)
+                spool.close()
+                Path(spool.name).unlink()
+        return self.path
 
 
 def _move_into_place(staging: Path, out_dir: Path) -> None:

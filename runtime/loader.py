@@ -3,12 +3,18 @@
 Loading is strict: every parameter must come from the checkpoint with the right shape, and every
 checkpoint tensor must find a parameter; both lists are reported in full otherwise. Format
 details (HF directories, GGUF) stay in the readers of `converters/`; this file sees HF names only.
+
+A checkpoint whose config.json carries a `quantization_config` (compressed-tensors int4/int8, or
+bitsandbytes NF4) gets quantized modules (`runtime.quant`) in place of the linears it quantizes,
+built on the meta device like the rest; their tensors are checked and turned into buffers by
+`converters.formats`, under the same strict key accounting.
 """
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -32,7 +38,8 @@ def load_model(
 
     Args:
         source: a checkpoint path, or a reader already opened on one.
-        dtype: dtype of the parameters.
+        dtype: dtype of the float parameters (and of the activations). Quantized weights keep
+            their packed buffers, whatever `dtype` is.
         device: where the parameters live.
 
     Returns:
@@ -40,17 +47,21 @@ def load_model(
 
     Raises:
         CheckpointError: missing or unexpected tensors, wrong shapes, unreadable files.
-        ConfigError, UnsupportedError: a config quadapt cannot run.
+        ConfigError, UnsupportedError: a config (or quantization_config) quadapt cannot run.
     """
     reader = source if not isinstance(source, (str, Path)) else open_checkpoint(source)
-    config = ModelConfig.from_dict(reader.config_dict())
+    config_dict = reader.config_dict()
+    config = ModelConfig.from_dict(config_dict)
     with torch.device("meta"):
         model = CausalLM(config)
+    quantized = _QuantizedLinears(model, config_dict, str(reader.path), device)
 
     expected = _expected_shapes(model)
     loaded: set[str] = set()
     unexpected: list[str] = []
     for name, tensor in reader.tensors():
+        if quantized.take(name, tensor):
+            continue
         if name not in expected:
             tied_head = name == "lm_head.weight" and config.tie_word_embeddings
             if not (tied_head or _DERIVED.search(name)):
@@ -66,12 +77,89 @@ def load_model(
         _assign(model, name, tensor.to(device=device, dtype=dtype))
         loaded.add(name)
 
-    missing = sorted(set(expected) - loaded)
+    missing = sorted(set(expected) - loaded) + quantized.missing()
     if missing or unexpected:
         raise CheckpointError(_key_report(reader.path, missing, unexpected))
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     return model.eval().requires_grad_(False)
+
+
+class _QuantizedLinears:
+    """The quantized linears of a model being loaded: swaps them in, then fills them as tensors arrive.
+
+    A module's tensors may arrive in any order; they are held (packed, small) until the module
+    has all of them, then checked and assigned at once.
+    """
+
+    def __init__(self, model: CausalLM, config_dict: dict[str, Any], source: str, device: torch.device | str) -> None:
+        self.model, self.source, self.device = model, source, device
+        self.specs: dict[str, Any] = {}
+        self.owner: dict[str, str] = {}  # checkpoint key -> module name
+        self.pending: dict[str, dict[str, torch.Tensor]] = {}
+        self.done: set[str] = set()
+        self.keys: dict[str, list[str]] = {}  # module name -> its checkpoint keys
+        if "quantization_config" not in config_dict:
+            return
+        from ..converters.formats import checkpoint_keys, quantized_linears
+
+        linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+        if model.config.tie_word_embeddings:
+            linears.remove("lm_head")  # it is the embedding matrix, which stays float
+        self.specs = quantized_linears(config_dict, linears)
+        for module, spec in self.specs.items():
+            _swap(model, module, spec)
+            self.keys[module] = checkpoint_keys(module, spec)
+            self.owner.update(dict.fromkeys(self.keys[module], module))
+
+    def take(self, name: str, tensor: torch.Tensor) -> bool:
+        """Keep `tensor` if it belongs to a quantized linear; False if it is not one of theirs."""
+        module = self.owner.get(name)
+        if module is None:
+            return False
+        if module in self.done or name in self.pending.get(module, {}):
+            raise CheckpointError(f"{self.source}: tensor {name!r} appears twice in the checkpoint")
+        parts = self.pending.setdefault(module, {})
+        parts[name] = tensor
+        if len(parts) == len(self.keys[module]):
+            self._fill(module, self.pending.pop(module))
+        return True
+
+    def missing(self) -> list[str]:
+        """Checkpoint keys of quantized linears that never arrived."""
+        return sorted(
+            key for module, keys in self.keys.items() if module not in self.done
+            for key in keys if key not in self.pending.get(module, {})
+        )
+
+    def _fill(self, module: str, tensors: dict[str, torch.Tensor]) -> None:
+        from ..converters.formats import module_buffers
+
+        target = self.model.get_submodule(module)
+        shape = (target.out_features, target.in_features)
+        values = module_buffers(module, self.specs[module], tensors, shape, self.source)
+        for key, value in values.items():
+            if isinstance(value, torch.Tensor) or value is None:
+                target._buffers[key] = None if value is None else value.to(self.device)
+            else:
+                setattr(target, key, value)  # an attribute of the format, e.g. NF4's dtype
+        self.done.add(module)
+
+
+def _swap(model: CausalLM, name: str, spec: Any) -> None:
+    """Replace the nn.Linear `name` by the quantized module `spec` describes, on the meta device."""
+    from ..converters.formats import PackedIntSpec
+    from .quant import NF4Linear, PackedIntLinear
+
+    linear = model.get_submodule(name)
+    parent_name, _, child = name.rpartition(".")
+    shape = dict(in_features=linear.in_features, out_features=linear.out_features, bias=linear.bias is not None)
+    with torch.device("meta"):
+        if isinstance(spec, PackedIntSpec):
+            module = PackedIntLinear(**shape, num_bits=spec.num_bits, group_size=spec.group_size, symmetric=spec.symmetric)
+        else:
+            module = NF4Linear(**shape)
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
 def _expected_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:

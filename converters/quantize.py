@@ -1,0 +1,309 @@
+"""Weight quantization algorithms on one float matrix: round-to-nearest int, MSE clipping, NF4.
+
+- `quantize_int`: int4 / int8, symmetric or asymmetric, group-wise or per output channel, with
+  min-max ranges (plain round-to-nearest, "RTN") or an MSE-optimal clipping search per group. The
+  conventions are compressed-tensors' (llm-compressor's min-max observer): the range always holds
+  0; symmetric scale = max|w| / ((qmax - qmin) / 2); asymmetric scale = (max - min) / (qmax - qmin)
+  with an integer zero point; q = clamp(round(w / s + z), qmin, qmax); w = (q - z) * s.
+- `quantize_nf4`: bitsandbytes' NF4 with double quantization, byte for byte what
+  `bitsandbytes.functional.quantize_4bit(w, blocksize=64, compress_statistics=True,
+  quant_type="nf4")` returns on CPU, computed here in torch without bitsandbytes.
+
+GPTQ lives in `gptq.py` and reuses `int_qparams`. This file does not pack bits, name tensors or
+write files (`formats.py` does); it works on tensors only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..kernels.reference import nf4_code
+
+NF4_BLOCKSIZE = 64  # bitsandbytes' default, which transformers uses
+NF4_NESTED_BLOCKSIZE = 256  # the only nested block size bitsandbytes' fused kernels read
+# Shrink factors of the min-max range that the MSE search tries, 1.0 (plain min-max) first, so
+# ties keep min-max and the search can never do worse than it.
+MSE_SHRINK_GRID: tuple[float, ...] = tuple(1.0 - 0.02 * i for i in range(26))  # 1.00 ... 0.50
+
+
+@dataclass(frozen=True)
+class IntQuantized:
+    """An integer-quantized matrix W [N, K] ~ (q - zero_point) * scale, group by group.
+
+    Attributes:
+        q: int8 [N, K], values in [-2^(num_bits-1), 2^(num_bits-1) - 1].
+        scale: [N, G] in the weight's storage dtype; G = K / group_size, or 1 per channel.
+        zero_point: int8 [N, G] when asymmetric, else None.
+        num_bits: 4 or 8.
+    """
+
+    q: torch.Tensor
+    scale: torch.Tensor
+    zero_point: torch.Tensor | None
+    num_bits: int
+
+    @property
+    def group_size(self) -> int | None:
+        """Input features per scale, or None when there is one scale per output channel."""
+        groups = self.scale.shape[1]
+        return None if groups == 1 else self.q.shape[1] // groups
+
+    def dequantize(self) -> torch.Tensor:
+        """W [N, K] in the scale's dtype, computed as compressed-tensors decompresses it."""
+        N, K = self.q.shape
+        G = self.scale.shape[1]
+        w = self.q.view(N, G, K // G).to(self.scale.dtype)
+        if self.zero_point is not None:
+            w = w - self.zero_point.to(self.scale.dtype).unsqueeze(-1)
+        return (w * self.scale.unsqueeze(-1)).reshape(N, K)
+
+
+def int_range(num_bits: int) -> tuple[int, int]:
+    """(qmin, qmax) of a signed `num_bits` integer."""
+    return -(1 << (num_bits - 1)), (1 << (num_bits - 1)) - 1
+
+
+def int_qparams(
+    groups: torch.Tensor,
+    *,
+    num_bits: int,
+    symmetric: bool,
+    scale_dtype: torch.dtype,
+    shrink: torch.Tensor | float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scale and zero point of each group from its min-max range, shrunk by `shrink`.
+
+    Args:
+        groups: float [..., group] weights, one row per group.
+        num_bits: 4 or 8.
+        symmetric: no zero point when True.
+        scale_dtype: dtype the scale is stored in; the zero point is computed from the stored value.
+        shrink: factor (scalar or [...]) applied to the range before the scale is derived.
+
+    Returns:
+        (scale [...] in `scale_dtype`, zero point int8 [...] or None).
+    """
+    qmin, qmax = int_range(num_bits)
+    lo = groups.amin(dim=-1).clamp(max=0) * shrink  # the range holds 0, so 0 is exact
+    hi = groups.amax(dim=-1).clamp(min=0) * shrink
+    if symmetric:
+        scale = torch.maximum(-lo, hi) / ((qmax - qmin) / 2)
+    else:
+        scale = (hi - lo) / (qmax - qmin)
+    scale = scale.to(scale_dtype)
+    # An all-zero group: any positive scale reproduces it; use eps as compressed-tensors does.
+    scale = torch.where(scale == 0, torch.finfo(scale_dtype).eps, scale)
+    if symmetric:
+        return scale, None
+    zero = torch.round(qmin - lo / scale.float()).clamp(qmin, qmax).to(torch.int8)
+    return scale, zero
+
+
+def _quantize_groups(
+    groups: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, num_bits: int
+) -> torch.Tensor:
+    """q = clamp(round(w / s + z)) for groups [..., group] with scales [...]; int8."""
+    qmin, qmax = int_range(num_bits)
+    x = groups / scale.float().unsqueeze(-1)
+    if zero is not None:
+        x = x + zero.float().unsqueeze(-1)
+    return torch.round(x).clamp(qmin, qmax).to(torch.int8)
+
+
+def _dequantize_groups(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None) -> torch.Tensor:
+    w = q.to(scale.dtype)
+    if zero is not None:
+        w = w - zero.to(scale.dtype).unsqueeze(-1)
+    return (w * scale.unsqueeze(-1)).float()
+
+
+def group_view(w: torch.Tensor, group_size: int | None) -> torch.Tensor:
+    """W [N, K] as float32 groups [N, G, group] (G = 1 per channel)."""
+    N, K = w.shape
+    size = K if group_size is None else group_size
+    assert K % size == 0, (K, size)
+    return w.float().reshape(N, K // size, size)
+
+
+def quantize_int(
+    w: torch.Tensor,
+    *,
+    num_bits: int,
+    group_size: int | None,
+    symmetric: bool,
+    mse: bool = False,
+    scale_dtype: torch.dtype | None = None,
+) -> IntQuantized:
+    """Round-to-nearest integer quantization of W [N, K], optionally with MSE clipping.
+
+    Args:
+        w: the float weight [N, K]; K must be a multiple of `group_size`.
+        num_bits: 4 or 8.
+        group_size: input features per scale, or None for one scale per output channel.
+        symmetric: zero points absent when True.
+        mse: search each group's clipping (a shrink of its min-max range over `MSE_SHRINK_GRID`)
+            for the least squared error of the dequantized group; else plain min-max.
+        scale_dtype: dtype of the stored scales; defaults to w's dtype.
+
+    Returns:
+        The quantized matrix.
+    """
+    scale_dtype = scale_dtype or w.dtype
+    groups = group_view(w, group_size)  # [N, G, group]
+    params = dict(num_bits=num_bits, symmetric=symmetric, scale_dtype=scale_dtype)
+    scale, zero = int_qparams(groups, **params)
+    if mse:
+        best = _squared_error(groups, scale, zero, num_bits)
+        for shrink in MSE_SHRINK_GRID[1:]:
+            s, z = int_qparams(groups, shrink=shrink, **params)
+            err = _squared_error(groups, s, z, num_bits)
+            better = err < best  # strict: a tie keeps the wider range
+            best = torch.where(better, err, best)
+            scale = torch.where(better, s, scale)
+            if zero is not None:
+                zero = torch.where(better, z, zero)
+    q = _quantize_groups(groups, scale, zero, num_bits)
+    return IntQuantized(q=q.reshape(w.shape), scale=scale, zero_point=zero, num_bits=num_bits)
+
+
+def _squared_error(groups: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, num_bits: int) -> torch.Tensor:
+    """Sum of squared errors [N, G] of each group after quantize-dequantize."""
+    restored = _dequantize_groups(_quantize_groups(groups, scale, zero, num_bits), scale, zero)
+    return (restored - groups).pow(2).sum(dim=-1)
+
+
+@dataclass(frozen=True)
+class NF4Quantized:
+    """An NF4 matrix with double-quantized block scales, as bitsandbytes' QuantState holds it.
+
+    Attributes:
+        packed: uint8 [ceil(n/2), 1], two codes a byte, the first in the high nibble.
+        absmax: uint8 [n_blocks], indices into `nested_code` (absmax - offset, quantized).
+        nested_absmax: float32 [ceil(n_blocks / 256)], the scale of each 256 absmax values.
+        nested_code: float32 [256], bitsandbytes' signed dynamic 8-bit map.
+        offset: float32 scalar tensor, the mean absmax subtracted before nesting.
+        shape: (N, K).
+        dtype: the source weight's dtype (what dequantization returns).
+    """
+
+    packed: torch.Tensor
+    absmax: torch.Tensor
+    nested_absmax: torch.Tensor
+    nested_code: torch.Tensor
+    offset: torch.Tensor
+    shape: tuple[int, int]
+    dtype: torch.dtype
+    blocksize: int = NF4_BLOCKSIZE
+    nested_blocksize: int = NF4_NESTED_BLOCKSIZE
+
+    def float_absmax(self) -> torch.Tensor:
+        """The float32 block scales, resolved as bitsandbytes dequantizes them."""
+        return resolve_nested_absmax(self.absmax, self.nested_absmax, self.nested_code, self.offset, self.nested_blocksize)
+
+
+def resolve_nested_absmax(
+    qabsmax: torch.Tensor, nested_absmax: torch.Tensor, nested_code: torch.Tensor, offset: torch.Tensor | float,
+    nested_blocksize: int = NF4_NESTED_BLOCKSIZE,
+) -> torch.Tensor:
+    """float32 absmax = nested_code[q] * nested_absmax[block] + offset (bitsandbytes' order)."""
+    values = nested_code[qabsmax.long()]
+    n = values.numel()
+    full = n - n % nested_blocksize
+    out = (values[:full].view(-1, nested_blocksize) * nested_absmax[: full // nested_blocksize].view(-1, 1)).reshape(full)
+    if full < n:
+        out = torch.cat((out, values[full:] * nested_absmax[-1]))
+    return out + offset
+
+
+def dynamic_map() -> torch.Tensor:
+    """bitsandbytes' signed dynamic 8-bit map (`create_dynamic_map()`): 256 sorted float32 values.
+
+    Each of 7 decades 10^-6 ... 10^0 holds 2^i values (i = 0..6), the means of a linear split of
+    [0.1, 1] scaled to the decade, mirrored negative; plus 0 and 1.0.
+    """
+    values: list[float] = []
+    for i in range(7):
+        bounds = torch.linspace(0.1, 1, 2**i + 1, dtype=torch.float32)
+        means = (bounds[:-1] + bounds[1:]) / 2.0
+        values += ((10 ** (-6 + i)) * means).tolist()
+        values += (-(10 ** (-6 + i)) * means).tolist()
+    values += [0.0, 1.0]
+    return torch.tensor(sorted(values), dtype=torch.float32)
+
+
+def _code_lookup_table(code: torch.Tensor, size: int = 65536) -> torch.Tensor:
+    """uint8 [size]: for each of `size` evenly spaced points of [-1, 1], the nearest code index.
+
+    bitsandbytes' CPU `quantize_blockwise` rounds through this table rather than to the exact
+    nearest code, so to match its bytes we must too.
+    """
+    midpoints = 0.5 * (code[:-1] + code[1:])
+    points = -1.0 + (2.0 * torch.arange(size, dtype=torch.float32)) / (size - 1)
+    return torch.searchsorted(midpoints, points, side="left").to(torch.uint8)
+
+
+def quantize_blockwise_8bit(values: torch.Tensor, code: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """bitsandbytes' CPU blockwise 8-bit quantization of a 1-D float32 tensor against `code`.
+
+    Returns:
+        (indices uint8 [n], absmax float32 [n_blocks]).
+    """
+    n = values.numel()
+    n_blocks = -(-n // blocksize)
+    padded = torch.nn.functional.pad(values, (0, n_blocks * blocksize - n)).view(n_blocks, blocksize)
+    absmax = padded.abs().amax(dim=1)
+    inverse = torch.where(absmax == 0, 0.0, 1.0 / absmax)  # a zero block: no NaN from 0 * inf
+    normed = (padded * inverse.unsqueeze(1)).clamp(-1.0, 1.0)
+    # The table index rounds ((v + 1) / 2) * 65535 to nearest, one float32 step at a time.
+    index = (((normed + 1.0) * 0.5) * 65535.0 + 0.5).to(torch.int64)
+    q = _code_lookup_table(code)[index]
+    q = torch.where((absmax == 0).unsqueeze(1), torch.zeros_like(q), q)  # a zero block stores code 0
+    return q.reshape(-1)[:n], absmax
+
+
+def quantize_nf4(w: torch.Tensor) -> NF4Quantized:
+    """NF4 with double quantization, block 64, nested block 256 (the QLoRA recipe).
+
+    Args:
+        w: the weight [N, K] in float32, bfloat16 or float16.
+
+    Returns:
+        Byte-identical to bitsandbytes' `quantize_4bit(w, blocksize=64, compress_statistics=True,
+        quant_type="nf4")` on CPU: packed weight, quantized absmax, nested absmax, offset.
+    """
+    flat = w.reshape(-1).float()
+    n = flat.numel()
+    blocksize = NF4_BLOCKSIZE
+    full = n - n % blocksize
+    blocks = flat[:full].view(-1, blocksize)
+    absmax = blocks.abs().amax(dim=-1)
+    scaled = torch.clamp(blocks * (1.0 / absmax.clamp(min=1e-38).view(-1, 1)), -1, 1).reshape(-1)
+    if full < n:  # bitsandbytes divides the short last block rather than multiplying
+        last = flat[full:].abs().max().clamp(min=1e-38)
+        absmax = torch.cat((absmax, last.unsqueeze(0)))
+        scaled = torch.cat((scaled, torch.clamp(flat[full:] / last, -1, 1)))
+    if scaled.numel() % 2:
+        scaled = torch.nn.functional.pad(scaled, (0, 1))
+    code = nf4_code()
+    codes = torch.bucketize(scaled, (code[:-1] + code[1:]) / 2, out_int32=True).to(torch.uint8)
+    packed = ((codes[::2] << 4) | codes[1::2]).unsqueeze(1)
+
+    offset = absmax.mean()
+    nested = dynamic_map()
+    qabsmax, nested_absmax = quantize_blockwise_8bit(absmax - offset, nested, NF4_NESTED_BLOCKSIZE)
+    return NF4Quantized(
+        packed=packed, absmax=qabsmax, nested_absmax=nested_absmax, nested_code=nested,
+        offset=offset, shape=(w.shape[0], w.shape[1]), dtype=w.dtype,
+    )
+
+
+def sqnr_db(reference: torch.Tensor, approximation: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio, 10 log10(|ref|^2 / |ref - approx|^2), in dB."""
+    ref = reference.double()
+    noise = (ref - approximation.double()).pow(2).sum()
+    signal = ref.pow(2).sum()
+    if noise == 0:
+        return float("inf")
+    return float(10 * torch.log10(signal / noise))
