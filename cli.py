@@ -52,6 +52,10 @@ def _generate(args: argparse.Namespace) -> int:
         ignore_eos=args.ignore_eos,
     )
     model, tokenizer = _load(args)
+    if args.adapter:
+        from .runtime.adapters import apply_adapter
+
+        apply_adapter(model, args.adapter)
 
     prompt = args.prompt
     if args.chat:
@@ -99,6 +103,53 @@ def _fetch_default(args: argparse.Namespace) -> int:
     return 0
 
 
+def _convert(args: argparse.Namespace) -> int:
+    from .converters.convert import convert_checkpoint
+
+    convert_checkpoint(
+        args.model, args.out, args.scheme, group_size=args.group_size, calibration=args.calibration,
+        calib_text=args.calib_text, keep=args.keep or (), actorder=args.actorder, overwrite=args.overwrite,
+    )
+    return 0
+
+
+def _convert_adapter(args: argparse.Namespace) -> int:
+    from .converters.adapters import convert_adapter
+
+    adapter = convert_adapter(args.base, args.adapter, args.out, overwrite=args.overwrite)
+    print(f"wrote {args.out} ({len(adapter.modules)} LoRA modules, max rank {adapter.max_rank})", file=sys.stderr)
+    return 0
+
+
+def _extract_adapter(args: argparse.Namespace) -> int:
+    from .converters.extract import extract_adapter
+
+    report = extract_adapter(
+        args.base, args.tuned, args.out, rank=args.rank, target_modules=args.target_modules,
+        overwrite=args.overwrite, log=lambda line: print(line, file=sys.stderr),
+    )
+    print(
+        f"wrote {args.out}: {len(report.modules)} modules at rank {report.rank}, {len(report.unchanged)} unchanged, "
+        f"{len(report.not_captured)} changed tensors not captured (see extraction_report.json)",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _merge_adapter(args: argparse.Namespace) -> int:
+    from .converters.merge import merge_adapter
+
+    # Only the options given: without --scheme any of them is an error, with it convert's defaults apply.
+    options = {
+        key: value
+        for key, value in (("group_size", args.group_size), ("calibration", args.calibration), ("calib_text", args.calib_text))
+        if value is not None
+    }
+    out = merge_adapter(args.model, args.adapter, args.out, scheme=args.scheme, overwrite=args.overwrite, **options)
+    print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="quadapt",
@@ -125,6 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence tokens")
     gen.add_argument("--dtype", choices=DTYPES, default="float32", help="weights and activations dtype (default float32)")
     gen.add_argument("--threads", type=int, default=0, metavar="N", help="CPU threads (default: torch's choice)")
+    gen.add_argument("--adapter", default=None, metavar="DIR", help="PEFT LoRA adapter directory to apply to the model")
     gen.set_defaults(handler=_generate)
 
     ppl = sub.add_parser(
@@ -151,6 +203,93 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.add_argument("--out", required=True, metavar="DIR", help="directory to create")
     fetch.add_argument("--overwrite", action="store_true", help="replace DIR if it exists")
     fetch.set_defaults(handler=_fetch_default)
+
+    conv = sub.add_parser(
+        "convert",
+        help="quantize a float checkpoint to int4, int8 or nf4",
+        description=(
+            "Quantize a float checkpoint (directory or .gguf) into a checkpoint directory: int4/int8 as "
+            "compressed-tensors pack-quantized, nf4 as bitsandbytes; embeddings and the output head stay float. "
+            "Writes under a temporary name and renames at the end."
+        ),
+    )
+    conv.add_argument("--model", required=True, metavar="PATH", help="float checkpoint directory or .gguf file")
+    conv.add_argument("--out", required=True, metavar="DIR", help="directory to create")
+    conv.add_argument(
+        "--scheme", required=True, metavar="SCHEME",
+        help="int4 (symmetric, group-wise), int4-asym, int8 (per-channel) or nf4 (bitsandbytes, double quant)",
+    )
+    conv.add_argument(
+        "--group-size", type=int, default=None, metavar="G",
+        help="int4 group size: 32, 64 or 128 (default: the largest that divides every linear's input size)",
+    )
+    conv.add_argument(
+        "--calibration", default="minmax", metavar="METHOD",
+        help="minmax (round to nearest, default), mse (MSE-optimal clipping) or gptq (needs --calib-text)",
+    )
+    conv.add_argument("--calib-text", default=None, metavar="FILE", help="UTF-8 text for GPTQ calibration (>= 128 tokens)")
+    conv.add_argument("--actorder", action="store_true", help="GPTQ with static act-order (no g_idx is stored)")
+    conv.add_argument(
+        "--keep", nargs="+", default=None, metavar="MODULE",
+        help="linears to keep float: a name (model.layers.0.mlp.down_proj), suffix (down_proj) or prefix (model.layers.0)",
+    )
+    conv.add_argument("--overwrite", action="store_true", help="replace DIR if it exists")
+    conv.set_defaults(handler=_convert)
+
+    conv_ad = sub.add_parser(
+        "convert-adapter",
+        help="check a PEFT LoRA adapter against a base model and write it normalized",
+        description=(
+            "Validate a PEFT LoRA adapter against a base checkpoint (targets, shapes, ranks, rank/alpha patterns, "
+            "rsLoRA), refuse what the runtime does not serve, and write a normalized PEFT adapter directory."
+        ),
+    )
+    conv_ad.add_argument("--base", required=True, metavar="PATH", help="base checkpoint directory or .gguf file")
+    conv_ad.add_argument("--adapter", required=True, metavar="DIR", help="PEFT adapter directory")
+    conv_ad.add_argument("--out", required=True, metavar="DIR", help="directory to create")
+    conv_ad.add_argument("--overwrite", action="store_true", help="replace DIR if it exists")
+    conv_ad.set_defaults(handler=_convert_adapter)
+
+    ext = sub.add_parser(
+        "extract-adapter",
+        help="extract a LoRA adapter from a fully fine-tuned checkpoint by truncated SVD",
+        description=(
+            "Factor W_tuned - W_base of each projection by truncated SVD into a PEFT LoRA adapter (scale 1). "
+            "Prints the retained energy per module on stderr and writes extraction_report.json beside the adapter."
+        ),
+    )
+    ext.add_argument("--base", required=True, metavar="PATH", help="base checkpoint directory or .gguf file")
+    ext.add_argument("--tuned", required=True, metavar="PATH", help="fine-tuned checkpoint of the same model")
+    ext.add_argument("--rank", required=True, type=int, metavar="R", help="LoRA rank of every module")
+    ext.add_argument("--out", required=True, metavar="DIR", help="adapter directory to create")
+    ext.add_argument(
+        "--target-modules", nargs="+", default=None, metavar="NAME",
+        help="projections to extract (q_proj k_proj v_proj o_proj gate_proj up_proj down_proj; default: all that changed)",
+    )
+    ext.add_argument("--overwrite", action="store_true", help="replace DIR if it exists")
+    ext.set_defaults(handler=_extract_adapter)
+
+    merge = sub.add_parser(
+        "merge-adapter",
+        help="merge a LoRA adapter into its float base model",
+        description=(
+            "Merge W + scale * B @ A into a float base checkpoint, tensor by tensor, and write a float checkpoint "
+            "directory with the base's tokenizer; with --scheme, quantize the merged model instead. A quantized "
+            "base is refused: merge into the float model and quantize after."
+        ),
+    )
+    merge.add_argument("--model", required=True, metavar="PATH", help="float base checkpoint directory or .gguf file")
+    merge.add_argument("--adapter", required=True, metavar="DIR", help="PEFT adapter directory")
+    merge.add_argument("--out", required=True, metavar="DIR", help="directory to create")
+    merge.add_argument(
+        "--scheme", default=None, metavar="SCHEME",
+        help="quantize the merged model: int4, int4-asym, int8 or nf4 (as `quadapt convert`; default: write float)",
+    )
+    merge.add_argument("--group-size", type=int, default=None, metavar="G", help="with --scheme: as `quadapt convert`")
+    merge.add_argument("--calibration", default=None, metavar="METHOD", help="with --scheme: as `quadapt convert`")
+    merge.add_argument("--calib-text", default=None, metavar="FILE", help="with --scheme gptq calibration: as `quadapt convert`")
+    merge.add_argument("--overwrite", action="store_true", help="replace DIR if it exists")
+    merge.set_defaults(handler=_merge_adapter)
     return parser
 
 
