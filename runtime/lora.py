@@ -11,7 +11,7 @@ largest rank the stack accepts. An adapter of rank r < R is zero-padded, which a
 and its scale (alpha/r, or alpha/sqrt(r) for rsLoRA) is folded into B when it is copied in, so the
 computation has no per-adapter scalar. This is vLLM's slot layout (`lora_a_stacked` /
 `lora_b_stacked`): a later batching engine serves many adapters in one batch by giving each token
-its slot, and a Triton kernel replaces `add_lora`, the torch reference, with the same signature.
+its slot; `kernels.add_lora` computes it (Triton on a GPU, the torch reference elsewhere).
 
 Every `LoRALinear` of a model shares one `SlotMapping`, the per-token slot choice for the
 current forward pass, so the model's forward signature does not change.
@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .. import kernels
 from .errors import InvalidParameterError
 
 NO_SLOT = -1  # a token with this slot gets the base output only
@@ -119,39 +120,6 @@ class SlotMapping:
         return slots.expand(leading_shape).reshape(-1)
 
 
-def add_lora(
-    y: torch.Tensor,
-    x: torch.Tensor,
-    lora_a: torch.Tensor,
-    lora_b: torch.Tensor,
-    token_slots: int | torch.Tensor,
-) -> torch.Tensor:
-    """The torch reference of multi-slot LoRA: y + (x @ A[s].T) @ B[s].T per row, s its slot.
-
-    Args:
-        y: base output [N, out].
-        x: input [N, in].
-        lora_a: A stack [S, R, in].
-        lora_b: B stack [S, out, R], scales already folded in.
-        token_slots: one slot for every row (an int), or an int64 tensor [N]; -1 adds nothing.
-
-    Returns:
-        A new tensor [N, out]; `y` is not modified.
-    """
-    if isinstance(token_slots, int):
-        if token_slots == NO_SLOT:
-            return y
-        return y + (x @ lora_a[token_slots].T) @ lora_b[token_slots].T  # shrink to R, expand to out
-    out = y.clone()
-    # Obviously correct, not fast: one gather and two matmuls per slot present in the batch.
-    for slot in torch.unique(token_slots).tolist():
-        if slot == NO_SLOT:
-            continue
-        rows = token_slots == slot
-        out[rows] += (x[rows] @ lora_a[slot].T) @ lora_b[slot].T
-    return out
-
-
 class LoRALinear(nn.Module):
     """A base linear-like module plus a stack of LoRA slots.
 
@@ -224,7 +192,8 @@ class LoRALinear(nn.Module):
             return y
         # [..., in] -> [N, in]; the reference works on rows.
         x2, y2 = x.reshape(-1, self.in_features), y.reshape(-1, self.out_features)
-        return add_lora(y2, x2.to(self.lora_a.dtype), self.lora_a, self.lora_b, slots).to(y.dtype).view(y.shape)
+        out = kernels.add_lora(y2, x2.to(self.lora_a.dtype), self.lora_a, self.lora_b, slots)
+        return out.to(y.dtype).view(y.shape)
 
     def _check_slot(self, slot: int) -> None:
         if not 0 <= slot < self.mapping.num_slots:

@@ -83,3 +83,7 @@ def _deterministic():
 
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Without a GPU, Triton kernels run in Triton's CPU interpreter; it must be chosen before any
+# kernel is defined, and the kernel modules load lazily, so setting it here is early enough.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -1,0 +1,126 @@
+"""Kernel speed on a CUDA device: fused dequant-matmul vs bf16 cuBLAS, and multi-adapter LoRA overhead.
+
+For real-model shapes (N x K of a weight) at M = 1, 4, 16, 64, 256 it prints the Triton
+`qmatmul` time for int4 (g128, symmetric and asymmetric), int8 and NF4 weights beside
+`torch.matmul` on the dequantized bf16 weight, and the achieved weight bandwidth beside the
+device's copy bandwidth measured in the same run. Then LoRA: a batch of 32 decode tokens through
+a 4096x4096 int4 layer with rank-16 adapters, 1, 8 or 32 distinct, against no adapters.
+
+    python benchmarks/kernels.py [--quick]
+
+Needs a CUDA device and the `gpu` extra (triton). Not a test: it prints tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import torch
+
+SHAPES = {  # name: (N, K), weight [N, K]
+    "4096x4096": (4096, 4096),
+    "4096x14336 (up)": (14336, 4096),
+    "14336x4096 (down)": (4096, 14336),
+    "8192x8192": (8192, 8192),
+    "SmolLM2 576x1536 (up)": (1536, 576),
+    "SmolLM2 1536x576 (down)": (576, 1536),
+}
+ROWS = (1, 4, 16, 64, 256)
+
+
+def bench(fn, reps: int = 50) -> float:
+    """Median milliseconds of `fn` (triton's do_bench: warm-up, L2 flush, CUDA events)."""
+    import triton.testing
+
+    return triton.testing.do_bench(fn, rep=reps, return_mode="median")
+
+
+def copy_bandwidth_gbs() -> float:
+    """Device-to-device copy bandwidth (read + write) of a 1 GiB buffer, in GB/s."""
+    src = torch.empty(2**30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    ms = bench(lambda: dst.copy_(src))
+    return 2 * src.numel() / ms / 1e6
+
+
+def weights(fmt: str, N: int, K: int):
+    """Random packed weights of one format, and the bytes the kernel reads for them."""
+    dev = "cuda"
+    if fmt == "nf4":
+        packed = torch.randint(0, 256, (N * K // 2,), dtype=torch.uint8, device=dev)
+        absmax = torch.rand(N * K // 64, device=dev)
+        return (packed, absmax), packed.numel() + absmax.numel() * 4
+    bits, group = (8, None) if fmt == "int8" else (4, 128)
+    G = 1 if group is None else K // group
+    packed = torch.randint(-(2**31), 2**31 - 1, (N, K * bits // 32), dtype=torch.int32, device=dev)
+    scale = torch.rand(N, G, device=dev, dtype=torch.bfloat16)
+    zero = torch.randint(-8, 8, (N, G), dtype=torch.int8, device=dev) if fmt == "int4-asym" else None
+    nbytes = packed.numel() * 4 + scale.numel() * 2 + (zero.numel() if zero is not None else 0)
+    return (packed, scale, zero, bits), nbytes
+
+
+def qmatmul_fn(fmt: str, x: torch.Tensor, w, K: int, N: int):
+    from quadapt.kernels import qmatmul
+
+    if fmt == "nf4":
+        packed, absmax = w
+        return lambda: qmatmul.qmatmul_nf4(x, packed, absmax, None, shape=(N, K), blocksize=64, dtype=torch.bfloat16)
+    packed, scale, zero, bits = w
+    return lambda: qmatmul.qmatmul_packed_int(x, packed, scale, zero, None, num_bits=bits, in_features=K)
+
+
+def matmul_table(quick: bool) -> None:
+    bw = copy_bandwidth_gbs()
+    print(f"device: {torch.cuda.get_device_name()}, copy bandwidth {bw:.0f} GB/s (measured)")
+    print(f"{'shape':<26}{'fmt':<10}{'M':>5}{'kernel us':>11}{'bf16 us':>10}{'speed-up':>10}{'GB/s':>8}{'% copy':>8}")
+    shapes = {"8192x8192": SHAPES["8192x8192"]} if quick else SHAPES
+    for name, (N, K) in shapes.items():
+        dense = torch.randn(N, K, device="cuda", dtype=torch.bfloat16)
+        for fmt in ("int4", "int4-asym", "int8", "nf4"):
+            w, nbytes = weights(fmt, N, K)
+            for M in ROWS:
+                x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+                ms = bench(qmatmul_fn(fmt, x, w, K, N))
+                ms_dense = bench(lambda: x @ dense.T)
+                gbs = nbytes / ms / 1e6
+                print(f"{name:<26}{fmt:<10}{M:>5}{ms * 1e3:>11.1f}{ms_dense * 1e3:>10.1f}"
+                      f"{ms_dense / ms:>9.2f}x{gbs:>8.0f}{100 * gbs / bw:>7.0f}%")
+
+
+def lora_table() -> None:
+    from quadapt.kernels import lora as lora_kernel
+    from quadapt.kernels import qmatmul
+
+    N = K = 4096
+    (packed, scale, zero, bits), _ = weights("int4", N, K)
+    x = torch.randn(32, K, device="cuda", dtype=torch.bfloat16)
+    base = bench(lambda: qmatmul.qmatmul_packed_int(x, packed, scale, zero, None, num_bits=bits, in_features=K))
+    print(f"\nLoRA, batch of 32 tokens, 4096x4096 int4 layer, rank 16: base layer {base * 1e3:.1f} us")
+    print(f"{'adapters':>9}{'layer+LoRA us':>15}{'overhead':>10}")
+    for distinct in (1, 8, 32):
+        a = torch.randn(distinct, 16, K, device="cuda", dtype=torch.bfloat16)
+        b = torch.randn(distinct, N, 16, device="cuda", dtype=torch.bfloat16)
+        slots = torch.arange(32, device="cuda") % distinct
+
+        def step():
+            y = qmatmul.qmatmul_packed_int(x, packed, scale, zero, None, num_bits=bits, in_features=K)
+            return lora_kernel.add_lora(y, x, a, b, slots)
+
+        ms = bench(step)
+        print(f"{distinct:>9}{ms * 1e3:>15.1f}{100 * (ms / base - 1):>9.0f}%")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="only the 8192x8192 shape")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("benchmarks/kernels.py needs a CUDA device; the kernels' CPU checks are in tests/test_kernels.py")
+    os.environ["QUADAPT_KERNELS"] = "triton"
+    matmul_table(args.quick)
+    lora_table()
+
+
+if __name__ == "__main__":
+    main()

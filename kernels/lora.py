@@ -1,0 +1,171 @@
+"""Triton multi-adapter LoRA: shrink (x @ A[s].T) and expand (+ @ B[s].T) with a slot per token.
+
+Tokens are grouped by slot once per call (vLLM's sort-by-slot metadata), and each program works
+on one slot's tokens, so one launch serves a batch that mixes adapters, prefill and decode alike.
+Slot buffers are the `LoRALinear` stacks: A [S, R, in] and B [S, out, R] with the scale folded
+into B. Loading an adapter is a copy into a slot; nothing here depends on which adapter is where,
+so swapping one recompiles nothing. `kernels.reference.add_lora` is the torch version of `add_lora`.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .triton_utils import cast, interpreting
+
+NO_SLOT = -1
+
+
+@triton.jit
+def _lora_shrink_kernel(
+    x_ptr, a_ptr, out_ptr,
+    token_ptr, slot_ptr, start_ptr, count_ptr,
+    K, R,
+    stride_xm, stride_xk, stride_as, stride_ar, stride_ak, stride_om, stride_or,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    # Program (group g, token block m): out[tok, :] = x[tok, :] @ A[slot_g].T for its tokens.
+    group, pid_m = tl.program_id(0), tl.program_id(1)
+    count = tl.load(count_ptr + group)
+    if pid_m * BLOCK_M >= count:
+        return
+    slot = tl.load(slot_ptr + group)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < count
+    rows = tl.load(token_ptr + tl.load(start_ptr + group) + offs_m, mask=m_mask, other=0)
+    offs_r = tl.arange(0, BLOCK_R)
+    r_mask = offs_r < R
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < K
+        x = tl.load(
+            x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+            mask=m_mask[:, None] & k_mask[None, :], other=0.0,
+        )
+        a = tl.load(  # A[slot] read transposed: [BLOCK_K, BLOCK_R]
+            a_ptr + slot * stride_as + offs_r[None, :] * stride_ar + offs_k[:, None] * stride_ak,
+            mask=k_mask[:, None] & r_mask[None, :], other=0.0,
+        )
+        if UPCAST:
+            x, a = x.to(tl.float32), a.to(tl.float32)
+        if IEEE:
+            acc += tl.dot(x, a, input_precision="ieee")
+        else:
+            acc += tl.dot(x, a)
+    tl.store(
+        out_ptr + rows[:, None] * stride_om + offs_r[None, :] * stride_or, acc,
+        mask=m_mask[:, None] & r_mask[None, :],
+    )
+
+
+@triton.jit
+def _lora_expand_kernel(
+    s_ptr, b_ptr, y_ptr,
+    token_ptr, slot_ptr, start_ptr, count_ptr,
+    N, R,
+    stride_sm, stride_sr, stride_bs, stride_bn, stride_br, stride_ym, stride_yn,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, IEEE: tl.constexpr,
+    EXACT_BF16: tl.constexpr,
+):
+    # Program (group g, token block m, column block n): y[tok, n] += s[tok, :] @ B[slot_g][n, :].T
+    group, pid_m, pid_n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    count = tl.load(count_ptr + group)
+    if pid_m * BLOCK_M >= count:
+        return
+    slot = tl.load(slot_ptr + group)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < count
+    rows = tl.load(token_ptr + tl.load(start_ptr + group) + offs_m, mask=m_mask, other=0)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    offs_r = tl.arange(0, BLOCK_R)
+    r_mask = offs_r < R
+    s = tl.load(
+        s_ptr + rows[:, None] * stride_sm + offs_r[None, :] * stride_sr,
+        mask=m_mask[:, None] & r_mask[None, :], other=0.0,
+    )
+    b = tl.load(  # B[slot] read transposed: [BLOCK_R, BLOCK_N]
+        b_ptr + slot * stride_bs + offs_n[None, :] * stride_bn + offs_r[:, None] * stride_br,
+        mask=r_mask[:, None] & n_mask[None, :], other=0.0,
+    ).to(tl.float32)
+    if IEEE:
+        delta = tl.dot(s, b, input_precision="ieee")
+    else:
+        delta = tl.dot(s, b)
+    y_ptrs = y_ptr + rows[:, None] * stride_ym + offs_n[None, :] * stride_yn
+    mask = m_mask[:, None] & n_mask[None, :]
+    y = tl.load(y_ptrs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_ptrs, cast(y + delta, y_ptr.dtype.element_ty, EXACT_BF16), mask=mask)
+
+
+def slot_groups(token_slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Group token rows by slot, skipping `NO_SLOT`.
+
+    Returns:
+        (tokens, slots, starts, counts): `tokens` [n] lists the rows with a slot, grouped by slot;
+        group g is slot `slots[g]`, rows `tokens[starts[g] : starts[g] + counts[g]]`.
+    """
+    order = torch.argsort(token_slots, stable=True)
+    sorted_slots = token_slots[order]
+    first = int(torch.searchsorted(sorted_slots, NO_SLOT + 1))  # rows before this have no slot
+    tokens = order[first:]
+    slots, counts = torch.unique_consecutive(sorted_slots[first:], return_counts=True)
+    starts = torch.cumsum(counts, 0) - counts
+    return tokens.to(torch.int32), slots.to(torch.int32), starts.to(torch.int32), counts.to(torch.int32)
+
+
+def add_lora(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    token_slots: int | torch.Tensor,
+) -> torch.Tensor:
+    """y + (x @ A[s].T) @ B[s].T for each row, s its slot (-1 adds nothing).
+
+    Args:
+        y: base output [M, out].
+        x: input [M, in], in the slot buffers' dtype.
+        lora_a: A stack [S, R, in].
+        lora_b: B stack [S, out, R], scales folded in.
+        token_slots: one slot for every row, or an int64 tensor [M].
+
+    Returns:
+        A new tensor [M, out] in `y`'s dtype; `y` is not modified.
+    """
+    M, K = x.shape
+    S, R, K_a = lora_a.shape
+    N = lora_b.shape[1]
+    assert K == K_a and y.shape == (M, N) and lora_b.shape == (S, N, R), "LoRA shapes disagree"
+    if isinstance(token_slots, int):
+        if token_slots == NO_SLOT:
+            return y
+        token_slots = torch.full((M,), token_slots, dtype=torch.int64, device=x.device)
+    tokens, slots, starts, counts = slot_groups(token_slots)
+    out = y.clone()
+    if tokens.numel() == 0:
+        return out
+    BLOCK_M = 16
+    BLOCK_R = max(16, triton.next_power_of_2(R))
+    grid_m = triton.cdiv(int(counts.max()), BLOCK_M)
+    ieee = x.dtype == torch.float32  # fp32 inputs keep fp32 products (no TF32) to match the reference
+    upcast = interpreting()
+    shrunk = torch.empty(M, R, dtype=torch.float32, device=x.device)  # [M, R]; rows without a slot unused
+    _lora_shrink_kernel[(slots.numel(), grid_m)](
+        x, lora_a, shrunk, tokens, slots, starts, counts, K, R,
+        x.stride(0), x.stride(1), lora_a.stride(0), lora_a.stride(1), lora_a.stride(2),
+        shrunk.stride(0), shrunk.stride(1),
+        BLOCK_M=BLOCK_M, BLOCK_R=BLOCK_R, BLOCK_K=64, IEEE=ieee or upcast, UPCAST=upcast,
+    )
+    BLOCK_N = 64
+    _lora_expand_kernel[(slots.numel(), grid_m, triton.cdiv(N, BLOCK_N))](
+        shrunk, lora_b, out, tokens, slots, starts, counts, N, R,
+        shrunk.stride(0), shrunk.stride(1), lora_b.stride(0), lora_b.stride(1), lora_b.stride(2),
+        out.stride(0), out.stride(1),
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_R, IEEE=True, EXACT_BF16=interpreting(),
+    )
+    return out
