@@ -33,7 +33,7 @@ import torch
 
 from ..runtime.errors import AdapterError, UnsupportedError
 from ..runtime.lora import LoRAWeights
-from .writer import _move_into_place, check_output_dir
+from .writer import move_into_place, check_output_dir
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -321,7 +321,7 @@ def staged_dir(out_dir: str | Path, *, overwrite: bool) -> Iterator[Path]:
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
     try:
         yield staging
-        _move_into_place(staging, out_dir)
+        move_into_place(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

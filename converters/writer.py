@@ -103,7 +103,7 @@ def write_checkpoint(
                 _write_json(staging / "generation_config.json", tokenizer.generation_config)
         for name, text in (extra_files() if extra_files is not None else {}).items():
             (staging / name).write_text(text, encoding="utf-8")
-        _move_into_place(staging, out_dir)
+        move_into_place(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -218,7 +218,7 @@ class _ShardWriter:
         return self.path
 
 
-def _move_into_place(staging: Path, out_dir: Path) -> None:
+def move_into_place(staging: Path, out_dir: Path) -> None:
     """Rename the finished directory to `out_dir`, replacing an old one only after the new one is whole."""
     if not out_dir.exists():
         os.rename(staging, out_dir)
