@@ -24,7 +24,7 @@ def test_ci_runs_the_readme_test_command():
 
 @pytest.mark.parametrize("line", [line for block in BLOCKS for line in block.splitlines() if line.startswith("quadapt ")])
 def test_readme_quadapt_commands_parse(line):
-    build_parser().parse_args(shlex.split(line)[1:])
+    build_parser().parse_args(shlex.split(line, comments=True)[1:])
 
 
 def test_setup_command_commands_parse():
