@@ -42,6 +42,7 @@ from ..kernels.reference import dequant_nf4
 from .checkpoint import CheckpointReader, open_checkpoint
 from .formats import bitsandbytes_config, compressed_tensors_config, nf4_tensors, packed_int_tensors
 from .quantize import IntQuantized, quantize_int, quantize_nf4, sqnr_db
+from .progress import progress
 from .writer import check_output_dir, write_checkpoint
 
 Scheme = Literal["int4", "int4-asym", "int8", "nf4"]
@@ -135,7 +136,7 @@ def convert_checkpoint(
         if calibration == "gptq":
             tensors = _gptq_stream(reader, names, config, plan, calib_text, Path(scratch))
         else:
-            source_tensors = _progress(reader.tensors(), total=len(reader.keys()), label=f"converting to {scheme}")
+            source_tensors = progress(reader.tensors(), total=len(reader.keys()), label=f"converting to {scheme}")
             tensors = _rtn_stream(source_tensors, plan)
         write_checkpoint(
             out_dir,
@@ -398,12 +399,3 @@ def _check_disk_space(out_dir: Path, needed: int) -> None:
             f"not enough free disk space for {out_dir}: the conversion needs about {needed / 2**20:.0f} MiB, "
             f"{free / 2**20:.0f} MiB are free on {parent}; free some space or choose another --out"
         )
-
-
-def _progress(items: Iterable[tuple[str, torch.Tensor]], *, total: int, label: str) -> Iterator[tuple[str, torch.Tensor]]:
-    """Pass source tensors through, printing a line on stderr at every tenth of `total`."""
-    step = max(1, total // 10)
-    for done, item in enumerate(items, 1):
-        yield item
-        if done % step == 0 or done == total:
-            print(f"quadapt: {label}: {done}/{total} tensors", file=sys.stderr, flush=True)

