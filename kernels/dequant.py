@@ -10,6 +10,8 @@ and `dequant_nf4` have their references' names and signatures; training's backwa
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -19,6 +21,12 @@ from .triton_utils import cast, interpreting
 
 PACKED_INT, NF4 = 0, 1
 TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+
+@functools.cache
+def code_table(device: torch.device) -> torch.Tensor:
+    """The NF4 code book on `device`, made once per device (not a host-to-device copy per call)."""
+    return nf4_code(device)
 
 
 @triton.jit
@@ -114,6 +122,6 @@ def dequant_nf4(
     """W [N, K] in `dtype` from a bitsandbytes NF4 weight with float32 absmax; see the reference."""
     N, K = shape
     return _launch(
-        weight_packed.reshape(-1), absmax, None, nf4_code(weight_packed.device), fmt=NF4, num_bits=4,
+        weight_packed.reshape(-1), absmax, None, code_table(weight_packed.device), fmt=NF4, num_bits=4,
         group_size=blocksize, N=N, K=K, dtype=dtype,
     )

@@ -14,8 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .dequant import NF4, PACKED_INT, TL_DTYPES, _dequant_tile
-from .reference import nf4_code
+from .dequant import NF4, PACKED_INT, TL_DTYPES, _dequant_tile, code_table
 from .triton_utils import cast, interpreting
 
 
@@ -145,6 +144,6 @@ def qmatmul_nf4(
     N, K = shape
     assert x.shape[-1] == K and absmax.dtype == torch.float32, (x.shape, shape, absmax.dtype)
     return _launch(
-        x, weight_packed.reshape(-1), absmax, None, nf4_code(x.device), bias,
+        x, weight_packed.reshape(-1), absmax, None, code_table(x.device), bias,
         fmt=NF4, num_bits=4, group_size=blocksize, N=N, K=K, w_dtype=dtype,
     )
