@@ -10,6 +10,8 @@ The launchers have the names and signatures of their references in `kernels/refe
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -57,16 +59,28 @@ def _qmatmul_kernel(
     tl.store(out_ptrs, acc, mask=m_mask[:, None] & n_mask[None, :])
 
 
-def _schedule(M: int, N: int, K: int, device: torch.device) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K) for a problem: split-K GEMV for decode, a GEMM tile else."""
+@dataclass(frozen=True)
+class Schedule:
+    """How one launch tiles the problem: block sizes, K splits, and Triton's warps and stages."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    split_k: int = 1
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+def schedule_for(M: int, N: int, K: int, device: torch.device) -> Schedule:
+    """The default schedule: a split-K GEMV for decode (M <= 16), a GEMM tile above."""
     if M <= 16:
-        block_m, block_n, block_k = 16, 64, 128
+        block_n, block_k = 64, 128
         tiles = triton.cdiv(N, block_n)
         sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
         # Enough programs to fill the device twice over, never a split shorter than one K block.
         split_k = max(1, min(triton.cdiv(2 * sms, tiles), triton.cdiv(K, block_k)))
-        return block_m, block_n, block_k, split_k
-    return 64, 64, 32, 1
+        return Schedule(16, block_n, block_k, split_k)
+    return Schedule(64, 64, 32)
 
 
 def _launch(
@@ -83,12 +97,14 @@ def _launch(
     N: int,
     K: int,
     w_dtype: torch.dtype,
+    schedule: Schedule | None,
 ) -> torch.Tensor:
     lead = x.shape[:-1]
     x2 = x.reshape(-1, K)  # [M, K]
     M = x2.shape[0]
-    block_m, block_n, block_k, split_k = _schedule(M, N, K, x.device)
-    k_per_split = triton.cdiv(triton.cdiv(K, split_k), block_k) * block_k
+    sched = schedule or schedule_for(M, N, K, x.device)
+    block_m, block_n, block_k = sched.block_m, sched.block_n, sched.block_k
+    k_per_split = triton.cdiv(triton.cdiv(K, sched.split_k), block_k) * block_k
     split_k = triton.cdiv(K, k_per_split)
     partial = torch.empty(split_k, M, N, dtype=torch.float32, device=x.device)  # [S, M, N]
     upcast = interpreting()  # in the interpreter: fp32 dots and hand-rounded bf16 casts
@@ -103,6 +119,7 @@ def _launch(
         FORMAT=fmt, NUM_BITS=num_bits, HAS_ZERO=zero is not None,
         W_DTYPE=TL_DTYPES[w_dtype], UPCAST=upcast, IEEE=x.dtype == torch.float32 or upcast,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        num_warps=sched.num_warps, num_stages=sched.num_stages,
     )
     y = partial[0] if split_k == 1 else partial.sum(0)  # [M, N] fp32
     if bias is not None:
@@ -119,14 +136,18 @@ def qmatmul_packed_int(
     *,
     num_bits: int,
     in_features: int,
+    schedule: Schedule | None = None,
 ) -> torch.Tensor:
-    """x @ W.T + bias for a compressed-tensors packed int4/int8 weight; see the reference."""
+    """x @ W.T + bias for a compressed-tensors packed int4/int8 weight; see the reference.
+
+    `schedule` overrides the default tiling (`schedule_for`); benchmarks/kernels.py sweeps it.
+    """
     N, G = weight_scale.shape
     assert x.shape[-1] == in_features and in_features % G == 0, (x.shape, in_features, G)
     return _launch(
         x, weight_packed, weight_scale, weight_zero_point, None, bias,
         fmt=PACKED_INT, num_bits=num_bits, group_size=in_features // G, N=N, K=in_features,
-        w_dtype=weight_scale.dtype,
+        w_dtype=weight_scale.dtype, schedule=schedule,
     )
 
 
@@ -139,11 +160,15 @@ def qmatmul_nf4(
     shape: tuple[int, int],
     blocksize: int,
     dtype: torch.dtype,
+    schedule: Schedule | None = None,
 ) -> torch.Tensor:
-    """x @ W.T + bias for a bitsandbytes NF4 weight with float32 absmax; see the reference."""
+    """x @ W.T + bias for a bitsandbytes NF4 weight with float32 absmax; see the reference.
+
+    `schedule` overrides the default tiling (`schedule_for`).
+    """
     N, K = shape
     assert x.shape[-1] == K and absmax.dtype == torch.float32, (x.shape, shape, absmax.dtype)
     return _launch(
         x, weight_packed.reshape(-1), absmax, None, code_table(x.device), bias,
-        fmt=NF4, num_bits=4, group_size=blocksize, N=N, K=K, w_dtype=dtype,
+        fmt=NF4, num_bits=4, group_size=blocksize, N=N, K=K, w_dtype=dtype, schedule=schedule,
     )

@@ -16,6 +16,7 @@ from quadapt.runtime.errors import UnsupportedError
 from .conftest import assert_close
 
 pytest.importorskip("triton")
+from quadapt.kernels import qmatmul  # after the skip: it imports triton
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
@@ -78,6 +79,30 @@ def test_qmatmul_nf4(device, dtype, M, N, K, blocksize):
     expected = reference.qmatmul_nf4(x, packed, absmax, None, shape=(N, K), blocksize=blocksize, dtype=dtype)
     assert got.shape == (2, M, N)
     assert_close(got, expected, dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(
+    "schedule",
+    [
+        qmatmul.Schedule(16, 32, 64, split_k=3),  # K splits that do not divide K evenly
+        qmatmul.Schedule(16, 128, 256, split_k=1, num_warps=8),  # one K block wider than K
+        qmatmul.Schedule(32, 64, 32, split_k=2, num_stages=4),  # a GEMM tile with split K
+    ],
+    ids=str,
+)
+def test_qmatmul_any_schedule(device, schedule):
+    """Every tiling computes the same product: the benchmark's schedule sweep relies on it."""
+    N, K, M = 72, 192, 5
+    packed, scale, zero = packed_int_weight(N, K, 4, 64, False, torch.bfloat16, device)
+    x = torch.randn(M, K, device=device).to(torch.bfloat16)
+    got = qmatmul.qmatmul_packed_int(x, packed, scale, zero, None, num_bits=4, in_features=K, schedule=schedule)
+    expected = reference.qmatmul_packed_int(x, packed, scale, zero, None, num_bits=4, in_features=K)
+    assert_close(got, expected, torch.bfloat16)
+    packed, absmax = nf4_weight(N, K, 64, device)
+    got = qmatmul.qmatmul_nf4(x, packed, absmax, None, shape=(N, K), blocksize=64, dtype=torch.bfloat16, schedule=schedule)
+    expected = reference.qmatmul_nf4(x, packed, absmax, None, shape=(N, K), blocksize=64, dtype=torch.bfloat16)
+    assert_close(got, expected, torch.bfloat16)
 
 
 @pytest.mark.parametrize("device", DEVICES)
