@@ -49,6 +49,7 @@ PACKED_CASES = [  # (num_bits, K, group_size, symmetric)
     (4, 192, 64, False),
     (4, 256, 128, True),
     (4, 384, 128, False),
+    (4, 96, 48, False),  # a group size that is not a power of two: scales looked up per weight
     (8, 80, None, True),
 ]
 
@@ -71,7 +72,8 @@ def test_qmatmul_packed_int(device, dtype, M, num_bits, K, group_size, symmetric
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("M", [1, 5, 33])
-@pytest.mark.parametrize("N, K, blocksize", [(40, 64, 64), (37, 96, 64), (24, 160, 32)])
+# Rows of whole blocks (64, 160), blocks across rows (96 with 64), rows starting mid-byte (odd K).
+@pytest.mark.parametrize("N, K, blocksize", [(40, 64, 64), (37, 96, 64), (24, 160, 32), (7, 33, 64)])
 def test_qmatmul_nf4(device, dtype, M, N, K, blocksize):
     packed, absmax = nf4_weight(N, K, blocksize, device)
     x = torch.randn(2, M, K, device=device).to(dtype)  # leading dims are kept
@@ -86,7 +88,9 @@ def test_qmatmul_nf4(device, dtype, M, N, K, blocksize):
     "schedule",
     [
         qmatmul.Schedule(16, 32, 64, split_k=3),  # K splits that do not divide K evenly
-        qmatmul.Schedule(16, 128, 256, split_k=1, num_warps=8),  # one K block wider than K
+        qmatmul.Schedule(1, 16, 512, split_k=2, num_warps=8),  # GEMV rows, one K block wider than K
+        qmatmul.Schedule(1, 32, 64, split_k=2, gather=True),  # GEMV, one word load per weight
+        qmatmul.Schedule(16, 32, 128, split_k=1, gather=True),  # 16-row tiles, one word load per weight
         qmatmul.Schedule(32, 64, 32, split_k=2, num_stages=4),  # a GEMM tile with split K
     ],
     ids=str,
@@ -116,10 +120,11 @@ def test_dequant_packed_int_is_bit_exact(device, scale_dtype, num_bits, K, group
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_dequant_nf4_is_bit_exact(device, dtype):
-    packed, absmax = nf4_weight(45, 128, 64, device)
-    got = kernels.dequant_nf4(packed, absmax, shape=(45, 128), blocksize=64, dtype=dtype)
-    assert torch.equal(got, reference.dequant_nf4(packed, absmax, shape=(45, 128), blocksize=64, dtype=dtype))
+@pytest.mark.parametrize("N, K", [(45, 128), (37, 96), (7, 33)])
+def test_dequant_nf4_is_bit_exact(device, dtype, N, K):
+    packed, absmax = nf4_weight(N, K, 64, device)
+    got = kernels.dequant_nf4(packed, absmax, shape=(N, K), blocksize=64, dtype=dtype)
+    assert torch.equal(got, reference.dequant_nf4(packed, absmax, shape=(N, K), blocksize=64, dtype=dtype))
 
 
 @pytest.mark.parametrize("device", DEVICES)
