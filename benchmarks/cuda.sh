@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU check in one command: the `cuda`-marked tests, the kernel tables, the tiling sweep.
 #
-#   bash benchmarks/cuda.sh [LOGDIR]
+#   bash benchmarks/cuda.sh [LOGDIR] [--no-sweep]
 #
 # Each stage has its own time limit, so one that hangs does not cost the others; each writes its
 # log to LOGDIR (default ./cuda-logs). It runs a copy of the checkout named `quadapt` (the root is
@@ -36,5 +36,5 @@ workers=()
 python3 -c "import xdist" 2>/dev/null && workers=(-n 8)
 stage tests 90 python3 -m pytest -m cuda -q -p no:cacheprovider "${workers[@]}" tests/test_kernels.py
 stage tables 140 python3 benchmarks/kernels.py
-stage sweep 220 python3 benchmarks/kernels.py --sweep
+[ "${2:-}" = --no-sweep ] || stage sweep 220 python3 benchmarks/kernels.py --sweep
 exit $status

@@ -2,6 +2,7 @@
 
 Tokens are grouped by slot once per call (vLLM's sort-by-slot metadata), and each program works
 on one slot's tokens, so one launch serves a batch that mixes adapters, prefill and decode alike.
+The grouping and the grid never wait on the device (no host sync), so a call only queues work.
 Slot buffers are the `LoRALinear` stacks: A [S, R, in] and B [S, out, R] with the scale folded
 into B. Loading an adapter is a copy into a slot; nothing here depends on which adapter is where,
 so swapping one recompiles nothing. `kernels.reference.add_lora` is the torch version of `add_lora`.
@@ -102,20 +103,19 @@ def _lora_expand_kernel(
     tl.store(y_ptrs, cast(y + delta, y_ptr.dtype.element_ty, EXACT_BF16), mask=mask)
 
 
-def slot_groups(token_slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Group token rows by slot, skipping `NO_SLOT`.
+def slot_groups(token_slots: torch.Tensor, num_slots: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Group token rows by slot without a device-to-host sync (the grid does not depend on the data).
 
     Returns:
-        (tokens, slots, starts, counts): `tokens` [n] lists the rows with a slot, grouped by slot;
-        group g is slot `slots[g]`, rows `tokens[starts[g] : starts[g] + counts[g]]`.
+        (tokens, starts, counts): `tokens` [M] lists every row sorted by slot (rows with
+        `NO_SLOT` first); slot s's rows are `tokens[starts[s] : starts[s] + counts[s]]`.
     """
-    order = torch.argsort(token_slots, stable=True)
-    sorted_slots = token_slots[order]
-    first = int(torch.searchsorted(sorted_slots, NO_SLOT + 1))  # rows before this have no slot
-    tokens = order[first:]
-    slots, counts = torch.unique_consecutive(sorted_slots[first:], return_counts=True)
+    tokens = torch.argsort(token_slots, stable=True)
+    counts = torch.zeros(num_slots + 1, dtype=torch.int64, device=token_slots.device)
+    index = token_slots.long() + 1  # [none, slot 0, slot 1, ...]
+    counts.scatter_add_(0, index, torch.ones_like(index))
     starts = torch.cumsum(counts, 0) - counts
-    return tokens.to(torch.int32), slots.to(torch.int32), starts.to(torch.int32), counts.to(torch.int32)
+    return tokens.to(torch.int32), starts[1:].to(torch.int32), counts[1:].to(torch.int32)
 
 
 def add_lora(
@@ -145,13 +145,12 @@ def add_lora(
         if token_slots == NO_SLOT:
             return y
         token_slots = torch.full((M,), token_slots, dtype=torch.int64, device=x.device)
-    tokens, slots, starts, counts = slot_groups(token_slots)
+    tokens, starts, counts = slot_groups(token_slots, S)
+    slots = torch.arange(S, dtype=torch.int32, device=x.device)
     out = y.clone()
-    if tokens.numel() == 0:
-        return out
     BLOCK_M = 16
     BLOCK_R = max(16, triton.next_power_of_2(R))
-    grid_m = triton.cdiv(int(counts.max()), BLOCK_M)
+    grid_m = triton.cdiv(M, BLOCK_M)  # programs past their slot's rows return at once
     ieee = x.dtype == torch.float32  # fp32 inputs keep fp32 products (no TF32) to match the reference
     upcast = interpreting()
     shrunk = torch.empty(M, R, dtype=torch.float32, device=x.device)  # [M, R]; rows without a slot unused

@@ -105,14 +105,18 @@ def _multiprocessors(device: torch.device) -> int:
 
 
 def schedule_for(M: int, N: int, K: int, device: torch.device) -> Schedule:
-    """The default schedule: GEMV for one row, split-K 16-row tiles up to 16 rows, a GEMM tile above."""
+    """The default schedule, from `benchmarks/kernels.py --sweep` on an H200 (docs/benchmarks.md).
+
+    One row: the GEMV, K split so the grid fills the device; up to 16 rows: split-K 16-row tiles;
+    above: a 128-row GEMM tile.
+    """
     if M > 16:
-        return Schedule(64, 128, 64, num_warps=8)
-    block_m, block_n, block_k = (1, 32, 256) if M == 1 else (16, 64, 128)
+        return Schedule(128, 64, 64, num_warps=8)
+    block_m, block_n, block_k = (1, 32, 512) if M == 1 else (16, 128, 64)
     tiles = triton.cdiv(N, block_n)
     # Enough programs to fill the device twice over, never a split shorter than one K block.
     split_k = max(1, min(triton.cdiv(2 * _multiprocessors(device), tiles), triton.cdiv(K, block_k)))
-    return Schedule(block_m, block_n, block_k, split_k, gather=M == 1)
+    return Schedule(block_m, block_n, block_k, split_k)
 
 
 def _launch(
@@ -148,7 +152,7 @@ def _launch(
         x2.stride(0), weight.stride(0) if weight.dim() > 1 else 0, stride_sn, stride_sg,
         partial.stride(1), partial.stride(0),
         FORMAT=fmt, NUM_BITS=num_bits, HAS_ZERO=zero is not None, SCALES=scales, GROUP=group, EVEN_K=K % 2 == 0,
-        W_DTYPE=TL_DTYPES[w_dtype], ROUND_W=w_dtype != torch.float32 and (x.dtype == torch.float32 or upcast),
+        W_DTYPE=TL_DTYPES[w_dtype], ROUND_W=w_dtype != torch.float32,
         UPCAST=upcast, IEEE=x.dtype == torch.float32 or upcast, GATHER=sched.gather,
         BLOCK_M=sched.block_m, BLOCK_N=sched.block_n, BLOCK_K=block_k,
         num_warps=sched.num_warps, num_stages=sched.num_stages,
