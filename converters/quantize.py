@@ -1,10 +1,12 @@
-"""Weight quantization algorithms on one float matrix: round-to-nearest int, MSE clipping, NF4.
+"""Weight quantization algorithms on one float matrix: round-to-nearest int, MSE search, NF4.
 
 - `quantize_int`: int4 / int8, symmetric or asymmetric, group-wise or per output channel, with
-  min-max ranges (plain round-to-nearest, "RTN") or an MSE-optimal clipping search per group. The
-  conventions are compressed-tensors' (llm-compressor's min-max observer): the range always holds
-  0; symmetric scale = max|w| / ((qmax - qmin) / 2); asymmetric scale = (max - min) / (qmax - qmin)
-  with an integer zero point; q = clamp(round(w / s + z), qmin, qmax); w = (q - z) * s.
+  min-max ranges (plain round-to-nearest, "RTN") or an MSE search per group. The conventions are
+  compressed-tensors' (llm-compressor's min-max observer): the range always holds 0; symmetric
+  scale = max|w| / ((qmax - qmin) / 2); asymmetric scale = (max - min) / (qmax - qmin) with an
+  integer zero point; q = clamp(round(w / s + z), qmin, qmax); w = (q - z) * s. The MSE search
+  shrinks a symmetric range; an asymmetric one it refits by weighted least squares (see
+  `quantize_int`).
 - `quantize_nf4`: bitsandbytes' NF4 with double quantization, byte for byte what
   `bitsandbytes.functional.quantize_4bit(w, blocksize=64, compress_statistics=True,
   quant_type="nf4")` returns on CPU, computed here in torch without bitsandbytes.
@@ -26,6 +28,9 @@ NF4_NESTED_BLOCKSIZE = 256  # the only nested block size bitsandbytes' fused ker
 # Shrink factors of the min-max range that the MSE search tries, 1.0 (plain min-max) first, so
 # ties keep min-max and the search can never do worse than it.
 MSE_SHRINK_GRID: tuple[float, ...] = tuple(1.0 - 0.02 * i for i in range(26))  # 1.00 ... 0.50
+# Asymmetric MSE search: offsets t of the inverse scale (qmax - qmin + t) / (max - min) from which
+# candidate codes are drawn, llama.cpp's `make_qkx2_quants` grid for its 4-bit k-quants.
+MSE_ASYM_STEPS: tuple[float, ...] = tuple(-1.0 + 0.1 * i for i in range(21))  # -1.0 ... 1.0
 
 
 @dataclass(frozen=True)
@@ -136,15 +141,22 @@ def quantize_int(
     mse: bool = False,
     scale_dtype: torch.dtype | None = None,
 ) -> IntQuantized:
-    """Round-to-nearest integer quantization of W [N, K], optionally with MSE clipping.
+    """Round-to-nearest integer quantization of W [N, K], optionally with an MSE search per group.
+
+    The symmetric search shrinks each group's min-max range over `MSE_SHRINK_GRID`, keeping the
+    shrink with the least squared error of the dequantized group. The asymmetric search
+    (`_fit_asymmetric`) refits scale and zero point from candidate codes and keeps the candidate
+    with the least magnitude-weighted squared error, sum(w^2 (w - w_hat)^2), so that a group's
+    extremes are not clipped to fit its many small weights. Both measure the error on what is
+    stored (the scale in `scale_dtype`, the integer zero point) and start from min-max, keeping it
+    on ties, so neither does worse than min-max under its own objective.
 
     Args:
         w: the float weight [N, K]; K must be a multiple of `group_size`.
         num_bits: 4 or 8.
         group_size: input features per scale, or None for one scale per output channel.
         symmetric: zero points absent when True.
-        mse: search each group's clipping (a shrink of its min-max range over `MSE_SHRINK_GRID`)
-            for the least squared error of the dequantized group; else plain min-max.
+        mse: search each group's range as above; else plain min-max.
         scale_dtype: dtype of the stored scales; defaults to w's dtype.
 
     Returns:
@@ -152,9 +164,11 @@ def quantize_int(
     """
     scale_dtype = scale_dtype or w.dtype
     groups = group_view(w, group_size)  # [N, G, group]
-    params = dict(num_bits=num_bits, symmetric=symmetric, scale_dtype=scale_dtype)
+    params = {"num_bits": num_bits, "symmetric": symmetric, "scale_dtype": scale_dtype}
     scale, zero = int_qparams(groups, **params)
-    if mse:
+    if mse and not symmetric:
+        scale, zero = _fit_asymmetric(groups, scale, zero, num_bits)
+    elif mse:
         best = _squared_error(groups, scale, zero, num_bits)
         for shrink in MSE_SHRINK_GRID[1:]:
             s, z = int_qparams(groups, shrink=shrink, **params)
@@ -168,10 +182,59 @@ def quantize_int(
     return IntQuantized(q=q.reshape(w.shape), scale=scale, zero_point=zero, num_bits=num_bits)
 
 
-def _squared_error(groups: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, num_bits: int) -> torch.Tensor:
-    """Sum of squared errors [N, G] of each group after quantize-dequantize."""
+def _squared_error(
+    groups: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, num_bits: int,
+    weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Sum of (weighted) squared errors [N, G] of each group after quantize-dequantize."""
     restored = _dequantize_groups(_quantize_groups(groups, scale, zero, num_bits), scale, zero)
-    return (restored - groups).pow(2).sum(dim=-1)
+    err = (restored - groups).pow(2)
+    return (err if weights is None else err * weights).sum(dim=-1)
+
+
+def _fit_asymmetric(
+    groups: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, num_bits: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The asymmetric MSE search, after llama.cpp's `make_qkx2_quants`, from min-max (scale, zero).
+
+    For each inverse scale (qmax - qmin + t) / (max - min), t in `MSE_ASYM_STEPS`, the codes
+    L = round((w - min) * inverse scale) in [0, qmax - qmin] are fixed and the scale a and offset m
+    of w ~ a L + m are solved by least squares weighted by w^2 (m <= 0, so the grid can hold 0).
+    The zero point z = round(qmin - m / a), with a as stored, is then an integer in [qmin, qmax]
+    and the codes are recomputed from the stored pair; the pair with the least weighted error wins.
+
+    Returns:
+        (scale [N, G] in `scale`'s dtype, zero point int8 [N, G]).
+    """
+    qmin, qmax = int_range(num_bits)
+    levels = qmax - qmin
+    weights = groups.pow(2)  # magnitude weighting: a large weight's error costs more
+    best = _squared_error(groups, scale, zero, num_bits, weights)
+    lo = groups.amin(dim=-1, keepdim=True).clamp(max=0)
+    span = groups.amax(dim=-1, keepdim=True).clamp(min=0) - lo
+    span = torch.where(span > 0, span, 1.0)  # an all-zero group: every candidate is rejected below
+    sum_w, sum_wx = weights.sum(-1), (weights * groups).sum(-1)
+    for step in MSE_ASYM_STEPS:
+        codes = torch.round((groups - lo) * ((levels + step) / span)).clamp(0, levels)
+        sum_wl, sum_wll = (weights * codes).sum(-1), (weights * codes * codes).sum(-1)
+        sum_wxl = (weights * groups * codes).sum(-1)
+        det = sum_w * sum_wll - sum_wl * sum_wl
+        a = (sum_w * sum_wxl - sum_wx * sum_wl) / det
+        m = (sum_wll * sum_wx - sum_wl * sum_wxl) / det
+        # An offset above 0 would leave 0 off the grid: pin it to 0 and refit the scale alone.
+        a = torch.where(m > 0, sum_wxl / sum_wll, a)
+        m = m.clamp(max=0)
+        valid = torch.isfinite(a) & torch.isfinite(m) & (a > 0)  # a singular fit is no candidate
+        s = torch.where(valid, a, 1.0).to(scale.dtype)
+        valid &= s > 0  # a scale too small for the storage dtype underflows to 0
+        s, m = torch.where(valid, s, scale), torch.where(valid, m, 0.0)
+        z = torch.round(qmin - m / s.float()).clamp(qmin, qmax).to(torch.int8)
+        err = _squared_error(groups, s, z, num_bits, weights)
+        better = valid & (err < best)  # strict: a tie keeps min-max
+        best = torch.where(better, err, best)
+        scale = torch.where(better, s, scale)
+        zero = torch.where(better, z, zero)
+    return scale, zero
 
 
 @dataclass(frozen=True)

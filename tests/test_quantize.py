@@ -1,5 +1,5 @@
 """The quantization algorithms on tensors: NF4 against bitsandbytes byte for byte, packing against
-compressed-tensors bit for bit, and quality (SQNR per scheme, MSE clipping, GPTQ) by thresholds."""
+compressed-tensors bit for bit, and quality (SQNR per scheme, MSE search, GPTQ) by thresholds."""
 
 from __future__ import annotations
 
@@ -98,20 +98,58 @@ def test_sqnr_nf4():
     assert sqnr_db(w, restored) >= 20.0
 
 
-@pytest.mark.parametrize("num_bits,group_size,symmetric", [(4, 32, True), (4, 128, False), (8, None, True)])
-def test_mse_clipping_is_never_worse_than_minmax(num_bits, group_size, symmetric):
-    # Heavy tails (Student t) are where clipping pays; each group's error must not grow.
+@pytest.mark.parametrize(
+    "num_bits,group_size,symmetric,scale_dtype",
+    [(4, 32, True, torch.float32), (4, 32, False, torch.float32), (4, 128, False, torch.bfloat16),
+     (8, None, True, torch.float32)],
+)
+def test_mse_search_is_never_worse_than_minmax(num_bits, group_size, symmetric, scale_dtype):
+    # Heavy tails (Student t) are where the search pays; no group's objective may grow. The
+    # symmetric objective is the squared error, the asymmetric one weights it by w^2.
     w = torch.distributions.StudentT(3.0).sample((128, 256)) * 0.02
-    params = dict(num_bits=num_bits, group_size=group_size, symmetric=symmetric)
+    params = {"num_bits": num_bits, "group_size": group_size, "symmetric": symmetric, "scale_dtype": scale_dtype}
     minmax, mse = quantize_int(w, **params), quantize_int(w, mse=True, **params)
     size = 256 if group_size is None else group_size
+    weights = torch.ones_like(w) if symmetric else w.pow(2)
 
-    def group_errors(q):
-        return (q.dequantize() - w).pow(2).reshape(128, -1, size).sum(-1)
+    def group_objective(q):
+        return ((q.dequantize().float() - w).pow(2) * weights).reshape(128, -1, size).sum(-1)
 
-    assert bool((group_errors(mse) <= group_errors(minmax)).all())
+    assert bool((group_objective(mse) <= group_objective(minmax)).all())
     if num_bits == 4:
-        assert sqnr_db(w, mse.dequantize()) > sqnr_db(w, minmax.dequantize()) + 0.3
+        gain = 10 * torch.log10(group_objective(minmax).sum() / group_objective(mse).sum())
+        assert gain > 0.3
+
+
+def test_asymmetric_mse_search_recovers_a_grid_min_max_misses():
+    """A group on the grid (q - z) * s that never uses its top code: min-max stretches the scale to
+    15 steps over a 14-step span and misses every point; the search finds s and z exactly."""
+    s, z = 0.01, -3
+    q = torch.arange(-8, 7).repeat(3)[:32]  # codes -8 ... 6; 7 unused
+    w = ((q - z) * s).reshape(1, 32)
+    minmax = quantize_int(w, num_bits=4, group_size=32, symmetric=False)
+    mse = quantize_int(w, num_bits=4, group_size=32, symmetric=False, mse=True)
+    assert (minmax.dequantize() - w).abs().max() > 1e-3
+    assert mse.scale[0, 0].item() == pytest.approx(s, rel=1e-5)
+    assert mse.zero_point is not None and mse.zero_point[0, 0].item() == z
+    assert torch.allclose(mse.dequantize(), w, atol=1e-6)
+
+
+def test_asymmetric_mse_search_keeps_zero_points_in_range():
+    # One-signed, all-zero and constant groups are the edges of the refit (m pinned to 0, singular fits).
+    w = torch.distributions.StudentT(3.0).sample((16, 128)) * 0.02
+    w[0] = w[0].abs() + 0.05
+    w[1] = -w[1].abs() - 0.05
+    w[2] = 0.0
+    w[3, :32] = 0.03
+    qmin, qmax = int_range(4)
+    for scale_dtype in (torch.float32, torch.bfloat16, torch.float16):
+        mse = quantize_int(w, num_bits=4, group_size=32, symmetric=False, mse=True, scale_dtype=scale_dtype)
+        assert mse.zero_point is not None and mse.zero_point.dtype == torch.int8
+        assert int(mse.zero_point.min()) >= qmin and int(mse.zero_point.max()) <= qmax
+        assert bool((mse.scale > 0).all()) and torch.isfinite(mse.dequantize()).all()
+        assert bool((mse.dequantize()[2] == 0).all())
+        assert sqnr_db(w, mse.dequantize()) > 18.0
 
 
 def test_int_quantization_conventions():
