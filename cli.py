@@ -108,7 +108,8 @@ def _convert(args: argparse.Namespace) -> int:
 
     convert_checkpoint(
         args.model, args.out, args.scheme, group_size=args.group_size, calibration=args.calibration,
-        calib_text=args.calib_text, keep=args.keep or (), actorder=args.actorder, overwrite=args.overwrite,
+        calib_text=args.calib_text, keep=args.keep or (), actorder=args.actorder, lm_head=args.lm_head,
+        overwrite=args.overwrite,
     )
     return 0
 
@@ -142,7 +143,10 @@ def _merge_adapter(args: argparse.Namespace) -> int:
     # Only the options given: without --scheme any of them is an error, with it convert's defaults apply.
     options = {
         key: value
-        for key, value in (("group_size", args.group_size), ("calibration", args.calibration), ("calib_text", args.calib_text))
+        for key, value in (
+            ("group_size", args.group_size), ("calibration", args.calibration), ("calib_text", args.calib_text),
+            ("lm_head", args.lm_head),
+        )
         if value is not None
     }
     out = merge_adapter(args.model, args.adapter, args.out, scheme=args.scheme, overwrite=args.overwrite, **options)
@@ -209,8 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="quantize a float checkpoint to int4, int8 or nf4",
         description=(
             "Quantize a float checkpoint (directory or .gguf) into a checkpoint directory: int4/int8 as "
-            "compressed-tensors pack-quantized, nf4 as bitsandbytes; embeddings and the output head stay float. "
-            "Writes under a temporary name and renames at the end."
+            "compressed-tensors pack-quantized, nf4 as bitsandbytes; the embedding stays float, and so does the "
+            "output head unless --lm-head int8. Writes under a temporary name and renames at the end."
         ),
     )
     conv.add_argument("--model", required=True, metavar="PATH", help="float checkpoint directory or .gguf file")
@@ -225,13 +229,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     conv.add_argument(
         "--calibration", default="minmax", metavar="METHOD",
-        help="minmax (round to nearest, default), mse (MSE-optimal clipping) or gptq (needs --calib-text)",
+        help="minmax (round to nearest, default), mse (per-group MSE range search) or gptq (needs --calib-text)",
     )
     conv.add_argument("--calib-text", default=None, metavar="FILE", help="UTF-8 text for GPTQ calibration (>= 128 tokens)")
     conv.add_argument("--actorder", action="store_true", help="GPTQ with static act-order (no g_idx is stored)")
     conv.add_argument(
         "--keep", nargs="+", default=None, metavar="MODULE",
         help="linears to keep float: a name (model.layers.0.mlp.down_proj), suffix (down_proj) or prefix (model.layers.0)",
+    )
+    conv.add_argument(
+        "--lm-head", default="float", metavar="PRECISION",
+        help=(
+            "output head: float (default) or int8 (per output row, symmetric, W8A16). int8 needs --scheme int4 or "
+            "int8 and a head not tied to the embedding; nf4 (bitsandbytes) and int4-asym cannot hold it, and "
+            "transformers cannot load a quantized (tied) embedding, so those are refused"
+        ),
     )
     conv.add_argument("--overwrite", action="store_true", help="replace DIR if it exists")
     conv.set_defaults(handler=_convert)
@@ -288,6 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--group-size", type=int, default=None, metavar="G", help="with --scheme: as `quadapt convert`")
     merge.add_argument("--calibration", default=None, metavar="METHOD", help="with --scheme: as `quadapt convert`")
     merge.add_argument("--calib-text", default=None, metavar="FILE", help="with --scheme gptq calibration: as `quadapt convert`")
+    merge.add_argument("--lm-head", default=None, metavar="PRECISION", help="with --scheme: as `quadapt convert`")
     merge.add_argument("--overwrite", action="store_true", help="replace DIR if it exists")
     merge.set_defaults(handler=_merge_adapter)
     return parser

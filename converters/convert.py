@@ -10,9 +10,26 @@ stream) and writes, through `writer.write_checkpoint` (temporary name, rename at
 - the tokenizer and generation config, and `quadapt_manifest.json`: scheme, group size,
   calibration, how each linear was quantized (with its SQNR) and what stayed float and why.
 
-Embeddings and the output head stay float; so do linears named by `keep`. Calibration: `minmax`
-(round to nearest), `mse` (MSE-optimal clipping per group), or `gptq` on a calibration text,
-layer by layer (`calibrate.py`). RTN and MSE stream one tensor at a time.
+The embedding stays float, and so does the output head unless `lm_head="int8"`
+(`--lm-head int8`); so do linears named by `keep`. Calibration: `minmax` (round to nearest), `mse`
+(a search per group: the clipping of a symmetric range, a weighted least-squares refit of an
+asymmetric one; see `quantize.quantize_int`), or `gptq` on a calibration text, layer by layer
+(`calibrate.py`). RTN and MSE stream one tensor at a time.
+
+The int8 head is int8 per output row, symmetric (W8A16), in compressed-tensors: the first config
+group covers it under `int8`, a second group naming `lm_head` under `int4` (compressed-tensors
+and transformers pick a name target over the `Linear` class target, and transformers' default
+load path is then exact). The head is calibrated by min-max (or MSE with `mse`); GPTQ calibrates
+the decoder layers only. What cannot be loaded is refused before any work, never written:
+- a quantized embedding, and so an int8 head tied to it (`tie_word_embeddings`, SmolLM2's case):
+  compressed-tensors 0.20 can compress an `nn.Embedding`, but transformers 5.24 cannot load one
+  (its `_init_weights` reads the embedding's `weight`, which the compressed module no longer has);
+- `int4-asym`: transformers loads asymmetric int4 only through `CompressedTensorsConfig(
+  dequantize=True)`, which decodes every module with the first group's scheme, so it cannot read
+  an int8 head beside int4 linears (that path also misreads the head of an `int4` output; its
+  default path reads it exactly);
+- `nf4`: a bitsandbytes checkpoint has one precision for all its quantized linears (4-bit or
+  LLM.int8, never both), so it cannot hold an int8 head.
 
 Group size: int4 takes 32, 64 or 128, and compressed-tensors (0.20) needs it to divide every
 quantized linear's input size (it refuses a padded last group when it decompresses); the default
@@ -47,8 +64,10 @@ from .writer import check_output_dir, write_checkpoint
 
 Scheme = Literal["int4", "int4-asym", "int8", "nf4"]
 Calibration = Literal["minmax", "mse", "gptq"]
+HeadPrecision = Literal["float", "int8"]
 SCHEMES: tuple[str, ...] = get_args(Scheme)
 CALIBRATIONS: tuple[str, ...] = get_args(Calibration)
+HEAD_PRECISIONS: tuple[str, ...] = get_args(HeadPrecision)
 INT4_GROUP_SIZES = (128, 64, 32)  # largest first: the default is the first that fits
 MANIFEST_FILE = "quadapt_manifest.json"
 _DERIVED_SUFFIX = ".rotary_emb.inv_freq"  # exporter state, not weights
@@ -62,7 +81,8 @@ class _Plan:
     group_size: int | None
     calibration: str
     actorder: bool
-    quantized: dict[str, tuple[int, int]]  # linear -> (N, K)
+    lm_head: str  # "float" or "int8"
+    quantized: dict[str, tuple[int, int]]  # linear -> (N, K), the scheme's; an int8 head is apart
     kept: dict[str, str]  # module -> why it stays float
     source: str
     report: dict[str, Any] = field(default_factory=dict)  # linear -> how it was quantized
@@ -82,6 +102,7 @@ def convert_checkpoint(
     calib_text: str | Path | None = None,
     keep: Sequence[str] = (),
     actorder: bool = False,
+    lm_head: HeadPrecision = "float",
     overwrite: bool = False,
     max_shard_bytes: int | None = None,
 ) -> Path:
@@ -96,9 +117,11 @@ def convert_checkpoint(
         calibration: "minmax", "mse" (not for nf4) or "gptq" (int schemes; needs `calib_text`).
         calib_text: path of a UTF-8 text for GPTQ (at least 128 tokens).
         keep: linears to leave in float: a full module name (`model.layers.0.mlp.down_proj`), a
-            suffix (`down_proj`: every layer's) or a prefix (`model.layers.0`). Embeddings and
-            the output head always stay float.
+            suffix (`down_proj`: every layer's) or a prefix (`model.layers.0`). The embedding
+            always stays float.
         actorder: GPTQ only: static act-order (columns by decreasing Hessian diagonal).
+        lm_head: the output head's precision: "float", or "int8" (per output row, symmetric;
+            `int4` and `int8` schemes, on a model whose head is not tied to the embedding).
         overwrite: replace an existing `out_dir`.
         max_shard_bytes: safetensors shard size; defaults to the writer's (2 GB).
 
@@ -106,9 +129,10 @@ def convert_checkpoint(
         `out_dir`.
 
     Raises:
-        InvalidParameterError: an unknown scheme or calibration, a bad group size, a missing or
-            too short calibration text, a `keep` entry that matches nothing.
-        UnsupportedError: the source is already quantized.
+        InvalidParameterError: an unknown scheme, calibration or head precision, a bad group
+            size, a missing or too short calibration text, a `keep` entry that matches nothing,
+            an int8 head with a scheme whose format cannot hold it (nf4, int4-asym).
+        UnsupportedError: the source is already quantized, or an int8 head tied to the embedding.
         CheckpointError: unreadable source, unexpected tensors, NaN or Inf in a weight.
         QuadaptError: `out_dir` exists without `overwrite`, or the disk is too full.
     """
@@ -116,6 +140,8 @@ def convert_checkpoint(
         raise InvalidParameterError(f"unknown scheme {scheme!r}; choose one of {', '.join(SCHEMES)}")
     if calibration not in CALIBRATIONS:
         raise InvalidParameterError(f"unknown calibration {calibration!r}; choose one of {', '.join(CALIBRATIONS)}")
+    if lm_head not in HEAD_PRECISIONS:
+        raise InvalidParameterError(f"unknown --lm-head {lm_head!r}; choose one of {', '.join(HEAD_PRECISIONS)}")
     out_dir = check_output_dir(out_dir, overwrite=overwrite)
     reader = open_checkpoint(source) if isinstance(source, (str, Path)) else source
     config_dict = reader.config_dict()
@@ -126,7 +152,7 @@ def convert_checkpoint(
             "error, so quadapt refuses it; convert from the float model instead"
         )
     config = ModelConfig.from_dict(config_dict)
-    plan = _plan(reader, config, scheme, group_size, calibration, calib_text, actorder, keep)
+    plan = _plan(reader, config, scheme, group_size, calibration, calib_text, actorder, keep, lm_head)
     names = _check_names(reader, config)
     _check_disk_space(out_dir, _estimate_bytes(config, plan, config_dict, spill=calibration == "gptq"))
 
@@ -153,15 +179,19 @@ def convert_checkpoint(
 
 def _plan(
     reader: CheckpointReader, config: ModelConfig, scheme: str, group_size: int | None, calibration: str,
-    calib_text: str | Path | None, actorder: bool, keep: Sequence[str],
+    calib_text: str | Path | None, actorder: bool, keep: Sequence[str], lm_head: str,
 ) -> _Plan:
     """Check the options against the model, and decide per linear."""
     with torch.device("meta"):
         model = CausalLM(config)
     linears = {name: (m.out_features, m.in_features) for name, m in model.named_modules() if isinstance(m, nn.Linear)}
-    kept = {"model.embed_tokens": "embedding: stays float (default)"}
-    head = "output head: tied to the embedding, stays float" if config.tie_word_embeddings else "output head: stays float (default)"
-    kept["lm_head"] = head
+    kept = {"model.embed_tokens": "embedding: stays float (transformers cannot load a quantized embedding)"}
+    if lm_head == "int8":
+        _check_int8_head(reader, config, scheme, keep)
+    elif config.tie_word_embeddings:
+        kept["lm_head"] = "output head: tied to the embedding, stays float"
+    else:
+        kept["lm_head"] = "output head: stays float (default; --lm-head int8 quantizes it)"
     del linears["lm_head"]
     for entry in keep:
         matched = [name for name in linears if _keep_matches(name, entry)]
@@ -190,7 +220,30 @@ def _plan(
             raise InvalidParameterError(f"{reader.path} carries no tokenizer, which GPTQ needs to read the calibration text")
     elif actorder:
         raise InvalidParameterError("--actorder applies to GPTQ only; add --calibration gptq or drop --actorder")
-    return _Plan(scheme, group_size, calibration, actorder, quantized, kept, str(reader.path))
+    return _Plan(scheme, group_size, calibration, actorder, lm_head, quantized, kept, str(reader.path))
+
+
+def _check_int8_head(reader: CheckpointReader, config: ModelConfig, scheme: str, keep: Sequence[str]) -> None:
+    """Refuse an int8 head the output format, or transformers reading it, cannot express."""
+    if scheme == "nf4":
+        raise InvalidParameterError(
+            "--lm-head int8 cannot be written with nf4: a bitsandbytes checkpoint holds one precision for all its "
+            "quantized linears (4-bit or 8-bit, not both); use --lm-head float, or a compressed-tensors scheme "
+            "(--scheme int4 or int8)"
+        )
+    if scheme == "int4-asym":
+        raise InvalidParameterError(
+            "--lm-head int8 cannot be combined with int4-asym: transformers reads asymmetric int4 only by "
+            "dequantizing every module with the first config group's scheme, which would misread an int8 head; "
+            "use --scheme int4 (symmetric) or int8 with --lm-head int8, or keep --lm-head float"
+        )
+    if config.tie_word_embeddings:
+        raise UnsupportedError(
+            f"--lm-head int8: {reader.path} ties the output head to the embedding (tie_word_embeddings), so an int8 "
+            "head is an int8 embedding, which transformers cannot load from compressed-tensors; keep --lm-head float"
+        )
+    if any(_keep_matches("lm_head", entry) for entry in keep):
+        raise InvalidParameterError("--keep lm_head and --lm-head int8 contradict each other; drop one of them")
 
 
 def _keep_matches(module: str, entry: str) -> bool:
@@ -273,6 +326,8 @@ def _rtn_stream(source: Iterable[tuple[str, torch.Tensor]], plan: _Plan) -> Iter
         module = name.removesuffix(".weight")
         if name.endswith(".weight") and module in plan.quantized:
             yield from _quantize_linear(plan, module, tensor)
+        elif name == "lm_head.weight" and plan.lm_head == "int8":
+            yield from _quantize_head(plan, tensor)
         else:
             yield name, tensor
 
@@ -297,11 +352,21 @@ def _quantize_linear(plan: _Plan, module: str, weight: torch.Tensor) -> list[tup
     return packed_int_tensors(module, quantized)
 
 
-def _record(plan: _Plan, module: str, weight: torch.Tensor, quantized: IntQuantized) -> None:
+def _quantize_head(plan: _Plan, weight: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+    """The output head as int8 per output row, symmetric (W8A16); min-max, or MSE with `mse`."""
+    mse = plan.calibration == "mse"
+    quantized = quantize_int(weight, num_bits=8, group_size=None, symmetric=True, mse=mse, scale_dtype=_scale_dtype(weight))
+    _record(plan, "lm_head", weight, quantized, calibration="mse" if mse else "minmax")
+    return packed_int_tensors("lm_head", quantized)
+
+
+def _record(
+    plan: _Plan, module: str, weight: torch.Tensor, quantized: IntQuantized, calibration: str | None = None
+) -> None:
     grouping = "per channel" if quantized.group_size is None else f"group {quantized.group_size}"
     kind = "asymmetric" if quantized.zero_point is not None else "symmetric"
     plan.report[module] = {
-        "quantized": f"int{quantized.num_bits} {kind}, {grouping}, {plan.calibration}",
+        "quantized": f"int{quantized.num_bits} {kind}, {grouping}, {calibration or plan.calibration}",
         "sqnr_db": round(sqnr_db(weight, quantized.dequantize()), 2),
     }
 
@@ -334,7 +399,11 @@ def _gptq_stream(
     def check(name: str, tensor: torch.Tensor) -> None:
         _check_finite(name, tensor, plan.source)
 
-    yield from gptq_layers(store, names, config, sequences, set(plan.quantized), quantize, check)
+    for name, tensor in gptq_layers(store, names, config, sequences, set(plan.quantized), quantize, check):
+        if name == "lm_head.weight" and plan.lm_head == "int8":
+            yield from _quantize_head(plan, tensor)  # GPTQ calibrates decoder layers; the head is RTN
+        else:
+            yield name, tensor
 
 
 def _quantization_config(plan: _Plan, config_dict: dict[str, Any]) -> dict[str, Any]:
@@ -342,10 +411,11 @@ def _quantization_config(plan: _Plan, config_dict: dict[str, Any]) -> dict[str, 
     if plan.scheme == "nf4":
         dtype = config_dict.get("torch_dtype") or config_dict.get("dtype") or "float32"
         return bitsandbytes_config(compute_dtype=getattr(torch, dtype, torch.float32), skip_modules=["lm_head", *kept_linears])
+    head = ["lm_head"] if plan.lm_head == "float" else []
     return compressed_tensors_config(
         num_bits=plan.num_bits, group_size=plan.group_size, symmetric=plan.scheme != "int4-asym",
-        ignore=["lm_head", *kept_linears], observer="mse" if plan.calibration == "mse" else "minmax",
-        actorder="weight" if plan.actorder else None,
+        ignore=[*head, *kept_linears], observer="mse" if plan.calibration == "mse" else "minmax",
+        actorder="weight" if plan.actorder else None, int8_linears=[] if head else ["lm_head"],
     )
 
 
@@ -358,6 +428,7 @@ def _manifest(plan: _Plan) -> dict[str, Any]:
 
         calibration |= {"percdamp": GPTQ_PERCDAMP, "blocksize": GPTQ_BLOCKSIZE, "actorder": "weight" if plan.actorder else None}
         calibration |= plan.report.get("_calibration", {})
+    quantized = [*plan.quantized, *(["lm_head"] if plan.lm_head == "int8" else [])]
     return {
         "quadapt_version": __version__,
         "source": plan.source,
@@ -365,7 +436,8 @@ def _manifest(plan: _Plan) -> dict[str, Any]:
         "format": "bitsandbytes nf4" if plan.scheme == "nf4" else "compressed-tensors pack-quantized",
         "group_size": plan.group_size,
         "calibration": calibration,
-        "quantized": {name: plan.report[name] for name in plan.quantized},
+        "lm_head": plan.lm_head,
+        "quantized": {name: plan.report[name] for name in quantized},
         "kept_float": dict(plan.kept),
     }
 
@@ -384,6 +456,9 @@ def _estimate_bytes(config: ModelConfig, plan: _Plan, config_dict: dict[str, Any
             N, K = p.shape
             scales = N * (1 if plan.group_size is None else -(-K // plan.group_size)) * float_bytes
             total += N * K * plan.num_bits // 8 + 2 * scales + 64
+        elif name == "lm_head.weight" and plan.lm_head == "int8":
+            N, K = p.shape
+            total += N * K + N * float_bytes + 64
         else:
             total += p.numel() * float_bytes
     return int(total * 1.05) + (source_total if spill else 0) + (16 << 20)

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -108,6 +108,7 @@ def compressed_tensors_config(
     ignore: list[str],
     observer: str = "minmax",
     actorder: str | None = None,
+    int8_linears: Sequence[str] = (),
 ) -> dict[str, Any]:
     """`quantization_config` of a weight-only (W4A16 / W8A16) pack-quantized checkpoint.
 
@@ -118,31 +119,31 @@ def compressed_tensors_config(
         ignore: module names left in float (e.g. ["lm_head"]).
         observer: how ranges were chosen ("minmax" or "mse"), recorded as llm-compressor does.
         actorder: "weight" when GPTQ ran with static act-order, else None.
+        int8_linears: linears (e.g. ["lm_head"]) stored int8 per output channel, symmetric
+            (W8A16) whatever the main scheme: the first group covers them when it is W8A16 itself,
+            else a second group targets them by name (compressed-tensors picks a name target over
+            the "Linear" class target).
 
     Returns:
         The dict, with the keys and defaults compressed-tensors' `QuantizationConfig` dumps.
     """
-    weights: dict[str, Any] = {
-        "num_bits": num_bits,
-        "type": "int",
-        "symmetric": symmetric,
-        "group_size": group_size,
-        "strategy": "channel" if group_size is None else "group",
-        "dynamic": False,
-        "observer": observer,
-    }
+    assert not set(int8_linears) & set(ignore), (int8_linears, ignore)
+
+    def group(weights: dict[str, Any], targets: list[str]) -> dict[str, Any]:
+        return {
+            "targets": targets, "weights": weights, "input_activations": None, "output_activations": None,
+            "format": "pack-quantized",
+        }
+
+    weights = _weight_args(num_bits, group_size, symmetric, observer)
     if actorder is not None:
         weights["actorder"] = actorder
+    groups = {"group_0": group(weights, ["Linear"])}
+    w8a16 = _weight_args(8, None, True, observer)
+    if int8_linears and weights != w8a16:
+        groups["group_1"] = group(w8a16, list(int8_linears))
     return {
-        "config_groups": {
-            "group_0": {
-                "targets": ["Linear"],
-                "weights": weights,
-                "input_activations": None,
-                "output_activations": None,
-                "format": "pack-quantized",
-            }
-        },
+        "config_groups": groups,
         "format": "pack-quantized",
         "global_compression_ratio": None,
         "ignore": list(ignore),
@@ -153,6 +154,19 @@ def compressed_tensors_config(
         "sparsity_config": {},
         "transform_config": {},
         "version": COMPRESSED_TENSORS_VERSION,
+    }
+
+
+def _weight_args(num_bits: int, group_size: int | None, symmetric: bool, observer: str) -> dict[str, Any]:
+    """One group's `weights` (compressed-tensors' `QuantizationArgs`), static int."""
+    return {
+        "num_bits": num_bits,
+        "type": "int",
+        "symmetric": symmetric,
+        "group_size": group_size,
+        "strategy": "channel" if group_size is None else "group",
+        "dynamic": False,
+        "observer": observer,
     }
 
 
@@ -240,20 +254,28 @@ def _compressed_tensors_linears(qc: dict[str, Any], linear_names: Iterable[str])
     groups = qc.get("config_groups") or {}
     specs: dict[str, LinearSpec] = {}
     for name in linear_names:
-        if any(_ct_match(name, target) for target in ignore):
+        if any(_ct_match(name, target) is not None for target in ignore):
             continue
-        for group_name, group in groups.items():
-            if any(_ct_match(name, target) for target in group.get("targets", [])):
-                specs[name] = _ct_spec(group_name, group, group.get("format") or qc.get("format"))
-                break
+        # compressed-tensors' precedence: a group naming the module beats a regex, which beats the class.
+        ranked = sorted(
+            (rank, i, group_name)
+            for i, (group_name, group) in enumerate(groups.items())
+            for target in group.get("targets", [])
+            if (rank := _ct_match(name, target)) is not None
+        )
+        if ranked:
+            group_name = ranked[0][2]
+            group = groups[group_name]
+            specs[name] = _ct_spec(group_name, group, group.get("format") or qc.get("format"))
     return specs
 
 
-def _ct_match(name: str, target: str) -> bool:
-    """compressed-tensors' target rule for a linear: its class ("Linear"), its name, or `re:` regex."""
+def _ct_match(name: str, target: str) -> int | None:
+    """compressed-tensors' target rule for a linear, as its precedence rank: 0 its name, 1 a `re:`
+    regex, 2 its class ("Linear"); None when `target` does not select it."""
     if target.startswith("re:"):
-        return re.match(target[3:], name) is not None
-    return target in ("Linear", name)
+        return 1 if re.match(target[3:], name) is not None else None
+    return 0 if target == name else 2 if target == "Linear" else None
 
 
 def _ct_spec(group_name: str, group: dict[str, Any], fmt: str | None) -> PackedIntSpec:

@@ -89,3 +89,10 @@ def test_console_script_help():
     out = subprocess.run([sys.executable, "-m", "quadapt.cli", "--help"], capture_output=True, text=True, check=True)
     for command in ("generate", "eval-ppl", "fetch-default"):
         assert command in out.stdout
+
+
+def test_convert_help_documents_the_head_precision(capsys):
+    with pytest.raises(SystemExit):
+        main(["convert", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--lm-head PRECISION" in out and "float (default) or int8" in out and "refused" in out

@@ -141,6 +141,57 @@ def test_tied_embeddings(tmp_path):
     assert json.loads((out / MANIFEST_FILE).read_text())["kept_float"]["lm_head"].startswith("output head: tied")
 
 
+@pytest.mark.parametrize("scheme", ["int4", "int8"])
+def test_int8_head_is_recorded_and_runs(capsys, source, tmp_path, scheme):
+    out = tmp_path / scheme
+    status, _, err = run(capsys, "convert", "--model", source, "--out", out, "--scheme", scheme, "--lm-head", "int8")
+    assert status == 0, err
+    manifest = json.loads((out / MANIFEST_FILE).read_text())
+    assert manifest["lm_head"] == "int8" and set(manifest["kept_float"]) == {"model.embed_tokens"}
+    assert len(manifest["quantized"]) == 15
+    assert manifest["quantized"]["lm_head"]["quantized"] == "int8 symmetric, per channel, minmax"
+    assert manifest["quantized"]["lm_head"]["sqnr_db"] > 35
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert config["ignore"] == []
+    assert list(config["config_groups"]) == (["group_0", "group_1"] if scheme == "int4" else ["group_0"])
+    assert "lm_head.weight" not in load_file(out / "model.safetensors")
+
+    model = load_model(out)
+    head = model.lm_head
+    assert isinstance(head, PackedIntLinear) and head.num_bits == 8 and head.group_size is None and head.symmetric
+    assert type(model.model.embed_tokens) is torch.nn.Embedding
+    status, text, err = run(capsys, "generate", "--model", out, "--prompt", "hello", "--max-new-tokens", "8", "--ignore-eos")
+    assert status == 0, err
+    tokenizer = Tokenizer.from_dir(out)
+    params = SamplingParams(max_new_tokens=8, temperature=0.0, ignore_eos=True)
+    assert text == tokenizer.decode(list(generate_ids(model, tokenizer.encode("hello"), params, eos_token_ids=set()))) + "\n"
+    ids = torch.randint(0, 512, (2, 24))
+    with torch.no_grad():  # the head's int8 error is small beside the float model's logits
+        float_head = load_model(convert_checkpoint(source, tmp_path / f"{scheme}-float-head", scheme))(ids)
+        assert (model(ids) - float_head).abs().max() < 0.02
+
+
+def test_int8_head_under_gptq_and_mse(source, calib_text, tmp_path):
+    """GPTQ calibrates the decoder layers; the head is min-max (MSE under mse), and says so."""
+    gptq = convert_checkpoint(source, tmp_path / "gptq", "int4", calibration="gptq", calib_text=calib_text, lm_head="int8")
+    mse = convert_checkpoint(source, tmp_path / "mse", "int8", calibration="mse", lm_head="int8")
+    for path, label in [(gptq, "minmax"), (mse, "mse")]:
+        entry = json.loads((path / MANIFEST_FILE).read_text())["quantized"]["lm_head"]
+        assert entry["quantized"] == f"int8 symmetric, per channel, {label}" and entry["sqnr_db"] > 35
+        assert isinstance(load_model(path).lm_head, PackedIntLinear)
+
+
+def test_int8_head_tied_to_the_embedding_is_refused(capsys, tmp_path):
+    _, path = save_hf_model(tmp_path, "llama", tie_word_embeddings=True, intermediate_size=128)
+    message = r"ties the output head to the embedding .* transformers cannot load .* keep --lm-head float"
+    with pytest.raises(UnsupportedError, match=message):
+        convert_checkpoint(path, tmp_path / "out", "int4", lm_head="int8")
+    capsys.readouterr()
+    status, out, err = run(capsys, "convert", "--model", path, "--out", tmp_path / "out", "--scheme", "int8", "--lm-head", "int8")
+    assert status == 2 and out == "" and err.startswith("error: --lm-head int8: ") and err.count("\n") == 1
+    assert "Traceback" not in err and not (tmp_path / "out").exists()
+
+
 def test_gptq_beats_round_to_nearest(source, calib_text, tmp_path):
     ids = torch.tensor([Tokenizer.from_dir(source).encode(EVAL_TEXT.read_text())[:256]])  # not the calibration text
     with torch.no_grad():
@@ -285,13 +336,32 @@ def test_non_finite_weights_under_gptq(source, calib_text, tmp_path):
         ({"scheme": "int4", "calibration": "gptq"}, InvalidParameterError, "needs a calibration text"),
         ({"scheme": "int4", "actorder": True}, InvalidParameterError, "--actorder applies to GPTQ only"),
         ({"scheme": "int4", "keep": ["gate"]}, InvalidParameterError, "--keep 'gate' matches no linear module"),
+        ({"scheme": "int4", "lm_head": "int4"}, InvalidParameterError, "unknown --lm-head 'int4'; choose one of float, int8"),
+        (
+            {"scheme": "nf4", "lm_head": "int8"}, InvalidParameterError,
+            "cannot be written with nf4: a bitsandbytes checkpoint holds one precision .* use --lm-head float, or a compr",
+        ),
+        (
+            {"scheme": "int4-asym", "lm_head": "int8"}, InvalidParameterError,
+            "cannot be combined with int4-asym: .* use --scheme int4 .* or keep --lm-head float",
+        ),
+        ({"scheme": "int8", "lm_head": "int8", "keep": ["lm_head"]}, InvalidParameterError, "contradict"),
     ],
-    ids=["scheme", "calibration", "group-48", "group-128", "int8-group", "nf4-group", "nf4-mse", "gptq-no-text", "actorder", "keep"],
+    ids=[
+        "scheme", "calibration", "group-48", "group-128", "int8-group", "nf4-group", "nf4-mse", "gptq-no-text", "actorder",
+        "keep", "head-int4", "head-nf4", "head-int4-asym", "head-kept",
+    ],
 )
 def test_bad_options_are_clear_errors(source, tmp_path, kwargs, error, message):
     with pytest.raises(error, match=message):
         convert_checkpoint(source, tmp_path / "out", **kwargs)
     assert not (tmp_path / "out").exists()
+
+
+def test_an_int8_head_refusal_is_one_cli_line(capsys, source, tmp_path):
+    status, out, err = run(capsys, "convert", "--model", source, "--out", tmp_path / "out", "--scheme", "nf4", "--lm-head", "int8")
+    assert status == 2 and out == "" and err.startswith("error: --lm-head int8 cannot be written with nf4")
+    assert err.count("\n") == 1 and "Traceback" not in err and not (tmp_path / "out").exists()
 
 
 def test_calibration_text_too_short(source, tmp_path):
