@@ -7,8 +7,8 @@ to a `quantize` callback, puts the dequantized weights back, and runs the layer 
 layer sees what the quantized model will compute. Tensors are yielded for writing as they are
 final, in model order (embedding, layers, final norm, head).
 
-Layers need random access to the checkpoint: an HF directory is read in place (safetensors are
-memory-mapped); any other reader (a GGUF file, a merged-adapter stream) is first spilled to a
+Layers need random access to the checkpoint: an HF directory is read in place (`hf.SafetensorsFile`,
+plain reads of one tensor at a time); any other reader (a GGUF file, a merged-adapter stream) is first spilled to a
 scratch directory of safetensors files, one pass, one tensor at a time.
 
 It does not choose schemes or write files: `convert.py` does.
@@ -16,7 +16,6 @@ It does not choose schemes or write files: `convert.py` does.
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -86,33 +85,22 @@ class TensorStore:
     def __init__(self, reader: CheckpointReader, scratch: Path) -> None:
         from safetensors.torch import save_file
 
-        from .hf import HFCheckpoint
+        from .hf import HFCheckpoint, SafetensorsFile
 
-        self.files: dict[str, Path] = {}
+        self.files: dict[str, SafetensorsFile] = {}
         if isinstance(reader, HFCheckpoint):
-            index = reader.path / "model.safetensors.index.json"
-            if index.is_file():
-                weight_map = json.loads(index.read_text())["weight_map"]
-                self.files = {name: reader.path / file for name, file in weight_map.items()}
-            else:
-                from safetensors import safe_open
-
-                for file in sorted(reader.path.glob("*.safetensors")):
-                    with safe_open(file, framework="pt") as f:
-                        for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
-                            self.files.setdefault(name, file)
+            for path, names in reader.shards.items():
+                file = SafetensorsFile(path)
+                self.files.update(dict.fromkeys(names, file))
             return
         scratch.mkdir(parents=True, exist_ok=True)
         for i, (name, tensor) in enumerate(reader.tensors()):
-            file = scratch / f"{i:06d}.safetensors"
-            save_file({name: tensor.contiguous()}, file)
-            self.files[name] = file
+            path = scratch / f"{i:06d}.safetensors"
+            save_file({name: tensor.contiguous()}, path)
+            self.files[name] = SafetensorsFile(path)
 
     def get(self, name: str) -> torch.Tensor:
-        from safetensors import safe_open
-
-        with safe_open(self.files[name], framework="pt") as f:
-            return f.get_tensor(name)
+        return self.files[name].read(name)
 
 
 def gptq_layers(

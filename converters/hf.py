@@ -1,13 +1,15 @@
 """Reader of Hugging Face checkpoint directories: config.json plus single or sharded safetensors.
 
 Headers are checked when the directory is opened (a truncated or corrupt file is reported then,
-not midway through a load); tensors are then memory-mapped and streamed one at a time. Pickle
-checkpoints (`pytorch_model.bin`) are refused, never loaded.
+not midway through a load); tensors are then streamed one at a time with plain reads into fresh
+buffers (`SafetensorsFile`), not memory-mapped, so a pass over a model holds one tensor, not the
+file's pages. Pickle checkpoints (`pytorch_model.bin`) are refused, never loaded.
 """
 
 from __future__ import annotations
 
 import json
+import struct
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,50 @@ from .checkpoint import TokenizerFiles
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
+_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+
+
+class SafetensorsFile:
+    """Random access to one safetensors file's tensors by plain reads (no memory map).
+
+    A memory-mapped file's pages count in the reader's resident memory as they are touched, so a
+    pass over a whole model through `safe_open` ends up holding the whole file; reading each
+    tensor into its own buffer holds only what the caller keeps.
+
+    Raises:
+        CheckpointError: the header cannot be parsed, or a tensor's bytes are missing.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            with open(path, "rb") as f:
+                (length,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(length))
+        except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"cannot read the safetensors header of {str(path)!r}: {e}; the file is damaged") from None
+        header.pop("__metadata__", None)
+        self.data_start = 8 + length
+        self.entries: dict[str, dict[str, Any]] = header
+
+    def read(self, name: str) -> torch.Tensor:
+        """The tensor `name`, in a buffer of its own."""
+        entry = self.entries[name]
+        dtype = _DTYPES.get(entry["dtype"])
+        if dtype is None:
+            raise CheckpointError(f"{name!r} in {str(self.path)!r} has dtype {entry['dtype']}, which quadapt does not read")
+        start, end = entry["data_offsets"]
+        buffer = torch.empty(end - start, dtype=torch.uint8)
+        with open(self.path, "rb") as f:
+            f.seek(self.data_start + start)
+            got = f.readinto(memoryview(buffer.numpy()))
+        if got != end - start:
+            raise CheckpointError(f"{str(self.path)!r} ends inside {name!r}; the file is truncated, download it again")
+        return buffer.view(dtype).reshape(entry["shape"])
 
 
 class HFCheckpoint:
@@ -43,14 +89,16 @@ class HFCheckpoint:
     def keys(self) -> list[str]:
         return [name for names in self._shards.values() for name in names]
 
+    @property
+    def shards(self) -> dict[Path, list[str]]:
+        """Each shard file and the tensor names it holds, in file order."""
+        return dict(self._shards)
+
     def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         for shard, names in self._shards.items():
-            try:
-                with safe_open(shard, framework="pt") as f:
-                    for name in names:
-                        yield name, f.get_tensor(name)
-            except SafetensorError as e:
-                raise CheckpointError(f"cannot read {str(shard)!r}: {e}; the file is damaged, download it again") from None
+            file = SafetensorsFile(shard)
+            for name in names:
+                yield name, file.read(name)
 
     def tokenizer_files(self) -> TokenizerFiles | None:
         return read_tokenizer_files(self.path)
