@@ -7,10 +7,14 @@ copy bandwidth measured in the same run, and the relative error against the torc
 the same inputs. Then LoRA: a batch of 32 decode tokens through a 4096x4096 int4 layer with
 rank-16 adapters, 1, 8 or 32 distinct, against no adapters.
 
+`--cuda-graphs` times CUDA-graph replays instead of single calls, so the host's launch work is
+not counted: each replay runs the op over 4 copies of the weights in turn (more bytes than the
+L2 holds for the large shapes), and the time is divided by 4.
+
 `--sweep` times a grid of tilings (`kernels.qmatmul.Schedule`) per shape and row count instead,
 and prints the default schedule's time beside the fastest one found.
 
-    python benchmarks/kernels.py [--quick] [--sweep]
+    python benchmarks/kernels.py [--quick] [--cuda-graphs] [--sweep]
 
 Needs a CUDA device and the `gpu` extra (triton). Not a test: it prints tables. Times are medians
 of triton's `do_bench` (CUDA events, L2 flushed between runs).
@@ -35,6 +39,7 @@ SHAPES = {  # name: (N, K), weight [N, K]
 ROWS = (1, 4, 16, 64, 256)
 FORMATS = ("int4", "int4-asym", "int8", "nf4")
 MAX_REL_ERR = 1e-2  # bf16 operands, fp32 accumulation
+ROTATE = 4  # weight copies a CUDA-graph replay cycles through
 
 
 def bench(fn, reps: int = 50) -> float:
@@ -42,6 +47,17 @@ def bench(fn, reps: int = 50) -> float:
     import triton.testing
 
     return triton.testing.do_bench(fn, rep=reps, return_mode="median")
+
+
+def bench_graph(fns) -> float:
+    """Median milliseconds of one call, from CUDA-graph replays of `fns` run in turn (no host launch cost)."""
+    import triton.testing
+
+    def run_all():
+        for fn in fns:
+            fn()
+
+    return triton.testing.do_bench_cudagraph(run_all, rep=50, return_mode="median") / len(fns)
 
 
 def copy_bandwidth_gbs() -> float:
@@ -100,25 +116,30 @@ def relative_error(out: torch.Tensor, x: torch.Tensor, dense: torch.Tensor) -> f
     return float((out.double() - ref).norm() / ref.norm())
 
 
-def matmul_table(quick: bool) -> None:
+def matmul_table(quick: bool, graphs: bool) -> None:
     bw = copy_bandwidth_gbs()
-    print(f"device: {torch.cuda.get_device_name()}, copy bandwidth {bw:.0f} GB/s (measured)")
+    timing = "CUDA-graph replays" if graphs else "single calls"
+    print(f"device: {torch.cuda.get_device_name()}, copy bandwidth {bw:.0f} GB/s (measured); timing {timing}")
     print(f"{'shape':<26}{'fmt':<10}{'M':>5}{'kernel us':>11}{'bf16 us':>10}{'speed-up':>10}{'GB/s':>8}"
           f"{'% copy':>8}{'rel err':>10}")
     shapes = {"8192x8192": SHAPES["8192x8192"]} if quick else SHAPES
     failures = []
     for name, (N, K) in shapes.items():
         for fmt in FORMATS:
-            w, nbytes = weights(fmt, N, K)
-            dense = dequantized(fmt, w, K, N)
+            copies = [weights(fmt, N, K) for _ in range(ROTATE if graphs else 1)]
+            nbytes = copies[0][1]
+            denses = [dequantized(fmt, c[0], K, N) for c in copies]
             for M in ROWS:
                 x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
-                run = qmatmul_fn(fmt, x, w, K, N)
-                err = relative_error(run(), x, dense)
+                runs = [qmatmul_fn(fmt, x, c[0], K, N) for c in copies]
+                err = relative_error(runs[0](), x, denses[0])
                 if not err < MAX_REL_ERR:
                     failures.append((name, fmt, M, err))
-                ms = bench(run)
-                ms_dense = bench(lambda x=x, dense=dense: x @ dense.T)
+                dense_runs = [lambda x=x, d=d: x @ d.T for d in denses]
+                if graphs:
+                    ms, ms_dense = bench_graph(runs), bench_graph(dense_runs)
+                else:
+                    ms, ms_dense = bench(runs[0]), bench(dense_runs[0])
                 gbs = nbytes / ms / 1e6
                 print(f"{name:<26}{fmt:<10}{M:>5}{ms * 1e3:>11.1f}{ms_dense * 1e3:>10.1f}"
                       f"{ms_dense / ms:>9.2f}x{gbs:>8.0f}{100 * gbs / bw:>7.0f}%{err:>10.1e}", flush=True)
@@ -176,14 +197,19 @@ def sweep(quick: bool) -> None:
               f"{best_schedule} (default {schedule_for(M, N, K, x.device)})", flush=True)
 
 
-def lora_table() -> None:
+def lora_table(graphs: bool) -> None:
     from quadapt.kernels import lora as lora_kernel
     from quadapt.kernels import qmatmul
 
     N = K = 4096
     (packed, scale, zero, bits), _ = weights("int4", N, K)
     x = torch.randn(32, K, device="cuda", dtype=torch.bfloat16)
-    base = bench(lambda: qmatmul.qmatmul_packed_int(x, packed, scale, zero, None, num_bits=bits, in_features=K))
+    timer = (lambda fn: bench_graph([fn])) if graphs else bench
+
+    def layer():
+        return qmatmul.qmatmul_packed_int(x, packed, scale, zero, None, num_bits=bits, in_features=K)
+
+    base = timer(layer)
     print(f"\nLoRA, batch of 32 tokens, 4096x4096 int4 layer, rank 16: base layer {base * 1e3:.1f} us")
     print(f"{'adapters':>9}{'layer+LoRA us':>15}{'overhead':>10}")
     for distinct in (1, 8, 32):
@@ -192,16 +218,16 @@ def lora_table() -> None:
         slots = torch.arange(32, device="cuda") % distinct
 
         def step(a=a, b=b, slots=slots):
-            y = qmatmul.qmatmul_packed_int(x, packed, scale, zero, None, num_bits=bits, in_features=K)
-            return lora_kernel.add_lora(y, x, a, b, slots)
+            return lora_kernel.add_lora(layer(), x, a, b, slots)
 
-        ms = bench(step)
+        ms = timer(step)
         print(f"{distinct:>9}{ms * 1e3:>15.1f}{100 * (ms / base - 1):>9.0f}%")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer shapes")
+    parser.add_argument("--cuda-graphs", action="store_true", help="time CUDA-graph replays (no host launch cost)")
     parser.add_argument("--sweep", action="store_true", help="time a grid of tilings instead of the tables")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -210,8 +236,8 @@ def main() -> None:
     if args.sweep:
         sweep(args.quick)
         return
-    matmul_table(args.quick)
-    lora_table()
+    matmul_table(args.quick, args.cuda_graphs)
+    lora_table(args.cuda_graphs)
 
 
 if __name__ == "__main__":
