@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
-from ..runtime.config import read_config_json
+from ..runtime.config import read_config_json, read_json_object
 from ..runtime.errors import CheckpointError
 from .checkpoint import TokenizerFiles
 
@@ -174,10 +174,4 @@ def _read_json_or_empty(path: Path) -> dict[str, Any]:
     """The JSON object in `path`, or {} when the file does not exist."""
     if not path.is_file():
         return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{str(path)!r} is not valid JSON: {e}; restore the file from the model repo") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{str(path)!r} must hold a JSON object, got {type(data).__name__}")
-    return data
+    return read_json_object(path, CheckpointError, "; restore the file from the model repo")

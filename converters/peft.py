@@ -31,9 +31,10 @@ from typing import Any
 
 import torch
 
+from ..runtime.config import read_json_object
 from ..runtime.errors import AdapterError, UnsupportedError
 from ..runtime.lora import LoRAWeights
-from .writer import move_into_place, check_output_dir
+from .writer import check_output_dir, move_into_place
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -334,13 +335,7 @@ def _read_config(path: Path) -> dict[str, Any]:
             f"{str(path)!r} has no {ADAPTER_CONFIG}; a PEFT adapter directory needs it beside "
             f"{ADAPTER_WEIGHTS} (save the adapter with peft's save_pretrained())"
         )
-    try:
-        config = json.loads(file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise AdapterError(f"{str(file)!r} is not valid JSON: {e}") from None
-    if not isinstance(config, dict):
-        raise AdapterError(f"{str(file)!r} must hold a JSON object, got {type(config).__name__}")
-    return config
+    return read_json_object(file, AdapterError)
 
 
 def _read_weights(path: Path) -> dict[str, dict[str, torch.Tensor]]:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from .errors import CheckpointError, ConfigError, UnsupportedError
+from .errors import CheckpointError, ConfigError, QuadaptError, UnsupportedError
 
 Architecture = Literal["llama", "mistral", "qwen2"]
 
@@ -202,13 +202,23 @@ def read_config_json(path: str | Path) -> dict[str, Any]:
             f"{str(path)!r} has no config.json; a checkpoint directory needs the model's config.json "
             "beside its *.safetensors (or pass a .gguf file)"
         )
+    return read_json_object(file, CheckpointError)
+
+
+def read_json_object(file: Path, error: type[QuadaptError], hint: str = "") -> dict[str, Any]:
+    """The JSON object in `file`.
+
+    Raises:
+        `error`: the file is not UTF-8 JSON, or holds something other than an object; `hint`
+            (how to fix it) ends the message.
+    """
     try:
-        d = json.loads(file.read_text())
+        data = json.loads(file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{str(file)!r} is not valid JSON: {e}") from None
-    if not isinstance(d, dict):
-        raise CheckpointError(f"{str(file)!r} must hold a JSON object, got {type(d).__name__}")
-    return d
+        raise error(f"{str(file)!r} is not valid JSON: {e}{hint}") from None
+    if not isinstance(data, dict):
+        raise error(f"{str(file)!r} must hold a JSON object, got {type(data).__name__}{hint}")
+    return data
 
 
 def _architecture(d: dict[str, Any]) -> Architecture:
