@@ -41,6 +41,7 @@ It does not requantize quantized checkpoints (that compounds the error): convert
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -158,7 +159,9 @@ def convert_checkpoint(
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     # GPTQ may spill the source here; a sibling of the output, so on the disk that was checked.
-    with tempfile.TemporaryDirectory(prefix=f".{out_dir.name}.", suffix=".scratch", dir=out_dir.parent) as scratch:
+    # Named like the writer's staging directory (with this process's id), so a killed run's is removed later.
+    scratch_prefix = f".{out_dir.name}.{os.getpid()}."
+    with tempfile.TemporaryDirectory(prefix=scratch_prefix, suffix=".scratch", dir=out_dir.parent) as scratch:
         if calibration == "gptq":
             tensors = _gptq_stream(reader, names, config, plan, calib_text, Path(scratch))
         else:

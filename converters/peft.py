@@ -20,11 +20,8 @@ from __future__ import annotations
 import json
 import math
 import re
-import shutil
-import tempfile
 from collections import Counter
 from collections.abc import Collection, Iterator, Mapping
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,7 +31,7 @@ import torch
 from ..runtime.config import read_json_object
 from ..runtime.errors import AdapterError, UnsupportedError
 from ..runtime.lora import LoRAWeights
-from .writer import check_output_dir, move_into_place
+from .writer import staged_dir
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -312,20 +309,6 @@ def write_peft_adapter(
         for file_name, text in (extra_files or {}).items():
             (staging / file_name).write_text(text, encoding="utf-8")
     return Path(out_dir).expanduser()
-
-
-@contextmanager
-def staged_dir(out_dir: str | Path, *, overwrite: bool) -> Iterator[Path]:
-    """A hidden sibling directory to fill; renamed to `out_dir` when the block succeeds, removed otherwise."""
-    out_dir = check_output_dir(out_dir, overwrite=overwrite)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
-    try:
-        yield staging
-        move_into_place(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
 
 
 def _read_config(path: Path) -> dict[str, Any]:

@@ -8,16 +8,20 @@ under the final name, and it holds no tensor in memory beyond the one being writ
 data is spooled to disk as it arrives.
 
 It does not convert, quantize or validate weights against the config; a reader (`gguf.py`, `hf.py`)
-supplies them under HF names.
+supplies them under HF names. `staged_dir` is the same atomic write for any directory (adapters
+use it too).
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
+import sys
 import tempfile
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -85,13 +89,9 @@ def write_checkpoint(
         QuadaptError: `out_dir` exists and `overwrite` is False, or is a file.
         CheckpointError: a tensor name repeats, an item is not a tensor, or there are no tensors.
     """
-    out_dir = check_output_dir(out_dir, overwrite=overwrite)
     if max_shard_bytes <= 0:
         raise QuadaptError(f"max_shard_bytes must be a positive number of bytes, got {max_shard_bytes}")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    # A sibling, so the final rename stays on one filesystem; hidden, so tools skip it.
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
-    try:
+    with staged_dir(out_dir, overwrite=overwrite) as staging:
         _write_weights(
             staging, tensors, skip_lm_head=bool(config.get("tie_word_embeddings")), max_shard_bytes=max_shard_bytes
         )
@@ -103,11 +103,58 @@ def write_checkpoint(
                 _write_json(staging / "generation_config.json", tokenizer.generation_config)
         for name, text in (extra_files() if extra_files is not None else {}).items():
             (staging / name).write_text(text, encoding="utf-8")
+    return Path(out_dir).expanduser()
+
+
+@contextmanager
+def staged_dir(out_dir: str | Path, *, overwrite: bool) -> Iterator[Path]:
+    """A hidden sibling directory to fill; renamed to `out_dir` when the block succeeds, removed otherwise.
+
+    Its name carries this process's id, so a later run can tell the leftovers of a killed run
+    (whose process is gone) from another run's work in progress: it removes the former and, if a
+    run was killed while replacing `out_dir`, puts the previous checkpoint back first.
+
+    Raises:
+        QuadaptError: `out_dir` exists and `overwrite` is False, or is a file.
+    """
+    out_dir = Path(out_dir).expanduser()
+    if out_dir.parent.is_dir():
+        _recover_abandoned(out_dir)  # first: a restored checkpoint is then guarded like any other
+    out_dir = check_output_dir(out_dir, overwrite=overwrite)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    # A sibling, so the final rename stays on one filesystem; hidden, so tools skip it.
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.{os.getpid()}.", suffix=".partial", dir=out_dir.parent))
+    try:
+        yield staging
         move_into_place(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return out_dir
+
+
+def _recover_abandoned(out_dir: Path) -> None:
+    """Remove the staging, scratch and replacement directories that killed runs left beside `out_dir`."""
+    for path in sorted(out_dir.parent.glob(f".{glob.escape(out_dir.name)}.*")):
+        pid = path.name[len(out_dir.name) + 2 :].split(".", 1)[0]
+        if not path.is_dir() or path.suffix not in (".partial", ".old", ".scratch") or not pid.isdigit() or _alive(int(pid)):
+            continue
+        previous = path / "previous"
+        if path.suffix == ".old" and previous.is_dir() and not out_dir.exists():
+            os.rename(previous, out_dir)  # killed between moving the old checkpoint out and the new one in
+            print(f"quadapt: restored {str(out_dir)!r}, which an interrupted run had moved aside", file=sys.stderr)
+        shutil.rmtree(path, ignore_errors=True)
+        print(f"quadapt: removed {str(path)!r}, left by an interrupted run", file=sys.stderr)
+
+
+def _alive(pid: int) -> bool:
+    """Whether process `pid` exists (another user's counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _write_weights(
@@ -223,7 +270,7 @@ def move_into_place(staging: Path, out_dir: Path) -> None:
     if not out_dir.exists():
         os.rename(staging, out_dir)
         return
-    trash = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".old", dir=out_dir.parent))
+    trash = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.{os.getpid()}.", suffix=".old", dir=out_dir.parent))
     previous = trash / "previous"
     os.rename(out_dir, previous)
     try:

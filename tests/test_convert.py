@@ -281,6 +281,20 @@ def test_a_killed_conversion_leaves_nothing_under_the_final_name(source, tmp_pat
     assert any(p.name.endswith(".partial") for p in tmp_path.iterdir())  # the hidden staging dir was in use
     status = main(["convert", "--model", str(source), "--out", str(out), "--scheme", "int4"])
     assert status == 0 and load_model(out) is not None
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # the killed run's staging dir is gone
+
+
+def test_a_run_killed_while_replacing_gets_its_old_checkpoint_back(source, tmp_path, capsys):
+    """Killed between moving the old checkpoint aside and the new one in: the next run restores it."""
+    out = convert_checkpoint(source, tmp_path / "out", "int8")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    trash = tmp_path / f".out.{int(dead.stdout)}.abc123.old"
+    trash.mkdir()
+    out.rename(trash / "previous")
+    capsys.readouterr()
+    status, _, err = run(capsys, "convert", "--model", source, "--out", out, "--scheme", "int4")
+    assert status == 2 and "already exists; pass --overwrite" in err  # restored, so guarded again
+    assert not trash.exists() and load_model(out).model.layers[0].mlp.up_proj.num_bits == 8
 
 
 def test_overwrite(source, tmp_path, capsys):
