@@ -21,7 +21,7 @@ from torch import nn
 
 from ..converters.checkpoint import CheckpointReader, open_checkpoint
 from .config import ModelConfig
-from .errors import CheckpointError
+from .errors import CheckpointError, UnsupportedError
 from .model import CausalLM
 
 # Checkpoint entries that are derived state in some exporters, not weights: safe to pass over.
@@ -78,6 +78,12 @@ def load_model(
         loaded.add(name)
 
     missing = sorted(set(expected) - loaded) + quantized.missing()
+    packed_embedding = [name for name in unexpected if name.startswith("model.embed_tokens.weight_")]
+    if packed_embedding:
+        raise UnsupportedError(
+            f"{reader.path}: the embedding is quantized ({', '.join(packed_embedding)}); quadapt runs quantized "
+            "linears but keeps the embedding float. Convert the float model with `quadapt convert`, which keeps it float"
+        )
     if missing or unexpected:
         raise CheckpointError(_key_report(reader.path, missing, unexpected))
     if config.tie_word_embeddings:

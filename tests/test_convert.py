@@ -284,6 +284,21 @@ def test_a_killed_conversion_leaves_nothing_under_the_final_name(source, tmp_pat
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # the killed run's staging dir is gone
 
 
+def test_a_quantized_embedding_is_refused_by_name(source, tmp_path, capsys):
+    """Another tool's checkpoint with a packed embedding: a clear refusal, not a key-mismatch report."""
+    out = convert_checkpoint(source, tmp_path / "int8", "int8")
+    tensors = load_file(out / "model.safetensors")
+    embed = tensors.pop("model.embed_tokens.weight")
+    tensors["model.embed_tokens.weight_packed"] = torch.zeros(embed.shape[0], embed.shape[1] // 4, dtype=torch.int32)
+    tensors["model.embed_tokens.weight_scale"] = torch.ones(embed.shape[0], 1, dtype=embed.dtype)
+    save_file(tensors, out / "model.safetensors")
+    capsys.readouterr()
+    with pytest.raises(UnsupportedError, match="the embedding is quantized .*keeps the embedding float"):
+        load_model(out)
+    status, _, err = run(capsys, "generate", "--model", out, "--prompt", "hi", "--max-new-tokens", "1")
+    assert status == 2 and err.startswith("error: ") and "embedding is quantized" in err and "Traceback" not in err
+
+
 def test_a_run_killed_while_replacing_gets_its_old_checkpoint_back(source, tmp_path, capsys):
     """Killed between moving the old checkpoint aside and the new one in: the next run restores it."""
     out = convert_checkpoint(source, tmp_path / "out", "int8")
