@@ -8,8 +8,10 @@ Each row runs what a user runs, through the same library calls as the CLI:
 
 The "float" row is the GGUF's weights dequantized to fp32 (the only weights available offline);
 every scheme starts from them. GPTQ calibrates on a text disjoint from the evaluation text.
+`--texts` scores each converted model on several texts (one column each): the calibration text
+as a second text is held out for every row but GPTQ's, which calibrated on it.
 
-    python benchmarks/quality.py [--only int8 int4-g64-gptq ...] [--threads 2]
+    python benchmarks/quality.py [--only int8 int4-g64-gptq ...] [--texts FILE ...] [--threads 2]
 
 Prints a markdown table (the source of docs/quality.md). Not a test.
 """
@@ -46,20 +48,23 @@ ROWS: dict[str, tuple[str, dict] | None] = {
 }
 
 
-def evaluate(model: Path | str) -> float:
+def evaluate(model: Path | str, texts: list[Path]) -> list[float]:
+    """Perplexity of the model on each text (window 1024, stride 512: eval-ppl's defaults)."""
     from quadapt.converters.checkpoint import open_checkpoint
     from quadapt.runtime.loader import load_model
     from quadapt.runtime.perplexity import perplexity
     from quadapt.runtime.tokenizer import Tokenizer
 
     reader = open_checkpoint(model)
-    ids = Tokenizer.from_files(reader.tokenizer_files()).encode(EVAL_TEXT.read_text(encoding="utf-8"))
-    return perplexity(load_model(reader), ids).perplexity  # window 1024, stride 512: eval-ppl's defaults
+    tokenizer = Tokenizer.from_files(reader.tokenizer_files())
+    loaded = load_model(reader)
+    return [perplexity(loaded, tokenizer.encode(text.read_text(encoding="utf-8"))).perplexity for text in texts]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="+", choices=list(ROWS), help="rows to run (default: all)")
+    parser.add_argument("--texts", nargs="+", type=Path, default=[EVAL_TEXT], metavar="FILE", help="texts to score")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -68,30 +73,31 @@ def main() -> None:
     from quadapt.converters.fetch import default_gguf
 
     gguf = default_gguf()
-    results: dict[str, tuple[float, float]] = {}
+    results: dict[str, tuple[list[float], float]] = {}
     scratch = Path(tempfile.mkdtemp(prefix="quadapt-quality-"))
     try:
         for name in args.only or ROWS:
             start = time.perf_counter()
             if ROWS[name] is None:
-                ppl = evaluate(gguf)
+                ppl = evaluate(gguf, args.texts)
             else:
                 scheme, options = ROWS[name]
                 if options.get("calibration") == "gptq":
                     options = {**options, "calib_text": CALIB_TEXT}
                 out = convert_checkpoint(gguf, scratch / name, scheme, **options)
-                ppl = evaluate(out)
+                ppl = evaluate(out, args.texts)
                 shutil.rmtree(out)
             results[name] = (ppl, time.perf_counter() - start)
-            print(f"{name}: perplexity {ppl:.2f} ({results[name][1]:.0f} s)", flush=True)
+            print(f"{name}: perplexity {' / '.join(f'{p:.2f}' for p in ppl)} ({results[name][1]:.0f} s)", flush=True)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
     base = results.get("float", (None,))[0]
-    print(f"\n| model | perplexity | vs float |\n|---|---|---|")
+    print("\n| model | " + " | ".join(f"{text.name} | vs float" for text in args.texts) + " |")
+    print("|---|" + "---|---|" * len(args.texts))
     for name, (ppl, _) in results.items():
-        ratio = f"{100 * (ppl / base - 1):+.1f}%" if base else "n/a"
-        print(f"| {name} | {ppl:.2f} | {ratio} |")
+        cells = [f"{p:.2f} | " + (f"{100 * (p / b - 1):+.1f}%" if base else "n/a") for p, b in zip(ppl, base or ppl)]
+        print(f"| {name} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":
