@@ -126,3 +126,34 @@ def test_index_pointing_at_missing_shard(tmp_path):
     shard.unlink()
     with pytest.raises(CheckpointError, match=f"{shard.name}.*missing"):
         load_model(path)
+
+
+def test_the_reader_returns_what_safetensors_returns(tmp_path):
+    """`SafetensorsFile` reads without a memory map; every dtype and shape must come back bit for bit."""
+    from quadapt.converters.hf import SafetensorsFile
+
+    tensors = {
+        "f32": torch.randn(3, 5), "bf16": torch.randn(7).bfloat16(), "f16": torch.randn(2, 2, 3).half(),
+        "f64": torch.randn(4, dtype=torch.float64), "i64": torch.arange(6).view(2, 3), "i32": torch.arange(-3, 3).int(),
+        "i8": torch.arange(-4, 4).to(torch.int8), "u8": torch.arange(9).to(torch.uint8), "bool": torch.tensor([True, False]),
+        "f8": torch.randn(5).to(torch.float8_e4m3fn), "empty": torch.zeros(0, 4), "scalar": torch.tensor(2.5),
+    }
+    save_file(tensors, tmp_path / "t.safetensors", metadata={"format": "pt"})
+    file = SafetensorsFile(tmp_path / "t.safetensors")
+    expected = load_file(tmp_path / "t.safetensors")
+    assert sorted(file.entries) == sorted(expected)
+    for name, tensor in expected.items():
+        got = file.read(name)
+        assert got.dtype == tensor.dtype and got.shape == tensor.shape, name
+        assert torch.equal(got.reshape(-1).view(torch.uint8), tensor.reshape(-1).view(torch.uint8)), name
+
+
+def test_the_reader_refuses_a_file_cut_short_after_opening(tmp_path):
+    from quadapt.converters.hf import SafetensorsFile
+
+    save_file({"w": torch.randn(64, 64)}, tmp_path / "t.safetensors")
+    file = SafetensorsFile(tmp_path / "t.safetensors")
+    data = (tmp_path / "t.safetensors").read_bytes()
+    (tmp_path / "t.safetensors").write_bytes(data[:-100])
+    with pytest.raises(CheckpointError, match="ends inside 'w'; the file is truncated"):
+        file.read("w")
