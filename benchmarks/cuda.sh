@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Every GPU check in one command: the `cuda`-marked tests, the kernel tables, the tiling sweep.
+# Every GPU check in one command: the `cuda`-marked tests, the kernel tables (single calls, then
+# CUDA-graph replays without the host's launch cost), the tiling sweep.
 #
 #   bash benchmarks/cuda.sh [LOGDIR] [--no-sweep]
 #
@@ -36,5 +37,6 @@ workers=()
 python3 -c "import xdist" 2>/dev/null && workers=(-n 8)
 stage tests 90 python3 -m pytest -m cuda -q -p no:cacheprovider "${workers[@]}" tests/test_kernels.py
 stage tables 140 python3 benchmarks/kernels.py
+stage graphs 90 python3 benchmarks/kernels.py --quick --cuda-graphs
 [ "${2:-}" = --no-sweep ] || stage sweep 220 python3 benchmarks/kernels.py --sweep
 exit $status
