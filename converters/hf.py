@@ -62,9 +62,14 @@ class SafetensorsFile:
             raise CheckpointError(f"{name!r} in {str(self.path)!r} has dtype {entry['dtype']}, which quadapt does not read")
         start, end = entry["data_offsets"]
         buffer = torch.empty(end - start, dtype=torch.uint8)
+        view, got = memoryview(buffer.numpy()), 0
         with open(self.path, "rb") as f:
             f.seek(self.data_start + start)
-            got = f.readinto(memoryview(buffer.numpy()))
+            while got < len(view):  # one read call returns at most ~2 GiB on Linux
+                n = f.readinto(view[got:])
+                if not n:
+                    break
+                got += n
         if got != end - start:
             raise CheckpointError(f"{str(self.path)!r} ends inside {name!r}; the file is truncated, download it again")
         return buffer.view(dtype).reshape(entry["shape"])
