@@ -152,11 +152,11 @@ def sweep_schedules(M: int):
     from quadapt.kernels.qmatmul import Schedule
 
     if M == 1:
-        for bn, bk, split, gather in itertools.product((16, 32, 64), (128, 256, 512), (1, 2, 4, 8), (False, True)):
-            yield Schedule(1, bn, bk, split, gather=gather)
+        for bn, bk, split in itertools.product((16, 32, 64), (128, 256, 512), (1, 2, 4, 8)):
+            yield Schedule(1, bn, bk, split)
     elif M <= 16:
-        for bn, bk, split, gather in itertools.product((32, 64, 128), (64, 128), (1, 4, 16), (False, True)):
-            yield Schedule(16, bn, bk, split, gather=gather)
+        for bn, bk, split in itertools.product((32, 64, 128), (64, 128), (1, 4, 16)):
+            yield Schedule(16, bn, bk, split)
     else:
         for bm, bn, bk, warps in itertools.product((64, 128), (64, 128), (32, 64), (4, 8)):
             yield Schedule(bm, bn, bk, 1, warps)
@@ -180,8 +180,6 @@ def sweep(quick: bool) -> None:
         default = bench(qmatmul_fn(fmt, x, w, K, N), reps=25)
         best, best_schedule = float("inf"), None
         for schedule in sweep_schedules(M):
-            if fmt == "nf4" and schedule.gather:
-                continue  # packed int only
             run = qmatmul_fn(fmt, x, w, K, N, schedule)
             try:
                 err = relative_error(run(), x, dense)

@@ -33,7 +33,7 @@ def _qmatmul_kernel(
     stride_xm, stride_wn, stride_sn, stride_sg, stride_om, stride_os,
     FORMAT: tl.constexpr, NUM_BITS: tl.constexpr, HAS_ZERO: tl.constexpr, SCALES: tl.constexpr,
     GROUP: tl.constexpr, EVEN_K: tl.constexpr, W_DTYPE: tl.constexpr, ROUND_W: tl.constexpr,
-    UPCAST: tl.constexpr, IEEE: tl.constexpr, GATHER: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -51,7 +51,7 @@ def _qmatmul_kernel(
                 w_ptr, scale_ptr, zero_ptr, code_ptr, offs_n, k0, n_mask,
                 K, group_size, stride_wn, stride_sn, stride_sg,
                 FORMAT=FORMAT, NUM_BITS=NUM_BITS, HAS_ZERO=HAS_ZERO, SCALES=SCALES, GROUP=GROUP, EVEN_K=EVEN_K,
-                GATHER=GATHER, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+                BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
             )
             if ROUND_W:  # the weight's dtype rounds W first, as in the reference
                 w = cast(w, W_DTYPE, UPCAST).to(tl.float32)
@@ -71,7 +71,7 @@ def _qmatmul_kernel(
                 w_ptr, scale_ptr, zero_ptr, code_ptr, offs_n, k0, n_mask,
                 K, group_size, stride_wn, stride_sn, stride_sg,
                 FORMAT=FORMAT, NUM_BITS=NUM_BITS, HAS_ZERO=HAS_ZERO, SCALES=SCALES, GROUP=GROUP, EVEN_K=EVEN_K,
-                GATHER=GATHER, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+                BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
             )  # [BLOCK_N, BLOCK_K]
             if W_DTYPE != x_dtype:  # W rounds to its own dtype first, as in the reference
                 w = cast(w, W_DTYPE, UPCAST)
@@ -96,7 +96,6 @@ class Schedule:
     split_k: int = 1
     num_warps: int = 4
     num_stages: int = 3
-    gather: bool = False  # packed int: one word load per weight instead of one per word
 
 
 @functools.cache
@@ -153,7 +152,7 @@ def _launch(
         partial.stride(1), partial.stride(0),
         FORMAT=fmt, NUM_BITS=num_bits, HAS_ZERO=zero is not None, SCALES=scales, GROUP=group, EVEN_K=K % 2 == 0,
         W_DTYPE=TL_DTYPES[w_dtype], ROUND_W=w_dtype != torch.float32,
-        UPCAST=upcast, IEEE=x.dtype == torch.float32 or upcast, GATHER=sched.gather,
+        UPCAST=upcast, IEEE=x.dtype == torch.float32 or upcast,
         BLOCK_M=sched.block_m, BLOCK_N=sched.block_n, BLOCK_K=block_k,
         num_warps=sched.num_warps, num_stages=sched.num_stages,
     )

@@ -89,8 +89,8 @@ def test_qmatmul_nf4(device, dtype, M, N, K, blocksize):
     [
         qmatmul.Schedule(16, 32, 64, split_k=3),  # K splits that do not divide K evenly
         qmatmul.Schedule(1, 16, 512, split_k=2, num_warps=8),  # GEMV rows, one K block wider than K
-        qmatmul.Schedule(1, 32, 64, split_k=2, gather=True),  # GEMV, one word load per weight
-        qmatmul.Schedule(16, 32, 128, split_k=1, gather=True),  # 16-row tiles, one word load per weight
+        qmatmul.Schedule(1, 32, 64, split_k=2),  # GEMV, several K blocks per split
+        qmatmul.Schedule(16, 32, 128, split_k=1),  # 16-row tiles, no split
         qmatmul.Schedule(32, 64, 32, split_k=2, num_stages=4),  # a GEMM tile with split K
     ],
     ids=str,
