@@ -5,4 +5,6 @@ packed checkpoints and adapters out), `kernels`, `protos`, `train`. Importing th
 nothing heavy.
 """
 
-__version__ = "0.1.0"
+from importlib.metadata import version as _version
+
+__version__ = _version("quadapt")  # one source: pyproject.toml

@@ -18,7 +18,7 @@ def _load(args: argparse.Namespace):
     """The model and tokenizer named by `--model`, with `--dtype` and `--threads` applied."""
     import torch
 
-    from .converters.checkpoint import open_checkpoint
+    from .runtime.checkpoints import open_checkpoint
     from .runtime.errors import CheckpointError
     from .runtime.loader import load_model
     from .runtime.tokenizer import Tokenizer

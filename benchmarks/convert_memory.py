@@ -39,8 +39,8 @@ from pathlib import Path
 _PEAK = "print([line.split()[1] for line in open('/proc/self/status') if line.startswith('VmHWM:')][0])"
 _BASELINE = f"""
 import sys, torch
-import quadapt.converters.convert, quadapt.converters.gguf, quadapt.converters.hf
-from quadapt.converters.checkpoint import open_checkpoint
+import quadapt.converters.convert, quadapt.runtime.checkpoints.gguf, quadapt.runtime.checkpoints.hf
+from quadapt.runtime.checkpoints import open_checkpoint
 from quadapt.runtime.config import ModelConfig
 from quadapt.runtime.model import CausalLM
 with torch.device("meta"):  # torch initialises itself on first module build (~75 MB), weights or not
@@ -78,7 +78,7 @@ def largest_tensor_bytes(model: str) -> tuple[str, int]:
     """The largest tensor as the reader yields it, from shapes alone (no tensor is read)."""
     import torch
 
-    from quadapt.converters.checkpoint import open_checkpoint
+    from quadapt.runtime.checkpoints import open_checkpoint
     from quadapt.runtime.config import ModelConfig
     from quadapt.runtime.model import CausalLM
 

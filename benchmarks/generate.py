@@ -65,7 +65,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     from quadapt.converters.fetch import default_gguf
-    from quadapt.converters.gguf import GGUFCheckpoint
+    from quadapt.runtime.checkpoints.gguf import GGUFCheckpoint
     from quadapt.runtime.loader import load_model
     from quadapt.runtime.tokenizer import Tokenizer
 

@@ -50,7 +50,7 @@ ROWS: dict[str, tuple[str, dict] | None] = {
 
 def evaluate(model: Path | str, texts: list[Path]) -> list[float]:
     """Perplexity of the model on each text (window 1024, stride 512: eval-ppl's defaults)."""
-    from quadapt.converters.checkpoint import open_checkpoint
+    from quadapt.runtime.checkpoints import open_checkpoint
     from quadapt.runtime.loader import load_model
     from quadapt.runtime.perplexity import perplexity
     from quadapt.runtime.tokenizer import Tokenizer

@@ -26,7 +26,7 @@ from ..runtime.config import ModelConfig
 from ..runtime.errors import InvalidParameterError
 from ..runtime.model import CausalLM, DecoderLayer
 from ..runtime.tokenizer import Tokenizer
-from .checkpoint import CheckpointReader
+from ..runtime.checkpoints import CheckpointReader
 from .gptq import HessianAccumulator
 
 MIN_CALIBRATION_TOKENS = 128  # below this, H = X^T X of a 576-wide layer is badly rank-deficient
@@ -85,7 +85,7 @@ class TensorStore:
     def __init__(self, reader: CheckpointReader, scratch: Path) -> None:
         from safetensors.torch import save_file
 
-        from .hf import HFCheckpoint, SafetensorsFile
+        from ..runtime.checkpoints.hf import HFCheckpoint, SafetensorsFile
 
         self.files: dict[str, SafetensorsFile] = {}
         if isinstance(reader, HFCheckpoint):

@@ -57,7 +57,7 @@ from ..runtime.config import ModelConfig
 from ..runtime.errors import CheckpointError, InvalidParameterError, QuadaptError, UnsupportedError
 from ..runtime.model import CausalLM
 from ..kernels.reference import dequant_nf4
-from .checkpoint import CheckpointReader, open_checkpoint
+from ..runtime.checkpoints import CheckpointReader, as_reader, is_derived_key
 from .formats import bitsandbytes_config, compressed_tensors_config, nf4_tensors, packed_int_tensors
 from .quantize import IntQuantized, quantize_int, quantize_nf4, sqnr_db
 from .progress import progress
@@ -71,7 +71,6 @@ CALIBRATIONS: tuple[str, ...] = get_args(Calibration)
 HEAD_PRECISIONS: tuple[str, ...] = get_args(HeadPrecision)
 INT4_GROUP_SIZES = (128, 64, 32)  # largest first: the default is the first that fits
 MANIFEST_FILE = "quadapt_manifest.json"
-_DERIVED_SUFFIX = ".rotary_emb.inv_freq"  # exporter state, not weights
 
 
 @dataclass
@@ -144,7 +143,7 @@ def convert_checkpoint(
     if lm_head not in HEAD_PRECISIONS:
         raise InvalidParameterError(f"unknown --lm-head {lm_head!r}; choose one of {', '.join(HEAD_PRECISIONS)}")
     out_dir = check_output_dir(out_dir, overwrite=overwrite)
-    reader = open_checkpoint(source) if isinstance(source, (str, Path)) else source
+    reader = as_reader(source)
     config_dict = reader.config_dict()
     if "quantization_config" in config_dict:
         method = (config_dict["quantization_config"] or {}).get("quant_method", "unknown")
@@ -295,7 +294,7 @@ def _check_names(reader: CheckpointReader, config: ModelConfig) -> list[str]:
         expected = {name for name, _ in CausalLM(config).named_parameters()}
     names, unknown = [], []
     for name in reader.keys():
-        if name.endswith(_DERIVED_SUFFIX) or (name == "lm_head.weight" and config.tie_word_embeddings):
+        if is_derived_key(name) or (name == "lm_head.weight" and config.tie_word_embeddings):
             continue  # derived state / the tied head, which the output does not store either
         (names if name in expected else unknown).append(name)
     missing = sorted(expected - set(names))
@@ -323,7 +322,7 @@ def _check_finite(name: str, tensor: torch.Tensor, source: str) -> None:
 def _rtn_stream(source: Iterable[tuple[str, torch.Tensor]], plan: _Plan) -> Iterator[tuple[str, torch.Tensor]]:
     """Round-to-nearest (or MSE-clipped) quantization, one tensor at a time."""
     for name, tensor in source:
-        if name.endswith(_DERIVED_SUFFIX):
+        if is_derived_key(name):
             continue
         _check_finite(name, tensor, plan.source)
         module = name.removesuffix(".weight")
@@ -423,7 +422,7 @@ def _quantization_config(plan: _Plan, config_dict: dict[str, Any]) -> dict[str, 
 
 
 def _manifest(plan: _Plan) -> dict[str, Any]:
-    from .. import __version__
+    from importlib.metadata import version
 
     calibration: dict[str, Any] = {"method": plan.calibration}
     if plan.calibration == "gptq":
@@ -433,7 +432,7 @@ def _manifest(plan: _Plan) -> dict[str, Any]:
         calibration |= plan.report.get("_calibration", {})
     quantized = [*plan.quantized, *(["lm_head"] if plan.lm_head == "int8" else [])]
     return {
-        "quadapt_version": __version__,
+        "quadapt_version": version("quadapt"),
         "source": plan.source,
         "scheme": plan.scheme,
         "format": "bitsandbytes nf4" if plan.scheme == "nf4" else "compressed-tensors pack-quantized",

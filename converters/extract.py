@@ -28,9 +28,10 @@ import torch
 from ..runtime.config import ModelConfig
 from ..runtime.errors import AdapterError, CheckpointError
 from ..runtime.lora import LoRAWeights
-from .adapters import BaseModules
-from .checkpoint import CheckpointReader, open_checkpoint
-from .peft import PeftAdapter, write_peft_adapter
+from ..runtime.checkpoints import CheckpointReader, as_reader
+from ..runtime.checkpoints.peft import PeftAdapter
+from ..runtime.checkpoints.peft_fit import BaseModules
+from .peft import write_peft_adapter
 from .writer import check_output_dir
 
 REPORT_FILE = "extraction_report.json"
@@ -108,8 +109,7 @@ def extract_adapter(
         CheckpointError: the two checkpoints differ in shapes or tensor names.
     """
     check_output_dir(out_dir, overwrite=overwrite)
-    base_reader = open_checkpoint(base) if isinstance(base, (str, Path)) else base
-    tuned_reader = open_checkpoint(tuned) if isinstance(tuned, (str, Path)) else tuned
+    base_reader, tuned_reader = as_reader(base), as_reader(tuned)
     _check_same_shapes(base_reader, tuned_reader)
     layout = BaseModules.of_checkpoint(base_reader)
     targets = _select_targets(layout, target_modules, rank)

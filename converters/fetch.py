@@ -69,7 +69,7 @@ def fetch_default(out_dir: str | Path, *, overwrite: bool = False, cache_dir: Pa
     Raises:
         QuadaptError: `out_dir` exists without `overwrite`, or the download failed.
     """
-    from .gguf import GGUFCheckpoint
+    from ..runtime.checkpoints.gguf import GGUFCheckpoint
     from .progress import progress
     from .writer import check_output_dir, write_checkpoint
 

@@ -20,9 +20,9 @@ from typing import Any
 import torch
 
 from ..runtime.errors import CheckpointError, InvalidParameterError, UnsupportedError
-from .adapters import BaseModules, check_adapter_fits, load_adapter_for
-from .checkpoint import CheckpointReader, TokenizerFiles, open_checkpoint
-from .peft import PeftAdapter
+from ..runtime.checkpoints import CheckpointReader, TokenizerFiles, as_reader
+from ..runtime.checkpoints.peft import PeftAdapter
+from ..runtime.checkpoints.peft_fit import BaseModules, check_adapter_fits, load_adapter_for
 from .writer import check_output_dir, write_checkpoint
 
 
@@ -119,7 +119,7 @@ def merge_adapter(
             f"quantization options {', '.join(sorted(convert_options))} apply only with a quantization scheme; "
             "add --scheme (scheme=...) or drop them"
         )
-    reader = open_checkpoint(model) if isinstance(model, (str, Path)) else model
+    reader = as_reader(model)
     refuse_quantized_base(reader)  # before reading the adapter: the base is the likelier mistake
     if not isinstance(adapter, PeftAdapter):
         adapter = load_adapter_for(adapter, BaseModules.of_checkpoint(reader))

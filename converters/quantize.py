@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from ..kernels.reference import nf4_code
+from ..runtime.checkpoints.quantized import resolve_nested_absmax
 
 NF4_BLOCKSIZE = 64  # bitsandbytes' default, which transformers uses
 NF4_NESTED_BLOCKSIZE = 256  # the only nested block size bitsandbytes' fused kernels read
@@ -264,20 +265,6 @@ class NF4Quantized:
     def float_absmax(self) -> torch.Tensor:
         """The float32 block scales, resolved as bitsandbytes dequantizes them."""
         return resolve_nested_absmax(self.absmax, self.nested_absmax, self.nested_code, self.offset, self.nested_blocksize)
-
-
-def resolve_nested_absmax(
-    qabsmax: torch.Tensor, nested_absmax: torch.Tensor, nested_code: torch.Tensor, offset: torch.Tensor | float,
-    nested_blocksize: int = NF4_NESTED_BLOCKSIZE,
-) -> torch.Tensor:
-    """float32 absmax = nested_code[q] * nested_absmax[block] + offset (bitsandbytes' order)."""
-    values = nested_code[qabsmax.long()]
-    n = values.numel()
-    full = n - n % nested_blocksize
-    out = (values[:full].view(-1, nested_blocksize) * nested_absmax[: full // nested_blocksize].view(-1, 1)).reshape(full)
-    if full < n:
-        out = torch.cat((out, values[full:] * nested_absmax[-1]))
-    return out + offset
 
 
 def dynamic_map() -> torch.Tensor:

@@ -28,11 +28,10 @@ from typing import Any
 import torch
 
 from ..runtime.errors import CheckpointError, QuadaptError
-from .checkpoint import TokenizerFiles
+from ..runtime.checkpoints import TokenizerFiles
+from ..runtime.checkpoints.hf import INDEX_FILE, SINGLE_FILE
 
 DEFAULT_MAX_SHARD_BYTES = 2 * 10**9  # "2GB" as HF counts it
-SINGLE_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
 
 
 def check_output_dir(out_dir: str | Path, *, overwrite: bool) -> Path:

@@ -8,7 +8,11 @@ otherwise. The environment variable `QUADAPT_KERNELS` overrides that choice:
   slow but exact: how the kernels are tested without a GPU);
 - `reference`: always the torch reference.
 
-Importing this package imports neither Triton nor a device: the kernel modules load on first use.
+The runtime resolves the backend once, when it loads a model (`resolve_backend`), and passes it
+to every op (`backend=`); an op called without one resolves it from the environment on each call.
+
+This package imports nothing else of quadapt: it is the bottom layer. Importing it imports
+neither Triton nor a device: the kernel modules load on first use.
 """
 
 from __future__ import annotations
@@ -18,13 +22,19 @@ import importlib
 import importlib.util
 import os
 from types import ModuleType
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
-from ..runtime.errors import UnsupportedError
 from . import reference
+from .reference import NO_SLOT
 
+__all__ = [
+    "BACKENDS", "NO_SLOT", "Backend", "KernelBackendError", "add_lora", "backend_setting", "dequant_nf4",
+    "dequant_packed_int", "qmatmul_nf4", "qmatmul_packed_int", "reference", "resolve_backend", "use_triton",
+]
+
+Backend = Literal["triton", "reference"]
 BACKENDS = ("auto", "triton", "reference")
 _KERNEL_MODULES = {
     "qmatmul_packed_int": "qmatmul",
@@ -35,37 +45,60 @@ _KERNEL_MODULES = {
 }
 
 
+class KernelBackendError(ValueError):
+    """A `QUADAPT_KERNELS` value that names no backend, or a backend that cannot run here."""
+
+
 def backend_setting() -> str:
     """The `QUADAPT_KERNELS` setting, checked.
 
     Raises:
-        UnsupportedError: a value other than auto, triton, reference.
+        KernelBackendError: a value other than auto, triton, reference.
     """
     choice = os.environ.get("QUADAPT_KERNELS", "auto").strip().lower() or "auto"
     if choice not in BACKENDS:
-        raise UnsupportedError(f"QUADAPT_KERNELS={choice!r} is not a kernel backend; use one of {', '.join(BACKENDS)}")
+        raise KernelBackendError(f"QUADAPT_KERNELS={choice!r} is not a kernel backend; use one of {', '.join(BACKENDS)}")
     return choice
 
 
-def use_triton(device: torch.device) -> bool:
-    """Whether an op on tensors on `device` runs the Triton kernel.
+def resolve_backend(device: torch.device | str, setting: str | None = None) -> Backend:
+    """The backend that runs the ops on tensors on `device`.
+
+    Args:
+        device: where the tensors live.
+        setting: auto, triton or reference; None reads `QUADAPT_KERNELS` (default auto).
+
+    Returns:
+        "triton" or "reference".
 
     Raises:
-        UnsupportedError: Triton was asked for but cannot run here.
+        KernelBackendError: an unknown setting, or Triton asked for where it cannot run.
     """
-    choice = backend_setting()
+    device = torch.device(device)
+    choice = backend_setting() if setting is None else setting
+    if choice not in BACKENDS:
+        raise KernelBackendError(f"kernel backend {choice!r} is not one; use one of {', '.join(BACKENDS)}")
     if choice == "reference":
-        return False
+        return "reference"
     if choice == "auto":
-        return device.type == "cuda" and _triton_installed()
+        return "triton" if device.type == "cuda" and _triton_installed() else "reference"
     if not _triton_installed():
-        raise UnsupportedError("QUADAPT_KERNELS=triton needs the triton package; install it with: pip install 'quadapt[gpu]'")
+        raise KernelBackendError("QUADAPT_KERNELS=triton needs the triton package; install it with: pip install 'quadapt[gpu]'")
     if device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
-        raise UnsupportedError(
+        raise KernelBackendError(
             f"QUADAPT_KERNELS=triton on {device.type} tensors needs Triton's interpreter: set TRITON_INTERPRET=1 "
             "(or use QUADAPT_KERNELS=reference)"
         )
-    return True
+    return "triton"
+
+
+def use_triton(device: torch.device) -> bool:
+    """Whether an op on tensors on `device` runs the Triton kernel under the current environment.
+
+    Raises:
+        KernelBackendError: as `resolve_backend`.
+    """
+    return resolve_backend(device) == "triton"
 
 
 @functools.cache
@@ -77,39 +110,43 @@ def _kernel_module(op: str) -> ModuleType:
     return importlib.import_module(f".{_KERNEL_MODULES[op]}", __name__)
 
 
-def _dispatch(op: str, device: torch.device, *args: Any, **kwargs: Any) -> Any:
-    impl = getattr(_kernel_module(op), op) if use_triton(device) else getattr(reference, op)
+def _dispatch(op: str, device: torch.device, backend: Backend | None, *args: Any, **kwargs: Any) -> Any:
+    if backend is None:
+        backend = resolve_backend(device)
+    impl = getattr(_kernel_module(op), op) if backend == "triton" else getattr(reference, op)
     return impl(*args, **kwargs)
 
 
-def qmatmul_packed_int(x, weight_packed, weight_scale, weight_zero_point, bias, *, num_bits, in_features):
+def qmatmul_packed_int(x, weight_packed, weight_scale, weight_zero_point, bias, *, num_bits, in_features, backend=None):
     """x @ W.T + bias for a compressed-tensors packed int4/int8 weight (`reference.qmatmul_packed_int`)."""
     return _dispatch(
-        "qmatmul_packed_int", x.device, x, weight_packed, weight_scale, weight_zero_point, bias,
+        "qmatmul_packed_int", x.device, backend, x, weight_packed, weight_scale, weight_zero_point, bias,
         num_bits=num_bits, in_features=in_features,
     )
 
 
-def qmatmul_nf4(x, weight_packed, absmax, bias, *, shape, blocksize, dtype):
+def qmatmul_nf4(x, weight_packed, absmax, bias, *, shape, blocksize, dtype, backend=None):
     """x @ W.T + bias for a bitsandbytes NF4 weight (`reference.qmatmul_nf4`)."""
     return _dispatch(
-        "qmatmul_nf4", x.device, x, weight_packed, absmax, bias, shape=shape, blocksize=blocksize, dtype=dtype
+        "qmatmul_nf4", x.device, backend, x, weight_packed, absmax, bias, shape=shape, blocksize=blocksize, dtype=dtype
     )
 
 
-def dequant_packed_int(weight_packed, weight_scale, weight_zero_point, *, num_bits, in_features):
+def dequant_packed_int(weight_packed, weight_scale, weight_zero_point, *, num_bits, in_features, backend=None):
     """W [N, K] of a compressed-tensors packed int4/int8 weight (`reference.dequant_packed_int`)."""
     return _dispatch(
-        "dequant_packed_int", weight_packed.device, weight_packed, weight_scale, weight_zero_point,
+        "dequant_packed_int", weight_packed.device, backend, weight_packed, weight_scale, weight_zero_point,
         num_bits=num_bits, in_features=in_features,
     )
 
 
-def dequant_nf4(weight_packed, absmax, *, shape, blocksize, dtype):
+def dequant_nf4(weight_packed, absmax, *, shape, blocksize, dtype, backend=None):
     """W [N, K] of a bitsandbytes NF4 weight (`reference.dequant_nf4`)."""
-    return _dispatch("dequant_nf4", weight_packed.device, weight_packed, absmax, shape=shape, blocksize=blocksize, dtype=dtype)
+    return _dispatch(
+        "dequant_nf4", weight_packed.device, backend, weight_packed, absmax, shape=shape, blocksize=blocksize, dtype=dtype
+    )
 
 
-def add_lora(y, x, lora_a, lora_b, token_slots):
-    """y + (x @ A[s].T) @ B[s].T per row, s its slot, -1 for none (`reference.add_lora`)."""
-    return _dispatch("add_lora", x.device, y, x, lora_a, lora_b, token_slots)
+def add_lora(y, x, lora_a, lora_b, token_slots, *, backend=None):
+    """y + (x @ A[s].T) @ B[s].T per row, s its slot, `NO_SLOT` for none (`reference.add_lora`)."""
+    return _dispatch("add_lora", x.device, backend, y, x, lora_a, lora_b, token_slots)

@@ -14,9 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .reference import NO_SLOT
 from .triton_utils import cast, interpreting
-
-NO_SLOT = -1
 
 
 @triton.jit

@@ -20,6 +20,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+NO_SLOT = -1  # the LoRA slot of a token that uses no adapter: its rows get the base output only
+
 # The NF4 code book (bitsandbytes `get_4bit_type("nf4")`), as Python floats: a CPU tensor is made
 # on demand so that importing this module allocates nothing.
 NF4_VALUES: tuple[float, ...] = (
@@ -185,13 +187,13 @@ def add_lora(
         A new tensor [M, out]; `y` is not modified.
     """
     if isinstance(token_slots, int):
-        if token_slots == -1:
+        if token_slots == NO_SLOT:
             return y
         return y + (x @ lora_a[token_slots].T) @ lora_b[token_slots].T  # shrink to R, expand to out
     out = y.clone()
     # Obviously correct, not fast: one gather and two matmuls per slot present in the batch.
     for slot in torch.unique(token_slots).tolist():
-        if slot == -1:
+        if slot == NO_SLOT:
             continue
         rows = token_slots == slot
         out[rows] += (x[rows] @ lora_a[slot].T) @ lora_b[slot].T

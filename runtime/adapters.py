@@ -17,10 +17,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..converters.adapters import BaseModules, check_adapter_fits, load_adapter_for
-from ..converters.peft import PeftAdapter
+from .checkpoints.peft import PeftAdapter
+from .checkpoints.peft_fit import BaseModules, check_adapter_fits, load_adapter_for
 from .errors import AdapterError
-from .lora import LoRALinear, LoRAWeights, SlotMapping
+from .lora import LoRALinear, LoRAWeights, SlotMapping, is_linear_like
 
 
 def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
@@ -60,7 +60,7 @@ def add_lora_slots(model: nn.Module, module_names: Iterable[str], *, num_slots: 
             base = model.get_submodule(name)
         except AttributeError:
             raise AdapterError(f"the model has no module {name!r} to put LoRA slots on") from None
-        if not (isinstance(getattr(base, "in_features", None), int) and isinstance(getattr(base, "out_features", None), int)):
+        if not is_linear_like(base):
             raise AdapterError(
                 f"module {name!r} is a {type(base).__name__}, not a linear layer with in_features/out_features; "
                 "LoRA slots go on linear projections only"
@@ -70,7 +70,8 @@ def add_lora_slots(model: nn.Module, module_names: Iterable[str], *, num_slots: 
     for name, base in bases.items():
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, LoRALinear(base, mapping, max_rank, dtype=dtype, device=device))
+        backend = getattr(model, "kernel_backend", None)  # resolved by the loader
+        setattr(parent, child, LoRALinear(base, mapping, max_rank, dtype=dtype, device=device, backend=backend))
     return mapping
 
 

@@ -2,30 +2,33 @@
 
 Loading is strict: every parameter must come from the checkpoint with the right shape, and every
 checkpoint tensor must find a parameter; both lists are reported in full otherwise. Format
-details (HF directories, GGUF) stay in the readers of `converters/`; this file sees HF names only.
+details (HF directories, GGUF) stay in the readers of `runtime/checkpoints/`; this file sees HF
+names only.
 
 A checkpoint whose config.json carries a `quantization_config` (compressed-tensors int4/int8, or
 bitsandbytes NF4) gets quantized modules (`runtime.quant`) in place of the linears it quantizes,
 built on the meta device like the rest; their tensors are checked and turned into buffers by
-`converters.formats`, under the same strict key accounting.
+`runtime.checkpoints.quantized`, under the same strict key accounting.
+
+The kernel backend (`QUADAPT_KERNELS`) is resolved here, once, for the load device, and every
+module that calls a kernel keeps it: a bad setting is refused before any weight is read.
 """
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..converters.checkpoint import CheckpointReader, open_checkpoint
+from .. import kernels
+from .checkpoints import CheckpointReader, as_reader, is_derived_key
+from .checkpoints.quantized import PackedIntSpec, check_linear_shape, checkpoint_keys, module_buffers, quantized_linears
 from .config import ModelConfig
 from .errors import CheckpointError, UnsupportedError
 from .model import CausalLM
-
-# Checkpoint entries that are derived state in some exporters, not weights: safe to pass over.
-_DERIVED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
+from .quant import NF4Linear, PackedIntLinear
 
 
 def load_model(
@@ -47,9 +50,14 @@ def load_model(
 
     Raises:
         CheckpointError: missing or unexpected tensors, wrong shapes, unreadable files.
-        ConfigError, UnsupportedError: a config (or quantization_config) quadapt cannot run.
+        ConfigError, UnsupportedError: a config (or quantization_config) quadapt cannot run, or a
+            `QUADAPT_KERNELS` setting that cannot run on `device`.
     """
-    reader = source if not isinstance(source, (str, Path)) else open_checkpoint(source)
+    try:
+        backend = kernels.resolve_backend(device)
+    except kernels.KernelBackendError as e:
+        raise UnsupportedError(str(e)) from None
+    reader = as_reader(source)
     config_dict = reader.config_dict()
     config = ModelConfig.from_dict(config_dict)
     with torch.device("meta"):
@@ -64,7 +72,7 @@ def load_model(
             continue
         if name not in expected:
             tied_head = name == "lm_head.weight" and config.tie_word_embeddings
-            if not (tied_head or _DERIVED.search(name)):
+            if not (tied_head or is_derived_key(name)):
                 unexpected.append(name)
             continue
         if tuple(tensor.shape) != expected[name]:
@@ -88,7 +96,17 @@ def load_model(
         raise CheckpointError(_key_report(reader.path, missing, unexpected))
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
+    _bind_kernel_backend(model, backend)
     return model.eval().requires_grad_(False)
+
+
+def _bind_kernel_backend(model: CausalLM, backend: kernels.Backend) -> None:
+    """Give every kernel-calling module the backend resolved at load; LoRA slots added later
+    read it from `model.kernel_backend`."""
+    model.kernel_backend = backend
+    for module in model.modules():
+        if hasattr(module, "kernel_backend"):
+            module.kernel_backend = backend
 
 
 class _QuantizedLinears:
@@ -107,12 +125,12 @@ class _QuantizedLinears:
         self.keys: dict[str, list[str]] = {}  # module name -> its checkpoint keys
         if "quantization_config" not in config_dict:
             return
-        from ..converters.formats import checkpoint_keys, quantized_linears
-
-        linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+        linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
         if model.config.tie_word_embeddings:
-            linears.remove("lm_head")  # it is the embedding matrix, which stays float
+            del linears["lm_head"]  # it is the embedding matrix, which stays float
         self.specs = quantized_linears(config_dict, linears)
+        for module, spec in self.specs.items():  # every shape checked before any module changes
+            check_linear_shape(module, spec, (linears[module].out_features, linears[module].in_features), source)
         for module, spec in self.specs.items():
             _swap(model, module, spec)
             self.keys[module] = checkpoint_keys(module, spec)
@@ -139,8 +157,6 @@ class _QuantizedLinears:
         )
 
     def _fill(self, module: str, tensors: dict[str, torch.Tensor]) -> None:
-        from ..converters.formats import module_buffers
-
         target = self.model.get_submodule(module)
         shape = (target.out_features, target.in_features)
         values = module_buffers(module, self.specs[module], tensors, shape, self.source)
@@ -154,9 +170,6 @@ class _QuantizedLinears:
 
 def _swap(model: CausalLM, name: str, spec: Any) -> None:
     """Replace the nn.Linear `name` by the quantized module `spec` describes, on the meta device."""
-    from ..converters.formats import PackedIntSpec
-    from .quant import NF4Linear, PackedIntLinear
-
     linear = model.get_submodule(name)
     parent_name, _, child = name.rpartition(".")
     shape = dict(in_features=linear.in_features, out_features=linear.out_features, bias=linear.bias is not None)

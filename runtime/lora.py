@@ -16,7 +16,7 @@ its slot; `kernels.add_lora` computes it (Triton on a GPU, the torch reference e
 Every `LoRALinear` of a model shares one `SlotMapping`, the per-token slot choice for the
 current forward pass, so the model's forward signature does not change.
 
-This file is the math only: it does not read adapter files (converters/peft.py), decide which
+This file is the math only: it does not read adapter files (runtime/checkpoints/peft.py), decide which
 modules of a model get slots, or manage which adapter sits in which slot (runtime/adapters.py).
 """
 
@@ -29,9 +29,8 @@ import torch
 from torch import nn
 
 from .. import kernels
-from .errors import InvalidParameterError
-
-NO_SLOT = -1  # a token with this slot gets the base output only
+from ..kernels import NO_SLOT  # a token with this slot gets the base output only
+from .errors import AdapterError, InvalidParameterError
 
 
 @dataclass(frozen=True)
@@ -51,9 +50,11 @@ class LoRAWeights:
     use_rslora: bool = False
 
     def __post_init__(self) -> None:
-        assert self.a.dim() == 2 and self.b.dim() == 2 and self.a.shape[0] == self.b.shape[1], (
-            f"LoRA factors disagree: a {tuple(self.a.shape)}, b {tuple(self.b.shape)}"
-        )
+        if not (self.a.dim() == 2 and self.b.dim() == 2 and self.a.shape[0] == self.b.shape[1]):
+            raise AdapterError(
+                f"LoRA factors disagree: lora_A {tuple(self.a.shape)} and lora_B {tuple(self.b.shape)}; expected "
+                "lora_A [r, in_features] and lora_B [out_features, r] with the same rank r"
+            )
 
     @property
     def rank(self) -> int:
@@ -74,6 +75,12 @@ class LoRAWeights:
     def delta(self) -> torch.Tensor:
         """The weight update scale * b @ a [out, in], computed in fp32."""
         return (self.b.float() @ self.a.float()) * self.scale
+
+
+def is_linear_like(module: nn.Module) -> bool:
+    """Whether `module` can carry LoRA: it has int `in_features` and `out_features` (an `nn.Linear`
+    or a quantized linear module)."""
+    return isinstance(getattr(module, "in_features", None), int) and isinstance(getattr(module, "out_features", None), int)
 
 
 class SlotMapping:
@@ -129,6 +136,7 @@ class LoRALinear(nn.Module):
         max_rank: the largest rank a slot holds.
         dtype: dtype of the slot buffers; should be the activations' dtype.
         device: where the slot buffers live.
+        backend: the kernel backend (`kernels.resolve_backend`); None resolves it on each call.
     """
 
     def __init__(
@@ -139,6 +147,7 @@ class LoRALinear(nn.Module):
         *,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
+        backend: kernels.Backend | None = None,
     ) -> None:
         super().__init__()
         if max_rank < 1:
@@ -148,6 +157,7 @@ class LoRALinear(nn.Module):
         self.out_features: int = base.out_features
         self.mapping = mapping
         self.max_rank = max_rank
+        self.kernel_backend = backend
         # Zero slots are exact no-ops, so a fresh stack changes nothing.
         S, R = mapping.num_slots, max_rank
         self.register_buffer("lora_a", torch.zeros(S, R, self.in_features, dtype=dtype, device=device))
@@ -192,7 +202,7 @@ class LoRALinear(nn.Module):
             return y
         # [..., in] -> [N, in]; the reference works on rows.
         x2, y2 = x.reshape(-1, self.in_features), y.reshape(-1, self.out_features)
-        out = kernels.add_lora(y2, x2.to(self.lora_a.dtype), self.lora_a, self.lora_b, slots)
+        out = kernels.add_lora(y2, x2.to(self.lora_a.dtype), self.lora_a, self.lora_b, slots, backend=self.kernel_backend)
         return out.to(y.dtype).view(y.shape)
 
     def _check_slot(self, slot: int) -> None:

@@ -4,7 +4,9 @@
 per-channel scales, optional zero points); `NF4Linear` holds a bitsandbytes NF4 weight with float32
 block scales. Both stand in for `nn.Linear` (same `in_features`, `out_features`, `bias`), and
 their forward is the dequant-matmul op of `kernels` (the torch reference on CPU, a Triton kernel
-of the same name and signature on CUDA). `weight_format` names what the weight is, for reports.
+of the same name and signature on CUDA), run by the backend in `kernel_backend`: set once by the
+loader, or None to resolve it from the environment on each call. `weight_format` names what the
+weight is, for reports.
 
 They do not quantize, read checkpoints or know tensor names on disk: the loader fills their
 buffers, and the converters produce them.
@@ -18,7 +20,7 @@ import torch
 from torch import nn
 
 # The dispatching ops: Triton on CUDA, `kernels.reference` elsewhere (see `kernels/__init__.py`).
-from ..kernels import dequant_nf4, dequant_packed_int, qmatmul_nf4, qmatmul_packed_int
+from ..kernels import Backend, dequant_nf4, dequant_packed_int, qmatmul_nf4, qmatmul_packed_int
 
 WeightFormat = Literal["int4", "int8", "nf4"]
 
@@ -56,8 +58,13 @@ class PackedIntLinear(nn.Module):
         super().__init__()
         if num_bits not in (4, 8):
             raise ValueError(f"num_bits must be 4 or 8, got {num_bits}")
+        if group_size is not None and (group_size < 1 or in_features % group_size):
+            raise ValueError(
+                f"group_size {group_size} does not divide in_features {in_features}; pick a group size that does, "
+                "or None for one scale per output channel"
+            )
         groups = 1 if group_size is None else in_features // group_size
-        assert group_size is None or groups * group_size == in_features, (in_features, group_size)
+        self.kernel_backend: Backend | None = None
         self.in_features, self.out_features = in_features, out_features
         self.num_bits, self.group_size, self.symmetric = num_bits, group_size, symmetric
         words = -(-in_features * num_bits // 32)
@@ -75,13 +82,13 @@ class PackedIntLinear(nn.Module):
         """The float weight [N, K] the packed buffers stand for, in the scales' dtype."""
         return dequant_packed_int(
             self.weight_packed, self.weight_scale, self.weight_zero_point,
-            num_bits=self.num_bits, in_features=self.in_features,
+            num_bits=self.num_bits, in_features=self.in_features, backend=self.kernel_backend,
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return qmatmul_packed_int(
             x, self.weight_packed, self.weight_scale, self.weight_zero_point, self.bias,
-            num_bits=self.num_bits, in_features=self.in_features,
+            num_bits=self.num_bits, in_features=self.in_features, backend=self.kernel_backend,
         )
 
     def extra_repr(self) -> str:
@@ -122,6 +129,7 @@ class NF4Linear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.blocksize, self.dtype = blocksize, dtype
+        self.kernel_backend: Backend | None = None
         n = in_features * out_features
         self.register_buffer("weight_packed", torch.empty((n + 1) // 2, dtype=torch.uint8))
         self.register_buffer("absmax", torch.empty(-(-n // blocksize), dtype=torch.float32))
@@ -135,13 +143,14 @@ class NF4Linear(nn.Module):
         """The float weight [N, K] the packed buffers stand for, in `self.dtype`."""
         return dequant_nf4(
             self.weight_packed, self.absmax, shape=(self.out_features, self.in_features),
-            blocksize=self.blocksize, dtype=self.dtype,
+            blocksize=self.blocksize, dtype=self.dtype, backend=self.kernel_backend,
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return qmatmul_nf4(
             x, self.weight_packed, self.absmax, self.bias,
             shape=(self.out_features, self.in_features), blocksize=self.blocksize, dtype=self.dtype,
+            backend=self.kernel_backend,
         )
 
     def extra_repr(self) -> str:

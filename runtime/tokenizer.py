@@ -20,7 +20,7 @@ from typing import Any
 import tokenizers
 from tokenizers import AddedToken
 
-from ..converters.checkpoint import TokenizerFiles
+from .checkpoints import TokenizerFiles
 from .chat_template import render_chat_template
 from .errors import CheckpointError, ConfigError
 
@@ -101,7 +101,7 @@ class Tokenizer:
             CheckpointError: the directory or its tokenizer.json is missing, or a file is not valid JSON.
             ConfigError: the configs hold values of the wrong type.
         """
-        from ..converters.hf import read_tokenizer_files
+        from .checkpoints.hf import read_tokenizer_files
 
         path = Path(path).expanduser()
         files = read_tokenizer_files(path)

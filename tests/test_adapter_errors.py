@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 
 from quadapt.converters.adapters import convert_adapter
 from quadapt.converters.merge import merge_adapter
-from quadapt.converters.peft import read_peft_adapter
+from quadapt.runtime.checkpoints.peft import read_peft_adapter
 from quadapt.runtime.adapters import apply_adapter
 from quadapt.runtime.errors import AdapterError, UnsupportedError
 from quadapt.runtime.loader import load_model

@@ -21,7 +21,7 @@ from quadapt.converters.adapters import convert_adapter
 from quadapt.converters.convert import convert_checkpoint
 from quadapt.converters.extract import REPORT_FILE, extract_adapter
 from quadapt.converters.merge import merge_adapter
-from quadapt.converters.peft import read_peft_adapter
+from quadapt.runtime.checkpoints.peft import read_peft_adapter
 from quadapt.runtime.adapters import apply_adapter
 from quadapt.runtime.errors import AdapterError, QuadaptError
 from quadapt.runtime.loader import load_model

@@ -130,7 +130,7 @@ def test_index_pointing_at_missing_shard(tmp_path):
 
 def test_the_reader_returns_what_safetensors_returns(tmp_path):
     """`SafetensorsFile` reads without a memory map; every dtype and shape must come back bit for bit."""
-    from quadapt.converters.hf import SafetensorsFile
+    from quadapt.runtime.checkpoints.hf import SafetensorsFile
 
     tensors = {
         "f32": torch.randn(3, 5), "bf16": torch.randn(7).bfloat16(), "f16": torch.randn(2, 2, 3).half(),
@@ -149,7 +149,7 @@ def test_the_reader_returns_what_safetensors_returns(tmp_path):
 
 
 def test_the_reader_refuses_a_file_cut_short_after_opening(tmp_path):
-    from quadapt.converters.hf import SafetensorsFile
+    from quadapt.runtime.checkpoints.hf import SafetensorsFile
 
     save_file({"w": torch.randn(64, 64)}, tmp_path / "t.safetensors")
     file = SafetensorsFile(tmp_path / "t.safetensors")

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from quadapt.cli import main
 from quadapt.converters.convert import MANIFEST_FILE, convert_checkpoint
-from quadapt.converters.hf import HFCheckpoint
+from quadapt.runtime.checkpoints.hf import HFCheckpoint
 from quadapt.runtime.errors import CheckpointError, InvalidParameterError, QuadaptError, UnsupportedError
 from quadapt.runtime.generate import generate_ids
 from quadapt.runtime.loader import load_model
@@ -264,7 +264,7 @@ def test_a_killed_conversion_leaves_nothing_under_the_final_name(source, tmp_pat
     script = textwrap.dedent(f"""
         import os, signal
         from quadapt.converters.convert import convert_checkpoint
-        from quadapt.converters.hf import HFCheckpoint
+        from quadapt.runtime.checkpoints.hf import HFCheckpoint
 
         class Killed(HFCheckpoint):
             def tensors(self):

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from quadapt.converters import fetch
-from quadapt.converters.checkpoint import TokenizerFiles
+from quadapt.runtime.checkpoints import TokenizerFiles
 from quadapt.converters.writer import INDEX_FILE, SINGLE_FILE, write_checkpoint
 from quadapt.runtime.errors import CheckpointError, QuadaptError
 
@@ -260,7 +260,7 @@ def test_fetch_default_refuses_an_existing_dir_before_downloading(tmp_path, fake
 def test_fetch_default_writes_a_checkpoint_transformers_loads(tmp_path, smollm2_gguf):
     import transformers
 
-    from quadapt.converters.gguf import GGUFCheckpoint
+    from quadapt.runtime.checkpoints.gguf import GGUFCheckpoint
 
     out = fetch.fetch_default(tmp_path / "smollm2", cache_dir=smollm2_gguf.parent.parent)
     checkpoint = GGUFCheckpoint(smollm2_gguf)

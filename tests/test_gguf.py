@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from quadapt.converters.checkpoint import open_checkpoint
-from quadapt.converters.gguf import GGUFCheckpoint
+from quadapt.runtime.checkpoints import open_checkpoint
+from quadapt.runtime.checkpoints.gguf import GGUFCheckpoint
 from quadapt.runtime.errors import CheckpointError, UnsupportedError
 
 from .conftest import assert_close, tiny_llama_config

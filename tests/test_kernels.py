@@ -11,7 +11,7 @@ import torch
 
 from quadapt import kernels
 from quadapt.kernels import reference
-from quadapt.runtime.errors import UnsupportedError
+from quadapt.kernels import KernelBackendError
 
 from .conftest import assert_close
 
@@ -151,13 +151,13 @@ def test_lora_single_slot_and_none(device):
 
 def test_backend_setting_is_checked(monkeypatch):
     monkeypatch.setenv("QUADAPT_KERNELS", "fast")
-    with pytest.raises(UnsupportedError, match="QUADAPT_KERNELS='fast'"):
+    with pytest.raises(KernelBackendError, match="QUADAPT_KERNELS='fast'"):
         kernels.use_triton(torch.device("cpu"))
 
 
 def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    with pytest.raises(UnsupportedError, match="TRITON_INTERPRET=1"):
+    with pytest.raises(KernelBackendError, match="TRITON_INTERPRET=1"):
         kernels.use_triton(torch.device("cpu"))
 
 

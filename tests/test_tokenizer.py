@@ -14,7 +14,7 @@ import pytest
 from tokenizers import Tokenizer as BackendTokenizer
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
-from quadapt.converters.checkpoint import TokenizerFiles
+from quadapt.runtime.checkpoints import TokenizerFiles
 from quadapt.runtime.errors import CheckpointError, ConfigError, InvalidParameterError
 from quadapt.runtime.tokenizer import Tokenizer
 
@@ -338,7 +338,7 @@ def test_smollm2_tokenizer_equals_transformers(smollm2_gguf):
     """The real SmolLM2 tokenizer, as quadapt reads it from the GGUF and as transformers does."""
     from transformers import AutoTokenizer
 
-    from quadapt.converters.checkpoint import open_checkpoint
+    from quadapt.runtime.checkpoints import open_checkpoint
 
     ours = Tokenizer.from_files(open_checkpoint(smollm2_gguf).tokenizer_files())
     theirs = AutoTokenizer.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name)

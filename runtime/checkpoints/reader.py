@@ -1,20 +1,20 @@
-"""What every checkpoint reader offers, and the one function that picks a reader for a path.
+"""What every checkpoint reader offers: the `CheckpointReader` interface and `TokenizerFiles`.
 
 A reader streams tensors under their Hugging Face names (`model.layers.0.self_attn.q_proj.weight`),
 so the loader and every converter see one naming, whatever the file format. It does not build
-models or quantize anything.
+models or quantize anything. Picking a reader for a path is `open_checkpoint` (the package's
+`__init__`).
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-
-from ..runtime.errors import CheckpointError
 
 
 @dataclass
@@ -55,24 +55,11 @@ class CheckpointReader(Protocol):
         ...
 
 
-def open_checkpoint(path: str | Path) -> CheckpointReader:
-    """Open a checkpoint directory (HF safetensors) or a `.gguf` file.
+# Entries some exporters save that are derived state, not weights (rotary inverse frequencies):
+# every reader's consumer passes over them.
+_DERIVED_KEY = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
 
-    Raises:
-        CheckpointError: the path does not exist, or is neither a directory nor a GGUF file.
-    """
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise CheckpointError(f"model path {str(path)!r} does not exist; pass a checkpoint directory or a .gguf file")
-    if path.is_dir():
-        from .hf import HFCheckpoint
 
-        return HFCheckpoint(path)
-    if path.suffix.lower() == ".gguf":
-        from .gguf import GGUFCheckpoint
-
-        return GGUFCheckpoint(path)
-    raise CheckpointError(
-        f"model path {str(path)!r} is a file but not a .gguf; pass a checkpoint directory "
-        "(config.json + *.safetensors) or a .gguf file"
-    )
+def is_derived_key(name: str) -> bool:
+    """Whether checkpoint entry `name` is derived state (`...rotary_emb.inv_freq`), not a weight."""
+    return _DERIVED_KEY.search(name) is not None

@@ -17,9 +17,9 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
-from ..runtime.config import read_config_json, read_json_object
-from ..runtime.errors import CheckpointError
-from .checkpoint import TokenizerFiles
+from ..config import read_config_json, read_json_object
+from ..errors import CheckpointError
+from .reader import TokenizerFiles
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"

@@ -21,9 +21,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..runtime.errors import CheckpointError, QuadaptError, UnsupportedError
-from .checkpoint import TokenizerFiles
+from ..errors import CheckpointError, QuadaptError, UnsupportedError
 from .gguf_file import SUPPORTED_NAMES, SUPPORTED_TYPES, TensorEntry, read_header
+from .reader import TokenizerFiles
 
 # One remap table, GGUF module name -> HF module name; `.weight`/`.bias` carry over unchanged.
 _GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}

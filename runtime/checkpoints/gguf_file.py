@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from ..runtime.errors import CheckpointError, QuadaptError, UnsupportedError
+from ..errors import CheckpointError, QuadaptError, UnsupportedError
 
 # ggml type id -> (name, elements per block, bytes per block), for the types quadapt dequantizes.
 SUPPORTED_TYPES: dict[int, tuple[str, int, int]] = {

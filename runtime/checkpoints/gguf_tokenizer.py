@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..runtime.errors import CheckpointError, UnsupportedError
-from .checkpoint import TokenizerFiles
+from ..errors import CheckpointError, UnsupportedError
+from .reader import TokenizerFiles
 
 _CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token types
 
