@@ -27,3 +27,7 @@ class InvalidParameterError(QuadaptError, ValueError):
 
 class AdapterError(QuadaptError, ValueError):
     """A LoRA adapter that is malformed, or does not fit the base model it is applied to."""
+
+
+class ContextLengthError(QuadaptError, ValueError):
+    """A sequence would grow past the context the cache (or the model) allows."""

@@ -2,12 +2,14 @@
 
 `generate_ids` prefills the prompt into a `KVCache`, then feeds back one sampled token per step
 until eos, a stop token, `max_new_tokens` or the model's context. It sees token ids only.
-`generate_text` streams that output as text, and is where text work happens: incremental
-detokenization and stop strings. Both return a `Generation`, an iterator whose `result` tells
-the caller, once the iterator is exhausted, why it finished and how many tokens it used.
+`generate_text` runs those ids through a `TextStream` (text_stream.py), which does the text
+work: incremental detokenization and stop strings. Both return a `Generation`, an iterator whose
+`result` tells the caller, once the iterator is exhausted, why it finished and how many tokens
+it used.
 
 This is the yardstick for the batching engine, which must produce the same tokens for the same
-seed; it does not batch, schedule, or share a cache between requests.
+seed; it does not batch, schedule, or share a cache between requests, and it holds no text
+logic of its own.
 """
 
 from __future__ import annotations
@@ -20,9 +22,10 @@ import torch
 from torch import nn
 
 from .config import ModelConfig
-from .errors import InvalidParameterError
-from .kv_cache import ContextLengthError, KVCache
+from .errors import ContextLengthError, InvalidParameterError
+from .kv_cache import KVCache
 from .sampling import SamplingParams, sample
+from .text_stream import TextStream
 from .tokenizer import Tokenizer
 
 FinishReason = Literal["stop", "length"]
@@ -53,12 +56,16 @@ class GenerationResult:
             (`max_new_tokens` or the model's context); None until the output is exhausted, and
             stays None if the caller stops early.
         stop_reason: the eos/stop token id or the stop string that ended it, else None.
+        context_full: True when it finished with "length" because the prompt and output filled
+            the model's context before `max_new_tokens` was reached, so the output is shorter
+            than asked; False otherwise (including when both limits fall on the same token).
     """
 
     prompt_tokens: int
     completion_tokens: int = 0
     finish_reason: FinishReason | None = None
     stop_reason: int | str | None = None
+    context_full: bool = False
 
 
 class Generation(Iterator[T], Generic[T]):
@@ -91,7 +98,7 @@ def generate_ids(
     """Generate token ids after `prompt_ids`, one at a time.
 
     The prompt and the output share the model's context: generation stops with "length" once
-    they fill it. A fixed `params.seed` reproduces the output; without one each call draws a
+    they fill it, and `result.context_full` tells that apart from reaching `max_new_tokens`. A fixed `params.seed` reproduces the output; without one each call draws a
     fresh seed. Greedy decoding (temperature 0) never touches the generator.
 
     Args:
@@ -169,8 +176,11 @@ def _decode_loop(
             return
         yield token
         seen.append(token)
-        if result.completion_tokens >= params.max_new_tokens or len(seen) >= context:
+        if result.completion_tokens >= params.max_new_tokens:
             result.finish_reason = "length"
+            return
+        if len(seen) >= context:
+            result.finish_reason, result.context_full = "length", True
             return
         step_ids = torch.tensor([[token]], dtype=torch.long, device=device)
 
@@ -211,66 +221,28 @@ def generate_text(
         InvalidParameterError, ContextLengthError: as `generate_ids`.
     """
     ids = generate_ids(model, prompt_ids, params, tokenizer.eos_token_ids)
-    return Generation(_text_loop(ids, tokenizer, params), ids.result)
+    return Generation(_text_loop(ids, TextStream(tokenizer, params.stop)), ids.result)
 
 
-def _text_loop(ids: Generation[int], tokenizer: Tokenizer, params: SamplingParams) -> Generator[str, None, None]:
-    detokenizer = tokenizer.stream()
-    stops = StopStringMatcher(params.stop)
+def _text_loop(ids: Generation[int], stream: TextStream) -> Generator[str, None, None]:
     try:
         for token in ids:
-            text, stop = stops.feed(detokenizer.add(token))
+            text, stop = stream.feed(token)
             if text:
                 yield text
             if stop is not None:
-                ids.result.finish_reason, ids.result.stop_reason = "stop", stop
+                _stopped_at(ids.result, stop)
                 return
-        text, stop = stops.feed(detokenizer.finish())
-        text += stops.flush() if stop is None else ""
+        text, stop = stream.finish()
         if text:
             yield text
         if stop is not None:
-            ids.result.finish_reason, ids.result.stop_reason = "stop", stop
+            _stopped_at(ids.result, stop)
     finally:
         ids.close()
 
 
-class StopStringMatcher:
-    """Cuts a text stream just before the first stop string, holding back what might start one.
-
-    Invariant: no stop string begins inside text already released, because every suffix of the
-    stream that is a prefix of some stop string stays pending until it is settled.
-    """
-
-    def __init__(self, stops: list[str]) -> None:
-        self._stops = [s for s in stops if s]
-        self._pending = ""
-
-    def feed(self, delta: str) -> tuple[str, str | None]:
-        """Add `delta`; return the text now safe to release, and the stop string if one was found
-        (the text released then ends just before it, and the stream is over)."""
-        self._pending += delta
-        found = [(i, s) for s in self._stops if (i := self._pending.find(s)) >= 0]
-        if found:
-            index, stop = min(found, key=lambda f: (f[0], -len(f[1])))
-            text, self._pending = self._pending[:index], ""
-            return text, stop
-        hold = self._longest_partial_stop()
-        text = self._pending[: len(self._pending) - hold]
-        self._pending = self._pending[len(self._pending) - hold :]
-        return text, None
-
-    def flush(self) -> str:
-        """The held-back text, once the stream ends without completing a stop string."""
-        text, self._pending = self._pending, ""
-        return text
-
-    def _longest_partial_stop(self) -> int:
-        """Length of the longest suffix of the pending text that is a proper prefix of a stop string."""
-        longest = 0
-        for stop in self._stops:
-            for n in range(min(len(stop) - 1, len(self._pending)), longest, -1):
-                if self._pending.endswith(stop[:n]):
-                    longest = n
-                    break
-        return longest
+def _stopped_at(result: GenerationResult, stop: str) -> None:
+    # A stop string completed by the last token cuts the output, so even if the id loop had
+    # already ended on a length limit, the text ended at the stop string and nothing was lost.
+    result.finish_reason, result.stop_reason, result.context_full = "stop", stop, False

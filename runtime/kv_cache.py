@@ -10,11 +10,7 @@ from __future__ import annotations
 import torch
 
 from .config import ModelConfig
-from .errors import QuadaptError
-
-
-class ContextLengthError(QuadaptError, ValueError):
-    """A sequence would grow past the context the cache (or the model) allows."""
+from .errors import ContextLengthError
 
 
 class KVCache:

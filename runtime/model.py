@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig, RopeScaling
-from .kv_cache import ContextLengthError, KVCache
+from .errors import ContextLengthError
+from .kv_cache import KVCache
 
 
 class RMSNorm(nn.Module):

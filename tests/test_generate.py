@@ -10,11 +10,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from quadapt.converters.checkpoint import TokenizerFiles
+from quadapt.runtime.checkpoints import TokenizerFiles
 from quadapt.runtime.config import ModelConfig
-from quadapt.runtime.errors import InvalidParameterError, QuadaptError
-from quadapt.runtime.generate import StopStringMatcher, generate_ids, generate_text
-from quadapt.runtime.kv_cache import ContextLengthError
+from quadapt.runtime.errors import ContextLengthError, InvalidParameterError, QuadaptError
+from quadapt.runtime.generate import generate_ids, generate_text
 from quadapt.runtime.model import CausalLM
 from quadapt.runtime.sampling import SamplingParams
 from quadapt.runtime.tokenizer import Tokenizer
@@ -162,6 +161,20 @@ def test_context_limit_ends_with_length():
     assert len(list(one)) == 1 and one.result.finish_reason == "length"
 
 
+@pytest.mark.parametrize(
+    ("max_new_tokens", "produced", "context_full"),
+    [(50, 4, True), (3, 3, False), (4, 4, False)],
+    ids=["context-cuts", "max-new-tokens-cuts", "both-on-the-same-token"],
+)
+def test_context_full_tells_the_context_from_max_new_tokens(max_new_tokens, produced, context_full):
+    """A 10-position context leaves 4 tokens after the 6-token prompt; asking for exactly 4 gets
+    all that was asked, so the context cut nothing."""
+    small = make_model(max_position_embeddings=10)
+    gen = generate_ids(small, PROMPT, SamplingParams(max_new_tokens=max_new_tokens, temperature=0), set())
+    assert len(list(gen)) == produced
+    assert (gen.result.finish_reason, gen.result.context_full) == ("length", context_full)
+
+
 def test_prompt_errors(model):
     small = make_model(max_position_embeddings=10)
     with pytest.raises(ContextLengthError, match=r"prompt has 10 tokens .* context is 10.* at most 9 tokens"):
@@ -225,7 +238,7 @@ def spanning_stop(tokenizer: Tokenizer, ids: list[int]) -> str:
 def test_text_equals_decode_of_ids(chat):
     tokenizer, _, _, ids, _ = chat
     text, result = run_text(chat, ignore_eos=True)
-    assert text == tokenizer.decode(ids) and result.finish_reason == "length"
+    assert text == tokenizer.decode(ids) and result.finish_reason == "length" and not result.context_full
 
 
 def test_stop_string_spanning_tokens(chat):
@@ -254,24 +267,3 @@ def test_eos_in_text_generation(chat):
     gen = generate_text(lm, Tokenizer.from_files(files), prompt, SamplingParams(max_new_tokens=40, temperature=0))
     assert "".join(gen) == tokenizer.decode(ids[:i])
     assert (gen.result.finish_reason, gen.result.stop_reason) == ("stop", eos)
-
-
-@pytest.mark.parametrize(
-    ("pieces", "stops", "expected"),
-    [
-        (["Hello w", "orl", "d! more"], ["world"], (["Hello ", "", ""], "world")),
-        (["wo", "x", "yz"], ["world"], (["", "wox", "yz"], None)),
-        (["abc", "def"], ["cd", "bcd"], (["a", ""], "bcd")),
-        (["xx", "STOP"], ["ST", "STOP"], (["xx", ""], "STOP")),
-    ],
-    ids=["spanning", "false-start", "earliest-wins", "longest-at-same-place"],
-)
-def test_stop_string_matcher(pieces, stops, expected):
-    matcher = StopStringMatcher(stops)
-    released, found = [], None
-    for piece in pieces:
-        text, found = matcher.feed(piece)
-        released.append(text)
-        if found:
-            break
-    assert (released, found) == (expected[0][: len(released)], expected[1])
