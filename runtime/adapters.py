@@ -28,7 +28,9 @@ def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
-def add_lora_slots(model: nn.Module, module_names: Iterable[str], *, num_slots: int, max_rank: int) -> SlotMapping:
+def add_lora_slots(
+    model: nn.Module, module_names: Iterable[str], *, num_slots: int, max_rank: int, max_tokens: int = 0
+) -> SlotMapping:
     """Wrap each named linear module of `model` in a `LoRALinear` stack of `num_slots` empty slots.
 
     The stacks' buffers take the dtype and device of the model's first float parameter (the
@@ -39,6 +41,7 @@ def add_lora_slots(model: nn.Module, module_names: Iterable[str], *, num_slots: 
         module_names: HF names of the modules to wrap (`model.layers.0.self_attn.q_proj`).
         num_slots: how many adapters the stacks hold at once.
         max_rank: the largest adapter rank a slot accepts.
+        max_tokens: the most tokens a forward pass gives per-token slots for (`SlotMapping.set_tokens`).
 
     Returns:
         The `SlotMapping` every new stack reads; set it to choose slots per token (initially -1: none).
@@ -66,7 +69,7 @@ def add_lora_slots(model: nn.Module, module_names: Iterable[str], *, num_slots: 
                 "LoRA slots go on linear projections only"
             )
         bases[name] = base
-    mapping = SlotMapping(num_slots)
+    mapping = SlotMapping(num_slots, max_tokens).to(device)
     for name, base in bases.items():
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model

@@ -1,14 +1,16 @@
 """Key/value cache for the reference path: one contiguous buffer per layer, all rows the same length.
 
-The model writes each step's keys and values through `update` and reads back the whole prefix.
-This is the simple cache of the single-sequence generator; a paged cache for the batching engine
-is a different object with the same `update`/`advance` interface. It holds no scheduling policy.
+Attention calls `attend`, which writes a step's keys and values after the prefix and attends
+over the whole of it; the model calls `advance` once every layer has. This is the simple cache of
+the single-sequence reference generator; the engine's is `paged_cache.PagedKVCache`, with the same
+`attend`. It holds no scheduling policy.
 """
 
 from __future__ import annotations
 
 import torch
 
+from .attention import causal_attention
 from .config import ModelConfig
 from .errors import ContextLengthError
 
@@ -64,6 +66,18 @@ class KVCache:
         self.keys[layer][:, :, self.seq_len : end] = k
         self.values[layer][:, :, self.seq_len : end] = v
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: object = None) -> torch.Tensor:
+        """Store `k`, `v` [B, H_kv, T, D] after the prefix and attend `q` [B, H, T, D] over it.
+
+        Returns:
+            [B, T, H*D].
+        """
+        assert batch is None, "the contiguous cache serves rows of equal length; use PagedKVCache for a ForwardBatch"
+        offset = self.seq_len
+        k, v = self.update(layer, k, v)  # [B, H_kv, offset+T, D]
+        B, H, T, D = q.shape
+        return causal_attention(q, k, v, offset).transpose(1, 2).reshape(B, T, H * D)
 
     def advance(self, n: int) -> None:
         """Mark `n` more positions valid, once every layer has written them."""

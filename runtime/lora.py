@@ -87,14 +87,25 @@ class SlotMapping:
     """Which slot each token of the current forward pass uses; shared by a model's LoRA modules.
 
     `slots` is an int (every token uses that slot; `NO_SLOT` for none) or an int64 tensor: [B]
-    for one slot per sequence, or [B, T] (the input's leading shape) for one per token.
+    for one slot per sequence, [B, T] (the input's leading shape) for one per token, or [N] for
+    the N tokens of a batch laid end to end.
+
+    `set` checks the slots it is given (which reads them on the host); `set_tokens` copies
+    already-valid per-token slots into a buffer allocated once, in place and without a host
+    sync, as a CUDA graph needs: the engine's path, whose slots come from its registry.
     """
 
-    def __init__(self, num_slots: int) -> None:
+    def __init__(self, num_slots: int, max_tokens: int = 0) -> None:
         if num_slots < 1:
             raise InvalidParameterError(f"a LoRA slot stack needs at least one slot, got num_slots={num_slots}")
         self.num_slots = num_slots
         self.slots: int | torch.Tensor = NO_SLOT
+        self._buffer = torch.full((max_tokens,), NO_SLOT, dtype=torch.int64)
+
+    def to(self, device: torch.device | str) -> SlotMapping:
+        """Move the per-token buffer to `device` (the model's); returns self."""
+        self._buffer = self._buffer.to(device)
+        return self
 
     def set(self, slots: int | torch.Tensor) -> None:
         """Choose the slots for the next forward passes.
@@ -116,12 +127,24 @@ class SlotMapping:
                 )
             self.slots = int(slots)
 
+    def set_tokens(self, slots: torch.Tensor) -> None:
+        """Per-token slots [N] for a batch laid end to end, copied into the fixed buffer, unchecked.
+
+        The caller guarantees every slot is in [-1, num_slots) and N <= `max_tokens`.
+        """
+        n = slots.shape[0]
+        assert n <= self._buffer.shape[0], f"{n} tokens exceed the slot buffer's {self._buffer.shape[0]}"
+        self._buffer[:n].copy_(slots, non_blocking=True)
+        self.slots = self._buffer[:n]
+
     def token_slots(self, leading_shape: torch.Size) -> int | torch.Tensor:
         """The slots for an input whose shape without its feature dim is `leading_shape`:
         an int, or an int64 tensor [N] with N = prod(leading_shape)."""
         if isinstance(self.slots, int):
             return self.slots
         slots = self.slots
+        if slots.numel() == leading_shape.numel():  # one per token already
+            return slots.reshape(-1)
         if slots.dim() < len(leading_shape):  # per sequence: repeat over the sequence's tokens
             slots = slots.reshape(slots.shape + (1,) * (len(leading_shape) - slots.dim()))
         return slots.expand(leading_shape).reshape(-1)

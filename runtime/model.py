@@ -3,20 +3,39 @@
 Parameter names equal Hugging Face's (`model.layers.0.self_attn.q_proj.weight`), so loading an HF
 checkpoint is the identity map, and RoPE uses HF's rotate-half layout. This file holds no I/O,
 no quantization and no sampling: the loader swaps the linear layers, and generation lives in
-`generate.py`.
+`generate.py` and `engine.py`.
+
+Two ways in, one model: `forward(input_ids [B, T], cache)` places rows of equal length after a
+contiguous cache's prefix (the reference generator, perplexity); `forward(input_ids [N], cache,
+batch=ForwardBatch)` runs the tokens of many requests laid end to end, each at its own position
+(the engine). Attention is the cache's: each cache's `attend` stores the new keys and values and
+attends every row over its own prefix.
 """
 
 from __future__ import annotations
 
 import math
 
+from typing import Protocol
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .attention import causal_attention
+from .batch import ForwardBatch
 from .config import ModelConfig, RopeScaling
 from .errors import ContextLengthError
-from .kv_cache import KVCache
+
+
+class Cache(Protocol):
+    """What attention needs of a cache (`KVCache`, `PagedKVCache`)."""
+
+    def attend(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch | None
+    ) -> torch.Tensor:
+        """Store `k`, `v` [B, H_kv, T, D]; attend `q` [B, H, T, D] over each row's prefix; return [B, T, H*D]."""
+        ...
 
 
 class RMSNorm(nn.Module):
@@ -81,7 +100,8 @@ class Attention(nn.Module):
         x: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        cache: KVCache | None,
+        cache: Cache | None,
+        batch: ForwardBatch | None = None,
     ) -> torch.Tensor:
         B, T, _ = x.shape
         # [B, T, H*D] -> [B, H, T, D]
@@ -89,27 +109,11 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-
-        offset = 0
-        if cache is not None:
-            offset = cache.seq_len
-            k, v = cache.update(self.layer, k, v)  # [B, H_kv, offset+T, D]
-        if self.n_kv_heads != self.n_heads:
-            # GQA: each KV head serves n_heads / n_kv_heads query heads.
-            k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
-            v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
-
-        if T == 1:
-            out = F.scaled_dot_product_attention(q, k, v)  # one query sees the whole prefix
-        elif offset == 0:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if cache is None:
+            # [B, H, T, D] -> [B, T, H*D]
+            out = causal_attention(q, k, v, offset=0).transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
         else:
-            # Query i sits at position offset+i and sees keys 0..offset+i.
-            q_pos = torch.arange(offset, offset + T, device=x.device)[:, None]
-            k_pos = torch.arange(offset + T, device=x.device)[None, :]
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=k_pos <= q_pos)
-        # [B, H, T, D] -> [B, T, H*D]
-        out = out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
+            out = cache.attend(self.layer, q, k, v, batch)
         return self.o_proj(out)
 
 
@@ -133,8 +137,10 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: Cache | None, batch: ForwardBatch | None = None
+    ) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, batch)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -173,23 +179,30 @@ class CausalLM(nn.Module):
     def forward(
         self,
         input_ids: torch.Tensor,
-        cache: KVCache | None = None,
+        cache: Cache | None = None,
         *,
         logits_to_keep: int = 0,
+        batch: ForwardBatch | None = None,
     ) -> torch.Tensor:
-        """Logits for `input_ids` [B, T] placed after the cache's prefix (or at 0 without a cache).
+        """Logits for `input_ids` [B, T] placed after the cache's prefix (or at 0 without a cache);
+        with `batch`, logits for the tokens of many rows laid end to end.
 
         Args:
-            input_ids: token ids [B, T].
-            cache: keys and values of earlier positions; this call appends T positions to it.
-            logits_to_keep: compute logits only for the last N positions (0 = all).
+            input_ids: token ids [B, T]; with `batch`, [N] as `batch.input_ids`.
+            cache: keys and values of earlier positions; without `batch`, a `KVCache` to which
+                this call appends T positions; with it, the `PagedKVCache` the batch's slots index.
+            logits_to_keep: compute logits only for the last N positions (0 = all); not with `batch`.
+            batch: the explicit batch description (positions, cache slots, rows, logits wanted).
 
         Returns:
-            Logits [B, T, V] (or [B, N, V]) in the model's dtype.
+            Logits [B, T, V] (or [B, N, V]) in the model's dtype; with `batch`, [L, V] for the
+            tokens of `batch.logits_indices`.
 
         Raises:
             ContextLengthError: the sequence would pass the model's context.
         """
+        if batch is not None:
+            return self._forward_batch(input_ids, cache, batch)
         B, T = input_ids.shape
         start = cache.seq_len if cache is not None else 0
         if start + T > self.config.max_position_embeddings:
@@ -208,3 +221,18 @@ class CausalLM(nn.Module):
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
         return self.lm_head(x)
+
+    def _forward_batch(self, input_ids: torch.Tensor, cache: Cache | None, batch: ForwardBatch) -> torch.Tensor:
+        if cache is None:
+            raise ValueError("a batched forward needs the paged cache its ForwardBatch indexes")
+        if batch.max_position >= self.config.max_position_embeddings:
+            raise ContextLengthError(
+                f"position {batch.max_position} is past the model's context of "
+                f"{self.config.max_position_embeddings}; the scheduler must stop a request at the context"
+            )
+        x = self.model.embed_tokens(input_ids)[None]  # [1, N, hidden]
+        cos, sin = self.rope(batch.positions[None], x.dtype)  # [1, 1, N, D]
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, cache, batch)
+        # Norm and head only where logits are wanted; both act on each token alone.
+        return self.lm_head(self.model.norm(x[0, batch.logits_indices]))  # [L, V]

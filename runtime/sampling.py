@@ -55,17 +55,17 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
             raise InvalidParameterError(
-                f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}; ask for at least one token"
+                f"max_new_tokens (--max-new-tokens) must be an integer >= 1, got {self.max_new_tokens!r}; ask for at least one token"
             )
         if not _is_real(self.temperature) or not math.isfinite(self.temperature) or self.temperature < 0:
             raise InvalidParameterError(
                 f"temperature must be a finite number >= 0, got {self.temperature!r}; use 0 for greedy decoding"
             )
         if not _is_int(self.top_k) or self.top_k < 0:
-            raise InvalidParameterError(f"top_k must be an integer >= 0, got {self.top_k!r}; use 0 to turn it off")
+            raise InvalidParameterError(f"top_k (--top-k) must be an integer >= 0, got {self.top_k!r}; use 0 to turn it off")
         if not _is_real(self.top_p) or not 0.0 < self.top_p <= 1.0:
             raise InvalidParameterError(
-                f"top_p must be in (0, 1], got {self.top_p!r}; use 1.0 to turn it off"
+                f"top_p (--top-p) must be in (0, 1], got {self.top_p!r}; use 1.0 to turn it off"
             )
         if (
             not _is_real(self.repetition_penalty)
@@ -73,7 +73,7 @@ class SamplingParams:
             or self.repetition_penalty <= 0
         ):
             raise InvalidParameterError(
-                f"repetition_penalty must be a finite number > 0, got {self.repetition_penalty!r}; "
+                f"repetition_penalty (--repetition-penalty) must be a finite number > 0, got {self.repetition_penalty!r}; "
                 "use 1.0 to turn it off"
             )
         if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed <= _MAX_SEED):
@@ -252,3 +252,37 @@ def logprobs(logits: torch.Tensor, token: int, k: int = 0) -> tuple[float, list[
     top = torch.topk(logp, min(k, vocab)) if k else None
     alternatives = [] if top is None else [(int(i), float(v)) for v, i in zip(top.values, top.indices)]
     return float(logp[token]), alternatives
+
+
+def sample_batch(
+    logits: torch.Tensor,
+    params: Sequence[SamplingParams],
+    generators: Sequence[torch.Generator],
+    prev_ids: Sequence[Sequence[int]],
+) -> list[int]:
+    """Pick the next token of each row of a batch, each with its own settings and generator.
+
+    Row i gets exactly what `sample(logits[i], params[i], generators[i], prev_ids[i])` gives:
+    the same processors, and one draw from its own generator, so a seeded request yields the
+    same tokens alone or in any batch. Greedy rows without a repetition penalty take one
+    batched argmax.
+
+    Args:
+        logits: one row of logits per request [L, V].
+        params: each row's sampling settings.
+        generators: each row's random generator, on the logits' device.
+        prev_ids: each row's prompt and output so far (read only for a repetition penalty).
+
+    Returns:
+        The chosen token ids, in row order.
+    """
+    plain = [i for i, p in enumerate(params) if p.greedy and p.repetition_penalty == 1.0]
+    tokens: list[int] = [0] * len(params)
+    if plain:
+        picks = torch.argmax(logits[plain].float(), dim=-1).tolist()
+        for i, token in zip(plain, picks):
+            tokens[i] = token
+    for i, p in enumerate(params):
+        if not (p.greedy and p.repetition_penalty == 1.0):
+            tokens[i] = sample(logits[i], p, generators[i], prev_ids[i])
+    return tokens

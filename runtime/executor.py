@@ -1,0 +1,134 @@
+"""Executors: what runs one forward pass for the engine, behind one small interface.
+
+The engine hands an executor the rows of a step (`RowSpec`s) and gets back the logits of the
+rows that sample; it never sees the model, the cache or the device. An executor also owns the
+adapter slots that live beside its model (`write_adapter_slot`), so the registry can fill them
+without knowing how they are stored.
+
+`TorchExecutor` runs `CausalLM` with a `PagedKVCache`: Triton kernels on CUDA, the torch
+references elsewhere (see `kernels`). On CPU it dequantizes packed linear layers once, at start,
+into float `nn.Linear`s of the compute dtype (`dequantize=True`, the default there): the
+reference dequant-matmul unpacks the whole weight on every call, which makes a quantized model
+slower than the float one and lets a competing process stall its many small parallel ops. The
+price is memory: the weights take their float size (about 4x an int4 checkpoint in fp32, the
+same as the float model). The results are unchanged, since the reference computes exactly
+`x @ dequantize(W).T`. A later ONNX executor runs packed weights on CPU through the same interface.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from ..kernels import NO_SLOT
+from .adapters import add_lora_slots, lora_modules
+from .batch import RowSpec, build_batch
+from .config import ModelConfig
+from .lora import LoRAWeights, SlotMapping
+from .model import CausalLM
+from .paged_cache import PagedKVCache
+from .quant import NF4Linear, PackedIntLinear
+
+# The projections a served adapter may target: every linear of a decoder layer.
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class Executor(Protocol):
+    """What the engine needs of an executor."""
+
+    config: ModelConfig
+    block_size: int
+    num_blocks: int
+    num_lora_slots: int
+    device: torch.device
+
+    def execute(self, rows: Sequence[RowSpec]) -> torch.Tensor:
+        """Run one forward pass; return float32 logits [L, V] of the rows with `needs_logits`, in order."""
+        ...
+
+    def write_adapter_slot(self, slot: int, modules: Mapping[str, LoRAWeights] | None) -> None:
+        """Copy an adapter (HF module name -> factors) into `slot`, or clear it (None)."""
+        ...
+
+
+class TorchExecutor:
+    """`CausalLM` over a paged cache; see the module docstring.
+
+    Args:
+        model: a loaded model (float or quantized linears), taken over and modified in place.
+        num_blocks: cache blocks to allocate.
+        block_size: positions per block.
+        max_num_batched_tokens: the most tokens one step feeds (sizes the LoRA slot buffer).
+        num_lora_slots: adapter slots beside the model (0: no adapters served).
+        max_lora_rank: the largest adapter rank a slot holds.
+        lora_targets: the short names of the projections that get slots.
+        dequantize: dequantize packed linears once at start; None = on CPU only.
+    """
+
+    def __init__(
+        self,
+        model: CausalLM,
+        *,
+        num_blocks: int,
+        block_size: int,
+        max_num_batched_tokens: int,
+        num_lora_slots: int = 0,
+        max_lora_rank: int = 16,
+        lora_targets: Iterable[str] = LORA_TARGETS,
+        dequantize: bool | None = None,
+    ) -> None:
+        weight = next(p for p in model.parameters() if p.is_floating_point())
+        self.model = model
+        self.config = model.config
+        self.device = weight.device
+        self.dtype = weight.dtype
+        if dequantize if dequantize is not None else self.device.type == "cpu":
+            dequantize_linears(model)
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        self.cache = PagedKVCache(model.config, num_blocks, block_size, dtype=self.dtype, device=self.device)
+        self.num_lora_slots = num_lora_slots
+        self.mapping: SlotMapping | None = None
+        if num_lora_slots:
+            targets = tuple(lora_targets)
+            names = [n for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in targets and n.startswith("model.layers.")]
+            self.mapping = add_lora_slots(
+                model, names, num_slots=num_lora_slots, max_rank=max_lora_rank, max_tokens=max_num_batched_tokens
+            )
+
+    def execute(self, rows: Sequence[RowSpec]) -> torch.Tensor:
+        batch = build_batch(rows, self.block_size, self.device)
+        if self.mapping is not None:
+            if batch.lora_slots is None:
+                self.mapping.set(NO_SLOT)
+            else:
+                self.mapping.set_tokens(batch.lora_slots)
+        with torch.inference_mode():
+            return self.model(batch.input_ids, self.cache, batch=batch).float()
+
+    def write_adapter_slot(self, slot: int, modules: Mapping[str, LoRAWeights] | None) -> None:
+        if modules is None:
+            for stack in lora_modules(self.model).values():
+                stack.clear_slot(slot)
+            return
+        from .adapters import load_into_slot
+
+        load_into_slot(self.model, modules, slot)
+
+
+def dequantize_linears(model: nn.Module) -> int:
+    """Replace every packed linear of `model` by an `nn.Linear` holding its dequantized weight in
+    the model's float dtype. Returns how many were replaced."""
+    dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
+    packed = [(n, m) for n, m in model.named_modules() if isinstance(m, (PackedIntLinear, NF4Linear))]
+    for name, module in packed:
+        linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
+        linear.weight = nn.Parameter(module.dequantize().to(dtype), requires_grad=False)
+        if module.bias is not None:
+            linear.bias = nn.Parameter(module.bias.detach().to(dtype), requires_grad=False)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, linear)
+    return len(packed)
