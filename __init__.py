@@ -1,10 +1,40 @@
 """quadapt: a deployment runtime for quantized, LoRA-adapted language models.
 
-The parts are subpackages: `runtime` (model, loader, generation), `converters` (checkpoints in,
-packed checkpoints and adapters out), `kernels`, `protos`, `train`. Importing this package loads
-nothing heavy.
+The public API is small: `load` a checkpoint (optionally with a LoRA adapter) and call
+`generate` on what it returns::
+
+    import quadapt
+    print(quadapt.load("smollm2").generate([{"role": "user", "content": "Hi!"}], max_new_tokens=32))
+
+It lives in `runtime/api.py` and is imported on first use, so importing this package loads
+nothing heavy (no torch). The parts are subpackages: `runtime` (checkpoint readers, model,
+loader, generation), `converters` (quantized checkpoints and adapters out), `kernels`, `protos`,
+`train`.
 """
 
+from __future__ import annotations
+
 from importlib.metadata import version as _version
+from typing import TYPE_CHECKING, Any
 
 __version__ = _version("quadapt")  # one source: pyproject.toml
+
+__all__ = ["LoadedModel", "__version__", "load"]
+
+if TYPE_CHECKING:
+    from .runtime.api import LoadedModel, load
+
+_LAZY = {"load", "LoadedModel"}
+
+
+def __getattr__(name: str) -> Any:
+    # PEP 562: the API (and torch behind it) is imported when first asked for, not with the package.
+    if name in _LAZY:
+        from .runtime import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | _LAZY)

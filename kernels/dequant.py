@@ -6,7 +6,9 @@ scales, optional zero points) or bitsandbytes NF4 (two codes a byte over the fla
 the even element in the high nibble, float32 block absmax). It reads rows along K, as they lie
 in memory (coalesced), unpacks in registers, and applies scales a group at a time. Its float32
 result rounded once to the weight's dtype equals the reference's bits. The launchers `dequant_packed_int`
-and `dequant_nf4` have their references' names and signatures; training's backward uses them.
+and `dequant_nf4` have their references' names and signatures; today the runtime's quantized
+modules expose them as `.dequantize()` and the tests call them. (A QLoRA backward,
+grad_input = grad_out @ dequant(W), is planned to use them; `train/` holds no training yet.)
 """
 
 from __future__ import annotations

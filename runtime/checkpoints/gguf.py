@@ -7,7 +7,8 @@ llama.cpp's Q/K row permutation), and rebuilds a `tokenizer.json` from the vocab
 transformers' GGUF loader does, so both tokenize alike.
 
 It does not write GGUF, quantize, or keep weights packed, and reads only the `llama` and `qwen2`
-architectures with dense attention and MLP; anything else raises `UnsupportedError` at open.
+architectures with dense attention and MLP and the rope scalings `runtime/config.py` runs (none,
+linear, llama3); anything else raises `UnsupportedError` at open.
 """
 
 from __future__ import annotations
@@ -16,11 +17,12 @@ import math
 import re
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 import torch
 
+from ..config import RopeType
 from ..errors import CheckpointError, QuadaptError, UnsupportedError
 from .gguf_file import SUPPORTED_NAMES, SUPPORTED_TYPES, TensorEntry, read_header
 from .reader import TokenizerFiles
@@ -50,8 +52,8 @@ _ARCHITECTURES = {
 class GGUFCheckpoint:
     """A llama-family GGUF file opened for streaming reads (see `CheckpointReader`).
 
-    Opening reads the header (and `rope_freqs`, a few floats, if present); tensor data is
-    memory-mapped and read only as `tensors()` reaches it.
+    Opening reads the header (and `rope_freqs`, a few floats, if present) and settles the rope
+    scaling; tensor data is memory-mapped and read only as `tensors()` reaches it.
 
     Attributes:
         path: the file.
@@ -63,8 +65,10 @@ class GGUFCheckpoint:
         """Open `path` and check that quadapt can read every tensor in it.
 
         Raises:
-            CheckpointError: the file is missing, not GGUF, truncated, or inconsistent.
-            UnsupportedError: another architecture, a tensor type or tensor name quadapt does not read.
+            CheckpointError: the file is missing, not GGUF, truncated, or inconsistent (including
+                rope scaling metadata without its factor).
+            UnsupportedError: another architecture, a tensor type or tensor name quadapt does not
+                read, or a rope scaling the model cannot run (yarn, longrope, ...).
         """
         self.path = Path(path).expanduser()
         if not self.path.is_file():
@@ -79,6 +83,7 @@ class GGUFCheckpoint:
                 f"{sorted(_ARCHITECTURES)}; convert the model from its Hugging Face checkpoint instead"
             )
         self._tensors = self._check_tensors(tensors)
+        self._scaling = self._rope_scaling()
 
     def _check_tensors(self, tensors: list[TensorEntry]) -> list[tuple[str, TensorEntry]]:
         """Pair each tensor with its HF name, raising now for anything that could not be read later."""
@@ -147,7 +152,6 @@ class GGUFCheckpoint:
 
         Raises:
             CheckpointError: a required metadata key is missing.
-            UnsupportedError: rope scaling of a kind quadapt does not support.
         """
         arch = self.architecture
         shapes = {name: tensor.shape for name, tensor in self._tensors}
@@ -168,16 +172,8 @@ class GGUFCheckpoint:
         config["max_position_embeddings"] = self._require(f"{arch}.context_length")
         config["rms_norm_eps"] = _f32(self._require(f"{arch}.attention.layer_norm_rms_epsilon"))
         config["rope_theta"] = _f32(self.metadata.get(f"{arch}.rope.freq_base", 10000.0))
-        rope_scaling = self._rope_scaling()
-        if self._freqs_scaling is not None:
-            if rope_scaling is not None:
-                raise UnsupportedError(
-                    f"GGUF file {str(self.path)!r} states rope scaling {rope_scaling['rope_type']!r} and also "
-                    "carries rope_freqs; quadapt supports one or the other"
-                )
-            rope_scaling = self._freqs_scaling
-        if rope_scaling is not None:
-            config["rope_scaling"] = rope_scaling
+        if self._scaling is not None:
+            config["rope_scaling"] = dict(self._scaling)
         # llama.cpp writes output.weight only when the head is not the embedding matrix.
         config["tie_word_embeddings"] = "lm_head.weight" not in shapes
         for key in ("bos", "eos", "padding"):
@@ -234,26 +230,33 @@ class GGUFCheckpoint:
         return None if head_dim is None or self.architecture == "qwen2" else int(head_dim)
 
     def _rope_scaling(self) -> dict[str, Any] | None:
+        """The HF rope_scaling of the file, refusing at open what `ModelConfig` would refuse at load.
+
+        llama.cpp states linear and yarn scaling in `rope.scaling.type` (or the old `rope.scale_linear`)
+        and bakes Llama 3's into the `rope_freqs` tensor (see `_check_rope_freqs`).
+        """
         key = f"{self.architecture}.rope.scaling."
         kind = self.metadata.get(key + "type", "none")
         if kind == "none":
             linear = self.metadata.get(f"{self.architecture}.rope.scale_linear")  # the pre-2024 key
-            return None if linear in (None, 1.0) else {"rope_type": "linear", "factor": _f32(linear)}
-        if kind not in ("linear", "yarn"):
+            stated = None if linear in (None, 1.0) else {"rope_type": "linear", "factor": _f32(linear)}
+        elif kind == "linear":
+            stated = {"rope_type": "linear", "factor": _f32(self._require(key + "factor"))}
+        else:
+            # The same refusal as RopeScaling's for a config.json, said in GGUF terms.
             raise UnsupportedError(
-                f"GGUF file {str(self.path)!r} uses rope scaling {kind!r}; quadapt supports 'linear' and 'yarn'"
+                f"GGUF file {str(self.path)!r} uses rope scaling type {kind!r} (metadata {key + 'type'!r}), "
+                f"which is not supported; supported: {', '.join(get_args(RopeType))} (in GGUF: 'none', "
+                "'linear', or llama3 as a rope_freqs tensor)"
             )
-        scaling = {"rope_type": kind, "factor": _f32(self._require(key + "factor"))}
-        if kind == "yarn":
-            scaling["original_max_position_embeddings"] = int(self._require(key + "original_context_length"))
-            for gguf_key, hf_key in (
-                ("attn_factor", "attention_factor"),
-                ("yarn_beta_fast", "beta_fast"),
-                ("yarn_beta_slow", "beta_slow"),
-            ):
-                if key + gguf_key in self.metadata:
-                    scaling[hf_key] = _f32(self.metadata[key + gguf_key])
-        return scaling
+        if self._freqs_scaling is None:
+            return stated
+        if stated is not None:
+            raise UnsupportedError(
+                f"GGUF file {str(self.path)!r} states rope scaling {stated['rope_type']!r} and also carries "
+                "rope_freqs; quadapt supports one or the other"
+            )
+        return self._freqs_scaling
 
     def keys(self) -> list[str]:
         """Every tensor's HF name, in file order (no `lm_head.weight` when the embeddings are tied)."""
