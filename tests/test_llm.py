@@ -1,0 +1,117 @@
+"""Text around the engine: many prompts at once, stop strings, async streaming and cancellation.
+
+Each request's text must equal what the reference text generator gives it alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from peft import LoraConfig
+
+from quadapt.runtime.adapters import apply_adapter
+from quadapt.runtime.checkpoints import open_checkpoint
+from quadapt.runtime.engine import Engine, EngineConfig
+from quadapt.runtime.errors import InvalidParameterError
+from quadapt.runtime.generate import generate_text
+from quadapt.runtime.llm import LLM, AsyncLLM, GenerateRequest, encode_prompt
+from quadapt.runtime.loader import load_model
+from quadapt.runtime.sampling import SamplingParams
+from quadapt.runtime.tokenizer import Tokenizer
+
+from .test_adapters import make_base, make_peft_adapter
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    return make_base(tmp_path_factory.mktemp("llm-base"))
+
+
+@pytest.fixture(scope="module")
+def adapter(base, tmp_path_factory):
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"])
+    return make_peft_adapter(base, tmp_path_factory.mktemp("llm-adapter") / "a", config=config, seed=3)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(base) -> Tokenizer:
+    return Tokenizer.from_files(open_checkpoint(base).tokenizer_files())
+
+
+def make_engine(base, adapter=None) -> Engine:
+    engine = Engine.for_model(
+        load_model(base), eos_token_ids={2}, config=EngineConfig(max_num_seqs=4, max_num_batched_tokens=32, max_loras=2,
+                                                                  max_lora_rank=8),
+        kv_cache_bytes=4 * 2**20, block_size=4,
+    )
+    if adapter is not None:
+        engine.adapters.load("a", adapter)
+    return engine
+
+
+def reference_text(base, adapter, tokenizer, prompt, params) -> tuple[str, str | int | None]:
+    model = load_model(base)
+    if adapter is not None:
+        apply_adapter(model, adapter)
+    generation = generate_text(model, tokenizer, encode_prompt(tokenizer, prompt), params)
+    text = "".join(generation)
+    return text, generation.result.stop_reason
+
+
+def test_many_prompts_equal_the_reference_one_by_one(base, adapter, tokenizer):
+    greedy = SamplingParams(max_new_tokens=12, temperature=0.0, ignore_eos=True)
+    first = reference_text(base, None, tokenizer, "hello world", greedy)[0]
+    stop = first[3:5]  # a stop string the base output is known to contain
+    requests = [
+        GenerateRequest("hello world", greedy, request_id="plain"),
+        GenerateRequest("hello world", SamplingParams(max_new_tokens=12, temperature=0.0, ignore_eos=True, stop=[stop]),
+                        request_id="stopped"),
+        GenerateRequest([{"role": "user", "content": "hi there"}], greedy, adapter="a", request_id="chat"),
+        GenerateRequest("the quick brown", SamplingParams(max_new_tokens=9, temperature=0.8, seed=5, ignore_eos=True),
+                        adapter="a", request_id="seeded"),
+    ]
+    llm = LLM(make_engine(base, adapter), tokenizer)
+    got = {c.request_id: c for c in llm.generate(requests)}
+    assert [c.request_id for c in llm.generate(requests[:1])] == ["plain"]
+    for r in requests:
+        text, stop_reason = reference_text(base, adapter if r.adapter else None, tokenizer, r.prompt, r.params)
+        assert got[r.request_id].text == text, r.request_id
+    assert got["stopped"].finish_reason == "stop" and got["stopped"].stop_reason == stop
+    assert got["stopped"].text == first[:3]
+    assert llm.engine.allocator.num_used == 0
+
+
+def test_bad_prompts_are_refused_before_anything_runs(base, tokenizer):
+    llm = LLM(make_engine(base), tokenizer)
+    with pytest.raises(InvalidParameterError, match="list of messages"):
+        llm.generate([GenerateRequest("fine"), GenerateRequest([{"role": "user"}])])
+    assert not llm.engine.has_unfinished()  # the good request was taken back too
+
+
+def test_async_streams_concurrently_and_cancellation_frees_blocks(base, adapter, tokenizer):
+    params = SamplingParams(max_new_tokens=10, temperature=0.0, ignore_eos=True)
+    long = SamplingParams(max_new_tokens=200, temperature=0.0, ignore_eos=True)
+    engine = make_engine(base, adapter)
+
+    async def collect(llm: AsyncLLM, prompt, adapter_name=None) -> str:
+        return "".join([d.text async for d in llm.stream(prompt, params, adapter=adapter_name)])
+
+    async def cancel_early(llm: AsyncLLM) -> int:
+        seen = 0
+        async for _ in llm.stream("a long one", long):
+            seen += 1
+            if seen == 3:
+                break  # the consumer goes away: the request is aborted
+        return seen
+
+    async def main():
+        async with AsyncLLM(engine, tokenizer) as llm:
+            texts = await asyncio.gather(collect(llm, "hello world"), collect(llm, "hello world", "a"), cancel_early(llm))
+            return texts
+
+    plain, adapted, seen = asyncio.run(main())
+    assert seen == 3
+    assert plain == reference_text(base, None, tokenizer, "hello world", params)[0]
+    assert adapted == reference_text(base, adapter, tokenizer, "hello world", params)[0]
+    assert engine.allocator.num_used == 0 and not engine.has_unfinished()
