@@ -11,12 +11,12 @@ Layers need random access to the checkpoint: an HF directory is read in place (`
 plain reads of one tensor at a time); any other reader (a GGUF file, a merged-adapter stream) is first spilled to a
 scratch directory of safetensors files, one pass, one tensor at a time.
 
-It does not choose schemes or write files: `convert.py` does.
+It does not choose schemes or write files: `plan.py` and `convert.py` do.
 """
 
 from __future__ import annotations
 
-import sys
+import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -28,6 +28,8 @@ from ..runtime.model import CausalLM, DecoderLayer
 from ..runtime.tokenizer import Tokenizer
 from ..runtime.checkpoints import CheckpointReader
 from .gptq import HessianAccumulator
+
+logger = logging.getLogger(__name__)
 
 MIN_CALIBRATION_TOKENS = 128  # below this, H = X^T X of a 576-wide layer is badly rank-deficient
 MAX_CALIBRATION_TOKENS = 16384
@@ -165,9 +167,8 @@ def gptq_layers(
         with torch.no_grad():
             hidden = [layer(h, cos, sin, None) for h, (cos, sin) in zip(hidden, rope)]
         mean = sum(errors) / len(errors) if errors else 0.0
-        print(
-            f"quadapt: gptq: layer {i + 1}/{config.num_hidden_layers} quantized "
-            f"(mean relative weight change {mean:.4f})", file=sys.stderr, flush=True,
+        logger.info(
+            "gptq: layer %d/%d quantized (mean relative weight change %.4f)", i + 1, config.num_hidden_layers, mean
         )
     for name in names:
         if name not in written:

@@ -19,7 +19,8 @@ It does not choose ranks per module or calibrate on data; `rank` is the same for
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+import logging
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -39,6 +40,8 @@ _SHAPE_FIELDS = (
     "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
     "num_attention_heads", "num_key_value_heads", "head_dim",
 )
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -86,9 +89,11 @@ def extract_adapter(
     target_modules: list[str] | None = None,
     dtype: torch.dtype = torch.float32,
     overwrite: bool = False,
-    log: Callable[[str], None] | None = None,
 ) -> ExtractionReport:
     """Extract a rank-`rank` LoRA of `tuned` relative to `base` and write it as a PEFT adapter.
+
+    Each module's outcome is logged as it is decided (info; a changed tensor the adapter cannot
+    carry is a warning), and recorded in the report.
 
     Args:
         base: the base checkpoint (directory or .gguf), or a reader on it.
@@ -99,7 +104,6 @@ def extract_adapter(
             all attention and MLP projections. Those that did not change are skipped and reported.
         dtype: dtype of the written LoRA factors (the SVD runs in fp32).
         overwrite: replace an existing directory at `out_dir`.
-        log: called with one progress line per module (the CLI prints them on stderr).
 
     Returns:
         The report, also written to `out_dir/extraction_report.json`.
@@ -113,7 +117,6 @@ def extract_adapter(
     _check_same_shapes(base_reader, tuned_reader)
     layout = BaseModules.of_checkpoint(base_reader)
     targets = _select_targets(layout, target_modules, rank)
-    log = log or (lambda line: None)
 
     report = ExtractionReport(rank=rank)
     modules: dict[str, LoRAWeights] = {}
@@ -123,16 +126,16 @@ def extract_adapter(
             if not torch.equal(w_base, w_tuned):
                 change = (w_tuned.float() - w_base.float()).norm() / w_base.float().norm().clamp_min(1e-12)
                 report.not_captured[name] = float(change)
-                log(f"{name}: changed by {float(change):.3g} (relative) but is not extracted; the adapter lacks it")
+                logger.warning("%s: changed by %.3g (relative) but is not extracted; the adapter lacks it", name, float(change))
             continue
         if torch.equal(w_base, w_tuned):
             report.unchanged.append(module)
-            log(f"{module}: unchanged, skipped")
+            logger.info("%s: unchanged, skipped", module)
             continue
         weights, extraction = _factor(w_tuned.float() - w_base.float(), rank, dtype)
         modules[module] = weights
         report.modules[module] = extraction
-        log(f"{module}: rank {rank}, retained energy {extraction.retained_energy:.6f}")
+        logger.info("%s: rank %d, retained energy %.6f", module, rank, extraction.retained_energy)
     if not modules:
         raise AdapterError(
             f"no target module differs between {base_reader.path} and {tuned_reader.path} "

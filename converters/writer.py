@@ -5,7 +5,8 @@
 with `model.safetensors.index.json`), and the tokenizer files. It builds everything in a hidden
 sibling directory and renames it into place only at the end, so an interrupted run leaves nothing
 under the final name, and it holds no tensor in memory beyond the one being written: each shard's
-data is spooled to disk as it arrives.
+data is spooled to disk as it arrives. The staging directory is private (0700) while it fills; the
+finished one, and what it holds, get the modes the umask gives new directories and files.
 
 It does not convert, quantize or validate weights against the config; a reader (`gguf.py`, `hf.py`)
 supplies them under HF names. `staged_dir` is the same atomic write for any directory (adapters
@@ -16,9 +17,9 @@ from __future__ import annotations
 
 import glob
 import json
+import logging
 import os
 import shutil
-import sys
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -32,6 +33,10 @@ from ..runtime.checkpoints import TokenizerFiles
 from ..runtime.checkpoints.hf import INDEX_FILE, SINGLE_FILE
 
 DEFAULT_MAX_SHARD_BYTES = 2 * 10**9  # "2GB" as HF counts it
+# Suffixes of the hidden siblings of an output: being written, the old one being replaced, scratch.
+_STAGING, _REPLACED, _SCRATCH = ".partial", ".old", ".scratch"
+
+logger = logging.getLogger(__name__)
 
 
 def check_output_dir(out_dir: str | Path, *, overwrite: bool) -> Path:
@@ -121,28 +126,80 @@ def staged_dir(out_dir: str | Path, *, overwrite: bool) -> Iterator[Path]:
         _recover_abandoned(out_dir)  # first: a restored checkpoint is then guarded like any other
     out_dir = check_output_dir(out_dir, overwrite=overwrite)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    # A sibling, so the final rename stays on one filesystem; hidden, so tools skip it.
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.{os.getpid()}.", suffix=".partial", dir=out_dir.parent))
+    # A sibling, so the final rename stays on one filesystem. mkdtemp makes it 0700, so no one else
+    # reads a half-written checkpoint.
+    staging = Path(tempfile.mkdtemp(prefix=_sibling_prefix(out_dir), suffix=_STAGING, dir=out_dir.parent))
     try:
         yield staging
+        _open_up(staging)
         move_into_place(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
 
 
+def scratch_dir(out_dir: Path) -> tempfile.TemporaryDirectory[str]:
+    """A temporary sibling of `out_dir` for bulky intermediate files, on the output's disk.
+
+    Args:
+        out_dir: the output directory it serves; its parent must exist.
+
+    Returns:
+        A context manager yielding the scratch path; it is removed on exit, or, if the process is
+        killed, by the next write to `out_dir`.
+    """
+    return tempfile.TemporaryDirectory(prefix=_sibling_prefix(out_dir), suffix=_SCRATCH, dir=out_dir.parent)
+
+
+def _sibling_prefix(out_dir: Path) -> str:
+    # Hidden, so tools skip it; named after the output and this process, so `_recover_abandoned`
+    # tells a killed run's leftovers (process gone) from another run's work in progress.
+    return f".{out_dir.name}.{os.getpid()}."
+
+
+def _open_up(staging: Path) -> None:
+    """Give a finished staging directory, and everything in it, the modes the umask gives new ones.
+
+    So other users (or a server running as another user) read it as the umask allows. mkdtemp made
+    the directory 0700, and not every writer follows the umask: safetensors' `save_file` makes 0600.
+    """
+    mask = current_umask()
+    for path in staging.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            path.chmod(0o666 & ~mask)
+        elif path.is_dir() and not path.is_symlink():
+            path.chmod(0o777 & ~mask)
+    staging.chmod(0o777 & ~mask)
+
+
+def current_umask() -> int:
+    """The process's file mode creation mask.
+
+    POSIX offers no call that only reads it: `os.umask` sets a new mask and returns the old one,
+    so this sets one and puts the old back at once. The mask is process-wide, so a file another
+    thread creates in between gets the transient mask; 0o077 (owner only) is used rather than 0,
+    so such a file is at worst too private, never world-writable.
+
+    Returns:
+        The umask, e.g. 0o022.
+    """
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
+
+
 def _recover_abandoned(out_dir: Path) -> None:
     """Remove the staging, scratch and replacement directories that killed runs left beside `out_dir`."""
     for path in sorted(out_dir.parent.glob(f".{glob.escape(out_dir.name)}.*")):
         pid = path.name[len(out_dir.name) + 2 :].split(".", 1)[0]
-        if not path.is_dir() or path.suffix not in (".partial", ".old", ".scratch") or not pid.isdigit() or _alive(int(pid)):
+        if not path.is_dir() or path.suffix not in (_STAGING, _REPLACED, _SCRATCH) or not pid.isdigit() or _alive(int(pid)):
             continue
         previous = path / "previous"
-        if path.suffix == ".old" and previous.is_dir() and not out_dir.exists():
+        if path.suffix == _REPLACED and previous.is_dir() and not out_dir.exists():
             os.rename(previous, out_dir)  # killed between moving the old checkpoint out and the new one in
-            print(f"quadapt: restored {str(out_dir)!r}, which an interrupted run had moved aside", file=sys.stderr)
+            logger.warning("restored %r, which an interrupted run had moved aside", str(out_dir))
         shutil.rmtree(path, ignore_errors=True)
-        print(f"quadapt: removed {str(path)!r}, left by an interrupted run", file=sys.stderr)
+        logger.warning("removed %r, left by an interrupted run", str(path))
 
 
 def _alive(pid: int) -> bool:
@@ -269,7 +326,7 @@ def move_into_place(staging: Path, out_dir: Path) -> None:
     if not out_dir.exists():
         os.rename(staging, out_dir)
         return
-    trash = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.{os.getpid()}.", suffix=".old", dir=out_dir.parent))
+    trash = Path(tempfile.mkdtemp(prefix=_sibling_prefix(out_dir), suffix=_REPLACED, dir=out_dir.parent))
     previous = trash / "previous"
     os.rename(out_dir, previous)
     try:

@@ -8,8 +8,8 @@ tokenize or read files: callers pass token ids.
 
 from __future__ import annotations
 
+import logging
 import math
-import sys
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +17,8 @@ import torch.nn.functional as F
 
 from .errors import InvalidParameterError
 from .generate import LanguageModel
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -54,7 +56,8 @@ def perplexity(
         window: tokens per forward pass; capped at the model's context.
         stride: how far each window advances, below `window` (default: half the window).
             Smaller strides give each scored token more context and cost more passes.
-        progress: print a line per window to stderr.
+        progress: log a line per window (window count, tokens scored, running perplexity) at
+            INFO; without it the same lines go to DEBUG.
 
     Returns:
         The perplexity and its accounting.
@@ -87,8 +90,9 @@ def perplexity(
         total_nll += F.cross_entropy(predictions, targets, reduction="sum").item()
         scored += targets.numel()
         scored_until = end
-        if progress:
-            print(f"window {i + 1}/{n_windows}: {scored} tokens, running perplexity "
-                  f"{math.exp(total_nll / scored):.4f}", file=sys.stderr, flush=True)
+        logger.log(
+            logging.INFO if progress else logging.DEBUG, "window %d/%d: %d tokens, running perplexity %.4f",
+            i + 1, n_windows, scored, math.exp(total_nll / scored),
+        )
     nll = total_nll / scored
     return PerplexityResult(perplexity=math.exp(nll), nll=nll, tokens=scored, window=window, stride=stride)

@@ -22,7 +22,7 @@ from tokenizers import AddedToken
 
 from .checkpoints import TokenizerFiles
 from .chat_template import render_chat_template
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, InvalidParameterError
 
 # The named special tokens transformers passes to every chat template (its SPECIAL_TOKENS_ATTRIBUTES).
 _NAMED_SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
@@ -140,8 +140,19 @@ class Tokenizer:
             add_special_tokens: let the tokenizer's post-processor add what it adds (BOS for
                 Llama 2 and 3; nothing for SmolLM2 or Qwen2). Pass False for text that already
                 holds them, such as a rendered chat template.
+
+        Raises:
+            InvalidParameterError: `text` holds a lone surrogate (see `check_text`), which the
+                tokenizer cannot encode.
         """
-        return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
+        try:
+            return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
+        except TypeError:
+            # tokenizers refuses a str it cannot turn into UTF-8 with "TextInputSequence must be
+            # str"; checking only here keeps the common path free of a second pass over the text.
+            if isinstance(text, str):
+                check_text(text)
+            raise
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         """The text of `ids`.
@@ -262,6 +273,33 @@ class IncrementalDetokenizer:
             return ""
         self._prefix, self._read = self._read, len(self._ids)
         return text[len(context) :]
+
+
+def check_text(text: str, what: str = "the text") -> None:
+    """Refuse a str that is not Unicode text: one holding a lone surrogate. That is what Python
+    makes of bytes that are not UTF-8 in a command line (or any `errors="surrogateescape"` read),
+    and what tokenizers cannot encode.
+
+    Args:
+        text: the text to check.
+        what: how the message names it, e.g. "--prompt".
+
+    Raises:
+        InvalidParameterError: `text` holds a lone surrogate; the message gives its position and,
+            for an undecodable byte, the byte.
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        code = ord(text[e.start])
+        if 0xDC80 <= code <= 0xDCFF:  # surrogateescape's stand-in for the byte code - 0xDC00
+            found = f"stands for the byte 0x{code - 0xDC00:02x}, which is not valid UTF-8"
+        else:
+            found = f"is the lone surrogate {ascii(text[e.start])}, which is not a character"
+        raise InvalidParameterError(
+            f"{what} is not UTF-8 text: character {e.start} {found}; pass UTF-8 text "
+            "(convert it first, e.g. with `iconv -t UTF-8`)"
+        ) from None
 
 
 def _content(token: Any) -> str | None:

@@ -314,7 +314,7 @@ def test_cli_errors_are_one_line(base, tmp_path, capsys, argv, message):
     argv = [a.format(base=base, dora=dora, tmp=tmp_path) for a in argv]
     status, out, err = run(capsys, *argv)
     assert (status, out) == (2, "")
-    assert err.startswith("error: ") and message in err and "Traceback" not in err
+    assert err.startswith("quadapt: error: ") and message in err and "Traceback" not in err
 
 
 def test_cli_generate_with_adapter(base, capsys, tmp_path):

@@ -188,7 +188,7 @@ def test_int8_head_tied_to_the_embedding_is_refused(capsys, tmp_path):
         convert_checkpoint(path, tmp_path / "out", "int4", lm_head="int8")
     capsys.readouterr()
     status, out, err = run(capsys, "convert", "--model", path, "--out", tmp_path / "out", "--scheme", "int8", "--lm-head", "int8")
-    assert status == 2 and out == "" and err.startswith("error: --lm-head int8: ") and err.count("\n") == 1
+    assert status == 2 and out == "" and err.startswith("quadapt: error: --lm-head int8: ") and err.count("\n") == 1
     assert "Traceback" not in err and not (tmp_path / "out").exists()
 
 
@@ -296,7 +296,7 @@ def test_a_quantized_embedding_is_refused_by_name(source, tmp_path, capsys):
     with pytest.raises(UnsupportedError, match="the embedding is quantized .*keeps the embedding float"):
         load_model(out)
     status, _, err = run(capsys, "generate", "--model", out, "--prompt", "hi", "--max-new-tokens", "1")
-    assert status == 2 and err.startswith("error: ") and "embedding is quantized" in err and "Traceback" not in err
+    assert status == 2 and err.startswith("quadapt: error: ") and "embedding is quantized" in err and "Traceback" not in err
 
 
 def test_a_run_killed_while_replacing_gets_its_old_checkpoint_back(source, tmp_path, capsys):
@@ -318,7 +318,7 @@ def test_overwrite(source, tmp_path, capsys):
         convert_checkpoint(source, out, "int4")
     capsys.readouterr()
     status, _, err = run(capsys, "convert", "--model", source, "--out", out, "--scheme", "int4")
-    assert status == 2 and err.startswith("error: output directory") and err.count("\n") == 1
+    assert status == 2 and err.startswith("quadapt: error: output directory") and err.count("\n") == 1
     convert_checkpoint(source, out, "int4", overwrite=True)
     assert isinstance(load_model(out).model.layers[0].mlp.up_proj, PackedIntLinear)
     assert load_model(out).model.layers[0].mlp.up_proj.num_bits == 4
@@ -389,7 +389,7 @@ def test_bad_options_are_clear_errors(source, tmp_path, kwargs, error, message):
 
 def test_an_int8_head_refusal_is_one_cli_line(capsys, source, tmp_path):
     status, out, err = run(capsys, "convert", "--model", source, "--out", tmp_path / "out", "--scheme", "nf4", "--lm-head", "int8")
-    assert status == 2 and out == "" and err.startswith("error: --lm-head int8 cannot be written with nf4")
+    assert status == 2 and out == "" and err.startswith("quadapt: error: --lm-head int8 cannot be written with nf4")
     assert err.count("\n") == 1 and "Traceback" not in err and not (tmp_path / "out").exists()
 
 
@@ -413,9 +413,9 @@ def test_a_quantized_input_is_refused(source, tmp_path, capsys):
 def test_not_enough_disk_space(source, tmp_path, monkeypatch):
     import shutil
 
-    from quadapt.converters import convert
+    from quadapt.converters import plan
 
-    monkeypatch.setattr(convert.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 10**12 - 1000, 1000))
+    monkeypatch.setattr(plan.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 10**12 - 1000, 1000))
     with pytest.raises(QuadaptError, match=r"not enough free disk space .* needs about \d+ MiB, 0 MiB are free"):
         convert_checkpoint(source, tmp_path / "out", "int4")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 
 import pytest
@@ -64,3 +65,18 @@ def test_too_short(tmp_path):
     _, path = save_hf_model(tmp_path, "llama")
     with pytest.raises(InvalidParameterError, match="at least 2 tokens"):
         perplexity(load_model(path), [5])
+
+
+def test_progress_is_logged_not_printed(tmp_path, caplog, capsys):
+    _, path = save_hf_model(tmp_path, "llama")
+    model = load_model(path)
+    capsys.readouterr()  # drop what set-up printed
+    caplog.set_level(logging.DEBUG, logger="quadapt")
+    result = perplexity(model, list(range(100)), window=32, stride=16, progress=True)
+    windows = [r for r in caplog.records if r.name == "quadapt.runtime.perplexity"]
+    assert [r.levelno for r in windows] == [logging.INFO] * 6  # 1 + ceil((100 - 32) / 16) windows
+    assert windows[-1].getMessage() == f"window 6/6: 99 tokens, running perplexity {result.perplexity:.4f}"
+    caplog.clear()
+    perplexity(model, list(range(100)), window=32, stride=16)
+    assert [r.levelno for r in caplog.records] == [logging.DEBUG] * 6  # without progress, for -v only
+    assert capsys.readouterr() == ("", "")
