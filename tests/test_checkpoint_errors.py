@@ -157,3 +157,39 @@ def test_the_reader_refuses_a_file_cut_short_after_opening(tmp_path):
     (tmp_path / "t.safetensors").write_bytes(data[:-100])
     with pytest.raises(CheckpointError, match="ends inside 'w'; the file is truncated"):
         file.read("w")
+
+
+def test_a_group_size_that_does_not_divide_a_layer_is_a_clear_error(tmp_path):
+    """A checkpoint whose stated group size does not divide a linear's input size is refused by
+    name before any module is built (it used to reach an assert in PackedIntLinear)."""
+    from quadapt.converters.convert import convert_checkpoint
+
+    _, source = save_hf_model(tmp_path, "llama", intermediate_size=128)
+    converted = convert_checkpoint(source, tmp_path / "int4", "int4", group_size=32)
+    config = json.loads((converted / "config.json").read_text())
+    config["quantization_config"]["config_groups"]["group_0"]["weights"]["group_size"] = 48  # 64 % 48 != 0
+    (converted / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UnsupportedError, match="64 input features, not a multiple of group_size 48"):
+        load_model(converted)
+
+
+def test_packed_linear_refuses_a_non_dividing_group_size():
+    from quadapt.runtime.quant import PackedIntLinear
+
+    with pytest.raises(ValueError, match="group_size 48 does not divide in_features 64"):
+        PackedIntLinear(64, 32, num_bits=4, group_size=48, symmetric=True, bias=False)
+
+
+def test_the_kernel_backend_is_resolved_once_at_load(tmp_path, monkeypatch):
+    from quadapt.converters.convert import convert_checkpoint
+
+    _, source = save_hf_model(tmp_path, "llama", intermediate_size=128)
+    converted = convert_checkpoint(source, tmp_path / "int8", "int8")
+    monkeypatch.setenv("QUADAPT_KERNELS", "fast")
+    with pytest.raises(UnsupportedError, match="QUADAPT_KERNELS='fast' is not a kernel backend"):
+        load_model(converted)  # refused at load, before any weight is read
+    monkeypatch.setenv("QUADAPT_KERNELS", "reference")
+    model = load_model(converted)
+    monkeypatch.setenv("QUADAPT_KERNELS", "fast")  # read no more: the modules keep what load resolved
+    assert model.model.layers[0].mlp.up_proj.kernel_backend == "reference"
+    model(torch.tensor([[1, 2, 3]]))
