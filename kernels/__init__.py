@@ -3,7 +3,8 @@
 Call the ops from here: each call goes to Triton for CUDA tensors and to `kernels.reference`
 otherwise. The environment variable `QUADAPT_KERNELS` overrides that choice:
 
-- `auto` (default): Triton on CUDA when the `triton` package is installed, the reference elsewhere;
+- `auto` (default): Triton on CUDA when the `triton` package is installed; elsewhere the CPU
+  implementation of an op where there is one (`kernels.cpu`), else the reference;
 - `triton`: always Triton; on CPU tensors this needs `TRITON_INTERPRET=1` (Triton's interpreter,
   slow but exact: how the kernels are tested without a GPU);
 - `reference`: always the torch reference.
@@ -34,7 +35,7 @@ __all__ = [
     "dequant_packed_int", "qmatmul_nf4", "qmatmul_packed_int", "reference", "resolve_backend", "use_triton",
 ]
 
-Backend = Literal["triton", "reference"]
+Backend = Literal["triton", "cpu", "reference"]
 BACKENDS = ("auto", "triton", "reference")
 _KERNEL_MODULES = {
     "qmatmul_packed_int": "qmatmul",
@@ -43,6 +44,7 @@ _KERNEL_MODULES = {
     "dequant_nf4": "dequant",
     "add_lora": "lora",
 }
+_CPU_OPS = {"add_lora"}  # the ops `kernels.cpu` implements
 
 
 class KernelBackendError(ValueError):
@@ -69,7 +71,8 @@ def resolve_backend(device: torch.device | str, setting: str | None = None) -> B
         setting: auto, triton or reference; None reads `QUADAPT_KERNELS` (default auto).
 
     Returns:
-        "triton" or "reference".
+        "triton", "cpu" (the CPU implementations where they exist, the references elsewhere)
+        or "reference".
 
     Raises:
         KernelBackendError: an unknown setting, or Triton asked for where it cannot run.
@@ -81,7 +84,9 @@ def resolve_backend(device: torch.device | str, setting: str | None = None) -> B
     if choice == "reference":
         return "reference"
     if choice == "auto":
-        return "triton" if device.type == "cuda" and _triton_installed() else "reference"
+        if device.type == "cuda" and _triton_installed():
+            return "triton"
+        return "cpu" if device.type == "cpu" else "reference"
     if not _triton_installed():
         raise KernelBackendError("QUADAPT_KERNELS=triton needs the triton package; install it with: pip install 'quadapt[gpu]'")
     if device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
@@ -113,7 +118,12 @@ def _kernel_module(op: str) -> ModuleType:
 def _dispatch(op: str, device: torch.device, backend: Backend | None, *args: Any, **kwargs: Any) -> Any:
     if backend is None:
         backend = resolve_backend(device)
-    impl = getattr(_kernel_module(op), op) if backend == "triton" else getattr(reference, op)
+    if backend == "triton":
+        impl = getattr(_kernel_module(op), op)
+    elif backend == "cpu" and op in _CPU_OPS:
+        impl = getattr(importlib.import_module(".cpu", __name__), op)
+    else:
+        impl = getattr(reference, op)
     return impl(*args, **kwargs)
 
 

@@ -184,7 +184,10 @@ class LoRALinear(nn.Module):
         # Zero slots are exact no-ops, so a fresh stack changes nothing.
         S, R = mapping.num_slots, max_rank
         self.register_buffer("lora_a", torch.zeros(S, R, self.in_features, dtype=dtype, device=device))
-        self.register_buffer("lora_b", torch.zeros(S, self.out_features, R, dtype=dtype, device=device))
+        # Stored [out, S, R] and seen as [S, out, R]: the CPU op reads every slot's B as one
+        # [out, S*R] matrix without a copy, and the Triton kernel takes the strides as they are.
+        b = torch.zeros(self.out_features, S, R, dtype=dtype, device=device)
+        self.register_buffer("lora_b", b.permute(1, 0, 2))
 
     def set_slot(self, slot: int, weights: LoRAWeights) -> None:
         """Copy one adapter's factors into `slot`: scale folded into B, rank zero-padded to `max_rank`.

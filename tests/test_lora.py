@@ -235,3 +235,23 @@ def test_model_slot_errors():
         load_into_slot(model, adapter, 0)
     with pytest.raises(AdapterError, match="already carries LoRA slots"):
         add_lora_slots(model, adapter, num_slots=1, max_rank=4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("stored_out_first", [True, False], ids=["B [out,S,R]", "B [S,out,R]"])
+def test_cpu_add_lora_equals_the_reference(dtype, stored_out_first):
+    """The CPU op (every slot in two dense matmuls, masked per token) against the reference,
+    on ragged shapes with rows of every slot and rows without one."""
+    from quadapt.kernels import cpu, reference
+
+    g = torch.Generator().manual_seed(3)
+    M, K, N, S, R = 13, 40, 27, 5, 6
+    x = torch.randn(M, K, generator=g).to(dtype)
+    y = torch.randn(M, N, generator=g).to(dtype)
+    a = torch.randn(S, R, K, generator=g).to(dtype)
+    b = torch.randn(N, S, R, generator=g).to(dtype).permute(1, 0, 2) if stored_out_first else torch.randn(
+        S, N, R, generator=g).to(dtype)
+    slots = torch.tensor([0, -1, 4, 2, 2, -1, 1, 3, 0, 4, -1, 3, 1])
+    assert_close(cpu.add_lora(y, x, a, b, slots), reference.add_lora(y, x, a, b, slots), dtype)
+    assert torch.equal(cpu.add_lora(y, x, a, b, -1), y)
+    assert_close(cpu.add_lora(y, x, a, b, 2), reference.add_lora(y, x, a, b, 2), dtype)

@@ -1,0 +1,57 @@
+"""CPU implementations of the ops where a torch formulation beats the reference's: `add_lora`.
+
+The reference `add_lora` loops over the slots present in a batch, gathering each slot's rows;
+on a CPU each of those small ops pays a parallel region's start and end. Here every slot's LoRA
+runs in two dense matmuls over the whole stack, and a per-token mask keeps each token's own
+slot: y + ((x @ A_all.T) * mask) @ B_all.T, where A_all is [S*R, in], B_all [out, S*R], and
+mask[m] is 1 on the R columns of token m's slot and 0 elsewhere (a token with `NO_SLOT` gets
+all zeros). The zeros are exact, so the sum is the token's own slot's LoRA; only the order of
+floating-point additions differs from the reference. `LoRALinear` stores B as [out, S, R] so
+that B_all is a view, not a copy. Same name and signature as `kernels.reference.add_lora`.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from . import reference
+
+
+def add_lora(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    token_slots: int | torch.Tensor,
+) -> torch.Tensor:
+    """y + (x @ A[s].T) @ B[s].T for each row, s its slot (-1 adds nothing); see the module docstring.
+
+    Args:
+        y: base output [M, out].
+        x: input [M, in], in the slot buffers' dtype.
+        lora_a: A stack [S, R, in].
+        lora_b: B stack [S, out, R], scales already folded in.
+        token_slots: one slot for every row (an int), or an int64 tensor [M].
+
+    Returns:
+        A new tensor [M, out]; `y` is not modified.
+    """
+    if isinstance(token_slots, int):
+        return reference.add_lora(y, x, lora_a, lora_b, token_slots)
+    S, R, K = lora_a.shape
+    N = lora_b.shape[1]
+    mask = _slot_masks(S, R, x.dtype, x.device).index_select(0, token_slots + 1)  # [M, S*R]
+    shrunk = torch.nn.functional.linear(x, lora_a.reshape(S * R, K)) * mask  # [M, S*R]
+    b_all = lora_b.permute(1, 0, 2).reshape(N, S * R)  # [out, S*R]
+    if y.dtype != x.dtype:
+        return y + shrunk @ b_all.T  # the reference's type promotion
+    return torch.addmm(y, shrunk, b_all.T)
+
+
+@functools.cache
+def _slot_masks(num_slots: int, rank: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """[S+1, S*R]: row 0 all zeros (`NO_SLOT`), row s+1 ones on slot s's R columns."""
+    eye = torch.eye(num_slots + 1, dtype=dtype, device=device)[:, 1:]  # [S+1, S]
+    return eye.repeat_interleave(rank, dim=1)
