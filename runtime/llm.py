@@ -179,6 +179,13 @@ class LLM:
         self._outputs.add(rid, request.params)
         return rid
 
+    def step(self) -> list[TextDelta]:
+        """One engine step; the text deltas of the requests it advanced (empty when none is queued)."""
+        return self._outputs.process(self.engine.step())
+
+    def has_unfinished(self) -> bool:
+        return self.engine.has_unfinished()
+
     def stream(self, requests: Sequence[GenerateRequest]) -> Iterator[TextDelta]:
         """Queue `requests` and yield text deltas as the engine steps, until all have finished.
 
@@ -195,7 +202,7 @@ class LLM:
                 self._outputs.discard(rid)
             raise
         while self.engine.has_unfinished():
-            yield from self._outputs.process(self.engine.step())
+            yield from self.step()
 
     def generate(self, requests: Sequence[GenerateRequest]) -> list[Completion]:
         """Run `requests` to completion; returns one `Completion` each, in the order given."""
