@@ -140,25 +140,50 @@ def _burn(stop) -> None:
             x = (x + i * i) % 1_000_003
 
 
+def reference_rate(model_dir: Path, prompt: list[int], new_tokens: int) -> float:
+    """Decode tokens/s of the reference generator (which dequantizes a packed weight on every call)."""
+    from quadapt.runtime.generate import generate_ids
+    from quadapt.runtime.loader import load_model
+    from quadapt.runtime.sampling import SamplingParams
+
+    model = load_model(model_dir)
+
+    def timed(n: int) -> float:
+        start = time.perf_counter()
+        produced = sum(1 for _ in generate_ids(model, prompt, SamplingParams(max_new_tokens=n, temperature=0.0,
+                                                                             ignore_eos=True), set()))
+        assert produced == n
+        return time.perf_counter() - start
+
+    return (new_tokens - 1) / (timed(new_tokens) - timed(1))
+
+
 def contention(float_dir: Path, quant_dir: Path, new_tokens: int, runs: int, tokenizer) -> None:
     prompts = make_prompts(tokenizer, 1)
     rows = []
-    for label, model_dir in (("float", float_dir), ("int4", quant_dir)):
-        alone = [quadapt_rate(model_dir, [], prompts, 0, new_tokens) for _ in range(runs)]
+    paths = (
+        ("engine, float", lambda: quadapt_rate(float_dir, [], prompts, 0, new_tokens)),
+        ("engine, int4", lambda: quadapt_rate(quant_dir, [], prompts, 0, new_tokens)),
+        ("reference generator, int4", lambda: reference_rate(quant_dir, prompts[0], min(new_tokens, 8))),
+    )
+    for label, rate in paths:
+        alone = [rate() for _ in range(runs)]
         stop = multiprocessing.Event()
         burner = multiprocessing.Process(target=_burn, args=(stop,), daemon=True)
         burner.start()
         try:
-            busy = [quadapt_rate(model_dir, [], prompts, 0, new_tokens) for _ in range(runs)]
+            busy = [rate() for _ in range(runs)]
         finally:
             stop.set()
             burner.join()
         rows.append((label, statistics.median(alone), statistics.median(busy)))
-    print(f"engine, 1 request, {new_tokens} new tokens, median of {runs} runs; a competing process burns one core")
-    print(f"{'checkpoint':<12} {'alone tok/s':>12} {'contended tok/s':>16} {'slowdown':>9}")
+    print(f"1 request, {new_tokens} new tokens (the reference generator: {min(new_tokens, 8)}), median of {runs} runs; "
+          "a competing process burns one core")
+    print(f"{'path':<28} {'alone tok/s':>12} {'contended tok/s':>16} {'slowdown':>9}")
     for label, alone, busy in rows:
-        print(f"{label:<12} {alone:>12.1f} {busy:>16.1f} {alone / busy:>8.2f}x")
-    print(f"int4 / float decode speed alone: {rows[1][1] / rows[0][1]:.2f}x")
+        print(f"{label:<28} {alone:>12.2f} {busy:>16.2f} {alone / busy:>8.2f}x")
+    print(f"engine int4 / float decode speed alone: {rows[1][1] / rows[0][1]:.2f}x; "
+          f"contended: {rows[1][2] / rows[0][2]:.2f}x")
 
 
 def main() -> None:

@@ -208,3 +208,23 @@ def test_bad_requests_are_clear_errors(base):
     engine.add_request([5], params, request_id="dup")
     with pytest.raises(InvalidParameterError, match="already in use"):
         engine.add_request([5], params, request_id="dup")
+
+
+def test_metrics_follow_the_requests(base, adapters):
+    engine = make_engine(base, adapters)
+    params = SamplingParams(max_new_tokens=5, **GREEDY)
+    for i, name in enumerate(["a", "a", None, "b"]):
+        engine.add_request(prompts(4, seed=13)[i], params, adapter=name)
+    before = engine.metrics()
+    assert (before.waiting, before.running) == (4, 0)
+    assert before.waiting_per_adapter == {"a": 2, "": 1, "b": 1}
+    engine.step()
+    during = engine.metrics()
+    assert during.running == 4 and during.running_per_adapter == {"a": 2, "": 1, "b": 1}
+    assert during.kv_blocks_used > 0 and during.adapter_slot_loads == 2
+    run(engine)
+    after = engine.metrics()
+    assert after.requests_finished == 4 and after.generation_tokens == 20
+    assert after.kv_blocks_used == 0 and after.waiting == after.running == 0
+    assert len(after.time_to_first_token_s) == 4 and len(after.inter_token_latency_s) == 16
+    assert after.prompt_tokens == sum(len(p) for p in prompts(4, seed=13))
