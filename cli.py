@@ -3,7 +3,8 @@
 Imports happen inside the handlers, so `quadapt --help` starts in a blink. stdout carries results
 only (generated text, perplexity); everything else is a `logging` record of a `quadapt.*` logger,
 which `main` prints on stderr as `quadapt: <message>` (-q: warnings only, -v: debug too). A user's
-mistake prints one `quadapt: error: <message>` line and exits with status 2. Subcommands share
+mistake prints one `quadapt: error: <message>` line and exits with status 2 (`batch` reports a bad input
+line that way, runs the other lines and exits with 1). Subcommands share
 their common flags through parent parsers, so a flag reads the same wherever it appears.
 """
 
@@ -12,8 +13,12 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Collection, Iterable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from typing import TYPE_CHECKING, TextIO
+
+if TYPE_CHECKING:
+    from .runtime.llm import LLM, GenerateRequest
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -98,6 +103,232 @@ def _generate(args: argparse.Namespace) -> int:
             model.config.max_position_embeddings, result.prompt_tokens, result.completion_tokens,
         )
     return 0
+
+
+# `quadapt batch`: the keys of one request line. The sampling ones, like `generate`'s flags of those names,
+# default to SAMPLING_DEFAULTS.
+SAMPLING_DEFAULTS: dict[str, object] = {
+    "max_new_tokens": 128, "temperature": 0.0, "top_k": 0, "top_p": 1.0, "repetition_penalty": 1.0,
+    "seed": None, "stop": None, "ignore_eos": False,
+}
+REQUEST_KEYS = ("id", "prompt", "messages", "adapter", *SAMPLING_DEFAULTS)
+_JSON_TYPES = {dict: "an object", list: "an array", str: "a string", int: "a number", float: "a number", bool: "a boolean"}
+
+
+def _json_type(value: object) -> str:
+    return _JSON_TYPES.get(type(value), type(value).__name__)
+
+
+def _batch_request(
+    raw: bytes, number: int, adapters: Collection[str], seen: dict[str, int]
+) -> tuple[str | int, GenerateRequest]:
+    """The id and the `GenerateRequest` of one input line of `quadapt batch`.
+
+    The id is recorded in `seen` (id -> line) as soon as it is read, so a later line cannot
+    reuse it whatever becomes of this one. The request's engine id is `line-<number>`.
+
+    Raises:
+        QuadaptError: anything wrong with the line; the message names the key and what is allowed.
+    """
+    import json
+
+    from .runtime.errors import InvalidParameterError
+    from .runtime.llm import GenerateRequest
+    from .runtime.sampling import SamplingParams
+    from .runtime.tokenizer import check_text
+
+    try:
+        fields = json.loads(raw.rstrip().decode("utf-8"))  # rstrip: keep an error's position on this line
+    except UnicodeDecodeError as e:
+        raise InvalidParameterError(
+            f"byte {e.start + 1} (0x{raw[e.start]:02x}) is not UTF-8 text; write the file as UTF-8"
+        ) from None
+    except json.JSONDecodeError as e:
+        raise InvalidParameterError(f"not JSON ({e.msg}, column {e.colno}); write one JSON object per line") from None
+    if not isinstance(fields, dict):
+        raise InvalidParameterError(f"a request is a JSON object {{...}}, got {_json_type(fields)}")
+    given = {key: value for key, value in fields.items() if value is not None}  # null is as if absent
+
+    rid = given.get("id", f"line-{number}")
+    if not isinstance(rid, (str, int)) or isinstance(rid, bool):
+        raise InvalidParameterError(
+            f'"id" must be a string or an integer, got {_json_type(rid)}; leave it out to use "line-{number}"'
+        )
+    key = json.dumps(rid)
+    if key in seen:
+        raise InvalidParameterError(f"id {key} is already used by line {seen[key]}; give each request its own id")
+    seen[key] = number
+
+    unknown = [k for k in fields if k not in REQUEST_KEYS]
+    if unknown:
+        raise InvalidParameterError(
+            f"unknown key{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}; "
+            f"allowed: {', '.join(REQUEST_KEYS)}"
+        )
+    if ("prompt" in given) == ("messages" in given):
+        raise InvalidParameterError(
+            'give exactly one of "prompt" (raw text) and "messages" (chat messages), '
+            f"got {'both' if 'prompt' in given else 'neither'}"
+        )
+    if "prompt" in given:
+        prompt = given["prompt"]
+        if not isinstance(prompt, str):
+            raise InvalidParameterError(f'"prompt" must be a string, got {_json_type(prompt)}; chat messages go in "messages"')
+        check_text(prompt, '"prompt"')
+    else:
+        prompt = given["messages"]
+        if not isinstance(prompt, list):
+            raise InvalidParameterError(
+                f'"messages" must be an array of {{"role": ..., "content": ...}} objects, got {_json_type(prompt)}'
+            )
+        for i, message in enumerate(prompt):
+            if isinstance(message, dict) and isinstance(message.get("content"), str):
+                check_text(message["content"], f'"messages"[{i}].content')
+    adapter = given.get("adapter")
+    if adapter is not None and not isinstance(adapter, str):
+        raise InvalidParameterError(f'"adapter" must be the NAME of an --adapter NAME=PATH, or null, got {_json_type(adapter)}')
+    if adapter is not None and adapter not in adapters:
+        raise InvalidParameterError(
+            f"unknown adapter {adapter!r}; this run loaded {', '.join(sorted(adapters)) or 'none'}. Load it with "
+            f'--adapter {adapter}=PATH, or leave "adapter" out (or null) for the base model'
+        )
+    settings = {name: given.get(name, default) for name, default in SAMPLING_DEFAULTS.items()}
+    stop = [] if settings["stop"] is None else settings["stop"]
+    for text in [stop] if isinstance(stop, str) else stop if isinstance(stop, list) else ():
+        if isinstance(text, str):
+            check_text(text, '"stop"')
+    params = SamplingParams(**{**settings, "stop": stop})
+    return rid, GenerateRequest(prompt, params, adapter, request_id=f"line-{number}")
+
+
+def _batch(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .runtime.checkpoints.peft import read_peft_adapter
+    from .runtime.engine import Engine, EngineConfig
+    from .runtime.errors import InvalidParameterError, QuadaptError
+    from .runtime.llm import LLM
+
+    # Every check on what was typed (flags, files, adapters) runs before the model loads.
+    names = [name for name, _ in args.adapter]
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise InvalidParameterError(
+            f"adapter name(s) {', '.join(map(repr, twice))} given twice; give each --adapter its own NAME"
+        )
+    source = Path(args.input)
+    if not source.is_file():
+        raise InvalidParameterError(f"input file {args.input!r} does not exist; pass a JSONL file of requests with --input")
+    target = Path(args.output) if args.output is not None else None
+    if target is not None:
+        if target.is_dir() or not target.parent.is_dir():
+            raise InvalidParameterError(
+                f"--output {args.output!r} is a directory or lies in a directory that does not exist; "
+                "name a file in an existing directory"
+            )
+        if target.exists() and target.resolve() == source.resolve():
+            raise InvalidParameterError(f"--output {args.output!r} is the input file; write the results to another file")
+    paths = dict(args.adapter)
+    adapters = {}
+    for name, path in paths.items():
+        try:
+            adapters[name] = read_peft_adapter(path)
+        except QuadaptError as e:
+            raise type(e)(f"--adapter {name}={path}: {e}") from None
+    rank = max((a.max_rank for a in adapters.values()), default=16)  # 16: EngineConfig's, for --max-loras alone
+    if args.max_lora_rank is not None and args.max_lora_rank < rank:
+        largest = max(adapters, key=lambda n: adapters[n].max_rank)
+        raise InvalidParameterError(
+            f"adapter {largest!r} has rank {rank}, above --max-lora-rank {args.max_lora_rank}; "
+            f"raise it to at least {rank}, or leave it out to size the slots to the adapters"
+        )
+    config = EngineConfig(
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_batched_tokens,
+        max_loras=args.max_loras if args.max_loras is not None else len(adapters),
+        max_lora_rank=args.max_lora_rank or rank,
+    )
+
+    model, tokenizer = _load(args)
+    try:
+        engine = Engine.for_model(
+            model, eos_token_ids=tokenizer.eos_token_ids, config=config,
+            kv_cache_bytes=args.kv_cache_memory, block_size=args.block_size,
+        )
+    except InvalidParameterError as e:
+        raise InvalidParameterError(f"{e} (--kv-cache-memory, --block-size)") from None
+    for name, adapter in adapters.items():
+        try:
+            engine.adapters.load(name, adapter)
+        except QuadaptError as e:
+            raise type(e)(f"--adapter {name}={paths[name]}: {e}") from None
+    llm = LLM(engine, tokenizer)
+    with ExitStack() as files:
+        try:
+            lines = files.enter_context(open(source, "rb"))
+        except OSError as e:
+            raise InvalidParameterError(f"cannot read --input {args.input!r}: {e}; pass a file you can read") from None
+        try:
+            sink = sys.stdout if target is None else files.enter_context(open(target, "w", encoding="utf-8"))
+        except OSError as e:
+            raise InvalidParameterError(f"cannot write --output {args.output!r}: {e}; name a file you can write") from None
+        bad = _run_batch(llm, lines, sink, args, set(adapters))
+    return 1 if bad else 0
+
+
+def _run_batch(
+    llm: LLM, lines: Iterable[bytes], sink: TextIO, args: argparse.Namespace, adapters: Collection[str]
+) -> int:
+    """Feed the input's requests to `llm` as it has room, and write each result line as its request
+    finishes. Returns how many lines were bad (each reported on stderr)."""
+    import json
+    import time
+
+    from .runtime.errors import QuadaptError
+
+    start = time.perf_counter()
+    numbered = enumerate(lines, 1)
+    seen: dict[str, int] = {}
+    running: dict[str, tuple[object, int, list[str]]] = {}  # engine id -> (id, line, text so far)
+    window = 2 * args.max_num_seqs  # queued ahead, so a finished row is refilled at once
+    bad = done = tokens = 0
+    exhausted = False
+    while True:
+        while not exhausted and len(running) < window:
+            number, raw = next(numbered, (0, None))
+            if raw is None:
+                exhausted = True
+            elif raw.strip():
+                try:
+                    rid, request = _batch_request(raw, number, adapters, seen)
+                    running[llm.add(request)] = (rid, number, [])
+                except QuadaptError as e:
+                    logger.error("error: %s line %d: %s", args.input, number, e)
+                    bad += 1
+        if not running:
+            break
+        for delta in llm.step():
+            rid, number, parts = running[delta.request_id]
+            parts.append(delta.text)
+            if not delta.finished:
+                continue
+            del running[delta.request_id]
+            usage = {"prompt_tokens": delta.prompt_tokens, "completion_tokens": delta.completion_tokens}
+            record = {"id": rid, "text": "".join(parts), "finish_reason": delta.finish_reason, "usage": usage}
+            sink.write(json.dumps(record) + "\n")
+            sink.flush()
+            done, tokens = done + 1, tokens + delta.completion_tokens
+            logger.debug("line %d (id %s): %s after %d tokens", number, json.dumps(rid), delta.finish_reason,
+                         delta.completion_tokens)
+            if delta.context_full:
+                logger.warning(
+                    "%s line %d: the output stopped at the model's context (prompt %d + output %d tokens); "
+                    "shorten the prompt or lower max_new_tokens", args.input, number, delta.prompt_tokens,
+                    delta.completion_tokens,
+                )
+    skipped = f"; {bad} bad line{'s' if bad > 1 else ''} not run" if bad else ""
+    logger.info("%d requests, %d tokens in %.1f s%s", done, tokens, time.perf_counter() - start, skipped)
+    return bad
 
 
 def _eval_ppl(args: argparse.Namespace) -> int:
@@ -193,6 +424,30 @@ def _positive_int(value: str) -> int:
     return number
 
 
+def _adapter_spec(value: str) -> tuple[str, str]:
+    """argparse type: NAME=PATH."""
+    name, sep, path = value.partition("=")
+    if not (sep and name and path):
+        raise argparse.ArgumentTypeError(f"must be NAME=PATH (e.g. sql=adapters/sql), got {value!r}")
+    return name, path
+
+
+_SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+def _byte_size(value: str) -> int:
+    """argparse type: a memory size, e.g. 512MiB, 2GiB, 1.5GB or 1000000 (bytes)."""
+    import re
+
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", value)
+    unit = match[2].lower() if match else ""
+    if not match or unit not in _SIZE_UNITS or int(float(match[1]) * _SIZE_UNITS[unit]) < 1:
+        raise argparse.ArgumentTypeError(
+            f"must be a size like 512MiB, 2GiB, 1.5GB or 1000000 (bytes), got {value!r}"
+        )
+    return int(float(match[1]) * _SIZE_UNITS[unit])
+
+
 # Parent parsers: each subcommand takes its shared flags from these, so the same flag is spelled,
 # defaulted and explained the same way everywhere. Built fresh per subcommand (argparse shares the
 # parents' action objects with every child).
@@ -286,16 +541,69 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt", required=True, help="the prompt text")
     gen.add_argument("--chat", action="store_true", help="wrap the prompt as one user message in the model's chat template")
     gen.add_argument("--system", default=None, help="system message of the chat template (needs --chat)")
-    gen.add_argument("--max-new-tokens", type=int, default=128, metavar="N", help="most tokens to generate (default 128)")
-    gen.add_argument("--temperature", type=float, default=0.0, metavar="T", help="sampling temperature; 0 is greedy (default)")
-    gen.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus sampling mass (default 1.0: off)")
-    gen.add_argument("--top-k", type=int, default=0, metavar="K", help="keep the K most likely tokens (default 0: off)")
-    gen.add_argument("--repetition-penalty", type=float, default=1.0, metavar="R", help="penalty on repeated tokens (default 1.0: off)")
+    gen.add_argument("--max-new-tokens", type=int, default=SAMPLING_DEFAULTS["max_new_tokens"], metavar="N", help="most tokens to generate (default 128)")
+    gen.add_argument("--temperature", type=float, default=SAMPLING_DEFAULTS["temperature"], metavar="T", help="sampling temperature; 0 is greedy (default)")
+    gen.add_argument("--top-p", type=float, default=SAMPLING_DEFAULTS["top_p"], metavar="P", help="nucleus sampling mass (default 1.0: off)")
+    gen.add_argument("--top-k", type=int, default=SAMPLING_DEFAULTS["top_k"], metavar="K", help="keep the K most likely tokens (default 0: off)")
+    gen.add_argument("--repetition-penalty", type=float, default=SAMPLING_DEFAULTS["repetition_penalty"], metavar="R", help="penalty on repeated tokens (default 1.0: off)")
     gen.add_argument("--seed", type=int, default=None, metavar="S", help="seed; the same seed reproduces sampled output")
     gen.add_argument("--stop", action="append", metavar="TEXT", help="stop before this text (repeatable)")
     gen.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence tokens")
     gen.add_argument("--adapter", default=None, metavar="DIR", help="PEFT LoRA adapter directory to apply to the model")
     gen.set_defaults(handler=_generate)
+
+    batch = sub.add_parser(
+        "batch",
+        parents=[_model_options("checkpoint directory or .gguf file"), _run_options()],
+        help="run a JSONL file of requests through the batching engine, with many adapters",
+        description=(
+            "Run the requests of a JSONL file through the batching engine, each with its own adapter (or the base "
+            'model) and sampling settings. An input line is one JSON object: "prompt" (raw text) or "messages" '
+            '(chat messages, through the chat template as generate --chat), and optionally "id", "adapter" (a '
+            "--adapter NAME) and generate's sampling settings: max_new_tokens, temperature, top_k, top_p, "
+            "repetition_penalty, seed, stop (a string or a list), ignore_eos, with generate's defaults (greedy, "
+            "128 tokens). A key set to null is as if absent; blank lines are skipped; a line without an id gets "
+            '"line-N" (N its line number). Each request prints one line as it finishes (finish order, not input '
+            'order): {"id", "text", "finish_reason", "usage": {"prompt_tokens", "completion_tokens"}}. '
+            "A bad line (not JSON, an unknown key, a bad value, an unknown adapter, a prompt too long, an id "
+            "used before) is reported on stderr as `quadapt: error: FILE line N: ...` and the other lines still "
+            "run. Exit status: 0 when every line ran, 1 when some lines were bad, 2 when nothing ran (a bad flag, "
+            "input file, adapter or model)."
+        ),
+    )
+    batch.add_argument("--input", required=True, metavar="REQUESTS.jsonl", help="the requests, one JSON object a line")
+    batch.add_argument(
+        "--output", default=None, metavar="OUT.jsonl",
+        help="write the results here (replacing the file), one line as each request finishes (default: stdout)",
+    )
+    batch.add_argument(
+        "--adapter", type=_adapter_spec, action="append", default=[], metavar="NAME=PATH",
+        help='load the PEFT LoRA adapter directory PATH as NAME, for lines with "adapter": NAME (repeatable)',
+    )
+    engine = batch.add_argument_group("engine")
+    engine.add_argument(
+        "--kv-cache-memory", type=_byte_size, default="512MiB", metavar="SIZE",
+        help="memory for the paged KV cache, e.g. 512MiB, 2GiB (default 512MiB)",
+    )
+    engine.add_argument(
+        "--max-num-seqs", type=_positive_int, default=16, metavar="N", help="most requests running at once (default 16)"
+    )
+    engine.add_argument(
+        "--max-batched-tokens", type=_positive_int, default=512, metavar="N",
+        help="most tokens one step feeds; longer prompts are prefilled in chunks (default 512)",
+    )
+    engine.add_argument(
+        "--block-size", type=_positive_int, default=16, metavar="N", help="positions per KV cache block (default 16)"
+    )
+    engine.add_argument(
+        "--max-loras", type=_positive_int, default=None, metavar="N",
+        help="adapter slots; with fewer slots than adapters, idle adapters are swapped out (default: one per --adapter)",
+    )
+    engine.add_argument(
+        "--max-lora-rank", type=_positive_int, default=None, metavar="R",
+        help="the largest rank a slot holds (default: the largest --adapter's rank)",
+    )
+    batch.set_defaults(handler=_batch)
 
     ppl = sub.add_parser(
         "eval-ppl",
