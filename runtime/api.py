@@ -1,11 +1,12 @@
-"""The small public API behind `quadapt.load`: a model and its tokenizer, loaded once, and a
-`generate` call that takes a prompt string or chat messages and returns text.
+"""The small public API: `quadapt.load`, a model and its tokenizer for one request at a time.
 
 `load` does what `quadapt generate` does before its first token (open the checkpoint, build the
 tokenizer, load the model, apply an adapter), and `LoadedModel.generate` does the rest, so the
 same settings give the CLI's text. It is a thin layer over the reference generator
-(`generate_text`): one request at a time, one adapter for the model's lifetime; it does not
-batch, schedule or serve.
+(`generate_text`): one request at a time, one adapter for the model's lifetime.
+
+`serve` (in `batch_api.py`) puts the same checkpoint behind the batching engine. The helpers
+at the end of this file (checking dtypes, threads, prompts and sampling keywords) serve both.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any, Literal
 import torch
 
 from .adapters import apply_adapter
-from .checkpoints import open_checkpoint
+from .checkpoints import CheckpointReader, open_checkpoint
 from .checkpoints.peft_fit import BaseModules, load_adapter_for
 from .errors import CheckpointError, InvalidParameterError
 from .generate import Generation, generate_text
@@ -34,6 +35,11 @@ DType = Literal["float32", "bfloat16", "float16"]
 _DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 Message = Mapping[str, Any]
+
+# LoadedModel.generate's sampling keywords, which BatchModel takes too.
+_SETTINGS = frozenset(
+    {"max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "seed", "stop", "ignore_eos"}
+)
 
 
 @dataclass(frozen=True)
@@ -122,18 +128,10 @@ class LoadedModel:
         Raises:
             InvalidParameterError, ConfigError: as `generate`.
         """
+        prompt = text_or_messages(prompt, chat)
         if isinstance(prompt, str):
-            if not chat:
-                return self.tokenizer.encode(prompt)
-            messages: list[Message] = [{"role": "user", "content": prompt}]
-        else:
-            if chat is False:
-                raise InvalidParameterError(
-                    "chat=False but the prompt is a list of messages; messages need the chat template: "
-                    "pass chat=None (or True), or pass the prompt as a string"
-                )
-            messages = _check_messages(prompt)
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+            return self.tokenizer.encode(prompt)
+        text = self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True)
         # The template writes its own special tokens; adding the tokenizer's would double the BOS.
         return self.tokenizer.encode(text, add_special_tokens=False)
 
@@ -167,16 +165,9 @@ def load(
         ConfigError, UnsupportedError: a model quadapt cannot run.
         InvalidParameterError: an unknown dtype, or threads not a positive integer.
     """
-    torch_dtype = _torch_dtype(dtype)
-    if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
-        raise InvalidParameterError(f"threads must be a positive integer or None, got {threads!r}")
-    reader = open_checkpoint(path)
-    files = reader.tokenizer_files()
-    if files is None:
-        raise CheckpointError(
-            f"{str(path)!r} carries no tokenizer (tokenizer.json); copy the model's tokenizer files beside its weights"
-        )
-    tokenizer = Tokenizer.from_files(files)
+    torch_dtype = resolve_dtype(dtype)
+    check_threads(threads)
+    reader, tokenizer = open_with_tokenizer(path)
     # Read and fit the adapter to the base's layout before the weights load, so a wrong adapter
     # fails in a blink rather than after the whole model is in memory.
     peft_adapter = None if adapter is None else load_adapter_for(adapter, BaseModules.of_checkpoint(reader))
@@ -193,7 +184,25 @@ def load(
     )
 
 
-def _torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
+def sampling_params(params: Any, settings: dict[str, Any]) -> Any:
+    """`params` if given, else SamplingParams from `LoadedModel.generate`'s sampling keywords and defaults (greedy)."""
+    if params is not None:
+        if settings:
+            raise InvalidParameterError(
+                f"pass sampling settings as params= or as keywords, not both (got {sorted(settings)})"
+            )
+        return params
+    unknown = sorted(set(settings) - _SETTINGS)
+    if unknown:
+        raise InvalidParameterError(
+            f"unknown sampling setting(s) {unknown}; the settings are {', '.join(sorted(_SETTINGS))}"
+        )
+    if settings.get("stop") is None:
+        settings = {k: v for k, v in settings.items() if k != "stop"}
+    return SamplingParams(**{"temperature": 0.0, **settings})
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype) and dtype in _DTYPES.values():
         return dtype
     if isinstance(dtype, str) and dtype in _DTYPES:
@@ -201,7 +210,34 @@ def _torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
     raise InvalidParameterError(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
 
 
-def _check_messages(messages: object) -> list[Message]:
+def open_with_tokenizer(path: str | Path) -> tuple[CheckpointReader, Tokenizer]:
+    reader = open_checkpoint(path)
+    files = reader.tokenizer_files()
+    if files is None:
+        raise CheckpointError(
+            f"{str(path)!r} carries no tokenizer (tokenizer.json); copy the model's tokenizer files beside its weights"
+        )
+    return reader, Tokenizer.from_files(files)
+
+
+def check_threads(threads: object) -> None:
+    if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
+        raise InvalidParameterError(f"threads must be a positive integer or None, got {threads!r}")
+
+
+def text_or_messages(prompt: str | Sequence[Message], chat: bool | None) -> str | list[dict[str, Any]]:
+    """`prompt` as raw text or as checked chat messages (see `LoadedModel.generate` for `chat`)."""
+    if isinstance(prompt, str):
+        return [{"role": "user", "content": prompt}] if chat else prompt
+    if chat is False:
+        raise InvalidParameterError(
+            "chat=False but the prompt is a list of messages; messages need the chat template: "
+            "pass chat=None (or True), or pass the prompt as a string"
+        )
+    return [dict(m) for m in check_messages(prompt)]
+
+
+def check_messages(messages: object) -> list[Message]:
     """`messages` as a list, after checking it is a non-empty list of role/content dicts."""
     if not isinstance(messages, (list, tuple)) or not messages:
         raise InvalidParameterError(

@@ -22,6 +22,7 @@ from typing import Any
 
 from .engine import Engine, RequestOutput
 from .errors import InvalidParameterError
+from .metrics import MetricsSnapshot
 from .sampling import SamplingParams
 from .text_stream import TextStream
 from .tokenizer import Tokenizer
@@ -300,6 +301,11 @@ class AsyncLLM:
             self._queues.pop(request_id, None)
             self._outputs.discard(request_id)
             return self.engine.abort(request_id)
+
+    def metrics(self) -> MetricsSnapshot:
+        """The engine's metrics, read between steps (the engine thread changes its queues)."""
+        with self._wake:
+            return self.engine.metrics()
 
     def load_adapter(self, name: str, path: str) -> None:
         """Load (or reload) an adapter while requests run."""
