@@ -13,12 +13,12 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Collection, Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
-from typing import TYPE_CHECKING, TextIO
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .runtime.llm import LLM, GenerateRequest
+    pass
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -105,100 +105,11 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
-# `quadapt batch`: the keys of one request line. The sampling ones, like `generate`'s flags of those names,
-# default to SAMPLING_DEFAULTS.
+# `generate`'s sampling flags default to these, and so do the settings of a `quadapt batch` line.
 SAMPLING_DEFAULTS: dict[str, object] = {
     "max_new_tokens": 128, "temperature": 0.0, "top_k": 0, "top_p": 1.0, "repetition_penalty": 1.0,
     "seed": None, "stop": None, "ignore_eos": False,
 }
-REQUEST_KEYS = ("id", "prompt", "messages", "adapter", *SAMPLING_DEFAULTS)
-_JSON_TYPES = {dict: "an object", list: "an array", str: "a string", int: "a number", float: "a number", bool: "a boolean"}
-
-
-def _json_type(value: object) -> str:
-    return _JSON_TYPES.get(type(value), type(value).__name__)
-
-
-def _batch_request(
-    raw: bytes, number: int, adapters: Collection[str], seen: dict[str, int]
-) -> tuple[str | int, GenerateRequest]:
-    """The id and the `GenerateRequest` of one input line of `quadapt batch`.
-
-    The id is recorded in `seen` (id -> line) as soon as it is read, so a later line cannot
-    reuse it whatever becomes of this one. The request's engine id is `line-<number>`.
-
-    Raises:
-        QuadaptError: anything wrong with the line; the message names the key and what is allowed.
-    """
-    import json
-
-    from .runtime.errors import InvalidParameterError
-    from .runtime.llm import GenerateRequest
-    from .runtime.sampling import SamplingParams
-    from .runtime.tokenizer import check_text
-
-    try:
-        fields = json.loads(raw.rstrip().decode("utf-8"))  # rstrip: keep an error's position on this line
-    except UnicodeDecodeError as e:
-        raise InvalidParameterError(
-            f"byte {e.start + 1} (0x{raw[e.start]:02x}) is not UTF-8 text; write the file as UTF-8"
-        ) from None
-    except json.JSONDecodeError as e:
-        raise InvalidParameterError(f"not JSON ({e.msg}, column {e.colno}); write one JSON object per line") from None
-    if not isinstance(fields, dict):
-        raise InvalidParameterError(f"a request is a JSON object {{...}}, got {_json_type(fields)}")
-    given = {key: value for key, value in fields.items() if value is not None}  # null is as if absent
-
-    rid = given.get("id", f"line-{number}")
-    if not isinstance(rid, (str, int)) or isinstance(rid, bool):
-        raise InvalidParameterError(
-            f'"id" must be a string or an integer, got {_json_type(rid)}; leave it out to use "line-{number}"'
-        )
-    key = json.dumps(rid)
-    if key in seen:
-        raise InvalidParameterError(f"id {key} is already used by line {seen[key]}; give each request its own id")
-    seen[key] = number
-
-    unknown = [k for k in fields if k not in REQUEST_KEYS]
-    if unknown:
-        raise InvalidParameterError(
-            f"unknown key{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}; "
-            f"allowed: {', '.join(REQUEST_KEYS)}"
-        )
-    if ("prompt" in given) == ("messages" in given):
-        raise InvalidParameterError(
-            'give exactly one of "prompt" (raw text) and "messages" (chat messages), '
-            f"got {'both' if 'prompt' in given else 'neither'}"
-        )
-    if "prompt" in given:
-        prompt = given["prompt"]
-        if not isinstance(prompt, str):
-            raise InvalidParameterError(f'"prompt" must be a string, got {_json_type(prompt)}; chat messages go in "messages"')
-        check_text(prompt, '"prompt"')
-    else:
-        prompt = given["messages"]
-        if not isinstance(prompt, list):
-            raise InvalidParameterError(
-                f'"messages" must be an array of {{"role": ..., "content": ...}} objects, got {_json_type(prompt)}'
-            )
-        for i, message in enumerate(prompt):
-            if isinstance(message, dict) and isinstance(message.get("content"), str):
-                check_text(message["content"], f'"messages"[{i}].content')
-    adapter = given.get("adapter")
-    if adapter is not None and not isinstance(adapter, str):
-        raise InvalidParameterError(f'"adapter" must be the NAME of an --adapter NAME=PATH, or null, got {_json_type(adapter)}')
-    if adapter is not None and adapter not in adapters:
-        raise InvalidParameterError(
-            f"unknown adapter {adapter!r}; this run loaded {', '.join(sorted(adapters)) or 'none'}. Load it with "
-            f'--adapter {adapter}=PATH, or leave "adapter" out (or null) for the base model'
-        )
-    settings = {name: given.get(name, default) for name, default in SAMPLING_DEFAULTS.items()}
-    stop = [] if settings["stop"] is None else settings["stop"]
-    for text in [stop] if isinstance(stop, str) else stop if isinstance(stop, list) else ():
-        if isinstance(text, str):
-            check_text(text, '"stop"')
-    params = SamplingParams(**{**settings, "stop": stop})
-    return rid, GenerateRequest(prompt, params, adapter, request_id=f"line-{number}")
 
 
 def _batch(args: argparse.Namespace) -> int:
@@ -208,6 +119,7 @@ def _batch(args: argparse.Namespace) -> int:
     from .runtime.engine import Engine, EngineConfig
     from .runtime.errors import InvalidParameterError, QuadaptError
     from .runtime.llm import LLM
+    from .runtime.offline import run_jsonl
 
     # Every check on what was typed (flags, files, adapters) runs before the model loads.
     names = [name for name, _ in args.adapter]
@@ -272,63 +184,11 @@ def _batch(args: argparse.Namespace) -> int:
             sink = sys.stdout if target is None else files.enter_context(open(target, "w", encoding="utf-8"))
         except OSError as e:
             raise InvalidParameterError(f"cannot write --output {args.output!r}: {e}; name a file you can write") from None
-        bad = _run_batch(llm, lines, sink, args, set(adapters))
+        bad = run_jsonl(
+            llm, lines, sink, source=args.input, adapters=set(adapters), defaults=SAMPLING_DEFAULTS,
+            window=2 * args.max_num_seqs,
+        )
     return 1 if bad else 0
-
-
-def _run_batch(
-    llm: LLM, lines: Iterable[bytes], sink: TextIO, args: argparse.Namespace, adapters: Collection[str]
-) -> int:
-    """Feed the input's requests to `llm` as it has room, and write each result line as its request
-    finishes. Returns how many lines were bad (each reported on stderr)."""
-    import json
-    import time
-
-    from .runtime.errors import QuadaptError
-
-    start = time.perf_counter()
-    numbered = enumerate(lines, 1)
-    seen: dict[str, int] = {}
-    running: dict[str, tuple[object, int, list[str]]] = {}  # engine id -> (id, line, text so far)
-    window = 2 * args.max_num_seqs  # queued ahead, so a finished row is refilled at once
-    bad = done = tokens = 0
-    exhausted = False
-    while True:
-        while not exhausted and len(running) < window:
-            number, raw = next(numbered, (0, None))
-            if raw is None:
-                exhausted = True
-            elif raw.strip():
-                try:
-                    rid, request = _batch_request(raw, number, adapters, seen)
-                    running[llm.add(request)] = (rid, number, [])
-                except QuadaptError as e:
-                    logger.error("error: %s line %d: %s", args.input, number, e)
-                    bad += 1
-        if not running:
-            break
-        for delta in llm.step():
-            rid, number, parts = running[delta.request_id]
-            parts.append(delta.text)
-            if not delta.finished:
-                continue
-            del running[delta.request_id]
-            usage = {"prompt_tokens": delta.prompt_tokens, "completion_tokens": delta.completion_tokens}
-            record = {"id": rid, "text": "".join(parts), "finish_reason": delta.finish_reason, "usage": usage}
-            sink.write(json.dumps(record) + "\n")
-            sink.flush()
-            done, tokens = done + 1, tokens + delta.completion_tokens
-            logger.debug("line %d (id %s): %s after %d tokens", number, json.dumps(rid), delta.finish_reason,
-                         delta.completion_tokens)
-            if delta.context_full:
-                logger.warning(
-                    "%s line %d: the output stopped at the model's context (prompt %d + output %d tokens); "
-                    "shorten the prompt or lower max_new_tokens", args.input, number, delta.prompt_tokens,
-                    delta.completion_tokens,
-                )
-    skipped = f"; {bad} bad line{'s' if bad > 1 else ''} not run" if bad else ""
-    logger.info("%d requests, %d tokens in %.1f s%s", done, tokens, time.perf_counter() - start, skipped)
-    return bad
 
 
 def _eval_ppl(args: argparse.Namespace) -> int:
