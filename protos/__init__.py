@@ -1,7 +1,9 @@
-"""Reserved for the gRPC protocol: planned, not written yet.
+"""quadapt's gRPC protocol: `quadapt/v1/generation.proto` and the Python stubs generated from it.
 
-There are no `.proto` files, generated stubs or server today. The plan (DESIGN.md) is
-`quadapt/v1/generation.proto` (Generate, GenerateStream, Tokenize, adapter management, ServerInfo)
-with its generated stubs here, imported by the server module alone. This package imports nothing
-of quadapt.
+The `.proto` is the contract; the stubs beside it (`generation_pb2.py`, `generation_pb2.pyi`,
+`generation_pb2_grpc.py`) are generated, checked in, and imported by `quadapt.runtime.server`
+and `quadapt.runtime.client` alone: protobuf types never travel further into quadapt.
+Regenerate them after editing the `.proto` with `python -m quadapt.protos.generate`
+(needs grpcio-tools, in the `dev` extra); a test checks that they are current. This package
+imports nothing of quadapt.
 """

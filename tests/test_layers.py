@@ -28,6 +28,14 @@ ALLOWED = {
     "cli": {"runtime", "converters", "train", "kernels", "protos", "api"},
     "api": {"runtime", "converters", "train", "kernels"},
 }
+# Modules allowed more than their part: the generated gRPC stubs (`protos`) are imported by the
+# runtime's two network edges alone, which convert wire types to the runtime's own at that
+# boundary (STYLE: wire types never leak past the server). Every other runtime module keeps
+# ALLOWED["runtime"].
+EXTRA_ALLOWED = {
+    "quadapt.runtime.server": {"protos"},
+    "quadapt.runtime.client": {"protos"},
+}
 
 
 def module_files() -> dict[str, Path]:
@@ -94,7 +102,7 @@ def test_imports_run_one_way(graph):
             other = part_of(target)
             if other == "cli" and part != "cli":
                 wrong.append(f"{module} imports {target}: nothing imports the CLI")
-            elif other != part and other not in ALLOWED[part]:
+            elif other != part and other not in ALLOWED[part] | EXTRA_ALLOWED.get(module, set()):
                 wrong.append(f"{module} ({part}) imports {target} ({other}), a layer above or beside it")
     assert not wrong, "\n".join(wrong)
 

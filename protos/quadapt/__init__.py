@@ -1,0 +1,1 @@
+"""The `quadapt` protobuf package; versions below it (`v1`)."""

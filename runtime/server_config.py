@@ -1,0 +1,161 @@
+"""What the gRPC server serves and how: `ServerConfig`, token files, and loading the model behind an engine.
+
+`ServerConfig` is plain, validated data (no file is read and no port bound when one is made);
+`load_llm` does the slow part, reading the checkpoint, the tokenizer and the start-up adapters,
+in the order that reports a bad adapter before the weights load. `server.py` runs it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from .engine import DEFAULT_KV_CACHE_BYTES, EngineConfig
+from .errors import CheckpointError, InvalidParameterError, QuadaptError
+from .llm import AsyncLLM
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """How to serve a model. Only `model` is required.
+
+    Attributes:
+        model: the checkpoint directory or `.gguf` file to serve.
+        host, port: where to listen (port 0: any free port; `Server.port` says which). The
+            default host answers this machine only; "0.0.0.0" or "[::]" listen on every interface.
+        adapters: adapters to load at start, name -> PEFT directory (the operator's, so not
+            limited to `adapter_dirs`).
+        adapter_dirs: directories LoadAdapter may read adapters from; empty refuses every
+            LoadAdapter call.
+        max_queue: the most generation requests waiting or running at once; one more is
+            RESOURCE_EXHAUSTED.
+        max_message_bytes: the largest request (and response) message, in bytes.
+        drain_timeout_s: on SIGTERM, how long in-flight requests may take to finish before they
+            are cancelled.
+        tls_cert, tls_key: PEM files of the server's certificate chain and key (TLS).
+        tls_client_ca: PEM file of the CA that client certificates must chain to (mutual TLS;
+            needs tls_cert).
+        token: the bearer token every Generation RPC needs (`authorization: Bearer <token>`);
+            None: no token.
+        admin_token: the token LoadAdapter and UnloadAdapter need (it also passes wherever
+            `token` does); None: they take `token`.
+        metrics_port: serve Prometheus metrics on this port (0: any free port); None: no endpoint.
+        metrics_host: where the metrics endpoint listens (default: `host`).
+        model_name: the name ServerInfo reports (default: the checkpoint's file or folder name).
+        dtype, threads: the model's dtype, and CPU threads (None: torch's choice).
+        max_num_seqs, max_num_batched_tokens, max_loras, max_lora_rank, kv_cache_bytes,
+            block_size: the engine's limits (see `EngineConfig`); max_lora_rank None: the
+            largest rank among `adapters`, at least 16.
+    """
+
+    model: str
+    host: str = "127.0.0.1"
+    port: int = 50051
+    adapters: dict[str, str] = field(default_factory=dict)
+    adapter_dirs: tuple[str, ...] = ()
+    max_queue: int = 64
+    max_message_bytes: int = 4 * 2**20
+    drain_timeout_s: float = 30.0
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_client_ca: str | None = None
+    token: str | None = field(default=None, repr=False)
+    admin_token: str | None = field(default=None, repr=False)
+    metrics_port: int | None = None
+    metrics_host: str | None = None
+    model_name: str | None = None
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    threads: int | None = None
+    max_num_seqs: int = 16
+    max_num_batched_tokens: int = 512
+    max_loras: int = 4
+    max_lora_rank: int | None = None
+    kv_cache_bytes: int = DEFAULT_KV_CACHE_BYTES
+    block_size: int = 16
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "model", str(self.model))
+        object.__setattr__(self, "adapters", {str(k): str(v) for k, v in dict(self.adapters).items()})
+        object.__setattr__(self, "adapter_dirs", tuple(str(d) for d in self.adapter_dirs))
+        for name in ("port", "metrics_port"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or not 0 <= value <= 65535):
+                raise InvalidParameterError(f"{name} must be a port number in [0, 65535] (0: any free port), got {value!r}")
+        for name in ("max_queue", "max_message_bytes"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise InvalidParameterError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
+        if not self.drain_timeout_s >= 0:
+            raise InvalidParameterError(f"drain_timeout_s must be >= 0 seconds, got {self.drain_timeout_s!r}")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise InvalidParameterError("tls_cert and tls_key go together: give both (TLS) or neither (plaintext)")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise InvalidParameterError("tls_client_ca (mutual TLS) needs the server's own tls_cert and tls_key")
+        for name in ("token", "admin_token"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value or value != value.strip()):
+                raise InvalidParameterError(f"{name} must be a non-empty string without surrounding whitespace")
+        if self.token is not None and self.token == self.admin_token:
+            raise InvalidParameterError("token and admin_token are the same; give the admin its own token")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise InvalidParameterError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.adapters and self.max_loras < 1:
+            raise InvalidParameterError(f"max_loras=0 serves the base model only, but adapters {sorted(self.adapters)} were given")
+        EngineConfig(self.max_num_seqs, self.max_num_batched_tokens, self.max_loras, self.max_lora_rank or 16)
+
+
+def read_secret(path: str | os.PathLike[str], what: str = "token file") -> str:
+    """A token from a file: its text without surrounding whitespace (a final newline is usual).
+
+    Raises:
+        InvalidParameterError: the file cannot be read or holds nothing.
+    """
+    try:
+        secret = Path(path).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise InvalidParameterError(f"cannot read the {what} {str(path)!r}: {e}") from None
+    if not secret:
+        raise InvalidParameterError(f"the {what} {str(path)!r} is empty; write the token into it")
+    return secret
+
+
+def load_llm(config: ServerConfig) -> AsyncLLM:
+    """The model, tokenizer, engine and start-up adapters of `config`, behind an `AsyncLLM` (not started).
+
+    Raises:
+        CheckpointError, ConfigError, UnsupportedError: a checkpoint quadapt cannot serve.
+        AdapterError, UnsupportedError: a start-up adapter that does not fit (checked before the weights load).
+    """
+    import torch
+
+    from .checkpoints import open_checkpoint
+    from .checkpoints.peft_fit import BaseModules, load_adapter_for
+    from .engine import Engine
+    from .loader import load_model
+    from .tokenizer import Tokenizer
+
+    reader = open_checkpoint(config.model)
+    files = reader.tokenizer_files()
+    if files is None:
+        raise CheckpointError(f"{config.model!r} carries no tokenizer (tokenizer.json); copy it beside the weights")
+    tokenizer = Tokenizer.from_files(files)
+    base = BaseModules.of_checkpoint(reader)
+    adapters = {}
+    for name, path in config.adapters.items():
+        try:
+            adapters[name] = load_adapter_for(path, base)
+        except QuadaptError as e:
+            raise type(e)(f"adapter {name}={path}: {e}") from None
+    rank = config.max_lora_rank or max([16, *(a.max_rank for a in adapters.values())])
+    engine_config = EngineConfig(config.max_num_seqs, config.max_num_batched_tokens, config.max_loras, rank)
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
+    model = load_model(reader, dtype=getattr(torch, config.dtype))
+    engine = Engine.for_model(
+        model, eos_token_ids=tokenizer.eos_token_ids, config=engine_config,
+        kv_cache_bytes=config.kv_cache_bytes, block_size=config.block_size,
+    )
+    for name, adapter in adapters.items():
+        engine.adapters.load(name, adapter)
+    return AsyncLLM(engine, tokenizer)
