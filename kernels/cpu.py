@@ -42,12 +42,30 @@ def add_lora(
         return reference.add_lora(y, x, lora_a, lora_b, token_slots)
     S, R, K = lora_a.shape
     N = lora_b.shape[1]
-    mask = _slot_masks(S, R, x.dtype, x.device).index_select(0, token_slots + 1)  # [M, S*R]
+    mask = _token_mask(token_slots, S, R, x.dtype)  # [M, S*R]
     shrunk = torch.nn.functional.linear(x, lora_a.reshape(S * R, K)) * mask  # [M, S*R]
     b_all = lora_b.permute(1, 0, 2).reshape(N, S * R)  # [out, S*R]
     if y.dtype != x.dtype:
         return y + shrunk @ b_all.T  # the reference's type promotion
     return torch.addmm(y, shrunk, b_all.T)
+
+
+# The last mask made, with the slots tensor it was made for. Every LoRA layer of one forward pass
+# gets the same slots tensor object from the model's SlotMapping, so the mask is made once per
+# pass, not once per layer. The cache holds that object, so its id cannot be reused; a slots
+# tensor must not be changed in place once passed (SlotMapping makes a new one every pass).
+_last_mask: tuple[torch.Tensor, int, int, torch.dtype, torch.Tensor] | None = None
+
+
+def _token_mask(token_slots: torch.Tensor, num_slots: int, rank: int, dtype: torch.dtype) -> torch.Tensor:
+    """[M, S*R]: for each token, ones on its slot's R columns (all zeros for `NO_SLOT`)."""
+    global _last_mask
+    last = _last_mask
+    if last is not None and last[0] is token_slots and last[1:4] == (num_slots, rank, dtype):
+        return last[4]
+    mask = _slot_masks(num_slots, rank, dtype, token_slots.device).index_select(0, token_slots + 1)
+    _last_mask = (token_slots, num_slots, rank, dtype, mask)
+    return mask
 
 
 @functools.cache

@@ -277,12 +277,9 @@ class AsyncLLM:
         """
         ids = encode_prompt(self.tokenizer, prompt)
         queue: asyncio.Queue = asyncio.Queue()
-        with self._wake:
-            rid = request_id if request_id is not None else f"async-{next(self._ids)}"
-            rid = self.engine.add_request(ids, params, adapter=adapter, request_id=rid)
-            self._outputs.add(rid, params)
-            self._queues[rid] = (asyncio.get_running_loop(), queue)
-            self._wake.notify()
+        rid = request_id if request_id is not None else f"async-{next(self._ids)}"
+        # The engine's lock is held through a step: take it on a worker thread, never on the event loop.
+        rid = await asyncio.to_thread(self._add, ids, params, adapter, rid, asyncio.get_running_loop(), queue)
         finished = False
         try:
             while True:
@@ -293,7 +290,18 @@ class AsyncLLM:
                     return
         finally:
             if not finished:
-                self.abort(rid)
+                await asyncio.to_thread(self.abort, rid)
+
+    def _add(
+        self, ids: list[int], params: SamplingParams, adapter: str | None, rid: str,
+        loop: asyncio.AbstractEventLoop, queue: asyncio.Queue,
+    ) -> str:
+        with self._wake:
+            rid = self.engine.add_request(ids, params, adapter=adapter, request_id=rid)
+            self._outputs.add(rid, params)
+            self._queues[rid] = (loop, queue)
+            self._wake.notify()
+            return rid
 
     def abort(self, request_id: str) -> bool:
         """Cancel a request; its blocks are freed before this returns (at most one step's wait)."""

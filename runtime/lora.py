@@ -119,7 +119,7 @@ class SlotMapping:
                 raise InvalidParameterError(
                     f"LoRA slot {int(bad[0])} is out of range; slots are 0..{self.num_slots - 1}, or -1 for none"
                 )
-            self.slots = slots.to(torch.int64)
+            self.slots = slots.to(torch.int64, copy=True)  # ours: the caller may reuse its tensor
         else:
             if not NO_SLOT <= slots < self.num_slots:
                 raise InvalidParameterError(
@@ -143,7 +143,9 @@ class SlotMapping:
         if isinstance(self.slots, int):
             return self.slots
         slots = self.slots
-        if slots.numel() == leading_shape.numel():  # one per token already
+        if slots.dim() == 1 and slots.numel() == leading_shape.numel():
+            return slots  # one per token already: the same object for every layer of a pass
+        if slots.numel() == leading_shape.numel():
             return slots.reshape(-1)
         if slots.dim() < len(leading_shape):  # per sequence: repeat over the sequence's tokens
             slots = slots.reshape(slots.shape + (1,) * (len(leading_shape) - slots.dim()))
