@@ -191,6 +191,93 @@ def _batch(args: argparse.Namespace) -> int:
     return 1 if bad else 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from .runtime.server import ServerConfig, read_secret, serve
+
+    names = [name for name, _ in args.adapter]
+    if len(set(names)) != len(names):
+        from .runtime.errors import InvalidParameterError
+
+        raise InvalidParameterError("an adapter name is given twice; give each --adapter its own NAME")
+    config = ServerConfig(
+        model=args.model, host=args.host, port=args.port, adapters=dict(args.adapter),
+        adapter_dirs=tuple(args.adapter_dir), max_queue=args.max_queue, drain_timeout_s=args.drain_timeout,
+        tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
+        token=read_secret(args.token_file) if args.token_file else None,
+        admin_token=read_secret(args.admin_token_file, "admin token file") if args.admin_token_file else None,
+        metrics_port=args.metrics_port, dtype=args.dtype, threads=args.threads,
+        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_batched_tokens,
+        max_loras=args.max_loras if args.max_loras is not None else max(4, len(args.adapter)),
+        max_lora_rank=args.max_lora_rank, kv_cache_bytes=args.kv_cache_memory, block_size=args.block_size,
+    )
+    serve(config)
+    return 0
+
+
+def _client(args: argparse.Namespace) -> int:
+    import json
+
+    from .runtime.client import Client
+    from .runtime.server import read_secret
+
+    token = read_secret(args.token_file) if args.token_file else None
+    with Client(
+        args.address, token=token, tls=args.tls, ca_cert=args.tls_ca, client_cert=args.tls_cert,
+        client_key=args.tls_key, timeout=args.timeout,
+    ) as client:
+        if args.wait:
+            _wait_until_serving(client, args.wait, args.address)
+        if args.action == "generate":
+            messages = None
+            if args.chat:
+                messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
+                    {"role": "user", "content": args.prompt}
+                ]
+            settings = {k: v for k, v in {
+                "max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
+                "top_k": args.top_k, "seed": args.seed, "stop": args.stop or None,
+                "ignore_eos": args.ignore_eos or None,
+            }.items() if v is not None}
+            prompt = None if args.chat else args.prompt
+            for chunk in client.generate_stream(prompt, messages=messages, adapter=args.adapter, **settings):
+                sys.stdout.write(chunk.text)
+                sys.stdout.flush()
+                if chunk.finished:
+                    logger.info("%s after %d tokens", chunk.finish_reason, chunk.completion_tokens)
+            sys.stdout.write("\n")
+        elif args.action == "adapters":
+            for info in client.list_adapters():
+                print(json.dumps(info.__dict__))
+        elif args.action == "load-adapter":
+            info, _ = client.load_adapter(args.name, args.path, pinned=args.pin)
+            print(json.dumps(info.__dict__))
+        elif args.action == "unload-adapter":
+            client.unload_adapter(args.name)
+        else:
+            print(json.dumps(client.server_info().__dict__))
+    return 0
+
+
+def _wait_until_serving(client, seconds: float, address: str) -> None:
+    """Poll the server's health until it says SERVING (it loads the model first), for up to `seconds`."""
+    import time
+
+    from .runtime.client import ServerError
+    from .runtime.errors import QuadaptError
+
+    deadline = time.monotonic() + seconds
+    status = "no answer"
+    while time.monotonic() < deadline:
+        try:
+            status = client.health()
+        except ServerError as e:
+            status = e.code
+        if status == "SERVING":
+            return
+        time.sleep(0.5)
+    raise QuadaptError(f"the server at {address} is not serving after {seconds:g} s (last: {status}); is it running?")
+
+
 def _eval_ppl(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -337,6 +424,32 @@ def _run_options() -> argparse.ArgumentParser:
     return options
 
 
+def _engine_options(max_loras_help: str) -> argparse.ArgumentParser:
+    """The batching engine's limits (`batch`, `serve`)."""
+    options = argparse.ArgumentParser(add_help=False)
+    engine = options.add_argument_group("engine")
+    engine.add_argument(
+        "--kv-cache-memory", type=_byte_size, default="512MiB", metavar="SIZE",
+        help="memory for the paged KV cache, e.g. 512MiB, 2GiB (default 512MiB)",
+    )
+    engine.add_argument(
+        "--max-num-seqs", type=_positive_int, default=16, metavar="N", help="most requests running at once (default 16)"
+    )
+    engine.add_argument(
+        "--max-batched-tokens", type=_positive_int, default=512, metavar="N",
+        help="most tokens one step feeds; longer prompts are prefilled in chunks (default 512)",
+    )
+    engine.add_argument(
+        "--block-size", type=_positive_int, default=16, metavar="N", help="positions per KV cache block (default 16)"
+    )
+    engine.add_argument("--max-loras", type=_positive_int, default=None, metavar="N", help=max_loras_help)
+    engine.add_argument(
+        "--max-lora-rank", type=_positive_int, default=None, metavar="R",
+        help="the largest rank a slot holds (default: the largest start-up adapter's rank, at least 16)",
+    )
+    return options
+
+
 def _quantize_options(*, scheme_required: bool) -> argparse.ArgumentParser:
     """`convert`'s quantization flags; `merge-adapter` takes the same ones, used only with --scheme.
 
@@ -414,7 +527,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     batch = sub.add_parser(
         "batch",
-        parents=[_model_options("checkpoint directory or .gguf file"), _run_options()],
+        parents=[
+            _model_options("checkpoint directory or .gguf file"), _run_options(),
+            _engine_options("adapter slots; with fewer slots than adapters, idle adapters are swapped out "
+                            "(default: one per --adapter)"),
+        ],
         help="run a JSONL file of requests through the batching engine, with many adapters",
         description=(
             "Run the requests of a JSONL file through the batching engine, each with its own adapter (or the base "
@@ -439,29 +556,6 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument(
         "--adapter", type=_adapter_spec, action="append", default=[], metavar="NAME=PATH",
         help='load the PEFT LoRA adapter directory PATH as NAME, for lines with "adapter": NAME (repeatable)',
-    )
-    engine = batch.add_argument_group("engine")
-    engine.add_argument(
-        "--kv-cache-memory", type=_byte_size, default="512MiB", metavar="SIZE",
-        help="memory for the paged KV cache, e.g. 512MiB, 2GiB (default 512MiB)",
-    )
-    engine.add_argument(
-        "--max-num-seqs", type=_positive_int, default=16, metavar="N", help="most requests running at once (default 16)"
-    )
-    engine.add_argument(
-        "--max-batched-tokens", type=_positive_int, default=512, metavar="N",
-        help="most tokens one step feeds; longer prompts are prefilled in chunks (default 512)",
-    )
-    engine.add_argument(
-        "--block-size", type=_positive_int, default=16, metavar="N", help="positions per KV cache block (default 16)"
-    )
-    engine.add_argument(
-        "--max-loras", type=_positive_int, default=None, metavar="N",
-        help="adapter slots; with fewer slots than adapters, idle adapters are swapped out (default: one per --adapter)",
-    )
-    engine.add_argument(
-        "--max-lora-rank", type=_positive_int, default=None, metavar="R",
-        help="the largest rank a slot holds (default: the largest --adapter's rank)",
     )
     batch.set_defaults(handler=_batch)
 
@@ -551,6 +645,81 @@ def build_parser() -> argparse.ArgumentParser:
     )
     merge.add_argument("--adapter", required=True, metavar="DIR", help="PEFT adapter directory")
     merge.set_defaults(handler=_merge_adapter)
+
+    srv = sub.add_parser(
+        "serve",
+        parents=[
+            _model_options("checkpoint directory or .gguf file to serve"), _run_options(),
+            _engine_options("adapter slots (distinct adapters in one batch; default: 4, or one per --adapter)"),
+        ],
+        help="serve generations over gRPC (quadapt.v1.Generation), each request naming its adapter",
+        description=(
+            "Serve the model over gRPC until SIGTERM or Ctrl-C, which drain: in-flight requests finish (within "
+            "--drain-timeout), new ones get UNAVAILABLE. Also serves grpc.health.v1 and server reflection. The "
+            "protocol is protos/quadapt/v1/generation.proto."
+        ),
+    )
+    srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    srv.add_argument("--port", type=int, default=50051, help="port (default 50051; 0: any free port, logged)")
+    srv.add_argument(
+        "--adapter", type=_adapter_spec, action="append", default=[], metavar="NAME=PATH",
+        help="load the PEFT LoRA adapter directory PATH as NAME at start (repeatable)",
+    )
+    srv.add_argument(
+        "--adapter-dir", action="append", default=[], metavar="DIR",
+        help="a directory LoadAdapter may read adapters from (repeatable; without one, LoadAdapter is refused)",
+    )
+    srv.add_argument("--max-queue", type=_positive_int, default=64, metavar="N",
+                     help="most requests waiting or running; one more gets RESOURCE_EXHAUSTED (default 64)")
+    srv.add_argument("--drain-timeout", type=float, default=30.0, metavar="S",
+                     help="seconds in-flight requests get to finish on SIGTERM (default 30)")
+    security = srv.add_argument_group("security")
+    security.add_argument("--tls-cert", metavar="F", help="PEM certificate chain of the server (TLS; with --tls-key)")
+    security.add_argument("--tls-key", metavar="F", help="PEM private key of the server")
+    security.add_argument("--tls-client-ca", metavar="F", help="PEM CA that client certificates must chain to (mutual TLS)")
+    security.add_argument("--token-file", metavar="F", help="a file holding the bearer token every request must send")
+    security.add_argument("--admin-token-file", metavar="F",
+                          help="a file holding the token LoadAdapter and UnloadAdapter need (default: the bearer token)")
+    srv.add_argument("--metrics-port", type=int, default=None, metavar="P",
+                     help="serve Prometheus metrics over HTTP on this port (default: none)")
+    srv.set_defaults(handler=_serve)
+
+    cli = sub.add_parser(
+        "client",
+        help="call a running quadapt server from the shell",
+        description="Call a quadapt server: generate (streamed to stdout), adapters, load-adapter, unload-adapter, info.",
+    )
+    cli.add_argument("--address", default="127.0.0.1:50051", metavar="HOST:PORT", help="the server (default 127.0.0.1:50051)")
+    cli.add_argument("--token-file", metavar="F", help="a file holding the bearer token to send")
+    cli.add_argument("--tls", action="store_true", help="connect with TLS (implied by the --tls-* files)")
+    cli.add_argument("--tls-ca", metavar="F", help="PEM CA to trust (default: the system's)")
+    cli.add_argument("--tls-cert", metavar="F", help="PEM certificate of this client (mutual TLS)")
+    cli.add_argument("--tls-key", metavar="F", help="PEM key of this client (mutual TLS)")
+    cli.add_argument("--timeout", type=float, default=None, metavar="S", help="deadline of the call in seconds")
+    cli.add_argument("--wait", type=float, default=0, metavar="S",
+                     help="first wait up to S seconds for the server to be serving (it loads the model at start)")
+    actions = cli.add_subparsers(dest="action", required=True, metavar="ACTION")
+    call = actions.add_parser("generate", help="generate, streaming the text to stdout")
+    call.add_argument("--prompt", required=True, help="the prompt (raw text, or the user message with --chat)")
+    call.add_argument("--chat", action="store_true", help="send the prompt as a user message (the server's chat template)")
+    call.add_argument("--system", default=None, help="a system message (with --chat)")
+    call.add_argument("--adapter", default=None, metavar="NAME", help="a loaded adapter (default: the base model)")
+    call.add_argument("--max-new-tokens", type=_positive_int, default=None, metavar="N", help="(server default 128)")
+    call.add_argument("--temperature", type=float, default=None, metavar="T", help="(server default 0: greedy)")
+    call.add_argument("--top-p", type=float, default=None, metavar="P")
+    call.add_argument("--top-k", type=int, default=None, metavar="K")
+    call.add_argument("--seed", type=int, default=None)
+    call.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop before TEXT (repeatable)")
+    call.add_argument("--ignore-eos", action="store_true")
+    actions.add_parser("adapters", help="list the loaded adapters, one JSON object a line")
+    load = actions.add_parser("load-adapter", help="load (or reload) an adapter from the server's --adapter-dir")
+    load.add_argument("name")
+    load.add_argument("path", help="the adapter directory, on the server, inside one of its --adapter-dir")
+    load.add_argument("--pin", action="store_true", help="keep it in its slot")
+    unload = actions.add_parser("unload-adapter", help="unload an adapter no request uses")
+    unload.add_argument("name")
+    actions.add_parser("info", help="the server's model, limits and version, as JSON")
+    cli.set_defaults(handler=_client)
     return parser
 
 

@@ -160,28 +160,36 @@ def reference_rate(model_dir: Path, prompt: list[int], new_tokens: int) -> float
 
 def contention(float_dir: Path, quant_dir: Path, new_tokens: int, runs: int, tokenizer) -> None:
     prompts = make_prompts(tokenizer, 1)
-    rows = []
-    paths = (  # the reference generator on int4 is slow enough under contention to time once
-        ("engine, float", lambda: quadapt_rate(float_dir, [], prompts, 0, new_tokens), runs),
-        ("engine, int4", lambda: quadapt_rate(quant_dir, [], prompts, 0, new_tokens), runs),
-        ("reference generator, int4", lambda: reference_rate(quant_dir, prompts[0], min(new_tokens, 8)), 1),
-    )
-    for label, rate, runs in paths:
-        alone = [rate() for _ in range(runs)]
-        stop = multiprocessing.Event()
-        burner = multiprocessing.Process(target=_burn, args=(stop,), daemon=True)
-        burner.start()
-        try:
-            busy = [rate() for _ in range(runs)]
-        finally:
-            stop.set()
-            burner.join()
-        rows.append((label, statistics.median(alone), statistics.median(busy)))
+    engine_paths = {
+        "engine, float": lambda: quadapt_rate(float_dir, [], prompts, 0, new_tokens),
+        "engine, int4": lambda: quadapt_rate(quant_dir, [], prompts, 0, new_tokens),
+    }
+    # The reference generator on int4 is slow enough under contention to time once.
+    reference = ("reference generator, int4", lambda: reference_rate(quant_dir, prompts[0], min(new_tokens, 8)))
+    alone: dict[str, list[float]] = {label: [] for label in [*engine_paths, reference[0]]}
+    busy: dict[str, list[float]] = {label: [] for label in alone}
+
+    def measure(into: dict[str, list[float]]) -> None:
+        for _ in range(runs):  # interleaved, so a slow spell of the shared machine hits both alike
+            for label, rate in engine_paths.items():
+                into[label].append(rate())
+        into[reference[0]].append(reference[1]())
+
+    measure(alone)
+    stop = multiprocessing.Event()
+    burner = multiprocessing.Process(target=_burn, args=(stop,), daemon=True)
+    burner.start()
+    try:
+        measure(busy)
+    finally:
+        stop.set()
+        burner.join()
+    rows = [(label, statistics.median(alone[label]), statistics.median(busy[label])) for label in alone]
     print(f"1 request, {new_tokens} new tokens (the reference generator: {min(new_tokens, 8)}, one run), median of "
-          f"{paths[0][2]} runs; a competing process burns one core")
+          f"{runs} interleaved runs; then the same beside a competing process that burns one core")
     print(f"{'path':<28} {'alone tok/s':>12} {'contended tok/s':>16} {'slowdown':>9}")
-    for label, alone, busy in rows:
-        print(f"{label:<28} {alone:>12.2f} {busy:>16.2f} {alone / busy:>8.2f}x")
+    for label, a, b in rows:
+        print(f"{label:<28} {a:>12.2f} {b:>16.2f} {a / b:>8.2f}x")
     print(f"engine int4 / float decode speed alone: {rows[1][1] / rows[0][1]:.2f}x; "
           f"contended: {rows[1][2] / rows[0][2]:.2f}x")
 

@@ -290,7 +290,10 @@ class AsyncLLM:
                     return
         finally:
             if not finished:
-                await asyncio.to_thread(self.abort, rid)
+                # Synchronously, so the blocks are free when the stream is closed (a closing
+                # generator may not get another turn of the loop); this waits out at most the
+                # step in progress.
+                self.abort(rid)
 
     def _add(
         self, ids: list[int], params: SamplingParams, adapter: str | None, rid: str,

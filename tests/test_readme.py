@@ -52,10 +52,13 @@ def test_readme_quadapt_commands_parse(line):
 
 
 def test_setup_command_commands_parse():
-    for part in BLOCKS[0].split("&&"):
+    parsed = 0
+    for part in re.split(r"&&|;|\{|\}|&", BLOCKS[0]):  # commands chained, or run in the background
         words = shlex.split(part)
-        if words[0] == "quadapt":
+        if words and words[0] == "quadapt":
             build_parser().parse_args(words[1:])
+            parsed += 1
+    assert parsed >= 3  # fetch-default, convert, serve, client
 
 
 def extra_requirements(extra: str, extras: dict[str, list[str]]) -> list[str]:

@@ -1,0 +1,80 @@
+"""`quadapt serve` and `quadapt client` as a user runs them: two processes on loopback.
+
+The served text equals what `quadapt generate` prints for the same model, prompt and adapter;
+SIGTERM ends the server with status 0.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from peft import LoraConfig
+
+from quadapt.cli import main
+
+from .test_adapters import make_base, make_peft_adapter
+
+QUADAPT = [sys.executable, "-m", "quadapt.cli"]
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return make_base(tmp_path_factory.mktemp("serve-base"))
+
+
+@pytest.fixture(scope="module")
+def adapter(model, tmp_path_factory):
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    return make_peft_adapter(model, tmp_path_factory.mktemp("serve-adapter") / "fr", config=config, seed=2)
+
+
+def generate_stdout(capsys, *argv: str) -> str:
+    capsys.readouterr()
+    assert main(["generate", *argv]) == 0
+    return capsys.readouterr().out
+
+
+def test_serve_and_client_from_the_shell(capsys, model, adapter, tmp_path):
+    server = subprocess.Popen(
+        [*QUADAPT, "serve", "--model", str(model), "--adapter", f"fr={adapter}", "--port", "0",
+         "--adapter-dir", str(adapter.parent)],
+        stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        address = None
+        deadline = time.monotonic() + 120
+        lines = []
+        while address is None and time.monotonic() < deadline:
+            line = server.stderr.readline()
+            if not line:
+                break
+            lines.append(line)
+            found = re.search(r"listening on (\S+:\d+)", line)
+            address = found[1] if found else None
+        assert address is not None, "".join(lines)
+
+        def client(*argv: str) -> str:
+            done = subprocess.run([*QUADAPT, "client", "--address", address, *argv], capture_output=True, text=True,
+                                  timeout=120)
+            assert done.returncode == 0, done.stderr
+            return done.stdout
+
+        settings = ["--max-new-tokens", "8", "--ignore-eos"]
+        assert client("generate", "--prompt", "hello world", *settings) == generate_stdout(
+            capsys, "--model", str(model), "--prompt", "hello world", *settings)
+        assert client("generate", "--prompt", "hi", "--chat", "--adapter", "fr", *settings) == generate_stdout(
+            capsys, "--model", str(model), "--prompt", "hi", "--chat", "--adapter", str(adapter), *settings)
+        assert [json.loads(line)["name"] for line in client("adapters").splitlines()] == ["fr"]
+        unknown = subprocess.run([*QUADAPT, "client", "--address", address, "generate", "--prompt", "x",
+                                  "--adapter", "nope"], capture_output=True, text=True, timeout=120)
+        assert unknown.returncode == 2 and "NOT_FOUND" in unknown.stderr and "nope" in unknown.stderr
+    finally:
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=60) == 0
