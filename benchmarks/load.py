@@ -110,6 +110,22 @@ def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
     raise SystemExit(f"the server did not start (exit {server.wait()})")
 
 
+def wait_until_serving(address: str, seconds: float = 300.0) -> None:
+    """The server listens before its model is loaded: wait for its health to say SERVING."""
+    from quadapt.runtime.client import Client, ServerError
+
+    deadline = time.monotonic() + seconds
+    with Client(address, timeout=10) as client:
+        while time.monotonic() < deadline:
+            try:
+                if client.health() == "SERVING":
+                    return
+            except ServerError:
+                pass
+            time.sleep(0.5)
+    raise SystemExit(f"the server at {address} did not become ready in {seconds:.0f} s")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="checkpoint to serve (starts `quadapt serve`)")
@@ -131,6 +147,7 @@ def main() -> None:
         server, address = start_server(args)
         names = [spec.partition("=")[0] for spec in args.adapter]
     adapters: list[str | None] = [None, *names]
+    wait_until_serving(address)
     tally = Tally()
     try:
         started = time.monotonic()
