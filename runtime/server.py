@@ -332,15 +332,7 @@ class Server:
             return None
         registry = llm.engine.adapters
         names = [v.name for v in registry.names()] if registry is not None else []
-        # The engine thread may change a queue while it is read; a second read gets a quiet moment.
-        for attempt in range(5):
-            try:
-                return llm.engine.metrics(), names
-            except RuntimeError:
-                if attempt == 4:
-                    raise
-                time.sleep(0.001)
-        return None
+        return llm.metrics(), names  # read between engine steps, under the engine's lock
 
     async def _load(self, load: Callable[[], AsyncLLM]) -> None:
         try:

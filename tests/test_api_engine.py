@@ -16,6 +16,7 @@ import re
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -146,7 +147,17 @@ async def _join(deltas) -> tuple[str, object]:
     return "".join(d.text for d in parts), parts[-1]
 
 
-def test_leaving_a_stream_early_frees_its_cache(served):
+def test_leaving_a_stream_early_frees_its_cache(served, monkeypatch):
+    # 200 tokens of the tiny model go by in well under a second: slowed to ~20 ms a step, a request
+    # is surely still running when the consumer, a busy machine's event loop, looks at the cache.
+    execute = served.engine.executor.execute
+
+    def slow_execute(rows):
+        time.sleep(0.02)
+        return execute(rows)
+
+    monkeypatch.setattr(served.engine.executor, "execute", slow_execute)
+
     async def leave(closing: bool) -> tuple[int, int]:
         deltas = served.stream("a long one", adapter="qv", max_new_tokens=200, ignore_eos=True)
         async with contextlib.aclosing(deltas) if closing else contextlib.nullcontext(deltas) as it:

@@ -61,8 +61,9 @@ def test_serve_and_client_from_the_shell(capsys, model, adapter, tmp_path):
         assert address is not None, "".join(lines)
 
         def client(*argv: str) -> str:
-            done = subprocess.run([*QUADAPT, "client", "--address", address, *argv], capture_output=True, text=True,
-                                  timeout=120)
+            # The server listens before its model is loaded: --wait until it says SERVING.
+            done = subprocess.run([*QUADAPT, "client", "--address", address, "--wait", "120", *argv],
+                                  capture_output=True, text=True, timeout=180)
             assert done.returncode == 0, done.stderr
             return done.stdout
 
