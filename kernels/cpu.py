@@ -1,18 +1,13 @@
 """CPU implementations of the ops where a torch formulation beats the reference's: `add_lora`.
 
-The reference `add_lora` loops over the slots present in a batch, gathering each slot's rows
-(copies, and many small ops, each paying a parallel region's start and end). Here:
-
-- When each slot's tokens lie together (the engine orders a batch's rows by adapter), each
-  slot's LoRA runs on its slice of rows, with no gather: y[a:b] += (x[a:b] @ A[s].T) @ B[s].T.
-- Otherwise every slot's LoRA runs in two dense matmuls over the whole stack, and a per-token
-  mask keeps each token's own slot: y + ((x @ A_all.T) * mask) @ B_all.T, where A_all is
-  [S*R, in], B_all [out, S*R], and mask[m] is 1 on the R columns of token m's slot and 0
-  elsewhere (all zeros for `NO_SLOT`). The zeros are exact, so the sum is the token's own
-  slot's LoRA. `LoRALinear` stores B as [out, S, R] so that B_all is a view, not a copy.
-
-Either way only the order of floating-point additions differs from the reference. Same name
-and signature as `kernels.reference.add_lora`.
+The reference `add_lora` loops over the slots present in a batch, gathering each slot's rows;
+on a CPU each of those small ops pays a parallel region's start and end. Here every slot's LoRA
+runs in two dense matmuls over the whole stack, and a per-token mask keeps each token's own
+slot: y + ((x @ A_all.T) * mask) @ B_all.T, where A_all is [S*R, in], B_all [out, S*R], and
+mask[m] is 1 on the R columns of token m's slot and 0 elsewhere (a token with `NO_SLOT` gets
+all zeros). The zeros are exact, so the sum is the token's own slot's LoRA; only the order of
+floating-point additions differs from the reference. `LoRALinear` stores B as [out, S, R] so
+that B_all is a view, not a copy. Same name and signature as `kernels.reference.add_lora`.
 """
 
 from __future__ import annotations
@@ -47,40 +42,12 @@ def add_lora(
         return reference.add_lora(y, x, lora_a, lora_b, token_slots)
     S, R, K = lora_a.shape
     N = lora_b.shape[1]
-    segments = _segments(token_slots)
-    if segments is not None and y.dtype == x.dtype:
-        out = y.clone()
-        for slot, start, end in segments:
-            if slot != reference.NO_SLOT:
-                shrunk = x[start:end] @ lora_a[slot].T  # [rows, R]
-                out[start:end].addmm_(shrunk, lora_b[slot].T)
-        return out
     mask = _token_mask(token_slots, S, R, x.dtype)  # [M, S*R]
     shrunk = torch.nn.functional.linear(x, lora_a.reshape(S * R, K)) * mask  # [M, S*R]
     b_all = lora_b.permute(1, 0, 2).reshape(N, S * R)  # [out, S*R]
     if y.dtype != x.dtype:
         return y + shrunk @ b_all.T  # the reference's type promotion
     return torch.addmm(y, shrunk, b_all.T)
-
-
-# The last segments found, with the slots tensor they were found in (cached as the mask is, below).
-_last_segments: tuple[torch.Tensor, list[tuple[int, int, int]] | None] | None = None
-
-
-def _segments(token_slots: torch.Tensor) -> list[tuple[int, int, int]] | None:
-    """(slot, first row, end row) of each run of equal slots, when every slot has one run; else None."""
-    global _last_segments
-    last = _last_segments
-    if last is not None and last[0] is token_slots:
-        return last[1]
-    slots, counts = torch.unique_consecutive(token_slots, return_counts=True)
-    slots_list, ends = slots.tolist(), torch.cumsum(counts, 0).tolist()
-    runs = None
-    if len(set(slots_list)) == len(slots_list):  # one run per slot
-        starts = [0, *ends[:-1]]
-        runs = list(zip(slots_list, starts, ends))
-    _last_segments = (token_slots, runs)
-    return runs
 
 
 # The last mask made, with the slots tensor it was made for. Every LoRA layer of one forward pass

@@ -264,8 +264,6 @@ class Engine:
         rows = self.scheduler.schedule()
         if not rows:
             return []
-        # Rows of one adapter together: the LoRA op then works on slices of rows, not gathers.
-        rows.sort(key=lambda row: row.request.lora_slot)
         logits = self.execute(rows)
         return self.update(rows, logits)
 

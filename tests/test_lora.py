@@ -255,19 +255,3 @@ def test_cpu_add_lora_equals_the_reference(dtype, stored_out_first):
     assert_close(cpu.add_lora(y, x, a, b, slots), reference.add_lora(y, x, a, b, slots), dtype)
     assert torch.equal(cpu.add_lora(y, x, a, b, -1), y)
     assert_close(cpu.add_lora(y, x, a, b, 2), reference.add_lora(y, x, a, b, 2), dtype)
-
-
-def test_cpu_add_lora_on_rows_grouped_by_slot_equals_the_reference():
-    """The sliced path (each slot's rows together, as the engine orders them) against the reference."""
-    from quadapt.kernels import cpu, reference
-
-    g = torch.Generator().manual_seed(4)
-    M, K, N, S, R = 11, 24, 19, 4, 5
-    x, y = torch.randn(M, K, generator=g), torch.randn(M, N, generator=g)
-    a, b = torch.randn(S, R, K, generator=g), torch.randn(N, S, R, generator=g).permute(1, 0, 2)
-    grouped = torch.tensor([-1, -1, 0, 0, 0, 2, 3, 3, 3, 3, 1])
-    assert cpu._segments(grouped) is not None
-    assert_close(cpu.add_lora(y, x, a, b, grouped), reference.add_lora(y, x, a, b, grouped), torch.float32)
-    scattered = torch.tensor([0, 1, 0, 2, -1, 3, 1, 1, 0, -1, 2])
-    assert cpu._segments(scattered) is None  # falls back to the dense form
-    assert_close(cpu.add_lora(y, x, a, b, scattered), reference.add_lora(y, x, a, b, scattered), torch.float32)
