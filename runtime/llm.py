@@ -193,7 +193,27 @@ class LLM:
         Raises:
             As `add`, before any request runs: every request is checked first.
         """
-        added = []
+        self._add_all(requests)
+        while self.engine.has_unfinished():
+            yield from self.step()
+
+    def generate(self, requests: Sequence[GenerateRequest]) -> list[Completion]:
+        """Run `requests` to completion; returns one `Completion` each, in the order given.
+
+        Raises:
+            As `add`, before any request runs.
+        """
+        ids = self._add_all(requests)
+        parts: dict[str, list[TextDelta]] = {rid: [] for rid in ids}
+        while self.engine.has_unfinished():
+            for delta in self.step():
+                if delta.request_id in parts:  # requests queued with `add` stream to their own caller
+                    parts[delta.request_id].append(delta)
+        return [_completion(rid, parts[rid]) for rid in ids]
+
+    def _add_all(self, requests: Sequence[GenerateRequest]) -> list[str]:
+        """Queue every request, or none: one that fails takes back those queued before it."""
+        added: list[str] = []
         try:
             for request in requests:
                 added.append(self.add(request))
@@ -202,22 +222,7 @@ class LLM:
                 self.engine.abort(rid)
                 self._outputs.discard(rid)
             raise
-        while self.engine.has_unfinished():
-            yield from self.step()
-
-    def generate(self, requests: Sequence[GenerateRequest]) -> list[Completion]:
-        """Run `requests` to completion; returns one `Completion` each, in the order given."""
-        parts: dict[str, list[TextDelta]] = {}
-        order = []
-        for delta in self.stream(requests):
-            if delta.request_id not in parts:
-                order.append(delta.request_id)
-            parts.setdefault(delta.request_id, []).append(delta)
-        ids = [r.request_id for r in requests]
-        completions = {rid: _completion(rid, deltas) for rid, deltas in parts.items()}
-        if all(rid is not None for rid in ids):
-            return [completions[rid] for rid in ids]
-        return [completions[rid] for rid in sorted(completions, key=lambda r: int(r.rsplit("-", 1)[-1]))]
+        return added
 
 
 def _completion(rid: str, deltas: list[TextDelta]) -> Completion:

@@ -115,3 +115,14 @@ def test_async_streams_concurrently_and_cancellation_frees_blocks(base, adapter,
     assert plain == reference_text(base, None, tokenizer, "hello world", params)[0]
     assert adapted == reference_text(base, adapter, tokenizer, "hello world", params)[0]
     assert engine.allocator.num_used == 0 and not engine.has_unfinished()
+
+
+def test_completions_come_in_the_order_given_with_some_ids_unset(base, tokenizer):
+    greedy = SamplingParams(max_new_tokens=3, temperature=0.0, ignore_eos=True)
+    llm = LLM(make_engine(base), tokenizer)
+    requests = [GenerateRequest("a b c d e f", greedy, request_id="named"), GenerateRequest("hi", greedy),
+                GenerateRequest("x", SamplingParams(max_new_tokens=1, temperature=0.0, ignore_eos=True))]
+    completions = llm.generate(requests)
+    assert completions[0].request_id == "named" and completions[0].completion_tokens == 3
+    assert [c.completion_tokens for c in completions] == [3, 3, 1]
+    assert len({c.request_id for c in completions}) == 3
