@@ -9,9 +9,8 @@ without knowing how they are stored.
 references elsewhere (see `kernels`). On CPU it dequantizes packed linear layers once, at start,
 into float `nn.Linear`s of the compute dtype (`dequantize=True`, the default there): the
 reference dequant-matmul unpacks the whole weight on every call, which makes a quantized model
-slower than the float one and lets a competing process stall its many small parallel ops. The
-price is memory: the weights take their float size (about 4x an int4 checkpoint in fp32, the
-same as the float model). The results are unchanged, since the reference computes exactly
+slower than the float one (see `docs/engine.md`). The
+price is memory: the weights take their float size (the float model's size). The results are unchanged, since the reference computes exactly
 `x @ dequantize(W).T`. A later ONNX executor runs packed weights on CPU through the same interface.
 """
 
