@@ -10,7 +10,7 @@ references elsewhere (see `kernels`). On CPU it dequantizes packed linear layers
 into float `nn.Linear`s of the compute dtype (`dequantize=True`, the default there): the
 reference dequant-matmul unpacks the whole weight on every call, which makes a quantized model
 slower than the float one (see `docs/engine.md`). The
-price is memory: the weights take their float size (the float model's size). The results are unchanged, since the reference computes exactly
+price is memory: the weights take the float model's size. The results are unchanged, since the reference computes exactly
 `x @ dequantize(W).T`. A later ONNX executor runs packed weights on CPU through the same interface.
 """
 
