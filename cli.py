@@ -720,6 +720,15 @@ def build_parser() -> argparse.ArgumentParser:
     unload.add_argument("name")
     actions.add_parser("info", help="the server's model, limits and version, as JSON")
     cli.set_defaults(handler=_client)
+
+    # Commands whose parsers live beside their library code: each `add_command(sub)` adds its
+    # subparser(s) and sets `handler`. Those modules import nothing heavy at module level.
+    from .converters.onnx_command import add_command as add_export_onnx
+    from .runtime.edge.command import add_command as add_run_onnx
+    from .train.command import add_command as add_train
+
+    for add_command in (add_export_onnx, add_run_onnx, add_train):
+        add_command(sub)
     return parser
 
 

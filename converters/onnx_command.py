@@ -1,0 +1,9 @@
+"""`quadapt export-onnx`: its parser and handler (not written yet)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_command(sub: argparse._SubParsersAction) -> None:
+    """Add the `export-onnx` subparser to `sub`."""
