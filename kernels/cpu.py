@@ -41,13 +41,28 @@ def add_lora(
     if isinstance(token_slots, int):
         return reference.add_lora(y, x, lora_a, lora_b, token_slots)
     S, R, K = lora_a.shape
-    N = lora_b.shape[1]
-    mask = _token_mask(token_slots, S, R, x.dtype)  # [M, S*R]
-    shrunk = torch.nn.functional.linear(x, lora_a.reshape(S * R, K)) * mask  # [M, S*R]
+    return expand_lora(y, torch.nn.functional.linear(x, lora_a.reshape(S * R, K)), lora_b, token_slots)
+
+
+def expand_lora(y: torch.Tensor, shrunk: torch.Tensor, lora_b: torch.Tensor, token_slots: torch.Tensor) -> torch.Tensor:
+    """y + (shrunk * mask) @ B_all.T: the second half of `add_lora`, for a caller that computed
+    shrunk = x @ A_all.T itself (in the same GEMM as the base output, say).
+
+    Args:
+        y: base output [M, out].
+        shrunk: x @ A_all.T [M, S*R] for every slot, in the slot buffers' dtype.
+        lora_b: B stack [S, out, R], scales already folded in.
+        token_slots: an int64 tensor [M], one slot per row.
+
+    Returns:
+        A new tensor [M, out]; `y` is not modified.
+    """
+    S, N, R = lora_b.shape
+    masked = shrunk * _token_mask(token_slots, S, R, shrunk.dtype)  # [M, S*R]
     b_all = lora_b.permute(1, 0, 2).reshape(N, S * R)  # [out, S*R]
-    if y.dtype != x.dtype:
-        return y + shrunk @ b_all.T  # the reference's type promotion
-    return torch.addmm(y, shrunk, b_all.T)
+    if y.dtype != shrunk.dtype:
+        return y + masked @ b_all.T  # the reference's type promotion
+    return torch.addmm(y, masked, b_all.T)
 
 
 # The last mask made, with the slots tensor it was made for. Every LoRA layer of one forward pass

@@ -97,6 +97,9 @@ class TorchExecutor:
             self.mapping = add_lora_slots(
                 model, names, num_slots=num_lora_slots, max_rank=max_lora_rank, max_tokens=max_num_batched_tokens
             )
+            for stack in lora_modules(model).values():
+                if stack.kernel_backend == "cpu" and isinstance(stack.base, nn.Linear):
+                    stack.fuse_shrink()  # one GEMM for the base and the shrink (runtime/lora.py)
 
     def execute(self, rows: Sequence[RowSpec]) -> torch.Tensor:
         batch = build_batch(rows, self.block_size, self.device)

@@ -13,6 +13,10 @@ computation has no per-adapter scalar. This is vLLM's slot layout (`lora_a_stack
 `lora_b_stacked`): a later batching engine serves many adapters in one batch by giving each token
 its slot; `kernels.add_lora` computes it (Triton on a GPU, the torch reference elsewhere).
 
+On a CPU, `fuse_shrink` keeps a float base weight and every slot's A in one [out + S*R, in]
+matrix, so one GEMM gives both the base output and every slot's x @ A.T: on a small batch each
+matmul pays a parallel region's start and end, and this saves one per projection.
+
 Every `LoRALinear` of a model shares one `SlotMapping`, the per-token slot choice for the
 current forward pass, so the model's forward signature does not change.
 
@@ -30,6 +34,7 @@ from torch import nn
 
 from .. import kernels
 from ..kernels import NO_SLOT  # a token with this slot gets the base output only
+from ..kernels import cpu as cpu_kernels
 from .errors import AdapterError, InvalidParameterError
 
 
@@ -190,6 +195,33 @@ class LoRALinear(nn.Module):
         # [out, S*R] matrix without a copy, and the Triton kernel takes the strides as they are.
         b = torch.zeros(self.out_features, S, R, dtype=dtype, device=device)
         self.register_buffer("lora_b", b.permute(1, 0, 2))
+        # [out + S*R, in] once `fuse_shrink` ran: the base weight's rows, then `lora_a`'s.
+        self.fused_weight: torch.Tensor | None = None
+
+    def fuse_shrink(self) -> None:
+        """Store the base weight and `lora_a` as the two halves of one matrix (see the module
+        docstring); the CPU backend then computes the base output and the shrink in one GEMM.
+        Both keep their names, values and shapes, so `set_slot` and a state dict work unchanged.
+
+        Raises:
+            InvalidParameterError: the base is not a float `nn.Linear` of the slots' dtype and
+                device, or the kernel backend is not "cpu".
+        """
+        base = self.base
+        if self.kernel_backend != "cpu" or not isinstance(base, nn.Linear) or base.weight.dtype != self.lora_a.dtype \
+                or base.weight.device != self.lora_a.device:
+            raise InvalidParameterError(
+                "fuse_shrink needs a float nn.Linear base of the LoRA slots' dtype and device and the 'cpu' kernel "
+                f"backend; got {type(base).__name__} on backend {self.kernel_backend!r}"
+            )
+        if self.fused_weight is not None:
+            return
+        S, R, K = self.lora_a.shape
+        with torch.no_grad():
+            fused = torch.cat([base.weight.detach(), self.lora_a.reshape(S * R, K)])  # [out + S*R, in]
+        base.weight = nn.Parameter(fused[: self.out_features], requires_grad=False)
+        self.lora_a = fused[self.out_features:].view(S, R, K)  # still the registered buffer
+        self.fused_weight = fused
 
     def set_slot(self, slot: int, weights: LoRAWeights) -> None:
         """Copy one adapter's factors into `slot`: scale folded into B, rank zero-padded to `max_rank`.
@@ -224,14 +256,25 @@ class LoRALinear(nn.Module):
             self.lora_b[slot].zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
         slots = self.mapping.token_slots(x.shape[:-1])
+        if self.fused_weight is not None and isinstance(slots, torch.Tensor):
+            x2 = x.reshape(-1, self.in_features)  # [..., in] -> [N, in]
+            return self._fused_forward(x2, slots).view(*x.shape[:-1], self.out_features)
+        y = self.base(x)
         if isinstance(slots, int) and slots == NO_SLOT:
             return y
-        # [..., in] -> [N, in]; the reference works on rows.
+        # [..., in] -> [N, in]; the ops work on rows.
         x2, y2 = x.reshape(-1, self.in_features), y.reshape(-1, self.out_features)
         out = kernels.add_lora(y2, x2.to(self.lora_a.dtype), self.lora_a, self.lora_b, slots, backend=self.kernel_backend)
         return out.to(y.dtype).view(y.shape)
+
+    def _fused_forward(self, x2: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """base(x) plus each token's LoRA through the fused weight: x2 [N, in] -> [N, out]."""
+        full = nn.functional.linear(x2.to(self.fused_weight.dtype), self.fused_weight)  # [N, out + S*R]
+        y2 = full[:, : self.out_features]
+        if self.base.bias is not None:
+            y2 = y2 + self.base.bias
+        return cpu_kernels.expand_lora(y2, full[:, self.out_features:], self.lora_b, slots)
 
     def _check_slot(self, slot: int) -> None:
         if not 0 <= slot < self.mapping.num_slots:

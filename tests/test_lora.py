@@ -255,3 +255,34 @@ def test_cpu_add_lora_equals_the_reference(dtype, stored_out_first):
     assert_close(cpu.add_lora(y, x, a, b, slots), reference.add_lora(y, x, a, b, slots), dtype)
     assert torch.equal(cpu.add_lora(y, x, a, b, -1), y)
     assert_close(cpu.add_lora(y, x, a, b, 2), reference.add_lora(y, x, a, b, 2), dtype)
+
+
+def test_fused_shrink_equals_the_unfused_layer():
+    """`fuse_shrink` (base weight and every slot's A in one matrix, one GEMM for both) gives the
+    unfused layer's output, with a bias, for a mixed batch, a batch without slots and a slot
+    written after fusing; a base it cannot fuse is refused by name."""
+    torch.manual_seed(5)
+    base = nn.Linear(16, 24, bias=True)
+    mapping = SlotMapping(3)
+    plain = LoRALinear(base, mapping, max_rank=8, backend="cpu")
+    fused = LoRALinear(nn.Linear(16, 24, bias=True), mapping, max_rank=8, backend="cpu")
+    fused.base.load_state_dict(base.state_dict())
+    adapters = [random_lora(24, 16, r) for r in (8, 2, 5)]
+    for slot, w in enumerate(adapters[:2]):
+        plain.set_slot(slot, w)
+        fused.set_slot(slot, w)
+    fused.fuse_shrink()
+    assert fused.fused_weight is not None and fused.lora_a.data_ptr() != plain.lora_a.data_ptr()
+    plain.set_slot(2, adapters[2])
+    fused.set_slot(2, adapters[2])  # lands in the fused matrix
+    x = torch.randn(5, 16)
+    mapping.set(torch.tensor([2, NO_SLOT, 0, 1, 2]))
+    assert_close(fused(x), plain(x))
+    mapping.set(NO_SLOT)
+    assert_close(fused(x), base(x))
+    mapping.set(torch.tensor([NO_SLOT] * 5))
+    assert_close(fused(x), base(x))
+    assert torch.equal(fused.state_dict()["lora_a"], plain.state_dict()["lora_a"])
+
+    with pytest.raises(InvalidParameterError, match="fuse_shrink needs a float nn.Linear"):
+        LoRALinear(nn.Linear(16, 24), mapping, max_rank=8, backend="reference").fuse_shrink()
