@@ -65,22 +65,24 @@ def expand_lora(y: torch.Tensor, shrunk: torch.Tensor, lora_b: torch.Tensor, tok
     return torch.addmm(y, masked, b_all.T)
 
 
-# The last mask made, with the slots tensor it was made for. Every LoRA layer of one forward pass
-# gets the same slots tensor object from the model's SlotMapping, so the mask is made once per
-# pass, not once per layer. The cache holds that object, so its id cannot be reused; a slots
-# tensor must not be changed in place once passed (SlotMapping makes a new one every pass).
-_last_mask: tuple[torch.Tensor, int, int, torch.dtype, torch.Tensor] | None = None
+# The masks made for the last slots tensor, by (slots, rank, dtype). Every LoRA layer of one
+# forward pass gets the same slots tensor object from the model's SlotMapping, so each mask is made
+# once per pass, not once per layer (stacks of different ranks share the pass). The cache holds that
+# object, so its id cannot be reused; a slots tensor must not be changed in place once passed
+# (SlotMapping makes a new one every pass).
+_masks_of: tuple[torch.Tensor, dict[tuple[int, int, torch.dtype], torch.Tensor]] | None = None
 
 
 def _token_mask(token_slots: torch.Tensor, num_slots: int, rank: int, dtype: torch.dtype) -> torch.Tensor:
     """[M, S*R]: for each token, ones on its slot's R columns (all zeros for `NO_SLOT`)."""
-    global _last_mask
-    last = _last_mask
-    if last is not None and last[0] is token_slots and last[1:4] == (num_slots, rank, dtype):
-        return last[4]
-    mask = _slot_masks(num_slots, rank, dtype, token_slots.device).index_select(0, token_slots + 1)
-    _last_mask = (token_slots, num_slots, rank, dtype, mask)
-    return mask
+    global _masks_of
+    if _masks_of is None or _masks_of[0] is not token_slots:
+        _masks_of = (token_slots, {})
+    masks = _masks_of[1]
+    key = (num_slots, rank, dtype)
+    if key not in masks:
+        masks[key] = _slot_masks(num_slots, rank, dtype, token_slots.device).index_select(0, token_slots + 1)
+    return masks[key]
 
 
 @functools.cache

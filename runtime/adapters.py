@@ -24,8 +24,19 @@ from .lora import LoRALinear, LoRAWeights, SlotMapping, is_linear_like
 
 
 def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
-    """The model's LoRA stacks, by the name of the module they replaced."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+    """The model's LoRA stacks, by the name of the module they replaced; a fused stack
+    (`fused.FusedLoRALinear`) gives one entry per targeted section, by the section's own name."""
+    from .fused import FusedLoRALinear
+
+    stacks = {}
+    for name, module in model.named_modules():
+        if isinstance(module, LoRALinear):
+            stacks[name] = module
+        elif isinstance(module, FusedLoRALinear):
+            parent = name.rpartition(".")[0]
+            for section, stack in module.section_stacks().items():
+                stacks[f"{parent}.{section}" if parent else section] = stack
+    return stacks
 
 
 def add_lora_slots(

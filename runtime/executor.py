@@ -26,7 +26,8 @@ from ..kernels import NO_SLOT
 from .adapters import add_lora_slots, lora_modules
 from .batch import RowSpec, build_batch
 from .config import ModelConfig
-from .lora import LoRAWeights, SlotMapping
+from .fused import FusedLinear, FusedLoRALinear, fuse_projections
+from .lora import LoRALinear, LoRAWeights, SlotMapping
 from .model import CausalLM
 from .paged_cache import PagedKVCache
 from .quant import NF4Linear, PackedIntLinear
@@ -86,6 +87,9 @@ class TorchExecutor:
         self.dtype = weight.dtype
         if dequantize if dequantize is not None else self.device.type == "cpu":
             dequantize_linears(model)
+        backend = getattr(model, "kernel_backend", None)
+        if backend == "cpu":
+            fuse_projections(model)  # q/k/v and gate/up in one matmul each (runtime/fused.py)
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.cache = PagedKVCache(model.config, num_blocks, block_size, dtype=self.dtype, device=self.device)
@@ -98,8 +102,13 @@ class TorchExecutor:
                 model, names, num_slots=num_lora_slots, max_rank=max_lora_rank, max_tokens=max_num_batched_tokens
             )
             for stack in lora_modules(model).values():
-                if stack.kernel_backend == "cpu" and isinstance(stack.base, nn.Linear):
+                if isinstance(stack, LoRALinear) and stack.kernel_backend == "cpu" and isinstance(stack.base, nn.Linear):
                     stack.fuse_shrink()  # one GEMM for the base and the shrink (runtime/lora.py)
+            for name, module in list(model.named_modules()):
+                if isinstance(module, FusedLinear) and set(module.section_names) & set(targets):
+                    parent, _, child = name.rpartition(".")
+                    stack = FusedLoRALinear(module, self.mapping, max_lora_rank, targets)
+                    setattr(model.get_submodule(parent), child, stack)
 
     def execute(self, rows: Sequence[RowSpec]) -> torch.Tensor:
         batch = build_batch(rows, self.block_size, self.device)

@@ -94,6 +94,9 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(hidden, kv_dim, bias=qkv_bias)
         self.v_proj = nn.Linear(hidden, kv_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(q_dim, hidden, bias=config.attention_bias)
+        self.q_dim, self.kv_dim = q_dim, kv_dim
+        # q, k and v in one matmul once `fused.fuse_projections` has replaced the three (CPU serving).
+        self.qkv_proj: nn.Module | None = None
 
     def forward(
         self,
@@ -105,9 +108,13 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         B, T, _ = x.shape
         # [B, T, H*D] -> [B, H, T, D]
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if self.qkv_proj is None:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        else:
+            q, k, v = self.qkv_proj(x).split((self.q_dim, self.kv_dim, self.kv_dim), dim=-1)
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is None:
             # [B, H, T, D] -> [B, T, H*D]
@@ -124,9 +131,14 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(hidden, inter, bias=bias)
         self.up_proj = nn.Linear(hidden, inter, bias=bias)
         self.down_proj = nn.Linear(inter, hidden, bias=bias)
+        self.gate_up_proj: nn.Module | None = None  # gate and up in one matmul, as `qkv_proj`
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up_proj is None:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        else:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):

@@ -1,0 +1,109 @@
+"""Fused projections (runtime/fused.py): q/k/v and gate/up in one matmul, with per-section LoRA
+slots, give the separate projections' outputs; a section's adapter reaches its own output only."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from quadapt.runtime.adapters import add_lora_slots, load_into_slot, lora_modules
+from quadapt.runtime.errors import InvalidParameterError
+from quadapt.runtime.fused import FusedLinear, FusedLoRALinear, fuse_projections
+from quadapt.runtime.lora import NO_SLOT, SlotMapping
+
+from .conftest import assert_close
+from .test_lora import TARGETS, make_model, model_adapter, random_lora
+
+
+def test_fused_projections_equal_the_separate_ones():
+    model = make_model()
+    fused = copy.deepcopy(model)
+    assert fuse_projections(fused) == 2 * fused.config.num_hidden_layers
+    attn, mlp = fused.model.layers[0].self_attn, fused.model.layers[0].mlp
+    assert isinstance(attn.qkv_proj, FusedLinear) and isinstance(mlp.gate_up_proj, FusedLinear)
+    assert not hasattr(attn, "q_proj") and not hasattr(mlp, "up_proj")
+    ids = torch.randint(0, model.config.vocab_size, (2, 7))
+    assert_close(fused(ids), model(ids))
+
+
+def test_fused_lora_sections_equal_separate_stacks_in_a_mixed_batch():
+    """The same two adapters in separate `LoRALinear` stacks and in fused stacks, rows of both
+    slots and rows of none in one batch: the same logits."""
+    model = make_model()
+    adapters = [model_adapter(model, rank=4, seed=s) for s in (1, 2)]
+    names = [n for n, _ in model.named_modules() if n.rsplit(".", 1)[-1] in TARGETS]
+    separate = copy.deepcopy(model)
+    sep_mapping = add_lora_slots(separate, names, num_slots=2, max_rank=4)
+
+    fused = copy.deepcopy(model)
+    fuse_projections(fused)
+    rest = [n for n, m in fused.named_modules() if n.rsplit(".", 1)[-1] in TARGETS]
+    mapping = add_lora_slots(fused, rest, num_slots=2, max_rank=4)
+    for name, module in list(fused.named_modules()):
+        if isinstance(module, FusedLinear):
+            parent, _, child = name.rpartition(".")
+            setattr(fused.get_submodule(parent), child, FusedLoRALinear(module, mapping, 4, TARGETS))
+    assert sorted(lora_modules(fused)) == sorted(names)  # every section by its own HF name
+
+    for slot, adapter in enumerate(adapters):
+        load_into_slot(separate, adapter, slot)
+        load_into_slot(fused, adapter, slot)
+    ids = torch.randint(0, model.config.vocab_size, (3, 5))
+    slots = torch.tensor([0, NO_SLOT, 1]).repeat_interleave(5)
+    sep_mapping.set(slots)
+    mapping.set(slots)
+    assert_close(fused(ids), separate(ids))
+    sep_mapping.set(NO_SLOT)
+    mapping.set(NO_SLOT)
+    assert_close(fused(ids), model(ids))
+
+
+def test_a_section_adapter_reaches_its_own_output_only():
+    torch.manual_seed(0)
+    q, k, v = nn.Linear(16, 12), nn.Linear(16, 6), nn.Linear(16, 6)
+    base = FusedLinear([("q_proj", q), ("k_proj", k), ("v_proj", v)])
+    mapping = SlotMapping(2)
+    stack = FusedLoRALinear(base, mapping, max_rank=4, targets=TARGETS)
+    w = random_lora(6, 16, 3)
+    stack.section_stacks()["k_proj"].set_slot(1, w)
+    x = torch.randn(3, 16)
+    mapping.set(torch.tensor([1, 0, NO_SLOT]))
+    out_q, out_k, out_v = stack(x).split((12, 6, 6), dim=-1)
+    assert_close(out_q, q(x))
+    assert_close(out_v, v(x))
+    assert_close(out_k[0], k(x[0]) + x[0] @ w.delta().T)
+    assert_close(out_k[1:], k(x[1:]))  # slot 0 is empty, and the third row has none
+    assert not torch.allclose(out_k[0], k(x[0]))  # negative control: the adapter does change k
+
+    stack.section_stacks()["k_proj"].clear_slot(1)
+    assert_close(stack(x), base(x))
+    with pytest.raises(InvalidParameterError, match="rank 5 exceeds"):
+        stack.section_stacks()["q_proj"].set_slot(0, random_lora(12, 16, 5))
+    with pytest.raises(InvalidParameterError, match="do not fit"):
+        stack.section_stacks()["q_proj"].set_slot(0, random_lora(6, 16, 2))
+    with pytest.raises(InvalidParameterError, match="out of range"):
+        stack.section_stacks()["v_proj"].set_slot(2, random_lora(6, 16, 2))
+
+
+def test_only_float_linears_fuse():
+    with pytest.raises(InvalidParameterError, match="cannot fuse"):
+        FusedLinear([("a", nn.Linear(8, 4)), ("b", nn.Linear(9, 4))])
+
+
+def test_the_cpu_engine_serves_through_fused_stacks(tmp_path):
+    """The engine's CPU executor uses this layout, so the engine's batch-invariance tests
+    (tests/test_engine.py) check it against the reference generator."""
+    from quadapt.runtime.engine import Engine, EngineConfig
+    from quadapt.runtime.loader import load_model
+
+    from .test_adapters import make_base
+
+    engine = Engine.for_model(load_model(make_base(tmp_path)), eos_token_ids={2},
+                              config=EngineConfig(max_loras=2, max_lora_rank=4), kv_cache_bytes=2**20)
+    layer = engine.executor.model.model.layers[0]
+    assert isinstance(layer.self_attn.qkv_proj, FusedLoRALinear)
+    assert isinstance(layer.mlp.gate_up_proj, FusedLoRALinear)
+    assert layer.self_attn.o_proj.fused_weight is not None
