@@ -27,9 +27,9 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offset: 
         [B, H, T, D].
     """
     T = q.shape[2]
-    k, v = expand_kv(k, q.shape[1] // k.shape[1]), expand_kv(v, q.shape[1] // v.shape[1])
     if T == 1:
-        return F.scaled_dot_product_attention(q, k, v)  # one query sees the whole prefix
+        return _one_query_attention(q, k, v, None)  # one query sees the whole prefix
+    k, v = expand_kv(k, q.shape[1] // k.shape[1]), expand_kv(v, q.shape[1] // v.shape[1])
     if offset == 0:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
     # Query i sits at position offset+i and sees keys 0..offset+i.
@@ -48,5 +48,24 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     Returns:
         [B, H, T, D].
     """
+    if q.shape[2] == 1:
+        return _one_query_attention(q, k, v, mask)
     k, v = expand_kv(k, q.shape[1] // k.shape[1]), expand_kv(v, q.shape[1] // v.shape[1])
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def _one_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Attention of one query per row (decode) without repeating K and V for GQA: the n_rep query
+    heads that share a KV head are that head's n_rep queries, which is the same math.
+
+    Args:
+        q: [B, H, 1, D]; k, v: [B, H_kv, S, D]; mask: [B, 1, 1, S] (True = attend) or None.
+
+    Returns:
+        [B, H, 1, D].
+    """
+    B, H, _, D = q.shape
+    H_kv = k.shape[1]
+    grouped = q.reshape(B, H_kv, H // H_kv, D)  # head h -> KV head h // n_rep, as `expand_kv`
+    out = F.scaled_dot_product_attention(grouped, k, v, attn_mask=mask)  # [B, H_kv, n_rep, D]
+    return out.reshape(B, H, 1, D)
