@@ -120,8 +120,6 @@ class PagedKVCache:
         k_store.view(-1, H_kv, D).index_copy_(0, batch.slot_mapping, k[0].transpose(0, 1))
         v_store.view(-1, H_kv, D).index_copy_(0, batch.slot_mapping, v[0].transpose(0, 1))
         q_tokens = q[0].transpose(0, 1)  # [N, H, D]
-        out = torch.empty(N, H, D, dtype=q.dtype, device=q.device)
-
         if batch.decode is not None:
             rows = batch.decode
             R = rows.token_index.shape[0]
@@ -130,9 +128,13 @@ class PagedKVCache:
             table = rows.block_tables.reshape(-1)
             keys = k_store.index_select(0, table).view(R, -1, H_kv, D).transpose(1, 2)
             values = v_store.index_select(0, table).view(R, -1, H_kv, D).transpose(1, 2)
+            if not batch.prefill:  # every token is a decode row's, in order: no gather, no scatter
+                return masked_attention(q_tokens.unsqueeze(2), keys, values, rows.mask).reshape(1, N, H * D)
+            out = torch.empty(N, H, D, dtype=q.dtype, device=q.device)
             queries = q_tokens[rows.token_index].unsqueeze(2)  # [R, H, 1, D]
             out[rows.token_index] = masked_attention(queries, keys, values, rows.mask)[:, :, 0]
-
+        else:
+            out = torch.empty(N, H, D, dtype=q.dtype, device=q.device)
         for row in batch.prefill:
             # [blocks, B, H_kv, D] -> [1, H_kv, context, D]
             keys = k_store.index_select(0, row.blocks).view(-1, H_kv, D)[: row.context].transpose(0, 1)[None]
