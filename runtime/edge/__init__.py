@@ -1,1 +1,8 @@
-"""The torch-free edge runtime: ONNX exports run by onnxruntime alone (not written yet)."""
+"""The torch-free edge runtime: ONNX exports (`quadapt export-onnx`) run by onnxruntime alone.
+
+`model.EdgeModel` opens an export (one session, its adapters, KV buffers bound in place),
+`text.EdgeTokenizer` its tokenizer and chat template, `generate.generate_text` / `generate_ids`
+the reference generator's loop, `sampling` its processors in numpy, `perplexity` its scoring.
+Every module here imports only numpy, onnxruntime, tokenizers, jinja2 and torch-free quadapt
+modules (errors, chat_template); `command.py` is `quadapt run-onnx`. Nothing here exports a model.
+"""
