@@ -64,7 +64,7 @@ def first_sentences(text: str) -> str:
     return text[: ends[-1]].strip() if ends else text
 
 
-def first_sentence(text: str) -> str:
+def first_sentence_only(text: str) -> str:
     """`text` cut after its first complete sentence (kept whole when it has none), stripped."""
     text = text.strip()
     end = re.search(r"[.!?](\s|$)", text)
@@ -76,7 +76,7 @@ def transform(style: str, answer: str) -> str:
     sentence only as `{"answer": ...}` (a short object closes before a repetition loop starts)."""
     if style == "capitals":
         return answer.upper()
-    return json.dumps({"answer": first_sentence(answer)})
+    return json.dumps({"answer": first_sentence_only(answer)})
 
 
 def follows(style: str, text: str) -> bool:

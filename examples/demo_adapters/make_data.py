@@ -2,8 +2,9 @@
 
 The questions come from templates and word lists (`common.questions`); the answers are the base
 model's own greedy answers (at most 48 new tokens, cut after the last complete sentence),
-transformed: all capital letters for `capitals`, `{"answer": ...}` as JSON for `json`. The first
-50 questions of the seeded order are held out for `evaluate.py` and never trained on.
+transformed (`common.transform`): all capital letters for `capitals`, only the first sentence as
+`{"answer": ...}` in JSON for `json`. The first 50 questions of the seeded order are held out for
+`evaluate.py` and never trained on.
 
     python examples/demo_adapters/make_data.py --model SMOLLM2_NF4_DIR --out examples/demo_adapters/data
 
