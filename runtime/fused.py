@@ -28,7 +28,7 @@ from torch import nn
 from ..kernels import NO_SLOT
 from ..kernels import cpu as cpu_kernels
 from .errors import InvalidParameterError
-from .lora import LoRAWeights, SlotMapping
+from .lora import LoRAWeights, SlotMapping, check_slot_fits, copy_into_slot
 
 # The fused module's name in its parent, and the projections it replaces, in output order.
 FUSED_GROUPS = {
@@ -169,21 +169,8 @@ class _Section:
                 factors' shapes do not fit this section.
         """
         self._check_slot(slot)
-        if weights.rank > self.max_rank:
-            raise InvalidParameterError(
-                f"LoRA rank {weights.rank} exceeds this slot stack's max rank {self.max_rank}; "
-                "build the slots with a larger max_rank"
-            )
-        if (weights.in_features, weights.out_features) != (self.in_features, self.out_features):
-            raise InvalidParameterError(
-                f"LoRA factors for a [{weights.out_features}, {weights.in_features}] weight do not fit a "
-                f"[{self.out_features}, {self.in_features}] module"
-            )
-        r = weights.rank
-        with torch.no_grad():
-            self.clear_slot(slot)
-            self._a(slot)[:r].copy_(weights.a)
-            self._b(slot)[:, :r].copy_(weights.b.float() * weights.scale)
+        check_slot_fits(weights, max_rank=self.max_rank, in_features=self.in_features, out_features=self.out_features)
+        copy_into_slot(self._a(slot), self._b(slot), weights)
 
     def clear_slot(self, slot: int) -> None:
         """Zero this section's factors in `slot`."""

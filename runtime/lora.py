@@ -157,6 +157,35 @@ class SlotMapping:
         return slots.expand(leading_shape).reshape(-1)
 
 
+def check_slot_fits(weights: LoRAWeights, *, max_rank: int, in_features: int, out_features: int) -> None:
+    """Check that `weights` fit a slot of rank `max_rank` on an [out_features, in_features] weight.
+
+    Raises:
+        InvalidParameterError: the rank exceeds `max_rank`, or the factors' shapes do not fit.
+    """
+    if weights.rank > max_rank:
+        raise InvalidParameterError(
+            f"LoRA rank {weights.rank} exceeds this slot stack's max rank {max_rank}; "
+            "build the slots with a larger max_rank"
+        )
+    if (weights.in_features, weights.out_features) != (in_features, out_features):
+        raise InvalidParameterError(
+            f"LoRA factors for a [{weights.out_features}, {weights.in_features}] weight do not fit a "
+            f"[{out_features}, {in_features}] module"
+        )
+
+
+def copy_into_slot(a: torch.Tensor, b: torch.Tensor, weights: LoRAWeights) -> None:
+    """Zero one slot's A [R, in] and B [out, R] blocks, then copy `weights` in: the rank
+    zero-padded to R, the scale folded into B in fp32 and cast once (not rounded separately)."""
+    r = weights.rank
+    with torch.no_grad():
+        a.zero_()
+        b.zero_()
+        a[:r].copy_(weights.a)
+        b[:, :r].copy_(weights.b.float() * weights.scale)
+
+
 class LoRALinear(nn.Module):
     """A base linear-like module plus a stack of LoRA slots.
 
@@ -231,22 +260,8 @@ class LoRALinear(nn.Module):
                 factors' shapes do not fit this module.
         """
         self._check_slot(slot)
-        if weights.rank > self.max_rank:
-            raise InvalidParameterError(
-                f"LoRA rank {weights.rank} exceeds this slot stack's max rank {self.max_rank}; "
-                "build the slots with a larger max_rank"
-            )
-        if (weights.in_features, weights.out_features) != (self.in_features, self.out_features):
-            raise InvalidParameterError(
-                f"LoRA factors for a [{weights.out_features}, {weights.in_features}] weight do not fit a "
-                f"[{self.out_features}, {self.in_features}] module"
-            )
-        r = weights.rank
-        with torch.no_grad():
-            self.clear_slot(slot)
-            self.lora_a[slot, :r].copy_(weights.a)
-            # Fold in fp32, then cast once: the scale is not rounded to the buffer dtype separately.
-            self.lora_b[slot, :, :r].copy_(weights.b.float() * weights.scale)
+        check_slot_fits(weights, max_rank=self.max_rank, in_features=self.in_features, out_features=self.out_features)
+        copy_into_slot(self.lora_a[slot], self.lora_b[slot], weights)
 
     def clear_slot(self, slot: int) -> None:
         """Zero `slot`, so tokens that select it get the base output."""
