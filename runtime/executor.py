@@ -113,8 +113,13 @@ class TorchExecutor:
     def execute(self, rows: Sequence[RowSpec]) -> torch.Tensor:
         batch = build_batch(rows, self.block_size, self.device)
         if self.mapping is not None:
+            slots = {row.lora_slot for row in rows}
             if batch.lora_slots is None:
                 self.mapping.set(NO_SLOT)
+            elif len(slots) == 1 and self.device.type == "cpu":
+                # Every token uses one slot: the LoRA ops read that slot's factors alone, not the
+                # whole stack (the host knows the slot; nothing is read back from a device).
+                self.mapping.set(slots.pop())
             else:
                 self.mapping.set_tokens(batch.lora_slots)
         with torch.inference_mode():

@@ -120,8 +120,11 @@ class FusedLoRALinear(nn.Module):
         if isinstance(slots, int) and slots == NO_SLOT:
             return nn.functional.linear(x, self.weight[: self.out_features], self.bias)
         x2 = x.reshape(-1, self.in_features)  # [..., in] -> [N, in]
-        if isinstance(slots, int):
-            slots = torch.full((x2.shape[0],), slots, dtype=torch.int64, device=x.device)
+        if isinstance(slots, int):  # one slot for every token: its factors alone
+            R = self.lora_b.shape[2]
+            a = self.weight[self.out_features + slots * R: self.out_features + (slots + 1) * R]  # [R, in]
+            y = nn.functional.linear(x2, self.weight[: self.out_features], self.bias)
+            return torch.addmm(y, x2 @ a.T, self.lora_b[slots].T).view(*x.shape[:-1], self.out_features)
         full = nn.functional.linear(x2, self.weight)  # [N, out + S*R]: base output, then every shrink
         y = full[:, : self.out_features]
         if self.bias is not None:

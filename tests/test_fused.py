@@ -107,3 +107,20 @@ def test_the_cpu_engine_serves_through_fused_stacks(tmp_path):
     assert isinstance(layer.self_attn.qkv_proj, FusedLoRALinear)
     assert isinstance(layer.mlp.gate_up_proj, FusedLoRALinear)
     assert layer.self_attn.o_proj.fused_weight is not None
+
+
+def test_one_slot_for_every_token_equals_the_per_token_form():
+    """A batch whose tokens all use one slot reads that slot's factors alone; same output."""
+    torch.manual_seed(1)
+    base = FusedLinear([("gate_proj", nn.Linear(16, 10)), ("up_proj", nn.Linear(16, 10))])
+    mapping = SlotMapping(3)
+    stack = FusedLoRALinear(base, mapping, max_rank=4, targets=TARGETS)
+    for slot in range(3):
+        stack.section_stacks()["gate_proj"].set_slot(slot, random_lora(10, 16, 3))
+        stack.section_stacks()["up_proj"].set_slot(slot, random_lora(10, 16, 4))
+    x = torch.randn(2, 5, 16)
+    mapping.set(torch.full((10,), 2))
+    per_token = stack(x)
+    mapping.set(2)
+    assert_close(stack(x), per_token)
+    assert not torch.allclose(per_token, base(x), atol=1e-3)  # negative control: slot 2 is not empty
