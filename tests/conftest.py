@@ -87,3 +87,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # kernel is defined, and the kernel modules load lazily, so setting it here is early enough.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture
+def one_thread():
+    """Run a test on one torch thread: tiny matmuls spend their time in thread hand-offs on a
+    busy machine, so one thread is faster. The previous count is restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

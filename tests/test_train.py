@@ -22,13 +22,7 @@ from .conftest import assert_close
 from .test_model import save_hf_model
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny matmuls spend their time in thread hand-offs on a busy machine; one thread is faster.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
