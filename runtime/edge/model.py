@@ -133,7 +133,6 @@ class EdgeModel:
         self._adapters: dict[str | None, dict[str, ort.OrtValue]] = {None: dict(self._zero)}
         for name, entry in self.manifest.adapters.items():
             self._load_adapter(name, self.manifest.path / str(entry.get("file", "")))
-        self._run_options = ort.RunOptions()
 
     @property
     def adapters(self) -> list[str]:
@@ -212,7 +211,7 @@ class Sequence:
                 f"the prompt has {prompt.shape[1]} tokens but the model's context is {m.context_length}, which leaves "
                 f"no room for output; shorten the prompt to at most {m.context_length - 1} tokens"
             )
-        self.model, self.options = model, model._run_options
+        self.model = model
         self.capacity = max(min(capacity, m.context_length), prompt.shape[1])
         self.length = 0
         session = model.session
@@ -250,7 +249,9 @@ class Sequence:
     def _run(self, ids: np.ndarray) -> None:
         self._binding.bind_ortvalue_input("input_ids", ort.OrtValue.ortvalue_from_numpy(ids))
         self._bind_mask(self.length + ids.shape[1])
-        self.model.session.run_with_iobinding(self._binding, self.options)
+        # No RunOptions: onnxruntime's Python wrapper probes a given one for a graph-capture key on
+        # every run, and the probe (an exception when the key is unset) costs about 1% of a step.
+        self.model.session.run_with_iobinding(self._binding)
         self.length += ids.shape[1]
 
     def _bind_mask(self, total: int) -> None:
@@ -275,6 +276,6 @@ class Sequence:
             )
         self._token[0, 0] = token
         self._bind_mask(self.length + 1)
-        self.model.session.run_with_iobinding(self._binding, self.options)
+        self.model.session.run_with_iobinding(self._binding)
         self.length += 1
         return self._logits[0, -1]
