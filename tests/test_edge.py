@@ -236,6 +236,26 @@ def test_smollm2_int4_greedy_equals_torch_runtime(smollm2_int4, tmp_path):
     assert actual == expected
 
 
+@pytest.mark.real_model
+def test_smollm2_default_int8_compute_departs_only_at_near_ties(smollm2_int4, tmp_path):
+    """The default export (int8 activations in MatMulNBits, int8 head), teacher-forced on 256
+    tokens of a text unlike chat (a licence, where the model is often unsure): its greedy choice
+    differs from the torch runtime's at few positions, and only where the torch runtime's top two
+    logits were close (measured: 11 positions, all within 0.45; the float-compute export above
+    differs at none)."""
+    export = export_onnx(smollm2_int4, tmp_path / "fast")
+    text = (Path(__file__).resolve().parent.parent / "benchmarks" / "data" / "licence.txt").read_text()
+    ids = Tokenizer.from_dir(smollm2_int4).encode(text)[:256]
+    with torch.no_grad():
+        expected = load_model(smollm2_int4)(torch.tensor([ids]))[0].numpy()
+    actual = EdgeModel(export).logits(ids)
+    top2 = np.sort(expected, axis=-1)[:, -2:]
+    margins = top2[:, 1] - top2[:, 0]
+    flipped = np.flatnonzero(actual.argmax(-1) != expected.argmax(-1))
+    assert all(margins[i] < 1.0 for i in flipped), [(int(i), float(margins[i])) for i in flipped]
+    assert len(flipped) <= 16, flipped  # at most 1 position in 16
+
+
 @pytest.fixture(scope="module")
 def smollm2_int4(smollm2_gguf, tmp_path_factory) -> Path:
     """SmolLM2-135M-Instruct converted to int4 (group 64) by quadapt."""
