@@ -144,11 +144,12 @@ def quantize_int(
 ) -> IntQuantized:
     """Round-to-nearest integer quantization of W [N, K], optionally with an MSE search per group.
 
-    The symmetric search shrinks each group's min-max range over `MSE_SHRINK_GRID`, keeping the
-    shrink with the least squared error of the dequantized group. The asymmetric search
-    (`_fit_asymmetric`) refits scale and zero point from candidate codes and keeps the candidate
-    with the least magnitude-weighted squared error, sum(w^2 (w - w_hat)^2), so that a group's
-    extremes are not clipped to fit its many small weights. Both measure the error on what is
+    The symmetric search shrinks each group's min-max range over `MSE_SHRINK_GRID`; the asymmetric
+    search (`_fit_asymmetric`) refits scale and zero point from candidate codes. Both keep the
+    candidate with the least magnitude-weighted squared error, sum(w^2 (w - w_hat)^2), so that a
+    group's extremes are not clipped to fit its many small weights (with the plain squared error
+    the symmetric search clipped so much that int4 group 64 scored worse than min-max on held-out
+    text; llama.cpp's `make_qx_quants` weights by w^2 for the same reason). Both measure the error on what is
     stored (the scale in `scale_dtype`, the integer zero point) and start from min-max, keeping it
     on ties, so neither does worse than min-max under its own objective.
 
@@ -170,10 +171,11 @@ def quantize_int(
     if mse and not symmetric:
         scale, zero = _fit_asymmetric(groups, scale, zero, num_bits)
     elif mse:
-        best = _squared_error(groups, scale, zero, num_bits)
+        magnitude = groups.float().pow(2)  # the asymmetric search's weighting: extremes are not clipped away
+        best = _squared_error(groups, scale, zero, num_bits, magnitude)
         for shrink in MSE_SHRINK_GRID[1:]:
             s, z = int_qparams(groups, shrink=shrink, **params)
-            err = _squared_error(groups, s, z, num_bits)
+            err = _squared_error(groups, s, z, num_bits, magnitude)
             better = err < best  # strict: a tie keeps the wider range
             best = torch.where(better, err, best)
             scale = torch.where(better, s, scale)

@@ -104,13 +104,13 @@ def test_sqnr_nf4():
      (8, None, True, torch.float32)],
 )
 def test_mse_search_is_never_worse_than_minmax(num_bits, group_size, symmetric, scale_dtype):
-    # Heavy tails (Student t) are where the search pays; no group's objective may grow. The
-    # symmetric objective is the squared error, the asymmetric one weights it by w^2.
+    # Heavy tails (Student t) are where the search pays; no group's objective may grow. Both
+    # objectives weight the squared error by w^2.
     w = torch.distributions.StudentT(3.0).sample((128, 256)) * 0.02
     params = {"num_bits": num_bits, "group_size": group_size, "symmetric": symmetric, "scale_dtype": scale_dtype}
     minmax, mse = quantize_int(w, **params), quantize_int(w, mse=True, **params)
     size = 256 if group_size is None else group_size
-    weights = torch.ones_like(w) if symmetric else w.pow(2)
+    weights = w.pow(2)
 
     def group_objective(q):
         return ((q.dequantize().float() - w).pow(2) * weights).reshape(128, -1, size).sum(-1)
