@@ -313,7 +313,8 @@ def _quantize_kwargs(args: argparse.Namespace) -> dict[str, object]:
     """The quantization options given on the command line; the library's defaults fill the rest."""
     given = {
         "group_size": args.group_size, "calibration": args.calibration, "calib_text": args.calib_text,
-        "keep": args.keep, "actorder": args.actorder or None, "lm_head": args.lm_head,
+        "calib_tokens": args.calib_tokens, "keep": args.keep, "actorder": args.actorder or None,
+        "lm_head": args.lm_head,
     }
     return {key: value for key, value in given.items() if value is not None}
 
@@ -471,10 +472,22 @@ def _quantize_options(*, scheme_required: bool) -> argparse.ArgumentParser:
     )
     group.add_argument(
         "--calibration", default=None, metavar="METHOD",
-        help="minmax (round to nearest, default), mse (per-group MSE range search) or gptq (needs --calib-text)",
+        help=(
+            "minmax (round to nearest, default), mse (per-group MSE range search), gptq, or awq (activation-aware "
+            "scaling); gptq and awq calibrate on quadapt's built-in broad text set unless --calib-text is given"
+        ),
     )
     group.add_argument(
-        "--calib-text", default=None, metavar="FILE", help="UTF-8 text for GPTQ calibration (>= 128 tokens)"
+        "--calib-text", action="append", default=None, metavar="FILE",
+        help=(
+            "UTF-8 text for gptq/awq calibration (>= 128 tokens); repeat to mix several. 'default' names the "
+            "built-in set, so --calib-text default --calib-text FILE adds FILE to it (default: the built-in set)"
+        ),
+    )
+    group.add_argument(
+        "--calib-tokens", type=_positive_int, default=None, metavar="N",
+        help="gptq/awq: calibration tokens to use at most, >= 1024 (default 32768; 1 sequence in 8 is held out "
+        "to check each layer against round to nearest)",
     )
     group.add_argument("--actorder", action="store_true", help="GPTQ with static act-order (no g_idx is stored)")
     group.add_argument(

@@ -1,23 +1,31 @@
-"""Calibration for GPTQ: tokenize a text, then run the model one decoder layer at a time.
+"""Calibration: tokenize the calibration texts, then run the model one decoder layer at a time.
 
-`gptq_layers` holds one layer in memory at a time. It embeds the calibration sequences, then for
-each layer: loads its float weights, runs the layer on the current hidden states while
-accumulating each linear's input Hessian (q/k/v share one, gate/up share one), hands every linear
-to a `quantize` callback, puts the dequantized weights back, and runs the layer again so the next
-layer sees what the quantized model will compute. Tensors are yielded for writing as they are
-final, in model order (embedding, layers, final norm, head).
+`calibration_sequences` reads the texts (the shipped default set, `calibration_set.py`, and/or the
+user's files), cuts them into sequences, and takes them round-robin across texts up to a token
+budget. `split_heldout` keeps every `HELDOUT_EVERY`-th sequence apart: the methods fit on the
+rest and check each result on these (`calibrated.py`), so a layer that overfits its calibration
+inputs is caught.
+
+`calibrated_layers` holds one layer in memory at a time. It embeds the sequences, then for each
+layer: loads its float weights, runs the layer on the current hidden states while accumulating
+each linear's input statistics on the fitting and the held-out sequences (q/k/v share one, gate/up
+share one), hands the layer to a `quantize_layer` callback, puts what it returns back (the
+dequantized linears, any float weight it rescaled), and runs the layer again so the next layer sees
+what the quantized model will compute. Tensors are yielded for writing as they are final, in model
+order (embedding, layers, final norm, head).
 
 Layers need random access to the checkpoint: an HF directory is read in place (`hf.SafetensorsFile`,
 plain reads of one tensor at a time); any other reader (a GGUF file, a merged-adapter stream) is first spilled to a
 scratch directory of safetensors files, one pass, one tensor at a time.
 
-It does not choose schemes or write files: `plan.py` and `convert.py` do.
+It does not choose schemes, quantize or write files: `plan.py`, `calibrated.py` and `convert.py` do.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -27,58 +35,149 @@ from ..runtime.errors import InvalidParameterError
 from ..runtime.model import CausalLM, DecoderLayer
 from ..runtime.tokenizer import Tokenizer
 from ..runtime.checkpoints import CheckpointReader
+from .calibration_set import (
+    DEFAULT_CALIBRATION_NAME, DEFAULT_CALIBRATION_TOKENS, MIN_TOKENS_PER_INPUT, default_calibration_texts,
+)
 from .gptq import HessianAccumulator
 
 logger = logging.getLogger(__name__)
 
-MIN_CALIBRATION_TOKENS = 128  # below this, H = X^T X of a 576-wide layer is badly rank-deficient
-MAX_CALIBRATION_TOKENS = 16384
+MIN_CALIBRATION_TOKENS = 128  # per text: below this a file is surely not what was meant
 CALIBRATION_SEQUENCE_LENGTH = 512
+HELDOUT_EVERY = 8  # every 8th sequence is held out to check each layer's result
+# The first position of every sequence is the attention sink, whose hidden state carries massive
+# activations in a few channels: in SmolLM2 it alone gives up to 89% of a down_proj input's
+# sum of x^2 over 256 tokens (layer 28; 31% in layer 2). Left in, it dominates the Hessian, and
+# GPTQ fits that one token at the expense of all others: per layer its held-out error fell to
+# 0.4x round-to-nearest's while perplexity on other texts rose above it. The statistics skip it.
+SINK_POSITIONS = 1
 
 # Linears that read the same input share a Hessian: (the linears, the one whose input is hooked).
-_INPUT_GROUPS = (
+INPUT_GROUPS = (
     (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn.q_proj"),
     (("self_attn.o_proj",), "self_attn.o_proj"),
     (("mlp.gate_proj", "mlp.up_proj"), "mlp.gate_proj"),
     (("mlp.down_proj",), "mlp.down_proj"),
 )
 
-# quantize(module name, float weight, Hessian) -> (tensors to write, dequantized float weight)
-QuantizeFn = Callable[[str, torch.Tensor, torch.Tensor], tuple[list[tuple[str, torch.Tensor]], torch.Tensor]]
+
+@dataclass(frozen=True)
+class LayerStats:
+    """Input statistics of one linear in one layer: on the fitting and the held-out sequences."""
+
+    fit: HessianAccumulator
+    heldout: HessianAccumulator
+
+
+@dataclass(frozen=True)
+class LayerResult:
+    """What `quantize_layer` returns for one decoder layer.
+
+    Attributes:
+        tensors: checkpoint name -> the tensors to write in its place (a packed linear's several).
+            Names absent here are written as read.
+        restored: checkpoint name -> the float weight the next layers must see (a dequantized
+            linear, a rescaled norm), in the layer's own parameter shape.
+    """
+
+    tensors: dict[str, list[tuple[str, torch.Tensor]]]
+    restored: dict[str, torch.Tensor]
+
+
+# quantize_layer(layer prefix, {name: weight as stored}, {member: LayerStats}) -> LayerResult
+QuantizeLayerFn = Callable[[str, dict[str, torch.Tensor], dict[str, LayerStats]], LayerResult]
 
 
 def calibration_sequences(
-    path: str | Path, tokenizer: Tokenizer, *, max_tokens: int = MAX_CALIBRATION_TOKENS, sequence_length: int
+    texts: str | Path | Sequence[str | Path] | None, tokenizer: Tokenizer, *,
+    max_tokens: int = DEFAULT_CALIBRATION_TOKENS, sequence_length: int,
 ) -> list[torch.Tensor]:
-    """Tokenize a calibration text file and cut it into sequences.
+    """Tokenize the calibration texts and cut them into sequences, up to `max_tokens` in all.
 
     Args:
-        path: a UTF-8 text file.
+        texts: UTF-8 text files, where the name "default" stands for the shipped default set
+            (`calibration_set.py`); None is the default set alone.
         tokenizer: the model's tokenizer (its usual special tokens are added, e.g. BOS).
-        max_tokens: use at most this many tokens.
-        sequence_length: tokens per sequence; the last one may be shorter.
+        max_tokens: use at most this many tokens, taking sequences round-robin across the texts
+            so that each is represented.
+        sequence_length: tokens per sequence; a text's last one may be shorter.
 
     Returns:
         Token id tensors [1, T].
 
     Raises:
-        InvalidParameterError: the file cannot be read, or holds fewer than MIN_CALIBRATION_TOKENS tokens.
+        InvalidParameterError: a file cannot be read, or holds fewer than MIN_CALIBRATION_TOKENS tokens.
     """
-    path = Path(path).expanduser()
+    if texts is None:
+        texts = [DEFAULT_CALIBRATION_NAME]
+    elif isinstance(texts, (str, Path)):
+        texts = [texts]
+    contents = []
+    for text in texts:
+        contents += default_calibration_texts() if str(text) == DEFAULT_CALIBRATION_NAME else [_read(text)]
+    per_text = [_chunks(label, content, tokenizer, sequence_length) for label, content in contents]
+    sequences, total = [], 0
+    for i in range(max(len(chunks) for chunks in per_text)):
+        for chunks in per_text:
+            if i < len(chunks) and total < max_tokens:
+                chunk = chunks[i][: max_tokens - total]
+                if len(chunk) >= 2:  # one token alone carries no attention context
+                    sequences.append(torch.tensor([chunk]))
+                    total += len(chunk)
+    return sequences
+
+
+def _read(text: str | Path) -> tuple[str, str]:
+    path = Path(text).expanduser()
     try:
-        text = path.read_text(encoding="utf-8")
+        return repr(str(path)), path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise InvalidParameterError(f"cannot read calibration text {str(path)!r}: {e}; pass a UTF-8 text file") from None
-    ids = tokenizer.encode(text)[:max_tokens]
+
+
+def _chunks(label: str, content: str, tokenizer: Tokenizer, sequence_length: int) -> list[list[int]]:
+    ids = tokenizer.encode(content)
     if len(ids) < MIN_CALIBRATION_TOKENS:
         raise InvalidParameterError(
-            f"calibration text {str(path)!r} is {len(ids)} tokens long; GPTQ needs at least {MIN_CALIBRATION_TOKENS} "
+            f"calibration text {label} is {len(ids)} tokens long; GPTQ needs at least {MIN_CALIBRATION_TOKENS} "
             "tokens (a few thousand work well); pass a longer text with --calib-text"
         )
-    chunks = [ids[i : i + sequence_length] for i in range(0, len(ids), sequence_length)]
-    if len(chunks) > 1 and len(chunks[-1]) < 2:
-        chunks.pop()  # one token alone carries no attention context
-    return [torch.tensor([chunk]) for chunk in chunks]
+    return [ids[i : i + sequence_length] for i in range(0, len(ids), sequence_length)]
+
+
+def split_heldout(sequences: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """(fitting, held-out): every `HELDOUT_EVERY`-th sequence held out, at least one of two or more.
+
+    With a single sequence nothing can be held out; the checks then run on the fitting inputs.
+    """
+    if len(sequences) < 2:
+        return sequences, []
+    heldout = [s for i, s in enumerate(sequences) if i % HELDOUT_EVERY == HELDOUT_EVERY - 1] or [sequences[-1]]
+    kept = {id(s) for s in heldout}
+    return [s for s in sequences if id(s) not in kept], heldout
+
+
+def check_token_count(fit_tokens: int, widest: int, what: str) -> None:
+    """Refuse fewer fitting tokens than the widest input; warn below `MIN_TOKENS_PER_INPUT` x it.
+
+    A Hessian X^T X of a K-wide input has rank at most the number of tokens, so below K it is
+    singular and the methods fit noise; well above K it is a stable estimate.
+
+    Raises:
+        InvalidParameterError: fewer tokens than `widest`.
+    """
+    if fit_tokens < widest:
+        raise InvalidParameterError(
+            f"{what}: {fit_tokens} calibration tokens fit the layers, fewer than the widest layer's {widest} inputs, "
+            f"so its Hessian is singular; give at least {MIN_TOKENS_PER_INPUT * widest} tokens (--calib-tokens, or a "
+            "longer --calib-text, or the default set)"
+        )
+    if fit_tokens < MIN_TOKENS_PER_INPUT * widest:
+        logger.warning(
+            "%s: %d calibration tokens for layers up to %d inputs wide; under %d x the width the input statistics are "
+            "noisy and the result may overfit the text (the default set gives %d)",
+            what, fit_tokens, widest, MIN_TOKENS_PER_INPUT, DEFAULT_CALIBRATION_TOKENS,
+        )
 
 
 class TensorStore:
@@ -105,29 +204,33 @@ class TensorStore:
         return self.files[name].read(name)
 
 
-def gptq_layers(
+def calibrated_layers(
     store: TensorStore,
     names: list[str],
     config: ModelConfig,
-    sequences: list[torch.Tensor],
+    fit: list[torch.Tensor],
+    heldout: list[torch.Tensor],
     targets: set[str],
-    quantize: QuantizeFn,
+    quantize_layer: QuantizeLayerFn,
     check: Callable[[str, torch.Tensor], None] = lambda name, tensor: None,
+    label: str = "calibrated",
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Quantize a model's `targets` linears with GPTQ, layer by layer; yield every tensor to write.
+    """Quantize a model's `targets` linears layer by layer on calibration inputs; yield every tensor to write.
 
     Args:
         store: random access to the float checkpoint.
         names: every tensor name to write, in the checkpoint's order.
         config: the model's config.
-        sequences: calibration token ids, each [1, T].
+        fit: calibration token ids the methods fit on, each [1, T].
+        heldout: calibration token ids held out for the checks, each [1, T] (may be empty).
         targets: names of the linears to quantize (`model.layers.3.mlp.up_proj`); others stay float.
-        quantize: called once per target linear (see `QuantizeFn`).
+        quantize_layer: called once per decoder layer (see `QuantizeLayerFn`, `LayerResult`).
         check: called on every tensor as it is read, before it is used (e.g. to refuse NaN).
+        label: the method's name in the progress log.
 
     Returns:
-        An iterator of `(name, tensor)`: float tensors as the checkpoint holds them, and what
-        `quantize` returns for each target.
+        An iterator of `(name, tensor)`: float tensors as the checkpoint holds them (or as
+        `quantize_layer` rescaled them), and the quantized tensors of each target.
     """
     def read(name: str) -> torch.Tensor:
         tensor = store.get(name)
@@ -138,6 +241,8 @@ def gptq_layers(
         shell = CausalLM(config)  # only for its rope tables, which live on the CPU
     embed = read("model.embed_tokens.weight")
     yield "model.embed_tokens.weight", embed
+    sequences = [*fit, *heldout]
+    is_heldout = [False] * len(fit) + [True] * len(heldout)
     hidden = [torch.nn.functional.embedding(ids, embed.float()) for ids in sequences]  # [1, T, hidden] each
     del embed
     rope = [shell.rope(torch.arange(ids.shape[1])[None], torch.float32) for ids in sequences]
@@ -150,55 +255,50 @@ def gptq_layers(
         layer = DecoderLayer(config, i).float()
         layer.load_state_dict({name[len(prefix) :]: w.float() for name, w in weights.items()}, strict=True)
         layer.requires_grad_(False)
-        hessians = _collect_hessians(layer, hidden, rope, prefix, targets)
-        errors = []
+        stats = _collect_stats(layer, hidden, rope, is_heldout, prefix, targets)
+        result = quantize_layer(prefix, weights, stats)
+        with torch.no_grad():
+            for name, restored in result.restored.items():
+                layer.get_parameter(name[len(prefix) :]).copy_(restored)
         for name in own:
-            module = name.removesuffix(".weight")
-            if name.endswith(".weight") and module in targets:
-                tensors, restored = quantize(module, weights[name], hessians[module[len(prefix) :]])
-                linear = layer.get_submodule(module[len(prefix) :])
-                errors.append(_relative_error(linear.weight, restored))
-                linear.weight.copy_(restored)
-                yield from tensors
-            else:
-                yield name, weights[name]
+            yield from result.tensors.get(name, [(name, weights[name])])
             written.add(name)
         del weights
         with torch.no_grad():
             hidden = [layer(h, cos, sin, None) for h, (cos, sin) in zip(hidden, rope)]
-        mean = sum(errors) / len(errors) if errors else 0.0
-        logger.info(
-            "gptq: layer %d/%d quantized (mean relative weight change %.4f)", i + 1, config.num_hidden_layers, mean
-        )
+        logger.info("%s: layer %d/%d quantized", label, i + 1, config.num_hidden_layers)
     for name in names:
         if name not in written:
             yield name, read(name)
 
 
-def _collect_hessians(
-    layer: DecoderLayer, hidden: list[torch.Tensor], rope: list[tuple[torch.Tensor, torch.Tensor]], prefix: str,
-    targets: set[str],
-) -> dict[str, torch.Tensor]:
-    """Run the float layer on the hidden states; return the input Hessian of each target linear."""
-    hooked: dict[str, HessianAccumulator] = {}
+def _collect_stats(
+    layer: DecoderLayer, hidden: list[torch.Tensor], rope: list[tuple[torch.Tensor, torch.Tensor]],
+    is_heldout: list[bool], prefix: str, targets: set[str],
+) -> dict[str, LayerStats]:
+    """Run the float layer on the hidden states; return each target linear's input statistics."""
+    hooked: dict[str, LayerStats] = {}
     handles = []
-    for members, source in _INPUT_GROUPS:
+    current = {"heldout": False}  # which accumulator the hooks feed, switched per sequence
+    for members, source in INPUT_GROUPS:
         if not any(prefix + member in targets for member in members):
             continue
         linear = layer.get_submodule(source)
-        accumulator = HessianAccumulator(linear.in_features)
-        handles.append(linear.register_forward_pre_hook(lambda _m, args, acc=accumulator: acc.add(args[0])))
+        pair = LayerStats(HessianAccumulator(linear.in_features), HessianAccumulator(linear.in_features))
+
+        def hook(_module, args, pair=pair):
+            # [1, T, K]: position 0 left out (see SINK_POSITIONS)
+            (pair.heldout if current["heldout"] else pair.fit).add(args[0][:, SINK_POSITIONS:])
+
+        handles.append(linear.register_forward_pre_hook(hook))
         for member in members:
-            hooked[member] = accumulator
+            hooked[member] = pair
     try:
         with torch.no_grad():
-            for h, (cos, sin) in zip(hidden, rope):
+            for h, (cos, sin), held in zip(hidden, rope, is_heldout):
+                current["heldout"] = held
                 layer(h, cos, sin, None)
     finally:
         for handle in handles:
             handle.remove()
-    return {member: accumulator.value() for member, accumulator in hooked.items()}
-
-
-def _relative_error(original: torch.Tensor, restored: torch.Tensor) -> float:
-    return float((original - restored).norm() / original.norm().clamp(min=1e-12))
+    return hooked

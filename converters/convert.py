@@ -12,14 +12,15 @@ stream) and writes, through `writer.write_checkpoint` (temporary name, rename at
 The embedding stays float, and so does the output head unless `lm_head="int8"`
 (`--lm-head int8`); so do linears named by `keep`. Calibration: `minmax` (round to nearest), `mse`
 (a search per group: the clipping of a symmetric range, a weighted least-squares refit of an
-asymmetric one; see `quantize.quantize_int`), or `gptq` on a calibration text, layer by layer
-(`calibrate.py`). RTN and MSE stream one tensor at a time.
+asymmetric one; see `quantize.quantize_int`), or `gptq` / `awq` (activation-aware scaling) on
+calibration text, layer by layer (`calibrate.py`, `calibrated.py`), by default the shipped broad
+set (`calibration_set.py`). RTN and MSE stream one tensor at a time.
 
 The int8 head is int8 per output row, symmetric (W8A16), in compressed-tensors: the first config
 group covers it under `int8`, a second group naming `lm_head` under `int4` (compressed-tensors
 and transformers pick a name target over the `Linear` class target, and transformers' default
-load path is then exact). The head is calibrated by min-max (or MSE with `mse`); GPTQ calibrates
-the decoder layers only.
+load path is then exact). The head is calibrated by min-max (or MSE with `mse`); GPTQ and AWQ
+calibrate the decoder layers only.
 
 Every option is checked before any work (`plan.py`, which also says what is refused and why). It
 does not requantize quantized checkpoints (that compounds the error): convert the float model.
@@ -42,6 +43,7 @@ from .plan import (
     CALIBRATIONS, HEAD, HEAD_PRECISIONS, SCHEMES, Calibration, HeadPrecision, Plan, Scheme, check_choices,
     check_disk_space, check_names, plan_conversion, refuse_quantized_source,
 )
+from .calibration_set import DEFAULT_CALIBRATION_TOKENS
 from .progress import progress
 from .quantize import quantize_int, quantize_nf4
 from .writer import check_output_dir, scratch_dir, write_checkpoint
@@ -62,7 +64,8 @@ def convert_checkpoint(
     *,
     group_size: int | None = None,
     calibration: Calibration = "minmax",
-    calib_text: str | Path | None = None,
+    calib_text: str | Path | Sequence[str | Path] | None = None,
+    calib_tokens: int = DEFAULT_CALIBRATION_TOKENS,
     keep: Sequence[str] = (),
     actorder: bool = False,
     lm_head: HeadPrecision = "float",
@@ -77,8 +80,13 @@ def convert_checkpoint(
         scheme: "int4" (symmetric), "int4-asym", "int8" (per-channel symmetric) or "nf4".
         group_size: int4 only: 32, 64 or 128; None picks the largest that divides every
             quantized linear's input size. int8 is per-channel; nf4 uses blocks of 64.
-        calibration: "minmax", "mse" (not for nf4) or "gptq" (int schemes; needs `calib_text`).
-        calib_text: path of a UTF-8 text for GPTQ (at least 128 tokens).
+        calibration: "minmax", "mse" (not for nf4), "gptq" or "awq" (int schemes; calibrated on
+            `calib_text`, see `calibrated.py`).
+        calib_text: for gptq and awq: UTF-8 text file(s) (at least 128 tokens each), where
+            "default" names the shipped default set (`calibration_set.py`); None: the default set.
+            A list mixes its texts.
+        calib_tokens: calibration tokens to use at most (one in `calibrate.HELDOUT_EVERY` is held
+            out to check each layer's result).
         keep: linears to leave in float: a full module name (`model.layers.0.mlp.down_proj`), a
             suffix (`down_proj`: every layer's) or a prefix (`model.layers.0`). The embedding
             always stays float.
@@ -105,14 +113,16 @@ def convert_checkpoint(
     config_dict = reader.config_dict()
     refuse_quantized_source(reader, config_dict)
     config = ModelConfig.from_dict(config_dict)
-    plan = plan_conversion(reader, config, scheme, group_size, calibration, calib_text, actorder, keep, lm_head)
+    plan = plan_conversion(
+        reader, config, scheme, group_size, calibration, calib_text, actorder, keep, lm_head, calib_tokens
+    )
     names = check_names(reader, config)
     check_disk_space(out_dir, config, plan, config_dict)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with scratch_dir(out_dir) as scratch:  # where GPTQ may spill the source: on the disk that was checked
-        if calibration == "gptq":
-            tensors = _gptq_stream(reader, names, config, plan, calib_text, Path(scratch))
+        if calibration in ("gptq", "awq"):
+            tensors = _calibrated_stream(reader, names, config, plan, calib_text, calib_tokens, Path(scratch))
         else:
             source_tensors = progress(reader.tensors(), total=len(reader.keys()), label=f"converting to {scheme}")
             tensors = _rtn_stream(source_tensors, plan)
@@ -157,8 +167,9 @@ def _rtn_stream(source: Iterable[tuple[str, torch.Tensor]], plan: Plan) -> Itera
 
 
 def _scale_dtype(weight: torch.Tensor) -> torch.dtype:
-    # compressed-tensors stores scales in the weight's dtype (and falls back to bf16 for others).
-    return weight.dtype if weight.dtype in (torch.float32, torch.bfloat16, torch.float16) else torch.bfloat16
+    from .calibrated import scale_dtype
+
+    return scale_dtype(weight)
 
 
 def _quantize_linear(plan: Plan, module: str, weight: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
@@ -185,41 +196,51 @@ def _quantize_head(plan: Plan, weight: torch.Tensor) -> list[tuple[str, torch.Te
     return packed_int_tensors(HEAD, quantized)
 
 
-def _gptq_stream(
-    reader: CheckpointReader, names: list[str], config: ModelConfig, plan: Plan, calib_text: str | Path | None,
-    scratch: Path,
+def _calibrated_stream(
+    reader: CheckpointReader, names: list[str], config: ModelConfig, plan: Plan,
+    calib_text: str | Path | Sequence[str | Path] | None, calib_tokens: int, scratch: Path,
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """GPTQ, layer by layer over a random-access view of the source."""
+    """GPTQ or activation-aware scaling, layer by layer over a random-access view of the source."""
     from ..runtime.tokenizer import Tokenizer
     from .calibrate import (
-        CALIBRATION_SEQUENCE_LENGTH,
-        TensorStore,
-        calibration_sequences,
-        gptq_layers,
+        CALIBRATION_SEQUENCE_LENGTH, TensorStore, calibrated_layers, calibration_sequences, check_token_count,
+        split_heldout,
     )
-    from .gptq import gptq_quantize
+    from .calibrated import layer_quantizer
+    from .gptq import GPTQ_PERCDAMP_GRID
 
-    assert calib_text is not None
     tokenizer = Tokenizer.from_files(reader.tokenizer_files())
     length = min(CALIBRATION_SEQUENCE_LENGTH, config.max_position_embeddings)
-    sequences = calibration_sequences(calib_text, tokenizer, sequence_length=length)
-    plan.report["_calibration"] = {"tokens": sum(s.shape[1] for s in sequences), "sequence_length": length}
-    logger.info("gptq: %d calibration tokens", plan.report["_calibration"]["tokens"])
+    sequences = calibration_sequences(calib_text, tokenizer, max_tokens=calib_tokens, sequence_length=length)
+    fit, heldout = split_heldout(sequences)
+    fit_tokens, heldout_tokens = (sum(s.shape[1] for s in part) for part in (fit, heldout))
+    check_token_count(fit_tokens, max(k for _, k in plan.quantized.values()), plan.calibration)
+    quantize_layer = layer_quantizer(plan)
+    plan.report["_calibration"] |= {
+        "texts": [str(t) for t in _as_list(calib_text)], "tokens": fit_tokens + heldout_tokens,
+        "fit_tokens": fit_tokens, "heldout_tokens": heldout_tokens, "sequence_length": length,
+        **({"percdamp_grid": list(GPTQ_PERCDAMP_GRID)} if plan.calibration == "gptq" else {}),
+    }
+    logger.info("%s: %d calibration tokens (%d held out for the checks)", plan.calibration, fit_tokens + heldout_tokens, heldout_tokens)
     store = TensorStore(reader, scratch / "spill")
-
-    def quantize(module: str, weight: torch.Tensor, hessian: torch.Tensor) -> tuple[list[tuple[str, torch.Tensor]], torch.Tensor]:
-        quantized = gptq_quantize(
-            weight, hessian, num_bits=plan.num_bits, group_size=plan.group_size,
-            symmetric=plan.symmetric, scale_dtype=_scale_dtype(weight), actorder=plan.actorder,
-        )
-        plan.report[module] = int_entry(weight, quantized, plan.calibration)
-        return packed_int_tensors(module, quantized), quantized.dequantize().float()
 
     def check(name: str, tensor: torch.Tensor) -> None:
         _check_finite(name, tensor, plan.source)
 
-    for name, tensor in gptq_layers(store, names, config, sequences, set(plan.quantized), quantize, check):
+    layers = calibrated_layers(
+        store, names, config, fit, heldout, set(plan.quantized), quantize_layer, check, plan.calibration
+    )
+    for name, tensor in layers:
         if name == f"{HEAD}.weight" and plan.lm_head == "int8":
-            yield from _quantize_head(plan, tensor)  # GPTQ calibrates decoder layers; the head is RTN
+            yield from _quantize_head(plan, tensor)  # the methods calibrate decoder layers; the head is RTN
         else:
             yield name, tensor
+    logger.info("%s: choices %s", plan.calibration, dict(plan.report["_calibration"]["choices"]))
+
+
+def _as_list(calib_text: str | Path | Sequence[str | Path] | None) -> list[str | Path]:
+    from .calibration_set import DEFAULT_CALIBRATION_NAME
+
+    if calib_text is None:
+        return [DEFAULT_CALIBRATION_NAME]
+    return [calib_text] if isinstance(calib_text, (str, Path)) else list(calib_text)

@@ -5,6 +5,10 @@ inputs X. With H = 2 X^T X (the `HessianAccumulator`), it quantizes the columns 
 each, updates the not-yet-quantized columns by err * (H^-1 row), using the upper Cholesky factor
 of H^-1, in lazy blocks of 128 columns. Dampening adds `percdamp` x mean(diag H) to the diagonal.
 
+The error is pushed only along the calibration Hessian, so a Hessian estimated from too few or
+too narrow inputs overfits them: `calibrated.py` therefore checks every result against plain
+rounding on held-out activations (`output_error`) before it is stored.
+
 Group scales come from the weights as they stand when the group's first column is reached (the
 reference algorithm). With `actorder`, columns are visited by decreasing diag(H) ("static" or
 "weight" act-order): group scales are then fixed up front from the original weights, so the
@@ -20,21 +24,35 @@ import torch
 from .quantize import IntQuantized, group_view, int_qparams, int_range
 
 GPTQ_BLOCKSIZE = 128
-GPTQ_PERCDAMP = 0.01
+GPTQ_PERCDAMP = 0.01  # the reference default, and the first damping tried
+# Dampings a calibrated conversion tries per linear, keeping the one (or round-to-nearest) with the
+# least output error on held-out calibration activations (`calibrated.py`): a larger damping
+# trusts the calibration Hessian less, which is what a linear that overfits it needs.
+GPTQ_PERCDAMP_GRID: tuple[float, ...] = (GPTQ_PERCDAMP, 0.1)
 
 
 class HessianAccumulator:
-    """Running H = 2/n * sum_t x_t x_t^T over the rows x_t of a layer's inputs, in float64."""
+    """Running H = 2/n * sum_t x_t x_t^T over the rows x_t of a layer's inputs, in float64.
+
+    It also keeps sum_t |x_t| per input channel, the activation magnitude the activation-aware
+    scale search (`awq.py`) reads.
+    """
 
     def __init__(self, in_features: int) -> None:
         self.hessian = torch.zeros(in_features, in_features, dtype=torch.float64)
+        self.abs_sum = torch.zeros(in_features, dtype=torch.float64)
         self.count = 0
 
     def add(self, x: torch.Tensor) -> None:
         """Add inputs x [..., K] (any leading shape)."""
         rows = x.reshape(-1, x.shape[-1]).double()
         self.hessian += 2.0 * rows.T @ rows
+        self.abs_sum += rows.abs().sum(dim=0)
         self.count += rows.shape[0]
+
+    def mean_abs(self) -> torch.Tensor:
+        """mean_t |x_t| [K] (zero if nothing was added)."""
+        return self.abs_sum / max(self.count, 1)
 
     def value(self) -> torch.Tensor:
         """H [K, K] averaged over the rows seen (zero if none)."""
@@ -127,3 +145,19 @@ def gptq_quantize(
     q_original = torch.empty_like(Q)
     q_original[:, perm] = Q
     return IntQuantized(q=q_original, scale=scale, zero_point=zero, num_bits=num_bits)
+
+
+def output_error(w: torch.Tensor, restored: torch.Tensor, hessian: torch.Tensor) -> float:
+    """The layer-output error of replacing W by `restored`: trace(dW H dW^T) = 2/n ||X dW^T||^2.
+
+    Args:
+        w: the float weight [N, K].
+        restored: its quantized-dequantized version [N, K].
+        hessian: H [K, K] of the inputs to measure on (e.g. held-out ones).
+
+    Returns:
+        The summed squared output error per input row (times 2, H's convention).
+    """
+    delta = w.float() - restored.float()
+    # float32 products (the search calls this often), summed in float64
+    return float(((delta @ hessian.float()) * delta).sum(dtype=torch.float64))

@@ -73,10 +73,11 @@ def manifest(plan: Plan) -> dict[str, Any]:
 
     calibration: dict[str, Any] = {"method": plan.calibration}
     if plan.calibration == "gptq":
-        from .gptq import GPTQ_BLOCKSIZE, GPTQ_PERCDAMP
+        from .gptq import GPTQ_BLOCKSIZE
 
-        calibration |= {"percdamp": GPTQ_PERCDAMP, "blocksize": GPTQ_BLOCKSIZE, "actorder": "weight" if plan.actorder else None}
-        calibration |= plan.report.get("_calibration", {})
+        calibration |= {"blocksize": GPTQ_BLOCKSIZE, "actorder": "weight" if plan.actorder else None}
+    if plan.calibration in ("gptq", "awq"):
+        calibration |= {key: dict(v) if isinstance(v, dict) else v for key, v in plan.report.get("_calibration", {}).items()}
     quantized = [*plan.quantized, *([HEAD] if plan.lm_head == "int8" else [])]
     return {
         "quadapt_version": version("quadapt"),

@@ -38,13 +38,16 @@ from ..runtime.checkpoints import CheckpointReader, is_derived_key
 from ..runtime.config import ModelConfig
 from ..runtime.errors import CheckpointError, InvalidParameterError, QuadaptError, UnsupportedError
 from ..runtime.model import CausalLM
+from .calibration_set import DEFAULT_CALIBRATION_TOKENS
 
 Scheme = Literal["int4", "int4-asym", "int8", "nf4"]
-Calibration = Literal["minmax", "mse", "gptq"]
+Calibration = Literal["minmax", "mse", "gptq", "awq"]
 HeadPrecision = Literal["float", "int8"]
 SCHEMES: tuple[str, ...] = get_args(Scheme)
 CALIBRATIONS: tuple[str, ...] = get_args(Calibration)
 HEAD_PRECISIONS: tuple[str, ...] = get_args(HeadPrecision)
+CALIBRATED = ("gptq", "awq")  # the methods that run the model on calibration text
+MIN_CALIB_TOKENS = 1024
 INT4_GROUP_SIZES = (128, 64, 32)  # largest first: the default is the first that fits
 EMBEDDING = "model.embed_tokens"
 HEAD = "lm_head"
@@ -61,7 +64,7 @@ class Plan:
         kept: module -> why it stays float.
         source: the source checkpoint's path, for messages and the manifest.
         report: linear -> how it was quantized (filled in as the conversion streams; see
-            `manifest.py`), and `_calibration` for GPTQ's calibration data.
+            `manifest.py`), and `_calibration` for the calibration data of GPTQ and AWQ.
     """
 
     scheme: str
@@ -112,22 +115,25 @@ def refuse_quantized_source(reader: CheckpointReader, config_dict: dict[str, Any
 
 def plan_conversion(
     reader: CheckpointReader, config: ModelConfig, scheme: str, group_size: int | None, calibration: str,
-    calib_text: str | Path | None, actorder: bool, keep: Sequence[str], lm_head: str,
+    calib_text: str | Path | Sequence[str | Path] | None, actorder: bool, keep: Sequence[str], lm_head: str,
+    calib_tokens: int = DEFAULT_CALIBRATION_TOKENS,
 ) -> Plan:
     """Check the options against the model, and decide per linear.
 
     Args:
         reader: the source checkpoint.
         config: its model config.
-        scheme, group_size, calibration, calib_text, actorder, keep, lm_head: as `convert_checkpoint` takes them.
+        scheme, group_size, calibration, calib_text, actorder, keep, lm_head, calib_tokens: as
+            `convert_checkpoint` takes them.
 
     Returns:
         The plan, with an empty report.
 
     Raises:
         InvalidParameterError: a bad group size, a `keep` entry that matches nothing or leaves nothing
-            to quantize, a calibration that does not apply to the scheme, GPTQ without a text or a
-            tokenizer, `actorder` without GPTQ, an int8 head the scheme's format cannot hold.
+            to quantize, a calibration that does not apply to the scheme, a calibrated method without a
+            tokenizer, a calibration text or `actorder` without a method that uses it, too few
+            calibration tokens, an int8 head the scheme's format cannot hold.
         UnsupportedError: an int8 head tied to the embedding.
     """
     with torch.device("meta"):
@@ -159,15 +165,25 @@ def plan_conversion(
         raise InvalidParameterError(
             "calibration 'mse' does not apply to nf4: its block scale is the block's absmax by format; use minmax"
         )
-    if calibration == "gptq":
+    if calibration in CALIBRATED:
         if scheme == "nf4":
-            raise InvalidParameterError("calibration 'gptq' is for int4/int8 schemes; nf4 uses minmax")
-        if calib_text is None:
-            raise InvalidParameterError("calibration 'gptq' needs a calibration text: pass --calib-text FILE")
+            raise InvalidParameterError(f"calibration {calibration!r} is for int4/int8 schemes; nf4 uses minmax")
         if reader.tokenizer_files() is None:
-            raise InvalidParameterError(f"{reader.path} carries no tokenizer, which GPTQ needs to read the calibration text")
-    elif actorder:
+            raise InvalidParameterError(
+                f"{reader.path} carries no tokenizer, which calibration {calibration!r} needs to read its calibration text"
+            )
+    elif calib_text is not None:
+        raise InvalidParameterError(
+            f"--calib-text applies to the calibrated methods ({', '.join(CALIBRATED)}), not {calibration!r}; "
+            "add --calibration gptq or awq, or drop --calib-text"
+        )
+    if actorder and calibration != "gptq":
         raise InvalidParameterError("--actorder applies to GPTQ only; add --calibration gptq or drop --actorder")
+    if calib_tokens < MIN_CALIB_TOKENS:
+        raise InvalidParameterError(
+            f"--calib-tokens {calib_tokens} is too few; give at least {MIN_CALIB_TOKENS} (the default, "
+            f"{DEFAULT_CALIBRATION_TOKENS}, suits layers up to about 4,000 inputs wide)"
+        )
     return Plan(scheme, group_size, calibration, actorder, lm_head, quantized, kept, str(reader.path))
 
 
@@ -262,12 +278,12 @@ def float_dtype_name(config_dict: dict[str, Any]) -> str:
 
 
 def check_disk_space(out_dir: Path, config: ModelConfig, plan: Plan, config_dict: dict[str, Any]) -> None:
-    """Refuse to start when the output's disk lacks room for the conversion (GPTQ also spills the source).
+    """Refuse to start when the output's disk lacks room for the conversion (GPTQ and AWQ also spill the source).
 
     Raises:
         QuadaptError: naming what is needed and what is free.
     """
-    needed = _estimate_bytes(config, plan, config_dict, spill=plan.calibration == "gptq")
+    needed = _estimate_bytes(config, plan, config_dict, spill=plan.calibration in CALIBRATED)
     parent = out_dir.parent
     while not parent.exists():
         parent = parent.parent

@@ -356,13 +356,14 @@ def test_non_finite_weights_under_gptq(source, calib_text, tmp_path):
     "kwargs,error,message",
     [
         ({"scheme": "int3"}, InvalidParameterError, "unknown scheme 'int3'; choose one of int4, int4-asym, int8, nf4"),
-        ({"scheme": "int4", "calibration": "awq"}, InvalidParameterError, "unknown calibration 'awq'"),
+        ({"scheme": "int4", "calibration": "awq4"}, InvalidParameterError, "unknown calibration 'awq4'"),
         ({"scheme": "int4", "group_size": 48}, InvalidParameterError, "--group-size 48 is not allowed for int4; choose one of 128, 64, 32"),
         ({"scheme": "int4", "group_size": 128}, InvalidParameterError, r"--group-size 128 does not divide .* 64 inputs.*use --group-size 64 or 32"),
         ({"scheme": "int8", "group_size": 64}, InvalidParameterError, "int8 is per output channel"),
         ({"scheme": "nf4", "group_size": 32}, InvalidParameterError, "block size 64"),
         ({"scheme": "nf4", "calibration": "mse"}, InvalidParameterError, "'mse' does not apply to nf4"),
-        ({"scheme": "int4", "calibration": "gptq"}, InvalidParameterError, "needs a calibration text"),
+        ({"scheme": "int4", "calib_text": "x.txt"}, InvalidParameterError, "--calib-text applies to the calibrated methods"),
+        ({"scheme": "int4", "calibration": "gptq", "calib_tokens": 100}, InvalidParameterError, "--calib-tokens 100 is too few"),
         ({"scheme": "int4", "actorder": True}, InvalidParameterError, "--actorder applies to GPTQ only"),
         ({"scheme": "int4", "keep": ["gate"]}, InvalidParameterError, "--keep 'gate' matches no linear module"),
         ({"scheme": "int4", "lm_head": "int4"}, InvalidParameterError, "unknown --lm-head 'int4'; choose one of float, int8"),
@@ -377,7 +378,8 @@ def test_non_finite_weights_under_gptq(source, calib_text, tmp_path):
         ({"scheme": "int8", "lm_head": "int8", "keep": ["lm_head"]}, InvalidParameterError, "contradict"),
     ],
     ids=[
-        "scheme", "calibration", "group-48", "group-128", "int8-group", "nf4-group", "nf4-mse", "gptq-no-text", "actorder",
+        "scheme", "calibration", "group-48", "group-128", "int8-group", "nf4-group", "nf4-mse", "text-without-method", "too-few-tokens",
+        "actorder",
         "keep", "head-int4", "head-nf4", "head-int4-asym", "head-kept",
     ],
 )

@@ -1,0 +1,88 @@
+"""Activation-aware scaling (AWQ, Lin et al., 2023): per-input-channel scales searched on activations.
+
+Channels that carry large activations matter more to a linear's output. AWQ multiplies each input
+channel k of the weights by s_k before rounding and divides the input by s_k, which the preceding
+operation absorbs (an RMSNorm's weight, or the rows of the linear before), so the function is
+unchanged in float and the rounding error moves off the salient channels:
+
+    y = x W^T = (x / s) (W s)^T ~ (x / s) Q(W s)^T.
+
+The scales follow AutoAWQ's search: s = mean|x|^a / mean|w|^(1 - a), normalised to
+sqrt(max * min) = 1, for a on a grid of `AWQ_GRID` points in [0, 1), plus s = 1 (plain rounding);
+the winner has the least output error. The error is measured through the input Hessian H, not on
+stored activations: ||x W^T - (x/s) Q(W s)^T||^2 summed over inputs is
+trace(dW H dW^T) / 2 with dW = W - Q(W s) / s (`gptq.output_error`), so the search needs only the
+statistics `calibrate.py` already gathers. (AutoAWQ measures the output of the whole block, the
+attention or the MLP; this measures the linears that share the input.)
+
+The result is plain weights: the scaled linears are rounded like any other, and the folded norm
+or linear stays float, so the checkpoint is the same compressed-tensors format as round-to-nearest.
+
+This file computes scales on tensors; which linears share an input, and what the scales fold
+into, is `calibrated.py`'s business.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from .gptq import output_error
+
+AWQ_GRID = 20
+
+# Rounds a weight [N, K] and returns it dequantized, in float32.
+RoundFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+def scaled_error(weights: Sequence[torch.Tensor], scales: torch.Tensor, hessian: torch.Tensor, round_fn: RoundFn) -> float:
+    """Summed output error of the linears sharing one input, rounded with input scales `scales`.
+
+    Args:
+        weights: the float weights [N_i, K] that read the same input.
+        scales: s [K], applied as W s before rounding and undone after.
+        hessian: H [K, K] of the (unscaled) input to measure on.
+        round_fn: the rounding, e.g. min-max int4 group 64.
+
+    Returns:
+        sum_i trace(dW_i H dW_i^T), dW_i = W_i - round(W_i s) / s.
+    """
+    return sum(output_error(w, round_fn(w.float() * scales) / scales, hessian) for w in weights)
+
+
+def search_scales(
+    weights: Sequence[torch.Tensor], mean_abs_input: torch.Tensor, hessian: torch.Tensor, round_fn: RoundFn,
+    group_size: int | None, grid: int = AWQ_GRID,
+) -> tuple[torch.Tensor, float]:
+    """The per-input-channel scales with the least output error on the calibration inputs.
+
+    Args:
+        weights: the float weights [N_i, K] that read the same input.
+        mean_abs_input: mean |x| per input channel [K].
+        hessian: H [K, K] of the calibration inputs.
+        round_fn: the rounding the scaled weights will get.
+        group_size: the quantization group (the weight magnitude is normalised per group, as
+            AutoAWQ does), or None per channel.
+        grid: points of the exponent grid.
+
+    Returns:
+        (s [K] in float32, its error); s is all ones when no scaling beats plain rounding.
+    """
+    w = torch.cat([x.float() for x in weights])  # [sum N_i, K]
+    N, K = w.shape
+    size = K if group_size is None else group_size
+    grouped = w.abs().view(N, K // size, size)
+    w_mean = (grouped / grouped.amax(dim=-1, keepdim=True).clamp(min=1e-12)).view(N, K).mean(dim=0)
+    x_mean = mean_abs_input.float()
+    H = hessian.float()
+    best = torch.ones(K)
+    best_error = scaled_error(weights, best, H, round_fn)
+    for i in range(grid):
+        ratio = i / grid
+        s = (x_mean.pow(ratio) / (w_mean.pow(1 - ratio) + 1e-4)).clamp(min=1e-4)
+        s = s / (s.max() * s.min()).sqrt()
+        error = scaled_error(weights, s, H, round_fn)
+        if error < best_error:  # strict: a tie keeps plain rounding
+            best, best_error = s, error
+    return best, best_error

@@ -1,0 +1,156 @@
+"""The calibrated methods on one decoder layer, each result checked against plain rounding on held-out inputs.
+
+`layer_quantizer(plan)` returns the `calibrate.QuantizeLayerFn` of the plan's method:
+
+- `gptq`: per linear, GPTQ at each damping of `gptq.GPTQ_PERCDAMP_GRID` and round-to-nearest
+  (min-max) are candidates; the one with the least output error on the held-out calibration
+  inputs (`gptq.output_error` with their Hessian) is stored. A linear is therefore never stored
+  worse than its RTN version on inputs its fit did not see, and the damping is chosen by
+  measurement, per linear.
+- `awq`: per group of linears reading one input, the activation-aware scales (`awq.py`), folded
+  into what produces that input: q/k/v into `input_layernorm`, gate/up into
+  `post_attention_layernorm`, down into the rows of `up_proj`. `o_proj` is rounded unscaled: its
+  input is the attention's, which with grouped-query attention no single weight produces per
+  channel. The scaled group is kept only when its held-out error beats unscaled rounding.
+
+Each choice is recorded in the manifest entry of the linear (`choice`, and the held-out error
+relative to round-to-nearest's). It does not gather the statistics (`calibrate.py`) or write
+files (`convert.py`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from typing import Any
+
+import torch
+
+from .awq import scaled_error, search_scales
+from .calibrate import INPUT_GROUPS, LayerResult, LayerStats, QuantizeLayerFn
+from .formats import packed_int_tensors
+from .gptq import GPTQ_PERCDAMP_GRID, gptq_quantize, output_error
+from .manifest import int_entry
+from .plan import Plan
+from .quantize import IntQuantized, quantize_int
+
+logger = logging.getLogger(__name__)
+
+# The input group -> the float weight that produces its input, and whether its rows (a linear)
+# or its entries (a norm) take the inverse scale. None: not scaled.
+_AWQ_FOLD: dict[str, tuple[str, str] | None] = {
+    "self_attn.q_proj": ("input_layernorm.weight", "norm"),
+    "self_attn.o_proj": None,
+    "mlp.gate_proj": ("post_attention_layernorm.weight", "norm"),
+    "mlp.down_proj": ("mlp.up_proj", "rows"),
+}
+
+
+def scale_dtype(weight: torch.Tensor) -> torch.dtype:
+    """The dtype scales are stored in: the weight's, as compressed-tensors does (bf16 for others)."""
+    return weight.dtype if weight.dtype in (torch.float32, torch.bfloat16, torch.float16) else torch.bfloat16
+
+
+def layer_quantizer(plan: Plan) -> QuantizeLayerFn:
+    """The per-layer quantization of a plan calibrated with `gptq` or `awq`.
+
+    Args:
+        plan: the conversion's plan; its `report` receives each linear's manifest entry and, under
+            `_calibration`, a count of the choices made.
+
+    Returns:
+        The callback `calibrate.calibrated_layers` calls per decoder layer.
+    """
+    choices: Counter[str] = Counter()
+    plan.report.setdefault("_calibration", {})["choices"] = choices
+
+    def rtn(w: torch.Tensor) -> IntQuantized:
+        return quantize_int(
+            w, num_bits=plan.num_bits, group_size=plan.group_size, symmetric=plan.symmetric, scale_dtype=scale_dtype(w)
+        )
+
+    def record(module: str, weight: torch.Tensor, q: IntQuantized, label: str, choice: str, relative: float) -> None:
+        entry: dict[str, Any] = int_entry(weight, q, label)
+        entry |= {"choice": choice, "heldout_error_vs_minmax": round(relative, 4)}
+        plan.report[module] = entry
+        choices[choice] += 1
+
+    def gptq_layer(prefix: str, weights: dict[str, torch.Tensor], stats: dict[str, LayerStats]) -> LayerResult:
+        tensors, restored = {}, {}
+        for member, pair in stats.items():
+            module = prefix + member
+            if module not in plan.quantized:
+                continue
+            weight = weights[module + ".weight"]
+            check = _check_hessian(pair)
+            candidates = {"minmax": rtn(weight)}  # first: a tie keeps round-to-nearest
+            for damp in GPTQ_PERCDAMP_GRID:
+                candidates[f"gptq damping {damp:g}"] = gptq_quantize(
+                    weight, pair.fit.value(), num_bits=plan.num_bits, group_size=plan.group_size,
+                    symmetric=plan.symmetric, scale_dtype=scale_dtype(weight), percdamp=damp, actorder=plan.actorder,
+                )
+            dequantized = {name: q.dequantize().float() for name, q in candidates.items()}
+            errors = {name: output_error(weight, d, check) for name, d in dequantized.items()}
+            choice = min(errors, key=errors.__getitem__)
+            q = candidates[choice]
+            label = "gptq" if choice.startswith("gptq") else "minmax"
+            record(module, weight, q, label, choice, errors[choice] / max(errors["minmax"], 1e-30))
+            tensors[module + ".weight"] = packed_int_tensors(module, q)
+            restored[module + ".weight"] = dequantized[choice]
+        return LayerResult(tensors, restored)
+
+    def awq_layer(prefix: str, weights: dict[str, torch.Tensor], stats: dict[str, LayerStats]) -> LayerResult:
+        def round_fn(w: torch.Tensor) -> torch.Tensor:
+            return rtn(w).dequantize().float()
+
+        folded = {name: w.float() for name, w in weights.items()}  # float32 copies the scales fold into
+        group_choice: dict[str, tuple[str, float]] = {}
+        for members, source in INPUT_GROUPS:
+            if source not in stats:
+                continue
+            names = [prefix + m + ".weight" for m in members]
+            fold = _AWQ_FOLD[source]
+            if fold is None or not all(prefix + m in plan.quantized for m in members):
+                for name in names:
+                    group_choice[name] = ("minmax (input not scalable)", 1.0)
+                continue
+            pair = stats[source]
+            group = [weights[name].float() for name in names]
+            s, _ = search_scales(group, pair.fit.mean_abs(), pair.fit.value(), round_fn, plan.group_size)
+            check = _check_hessian(pair)
+            plain = scaled_error(group, torch.ones_like(s), check, round_fn)
+            scaled = scaled_error(group, s, check, round_fn)
+            if not scaled < plain:
+                for name in names:
+                    group_choice[name] = ("minmax (scaling was worse on held-out inputs)", 1.0)
+                continue
+            for name in names:
+                folded[name] = folded[name] * s  # columns: W s
+                group_choice[name] = ("awq", scaled / max(plain, 1e-30))
+            target, how = fold
+            if how == "norm":
+                folded[prefix + target] = folded[prefix + target] / s
+            else:  # a linear's output rows, and its bias
+                folded[prefix + target + ".weight"] = folded[prefix + target + ".weight"] / s.unsqueeze(1)
+                if prefix + target + ".bias" in folded:
+                    folded[prefix + target + ".bias"] = folded[prefix + target + ".bias"] / s
+        tensors, restored = {}, {}
+        for name, w in folded.items():
+            module = name.removesuffix(".weight")
+            if name.endswith(".weight") and module in plan.quantized:
+                q = rtn(w.to(weights[name].dtype))
+                choice, relative = group_choice[name]
+                record(module, w, q, "awq" if choice == "awq" else "minmax", choice, relative)
+                tensors[name] = packed_int_tensors(module, q)
+                restored[name] = q.dequantize().float()
+            elif not torch.equal(w, weights[name].float()):  # a rescaled norm or float linear
+                tensors[name] = [(name, w.to(weights[name].dtype))]
+                restored[name] = w
+        return LayerResult(tensors, restored)
+
+    return gptq_layer if plan.calibration == "gptq" else awq_layer
+
+
+def _check_hessian(pair: LayerStats) -> torch.Tensor:
+    """The held-out inputs' Hessian, or the fitting inputs' when none were held out."""
+    return pair.heldout.value() if pair.heldout.count else pair.fit.value()

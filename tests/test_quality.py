@@ -1,0 +1,142 @@
+"""Calibrated quantization that holds on text the calibration never saw: GPTQ and AWQ on tiny models.
+
+The regression this guards: GPTQ fitted to one text made every other text worse than plain
+rounding. Here a tiny random Llama is calibrated on one kind of text (verse drama) and scored on
+another (the Python language reference) against its float self; each calibrated method must do
+at least as well as round-to-nearest there. Also: the per-linear check rejects an overfitted GPTQ
+result, the AWQ output is plain compressed-tensors that transformers loads, the default
+calibration set needs nothing from the user, and too few tokens for a layer's width is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+
+from quadapt.converters.calibrate import LayerStats
+from quadapt.converters.calibrated import layer_quantizer
+from quadapt.converters.convert import MANIFEST_FILE, convert_checkpoint
+from quadapt.converters.gptq import HessianAccumulator, gptq_quantize, output_error
+from quadapt.converters.plan import Plan
+from quadapt.converters.quantize import quantize_int
+from quadapt.runtime.errors import InvalidParameterError
+from quadapt.runtime.loader import load_model
+from quadapt.runtime.tokenizer import Tokenizer
+
+from .test_model import save_hf_model
+from .test_tokenizer import build_chatml_dir
+
+DATA = Path(__file__).resolve().parent.parent / "benchmarks" / "data"
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    """A tiny Llama (inputs 64 and 128 wide) with a ChatML tokenizer beside its weights."""
+    _, path = save_hf_model(tmp_path_factory.mktemp("quality"), "llama", vocab_size=512, intermediate_size=128)
+    return build_chatml_dir(path)
+
+
+@pytest.fixture(scope="module")
+def verse(tmp_path_factory) -> Path:
+    """One kind of text to calibrate on: about 3,000 tiny-tokenizer tokens of verse drama."""
+    path = tmp_path_factory.mktemp("calib") / "verse.txt"
+    path.write_text((DATA / "coriolanus_calib.txt").read_text()[:4000])
+    return path
+
+
+def logit_error(path: Path, reference: torch.Tensor, ids: torch.Tensor) -> float:
+    with torch.no_grad():
+        return float((load_model(path)(ids) - reference).pow(2).mean())
+
+
+def test_calibrating_on_one_text_does_not_hurt_another(source, verse, tmp_path):
+    """Calibrated on verse, scored on the Python reference: GPTQ and AWQ are no worse than RTN there."""
+    text = (DATA / "python_reference.txt").read_text()
+    ids = torch.tensor([Tokenizer.from_dir(source).encode(text)[:256]])
+    with torch.no_grad():
+        reference = load_model(source)(ids)
+    for scheme, options in [("int4", {}), ("int4-asym", {"actorder": True})]:
+        rtn = logit_error(convert_checkpoint(source, tmp_path / f"{scheme}-rtn", scheme, group_size=32), reference, ids)
+        for method in ("gptq", "awq"):
+            extra = options if method == "gptq" else {}
+            out = convert_checkpoint(
+                source, tmp_path / f"{scheme}-{method}", scheme, group_size=32, calibration=method,
+                calib_text=verse, **extra,
+            )
+            error = logit_error(out, reference, ids)
+            assert error <= rtn, f"{scheme} {method}: {error:.3e} > RTN {rtn:.3e} on text it was not calibrated on"
+            entries = json.loads((out / MANIFEST_FILE).read_text())["quantized"]
+            assert all(entry["heldout_error_vs_minmax"] <= 1.0 for entry in entries.values())
+
+
+def _plan(calibration: str) -> Plan:
+    return Plan("int4", 32, calibration, False, "float", {"model.layers.0.mlp.down_proj": (64, 128)}, {}, "test")
+
+
+def test_gptq_overfitted_to_its_inputs_is_replaced_by_rounding():
+    """Inputs confined to a few directions: GPTQ pushes all its error into the others, which the
+    held-out inputs use; the check sees it and stores round-to-nearest instead."""
+    torch.manual_seed(0)
+    w = torch.randn(64, 128)
+    fit, heldout = HessianAccumulator(128), HessianAccumulator(128)
+    fit.add(torch.randn(4096, 6) @ torch.randn(6, 128))  # rank 6 of 128
+    heldout.add(torch.randn(4096, 128))
+    overfit = gptq_quantize(w, fit.value(), num_bits=4, group_size=32, symmetric=True)
+    rtn = quantize_int(w, num_bits=4, group_size=32, symmetric=True)
+    assert output_error(w, overfit.dequantize(), heldout.value()) > output_error(w, rtn.dequantize(), heldout.value())
+
+    plan = _plan("gptq")
+    result = layer_quantizer(plan)("model.layers.0.", {"model.layers.0.mlp.down_proj.weight": w}, {"mlp.down_proj": LayerStats(fit, heldout)})
+    assert torch.equal(result.restored["model.layers.0.mlp.down_proj.weight"], rtn.dequantize())
+    assert plan.report["model.layers.0.mlp.down_proj"]["choice"] == "minmax"
+
+    # The same fit checked on inputs like its own: GPTQ is kept, and beats rounding on them.
+    same = HessianAccumulator(128)
+    same.add(torch.randn(4096, 6) @ torch.randn(6, 128))
+    plan = _plan("gptq")
+    layer_quantizer(plan)("model.layers.0.", {"model.layers.0.mlp.down_proj.weight": w}, {"mlp.down_proj": LayerStats(fit, fit)})
+    assert plan.report["model.layers.0.mlp.down_proj"]["choice"].startswith("gptq")
+
+
+def test_awq_output_is_compressed_tensors_that_transformers_loads(source, verse, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    out = convert_checkpoint(source, tmp_path / "awq", "int4", group_size=32, calibration="awq", calib_text=verse)
+    manifest = json.loads((out / MANIFEST_FILE).read_text())
+    assert any(entry["choice"] == "awq" for entry in manifest["quantized"].values())  # some scales were folded
+    model = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    ids = torch.tensor([[1, 5, 9, 33, 200, 17, 4, 90]])
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, load_model(out)(ids))
+
+
+def test_default_calibration_set_needs_nothing(source, tmp_path):
+    out = convert_checkpoint(source, tmp_path / "gptq", "int4", calibration="gptq", calib_tokens=4096)
+    calibration = json.loads((out / MANIFEST_FILE).read_text())["calibration"]
+    assert calibration["texts"] == ["default"] and calibration["tokens"] == 4096
+    assert 0 < calibration["heldout_tokens"] < calibration["fit_tokens"]
+
+
+def test_too_few_tokens_for_the_widest_input(tmp_path, caplog):
+    _, path = save_hf_model(tmp_path, "llama", vocab_size=512, intermediate_size=512)  # down_proj: 512 inputs
+    wide = build_chatml_dir(path)
+    licence = (DATA / "licence.txt").read_text()
+    short = tmp_path / "short.txt"
+    short.write_text(licence[:600])  # a few hundred tokens
+    with pytest.raises(InvalidParameterError, match=r"fewer than the widest layer's 512 inputs"):
+        convert_checkpoint(wide, tmp_path / "out", "int4", calibration="gptq", calib_text=short)
+    assert not (tmp_path / "out").exists()
+    medium = tmp_path / "medium.txt"
+    medium.write_text(licence[:3000])  # more than 512 tokens, fewer than 8 x 512
+    with caplog.at_level(logging.WARNING, logger="quadapt.converters.calibrate"):
+        convert_checkpoint(wide, tmp_path / "warned", "int4", calibration="awq", calib_text=medium)
+    assert "noisy" in caplog.text and "may overfit" in caplog.text
+
+
+def test_calib_text_adds_to_the_default_set(source, verse, tmp_path):
+    out = convert_checkpoint(source, tmp_path / "mixed", "int4", calibration="gptq", calib_text=["default", verse], calib_tokens=4096)
+    calibration = json.loads((out / MANIFEST_FILE).read_text())["calibration"]
+    assert calibration["texts"] == ["default", str(verse)]
