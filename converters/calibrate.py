@@ -45,12 +45,6 @@ logger = logging.getLogger(__name__)
 MIN_CALIBRATION_TOKENS = 128  # per text: below this a file is surely not what was meant
 CALIBRATION_SEQUENCE_LENGTH = 512
 HELDOUT_EVERY = 8  # every 8th sequence is held out to check each layer's result
-# The first position of every sequence is the attention sink, whose hidden state carries massive
-# activations in a few channels: in SmolLM2 it alone gives up to 89% of a down_proj input's
-# sum of x^2 over 256 tokens (layer 28; 31% in layer 2). Left in, it dominates the Hessian, and
-# GPTQ fits that one token at the expense of all others: per layer its held-out error fell to
-# 0.4x round-to-nearest's while perplexity on other texts rose above it. The statistics skip it.
-SINK_POSITIONS = 1
 
 # Linears that read the same input share a Hessian: (the linears, the one whose input is hooked).
 INPUT_GROUPS = (
@@ -287,8 +281,7 @@ def _collect_stats(
         pair = LayerStats(HessianAccumulator(linear.in_features), HessianAccumulator(linear.in_features))
 
         def hook(_module, args, pair=pair):
-            # [1, T, K]: position 0 left out (see SINK_POSITIONS)
-            (pair.heldout if current["heldout"] else pair.fit).add(args[0][:, SINK_POSITIONS:])
+            (pair.heldout if current["heldout"] else pair.fit).add(args[0])
 
         handles.append(linear.register_forward_pre_hook(hook))
         for member in members:
