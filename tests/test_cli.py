@@ -207,7 +207,7 @@ QUANTIZE_FLAGS = [
     "--keep", "o_proj", "model.layers.1.mlp", "--lm-head", "int8",
 ]
 QUANTIZE_KWARGS = {
-    "group_size": 32, "calibration": "gptq", "calib_text": "calib.txt", "actorder": True,
+    "group_size": 32, "calibration": "gptq", "calib_text": ["calib.txt"], "actorder": True,
     "keep": ["o_proj", "model.layers.1.mlp"], "lm_head": "int8",
 }
 
