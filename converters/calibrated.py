@@ -32,7 +32,7 @@ from .formats import packed_int_tensors
 from .gptq import GPTQ_PERCDAMP_GRID, gptq_quantize, output_error
 from .manifest import int_entry
 from .plan import Plan
-from .quantize import IntQuantized, quantize_int
+from .quantize import IntQuantized, quantize_int, scale_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -44,11 +44,6 @@ _AWQ_FOLD: dict[str, tuple[str, str] | None] = {
     "mlp.gate_proj": ("post_attention_layernorm.weight", "norm"),
     "mlp.down_proj": ("mlp.up_proj", "rows"),
 }
-
-
-def scale_dtype(weight: torch.Tensor) -> torch.dtype:
-    """The dtype scales are stored in: the weight's, as compressed-tensors does (bf16 for others)."""
-    return weight.dtype if weight.dtype in (torch.float32, torch.bfloat16, torch.float16) else torch.bfloat16
 
 
 def layer_quantizer(plan: Plan) -> QuantizeLayerFn:

@@ -45,7 +45,7 @@ from .plan import (
 )
 from .calibration_set import DEFAULT_CALIBRATION_TOKENS
 from .progress import progress
-from .quantize import quantize_int, quantize_nf4
+from .quantize import quantize_int, quantize_nf4, scale_dtype
 from .writer import check_output_dir, scratch_dir, write_checkpoint
 
 # Re-exported: callers import the choices and the manifest's name from here.
@@ -166,12 +166,6 @@ def _rtn_stream(source: Iterable[tuple[str, torch.Tensor]], plan: Plan) -> Itera
             yield name, tensor
 
 
-def _scale_dtype(weight: torch.Tensor) -> torch.dtype:
-    from .calibrated import scale_dtype
-
-    return scale_dtype(weight)
-
-
 def _quantize_linear(plan: Plan, module: str, weight: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
     """RTN / MSE quantization of one linear; records how it went."""
     if plan.scheme == "nf4":
@@ -180,7 +174,7 @@ def _quantize_linear(plan: Plan, module: str, weight: torch.Tensor) -> list[tupl
         return nf4_tensors(module, nf4)
     quantized = quantize_int(
         weight, num_bits=plan.num_bits, group_size=plan.group_size, symmetric=plan.symmetric,
-        mse=plan.calibration == "mse", scale_dtype=_scale_dtype(weight),
+        mse=plan.calibration == "mse", scale_dtype=scale_dtype(weight),
     )
     plan.report[module] = int_entry(weight, quantized, plan.calibration)
     return packed_int_tensors(module, quantized)
@@ -188,9 +182,9 @@ def _quantize_linear(plan: Plan, module: str, weight: torch.Tensor) -> list[tupl
 
 def _quantize_head(plan: Plan, weight: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
     """The output head as int8 per output row, symmetric (W8A16); min-max, or MSE with `mse`."""
-    calibration = "mse" if plan.calibration == "mse" else "minmax"  # GPTQ leaves the head to min-max
+    calibration = "mse" if plan.calibration == "mse" else "minmax"  # GPTQ and AWQ leave the head to min-max
     quantized = quantize_int(
-        weight, num_bits=8, group_size=None, symmetric=True, mse=calibration == "mse", scale_dtype=_scale_dtype(weight)
+        weight, num_bits=8, group_size=None, symmetric=True, mse=calibration == "mse", scale_dtype=scale_dtype(weight)
     )
     plan.report[HEAD] = int_entry(weight, quantized, calibration)
     return packed_int_tensors(HEAD, quantized)

@@ -34,6 +34,11 @@ MSE_SHRINK_GRID: tuple[float, ...] = tuple(1.0 - 0.02 * i for i in range(26))  #
 MSE_ASYM_STEPS: tuple[float, ...] = tuple(-1.0 + 0.1 * i for i in range(21))  # -1.0 ... 1.0
 
 
+def scale_dtype(weight: torch.Tensor) -> torch.dtype:
+    """The dtype scales are stored in: the weight's, as compressed-tensors does (bf16 for others)."""
+    return weight.dtype if weight.dtype in (torch.float32, torch.bfloat16, torch.float16) else torch.bfloat16
+
+
 @dataclass(frozen=True)
 class IntQuantized:
     """An integer-quantized matrix W [N, K] ~ (q - zero_point) * scale, group by group.
