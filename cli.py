@@ -313,7 +313,7 @@ def _quantize_kwargs(args: argparse.Namespace) -> dict[str, object]:
     """The quantization options given on the command line; the library's defaults fill the rest."""
     given = {
         "group_size": args.group_size, "calibration": args.calibration, "calib_text": args.calib_text,
-        "calib_tokens": args.calib_tokens, "keep": args.keep, "actorder": args.actorder or None,
+        "calib_tokens": args.calib_tokens, "keep": args.keep, "actorder": args.actorder,
         "lm_head": args.lm_head,
     }
     return {key: value for key, value in given.items() if value is not None}
@@ -489,7 +489,11 @@ def _quantize_options(*, scheme_required: bool) -> argparse.ArgumentParser:
         help="gptq/awq: calibration tokens to use at most, >= 1024 (default 32768; 1 sequence in 8 is held out "
         "to check each layer against round to nearest)",
     )
-    group.add_argument("--actorder", action="store_true", help="GPTQ with static act-order (no g_idx is stored)")
+    group.add_argument(
+        "--actorder", action=argparse.BooleanOptionalAction, default=None,
+        help="GPTQ: visit columns by decreasing activation energy (static act-order, no g_idx is stored; "
+        "default: on with --calibration gptq)",
+    )
     group.add_argument(
         "--keep", nargs="+", default=None, metavar="MODULE",
         help="linears to keep float: a name (model.layers.0.mlp.down_proj), suffix (down_proj) or prefix (model.layers.0)",

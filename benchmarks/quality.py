@@ -52,7 +52,7 @@ ROWS: dict[str, tuple[str, dict] | None] = {
     "int4-g32-awq": ("int4", {"group_size": 32, "calibration": "awq"}),
     "int4-asym-g32-minmax": ("int4-asym", {"group_size": 32}),
     "int4-asym-g32-mse": ("int4-asym", {"group_size": 32, "calibration": "mse"}),
-    "int4-asym-g32-gptq-actorder": ("int4-asym", {"group_size": 32, "calibration": "gptq", "actorder": True}),
+    "int4-asym-g32-gptq": ("int4-asym", {"group_size": 32, "calibration": "gptq"}),
     "int4-asym-g32-awq": ("int4-asym", {"group_size": 32, "calibration": "awq"}),
 }
 

@@ -2,11 +2,13 @@
 
 `layer_quantizer(plan)` returns the `calibrate.QuantizeLayerFn` of the plan's method:
 
-- `gptq`: per linear, GPTQ at each damping of `gptq.GPTQ_PERCDAMP_GRID` and round-to-nearest
-  (min-max) are candidates; the one with the least output error on the held-out calibration
-  inputs (`gptq.output_error` with their Hessian) is stored. A linear is therefore never stored
-  worse than its RTN version on inputs its fit did not see, and the damping is chosen by
-  measurement, per linear.
+- `gptq`: per linear, the candidates are round-to-nearest (min-max), the MSE range search
+  (`quantize.quantize_int(mse=True)`), and GPTQ at each damping of `gptq.GPTQ_PERCDAMP_GRID`
+  within the MSE search's group ranges (GPTQ then only chooses the integers; with min-max ranges
+  it was worse off the calibration's domain, see docs/quality.md); the one with the least output
+  error on the held-out calibration inputs (`gptq.output_error` with their Hessian) is stored. A
+  linear is therefore never stored worse than its RTN version on inputs its fit did not see, and
+  the damping is chosen by measurement, per linear.
 - `awq`: per group of linears reading one input, the activation-aware scales (`awq.py`), folded
   into what produces that input: q/k/v into `input_layernorm`, gate/up into
   `post_attention_layernorm`, down into the rows of `up_proj`. `o_proj` is rounded unscaled: its
@@ -78,17 +80,24 @@ def layer_quantizer(plan: Plan) -> QuantizeLayerFn:
                 continue
             weight = weights[module + ".weight"]
             check = _check_hessian(pair)
-            candidates = {"minmax": rtn(weight)}  # first: a tie keeps round-to-nearest
+            # Round-to-nearest first (a tie keeps it), then the MSE range search, whose ranges GPTQ
+            # then keeps: it only chooses the integers within them.
+            mse = quantize_int(
+                weight, num_bits=plan.num_bits, group_size=plan.group_size, symmetric=plan.symmetric, mse=True,
+                scale_dtype=scale_dtype(weight),
+            )
+            candidates = {"minmax": rtn(weight), "mse": mse}
             for damp in GPTQ_PERCDAMP_GRID:
                 candidates[f"gptq damping {damp:g}"] = gptq_quantize(
                     weight, pair.fit.value(), num_bits=plan.num_bits, group_size=plan.group_size,
                     symmetric=plan.symmetric, scale_dtype=scale_dtype(weight), percdamp=damp, actorder=plan.actorder,
+                    ranges=(mse.scale, mse.zero_point),
                 )
             dequantized = {name: q.dequantize().float() for name, q in candidates.items()}
             errors = {name: output_error(weight, d, check) for name, d in dequantized.items()}
             choice = min(errors, key=errors.__getitem__)
             q = candidates[choice]
-            label = "gptq" if choice.startswith("gptq") else "minmax"
+            label = "gptq" if choice.startswith("gptq") else choice
             record(module, weight, q, label, choice, errors[choice] / max(errors["minmax"], 1e-30))
             tensors[module + ".weight"] = packed_int_tensors(module, q)
             restored[module + ".weight"] = dequantized[choice]

@@ -12,7 +12,8 @@ rounding on held-out activations (`output_error`) before it is stored.
 Group scales come from the weights as they stand when the group's first column is reached (the
 reference algorithm). With `actorder`, columns are visited by decreasing diag(H) ("static" or
 "weight" act-order): group scales are then fixed up front from the original weights, so the
-stored weight keeps its column order and needs no g_idx.
+stored weight keeps its column order and needs no g_idx. `ranges` fixes them up front instead
+(`calibrated.py` passes the MSE range search's), and GPTQ then only chooses the integers.
 
 This file holds the algorithm on tensors; running a model to collect X is `calibrate.py`'s job.
 """
@@ -70,6 +71,7 @@ def gptq_quantize(
     percdamp: float = GPTQ_PERCDAMP,
     blocksize: int = GPTQ_BLOCKSIZE,
     actorder: bool = False,
+    ranges: tuple[torch.Tensor, torch.Tensor | None] | None = None,
 ) -> IntQuantized:
     """Quantize W [N, K] with GPTQ against the Hessian of its inputs.
 
@@ -84,6 +86,8 @@ def gptq_quantize(
         percdamp: dampening, as a fraction of the mean of diag(H).
         blocksize: columns per lazy update block.
         actorder: visit columns by decreasing diag(H), with group scales fixed up front.
+        ranges: the group scales [N, G] and zero points (or None) to use, fixed up front (e.g.
+            from the MSE range search), instead of the min-max ranges GPTQ would derive.
 
     Returns:
         The quantized matrix, columns in their original order.
@@ -104,9 +108,9 @@ def gptq_quantize(
     G = K // size
     scale = torch.empty(N, G, dtype=scale_dtype)
     zero = None if symmetric else torch.empty(N, G, dtype=torch.int8)
-    static = group_size is None or actorder
-    if static:  # per-channel, or act-order: every group's scale from the weights as given
-        s, z = int_qparams(group_view(W, group_size), **params)
+    static = group_size is None or actorder or ranges is not None
+    if static:  # per-channel, act-order or given ranges: every group's scale fixed up front
+        s, z = ranges if ranges is not None else int_qparams(group_view(W, group_size), **params)
         scale.copy_(s)
         if zero is not None:
             zero.copy_(z)

@@ -115,7 +115,7 @@ def refuse_quantized_source(reader: CheckpointReader, config_dict: dict[str, Any
 
 def plan_conversion(
     reader: CheckpointReader, config: ModelConfig, scheme: str, group_size: int | None, calibration: str,
-    calib_text: str | Path | Sequence[str | Path] | None, actorder: bool, keep: Sequence[str], lm_head: str,
+    calib_text: str | Path | Sequence[str | Path] | None, actorder: bool | None, keep: Sequence[str], lm_head: str,
     calib_tokens: int = DEFAULT_CALIBRATION_TOKENS,
 ) -> Plan:
     """Check the options against the model, and decide per linear.
@@ -179,6 +179,7 @@ def plan_conversion(
         )
     if actorder and calibration != "gptq":
         raise InvalidParameterError("--actorder applies to GPTQ only; add --calibration gptq or drop --actorder")
+    actorder = calibration == "gptq" if actorder is None else actorder
     if calib_tokens < MIN_CALIB_TOKENS:
         raise InvalidParameterError(
             f"--calib-tokens {calib_tokens} is too few; give at least {MIN_CALIB_TOKENS} (the default, "

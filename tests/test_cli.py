@@ -243,7 +243,7 @@ def test_shared_flags_read_the_same_everywhere(capsys):
         with pytest.raises(SystemExit):
             main([command, "--help"])
         lines = capsys.readouterr().out.splitlines()
-        return {line.split()[0]: " ".join(line.split()) for line in lines if line.startswith("  --")}
+        return {line.split()[0].rstrip(","): " ".join(line.split()) for line in lines if line.startswith("  --")}
 
     generate, ppl = options("generate"), options("eval-ppl")
     convert, merge = options("convert"), options("merge-adapter")

@@ -199,6 +199,28 @@ def test_gptq_has_lower_layer_output_error_than_rtn(num_bits, group_size, actord
     assert gptq.q.dtype == torch.int8 and gptq.scale.shape == rtn.scale.shape
 
 
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_gptq_keeps_given_ranges_and_beats_their_rounding(symmetric):
+    """Ranges from the MSE search, fixed up front: GPTQ stores exactly those scales (and zero
+    points) and has less output error than rounding with them."""
+    w = gaussian((128, 256))
+    x = correlated_inputs(256)
+    hessian = HessianAccumulator(256)
+    hessian.add(x)
+    mse = quantize_int(w, num_bits=4, group_size=64, symmetric=symmetric, mse=True)
+    for actorder in (False, True):
+        gptq = gptq_quantize(
+            w, hessian.value(), num_bits=4, group_size=64, symmetric=symmetric, actorder=actorder,
+            ranges=(mse.scale, mse.zero_point),
+        )
+        assert torch.equal(gptq.scale, mse.scale)
+        assert (gptq.zero_point is None) == symmetric
+        if not symmetric:
+            assert torch.equal(gptq.zero_point, mse.zero_point)
+        error = float((x @ (w - gptq.dequantize()).T).pow(2).mean())
+        assert error < 0.7 * float((x @ (w - mse.dequantize()).T).pow(2).mean())
+
+
 def test_gptq_tolerates_dead_inputs():
     """An input feature that is always 0 (zero Hessian row) must not break the Cholesky factorization."""
     x = correlated_inputs(64, 512)
