@@ -227,9 +227,16 @@ def test_queue_full_cancel_and_deadline_free_the_engine(served, client, throttle
     streams = [client.generate_stream(f"stream {i}", **long) for i in range(3)]
     for s in streams:
         next(s)  # each has its first token: three requests admitted, the queue is full
-    with pytest.raises(ServerError) as full:
-        client.generate("one too many", **GREEDY)
-    assert full.value.code == "RESOURCE_EXHAUSTED" and "max_queue 3" in full.value.details
+    assert served.server._active == 3 and engine.has_unfinished()
+    started = time.monotonic()
+    try:
+        extra = client.generate("one too many", **GREEDY)
+    except ServerError as e:
+        full = e
+    else:  # say what the server saw, so that a failure explains itself
+        pytest.fail(f"admitted {extra.request_id} after {time.monotonic() - started:.2f} s; the server now has "
+                    f"{served.server._active} request(s) in flight; engine: {engine.metrics()}")
+    assert full.code == "RESOURCE_EXHAUSTED" and "max_queue 3" in full.details
     assert engine.allocator.num_used > 0
     for s in streams:
         s.close()  # the client cancels: the server aborts each request and frees its blocks
