@@ -41,6 +41,8 @@ HELDOUT_TEXTS = [DATA / "ml_prose.txt", DATA / "licence.txt", DATA / "python_ref
 ROWS: dict[str, tuple[str, dict] | None] = {
     "float": None,
     "int8": ("int8", {}),
+    "int8-mse": ("int8", {"calibration": "mse"}),
+    "int8-gptq": ("int8", {"calibration": "gptq"}),
     "nf4": ("nf4", {}),
     "int4-g64-minmax": ("int4", {"group_size": 64}),
     "int4-g64-mse": ("int4", {"group_size": 64, "calibration": "mse"}),
