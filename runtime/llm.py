@@ -14,9 +14,12 @@ schedules.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import functools
 import itertools
+import logging
 import threading
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +29,8 @@ from .metrics import MetricsSnapshot
 from .sampling import SamplingParams
 from .text_stream import TextStream
 from .tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
 
 Prompt = str | list[dict[str, Any]]
 
@@ -239,30 +244,46 @@ class AsyncLLM:
     Start it with `start()` (or `async with`), stop it with `shutdown()`. `stream(...)` is an
     async iterator of a request's `TextDelta`s; leaving it early (break, cancellation, a client
     gone) aborts the request, which frees its cache blocks at once.
+
+    Only the engine thread touches the engine while it runs. Adding, aborting and reading metrics
+    are commands it runs between two steps, in the order they came, so each waits at most one
+    step however busy the engine is (a lock taken around each step would be re-taken by the
+    engine thread at once, and a new request could wait for the running ones to finish).
     """
 
     def __init__(self, engine: Engine, tokenizer: Tokenizer) -> None:
         self.engine = engine
         self.tokenizer = tokenizer
         self._outputs = OutputProcessor(engine, tokenizer)
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards the fields below; never held through a step
         self._wake = threading.Condition(self._lock)
-        self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
-        self._thread: threading.Thread | None = None
+        self._commands: list[tuple[Callable[[], Any], concurrent.futures.Future]] = []
+        self._running = False  # the engine thread steps the engine; commands go through it
         self._stopping = False
+        self._failed: BaseException | None = None  # what stopped the engine thread, if it failed
+        self._thread: threading.Thread | None = None
+        # The engine thread's alone while it runs: where each request's deltas go.
+        self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._ids = itertools.count()
 
     def start(self) -> None:
-        if self._thread is None:
+        with self._wake:
+            if self._thread is not None:
+                return
+            self._stopping, self._running, self._failed = False, True, None
             self._thread = threading.Thread(target=self._loop, name="quadapt-engine", daemon=True)
-            self._thread.start()
+        self._thread.start()
 
     def shutdown(self) -> None:
+        """Stop the engine thread (commands already queued run first); requests still running stay
+        in the engine, unstepped."""
         with self._wake:
             self._stopping = True
             self._wake.notify()
-        if self._thread is not None:
-            self._thread.join()
+            thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
+        with self._wake:
             self._thread = None
 
     async def __aenter__(self) -> AsyncLLM:
@@ -283,12 +304,18 @@ class AsyncLLM:
         ids = encode_prompt(self.tokenizer, prompt)
         queue: asyncio.Queue = asyncio.Queue()
         rid = request_id if request_id is not None else f"async-{next(self._ids)}"
-        # The engine's lock is held through a step: take it on a worker thread, never on the event loop.
-        rid = await asyncio.to_thread(self._add, ids, params, adapter, rid, asyncio.get_running_loop(), queue)
+        added = self._submit(functools.partial(self._add, ids, params, adapter, rid, asyncio.get_running_loop(), queue))
+        try:
+            rid = await asyncio.wrap_future(added)
+        except asyncio.CancelledError:
+            self._submit(functools.partial(self._abort, rid))  # in case the add had begun: it runs first
+            raise
         finished = False
         try:
             while True:
-                delta: TextDelta = await queue.get()
+                delta: TextDelta | BaseException = await queue.get()
+                if isinstance(delta, BaseException):  # the engine thread stopped (shut down, or failed)
+                    raise delta
                 finished = delta.finished
                 yield delta
                 if finished:
@@ -300,28 +327,13 @@ class AsyncLLM:
                 # step in progress.
                 self.abort(rid)
 
-    def _add(
-        self, ids: list[int], params: SamplingParams, adapter: str | None, rid: str,
-        loop: asyncio.AbstractEventLoop, queue: asyncio.Queue,
-    ) -> str:
-        with self._wake:
-            rid = self.engine.add_request(ids, params, adapter=adapter, request_id=rid)
-            self._outputs.add(rid, params)
-            self._queues[rid] = (loop, queue)
-            self._wake.notify()
-            return rid
-
     def abort(self, request_id: str) -> bool:
         """Cancel a request; its blocks are freed before this returns (at most one step's wait)."""
-        with self._wake:
-            self._queues.pop(request_id, None)
-            self._outputs.discard(request_id)
-            return self.engine.abort(request_id)
+        return self._submit(functools.partial(self._abort, request_id)).result()
 
     def metrics(self) -> MetricsSnapshot:
         """The engine's metrics, read between steps (the engine thread changes its queues)."""
-        with self._wake:
-            return self.engine.metrics()
+        return self._submit(self.engine.metrics).result()
 
     def load_adapter(self, name: str, path: str) -> None:
         """Load (or reload) an adapter while requests run."""
@@ -329,18 +341,92 @@ class AsyncLLM:
             raise InvalidParameterError("this engine serves no adapters; start it with max_loras >= 1")
         self.engine.adapters.load(name, path)  # the registry has its own lock; file reading happens outside ours
 
+    # -- on the engine thread (or the caller's, when none runs) -----------------------------
+
+    def _submit(self, command: Callable[[], Any]) -> concurrent.futures.Future:
+        """Run `command` on the engine thread between two steps; with no engine thread running,
+        run it here and now (nothing else steps the engine then)."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self._wake:
+            if self._running and threading.current_thread() is not self._thread:
+                self._commands.append((command, future))
+                self._wake.notify()
+                return future
+            _run(command, future)  # under the lock: two callers without an engine thread take turns
+        return future
+
+    def _add(
+        self, ids: list[int], params: SamplingParams, adapter: str | None, rid: str,
+        loop: asyncio.AbstractEventLoop, queue: asyncio.Queue,
+    ) -> str:
+        if not self._running:
+            raise self._stopped_error()
+        rid = self.engine.add_request(ids, params, adapter=adapter, request_id=rid)
+        self._outputs.add(rid, params)
+        self._queues[rid] = (loop, queue)
+        return rid
+
+    def _abort(self, request_id: str) -> bool:
+        self._queues.pop(request_id, None)
+        self._outputs.discard(request_id)
+        return self.engine.abort(request_id)
+
     def _loop(self) -> None:
-        while True:
-            with self._wake:
-                while not self._stopping and not self.engine.has_unfinished():
-                    self._wake.wait()
-                if self._stopping:
-                    return
-                deltas = self._outputs.process(self.engine.step())
-                for delta in deltas:
-                    target = self._queues.get(delta.request_id)
-                    if delta.finished:
-                        self._queues.pop(delta.request_id, None)
-                    if target is not None:
-                        loop, queue = target
-                        loop.call_soon_threadsafe(queue.put_nowait, delta)
+        try:
+            while self._turn():
+                pass
+        except BaseException as e:
+            logger.exception("the engine thread stopped after an error")
+            self._stop_running(failed=e)
+
+    def _turn(self) -> bool:
+        """Run the commands that came since the last step, then one step; False once stopping."""
+        with self._wake:
+            while not (self._stopping or self._commands or self.engine.has_unfinished()):
+                self._wake.wait()
+            stopping = self._stopping
+            if not stopping:
+                commands, self._commands = self._commands, []
+        if stopping:
+            self._stop_running(failed=None)
+            return False
+        for command, future in commands:
+            _run(command, future)
+        if self.engine.has_unfinished():
+            for delta in self._outputs.process(self.engine.step()):
+                target = self._queues.get(delta.request_id)
+                if delta.finished:
+                    self._queues.pop(delta.request_id, None)
+                if target is not None:
+                    loop, queue = target
+                    loop.call_soon_threadsafe(queue.put_nowait, delta)
+        return True
+
+    def _stop_running(self, failed: BaseException | None) -> None:
+        """From here on callers run their commands themselves; those still queued run now, and
+        every open stream raises an error that says why it ends (never a silent wait)."""
+        with self._wake:
+            self._running, self._failed = False, failed
+            commands, self._commands = self._commands, []
+            for command, future in commands:
+                _run(command, future)
+            for loop, queue in self._queues.values():
+                loop.call_soon_threadsafe(queue.put_nowait, self._stopped_error())
+            self._queues.clear()
+
+    def _stopped_error(self) -> RuntimeError:
+        if self._failed is None:
+            return RuntimeError("this AsyncLLM is not running (never started, or shut down): start() it first, or use `async with`")
+        error = RuntimeError(f"the engine stopped after an error ({self._failed!r}); see the log")
+        error.__cause__ = self._failed
+        return error
+
+
+def _run(command: Callable[[], Any], future: concurrent.futures.Future) -> None:
+    """Run a command into its future, unless its caller has already given up on it."""
+    if not future.set_running_or_notify_cancel():
+        return
+    try:
+        future.set_result(command())
+    except BaseException as e:  # the caller re-raises it
+        future.set_exception(e)

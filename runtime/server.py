@@ -332,7 +332,7 @@ class Server:
             return None
         registry = llm.engine.adapters
         names = [v.name for v in registry.names()] if registry is not None else []
-        return llm.metrics(), names  # read between engine steps, under the engine's lock
+        return llm.metrics(), names  # read by the engine thread, between two steps
 
     async def _load(self, load: Callable[[], AsyncLLM]) -> None:
         try:

@@ -6,6 +6,7 @@ Each request's text must equal what the reference text generator gives it alone.
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 from peft import LoraConfig
@@ -115,6 +116,89 @@ def test_async_streams_concurrently_and_cancellation_frees_blocks(base, adapter,
     assert plain == reference_text(base, None, tokenizer, "hello world", params)[0]
     assert adapted == reference_text(base, adapter, tokenizer, "hello world", params)[0]
     assert engine.allocator.num_used == 0 and not engine.has_unfinished()
+
+
+def test_a_busy_engine_takes_new_requests_aborts_and_reads_within_one_step(base, tokenizer):
+    """Adding, aborting and reading metrics wait at most the step in progress, however long the
+    running requests have left (a lock re-taken by the engine thread after every step could keep
+    a new request waiting until the running ones had finished)."""
+    engine = make_engine(base)
+    steps = 0
+    execute, add_request = engine.executor.execute, engine.add_request
+
+    def slow(specs):
+        nonlocal steps
+        steps += 1
+        time.sleep(0.01)
+        return execute(specs)
+
+    added_at: dict[str, int] = {}
+
+    def add(ids, params, **kwargs):
+        rid = add_request(ids, params, **kwargs)
+        added_at[rid] = steps
+        return rid
+
+    engine.executor.execute, engine.add_request = slow, add
+    long = SamplingParams(max_new_tokens=200, temperature=0.0, ignore_eos=True)
+
+    async def main():
+        async with AsyncLLM(engine, tokenizer) as llm:
+            running = [llm.stream(f"running {i}", long, request_id=f"r{i}") for i in range(2)]
+            for stream in running:
+                await anext(stream)
+            waits = []
+            for i in range(5):
+                asked = steps
+                stream = llm.stream(f"new {i}", long, request_id=f"new{i}")
+                await anext(stream)
+                waits.append(added_at[f"new{i}"] - asked)
+                asked = steps
+                await asyncio.to_thread(llm.metrics)
+                waits.append(steps - asked)
+                await stream.aclose()  # aborts it
+            for stream in running:
+                await stream.aclose()
+            return waits
+
+    waits = asyncio.run(main())
+    assert max(waits) <= 1, waits  # the step in progress, at most
+    assert engine.allocator.num_used == 0 and not engine.has_unfinished()
+
+
+def test_a_failed_step_ends_every_stream_with_the_error(base, tokenizer):
+    engine = make_engine(base)
+    execute = engine.executor.execute
+    calls = 0
+
+    def failing(specs):
+        nonlocal calls
+        calls += 1
+        if calls == 3:
+            raise RuntimeError("out of memory (injected)")
+        return execute(specs)
+
+    engine.executor.execute = failing
+    params = SamplingParams(max_new_tokens=50, temperature=0.0, ignore_eos=True)
+
+    async def main():
+        async with AsyncLLM(engine, tokenizer) as llm:
+            with pytest.raises(RuntimeError, match=r"engine stopped after an error.*out of memory \(injected\)"):
+                async for _ in llm.stream("hello", params):
+                    pass
+            with pytest.raises(RuntimeError, match="engine stopped after an error"):
+                await anext(llm.stream("after", params))  # refused, not left waiting
+            return llm.metrics()  # still answers, on the caller's thread
+
+    assert asyncio.run(main()).requests_aborted == 1
+
+
+def test_streaming_before_start_is_refused(base, tokenizer):
+    llm = AsyncLLM(make_engine(base), tokenizer)
+    params = SamplingParams(max_new_tokens=4, temperature=0.0)
+    with pytest.raises(RuntimeError, match=r"not running .*start\(\) it first"):
+        asyncio.run(anext(llm.stream("hello", params)))
+    assert not llm.engine.has_unfinished()
 
 
 def test_completions_come_in_the_order_given_with_some_ids_unset(base, tokenizer):
