@@ -15,6 +15,14 @@ trace(dW H dW^T) / 2 with dW = W - Q(W s) / s (`gptq.output_error`), so the sear
 statistics `calibrate.py` already gathers. (AutoAWQ measures the output of the whole block, the
 attention or the MLP; this measures the linears that share the input.)
 
+The statistics leave out each calibration sequence's first token. It is an attention sink: a
+few of its channels are orders of magnitude larger than any other token's, so in H it can
+outweigh the rest of its sequence, and the search then picks the scales that suit that one
+token. Without it the scales suit the others, and AWQ's perplexity drops on each held-out text
+at group 64 and group 32 (`docs/quality.md`). GPTQ keeps the first tokens: it compensates each
+column's error along H, and without the sink in H the sink's own outputs go uncompensated (its
+keys and values feed every later token), which costs far more than it gains.
+
 The result is plain weights: the scaled linears are rounded like any other, and the folded norm
 or linear stays float, so the checkpoint is the same compressed-tensors format as round-to-nearest.
 
