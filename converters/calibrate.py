@@ -208,6 +208,7 @@ def calibrated_layers(
     quantize_layer: QuantizeLayerFn,
     check: Callable[[str, torch.Tensor], None] = lambda name, tensor: None,
     label: str = "calibrated",
+    first_tokens: bool = True,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Quantize a model's `targets` linears layer by layer on calibration inputs; yield every tensor to write.
 
@@ -221,6 +222,8 @@ def calibrated_layers(
         quantize_layer: called once per decoder layer (see `QuantizeLayerFn`, `LayerResult`).
         check: called on every tensor as it is read, before it is used (e.g. to refuse NaN).
         label: the method's name in the progress log.
+        first_tokens: False leaves each sequence's first token (the attention sink) out of the
+            statistics `quantize_layer` gets (AWQ's; see `awq.py`).
 
     Returns:
         An iterator of `(name, tensor)`: float tensors as the checkpoint holds them (or as
@@ -249,7 +252,7 @@ def calibrated_layers(
         layer = DecoderLayer(config, i).float()
         layer.load_state_dict({name[len(prefix) :]: w.float() for name, w in weights.items()}, strict=True)
         layer.requires_grad_(False)
-        stats = _collect_stats(layer, hidden, rope, is_heldout, prefix, targets)
+        stats = _collect_stats(layer, hidden, rope, is_heldout, prefix, targets, first_tokens)
         result = quantize_layer(prefix, weights, stats)
         with torch.no_grad():
             for name, restored in result.restored.items():
@@ -268,7 +271,7 @@ def calibrated_layers(
 
 def _collect_stats(
     layer: DecoderLayer, hidden: list[torch.Tensor], rope: list[tuple[torch.Tensor, torch.Tensor]],
-    is_heldout: list[bool], prefix: str, targets: set[str],
+    is_heldout: list[bool], prefix: str, targets: set[str], first_tokens: bool,
 ) -> dict[str, LayerStats]:
     """Run the float layer on the hidden states; return each target linear's input statistics."""
     hooked: dict[str, LayerStats] = {}
@@ -278,7 +281,7 @@ def _collect_stats(
         if not any(prefix + member in targets for member in members):
             continue
         linear = layer.get_submodule(source)
-        pair = LayerStats(HessianAccumulator(linear.in_features), HessianAccumulator(linear.in_features))
+        pair = LayerStats(*(HessianAccumulator(linear.in_features, first_tokens=first_tokens) for _ in range(2)))
 
         def hook(_module, args, pair=pair):
             (pair.heldout if current["heldout"] else pair.fit).add(args[0])

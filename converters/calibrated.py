@@ -120,12 +120,8 @@ def layer_quantizer(plan: Plan) -> QuantizeLayerFn:
                 continue
             pair = stats[source]
             group = [weights[name].float() for name in names]
-            # The search and its check read every token but each sequence's first (the
-            # attention sink; see `awq.py`).
-            s, _ = search_scales(
-                group, pair.fit.mean_abs(first_tokens=False), pair.fit.value(first_tokens=False), round_fn, plan.group_size
-            )
-            check = _check_hessian(pair, first_tokens=False)
+            s, _ = search_scales(group, pair.fit.mean_abs(), pair.fit.value(), round_fn, plan.group_size)
+            check = _check_hessian(pair)
             plain = scaled_error(group, torch.ones_like(s), check, round_fn)
             scaled = scaled_error(group, s, check, round_fn)
             if not scaled < plain:
@@ -159,6 +155,6 @@ def layer_quantizer(plan: Plan) -> QuantizeLayerFn:
     return gptq_layer if plan.calibration == "gptq" else awq_layer
 
 
-def _check_hessian(pair: LayerStats, *, first_tokens: bool = True) -> torch.Tensor:
+def _check_hessian(pair: LayerStats) -> torch.Tensor:
     """The held-out inputs' Hessian, or the fitting inputs' when none were held out."""
-    return (pair.heldout if pair.heldout.count else pair.fit).value(first_tokens=first_tokens)
+    return pair.heldout.value() if pair.heldout.count else pair.fit.value()

@@ -223,7 +223,8 @@ def _calibrated_stream(
         _check_finite(name, tensor, plan.source)
 
     layers = calibrated_layers(
-        store, names, config, fit, heldout, set(plan.quantized), quantize_layer, check, plan.calibration
+        store, names, config, fit, heldout, set(plan.quantized), quantize_layer, check, plan.calibration,
+        first_tokens=plan.calibration != "awq",  # AWQ's statistics leave out the attention sink (awq.py)
     )
     for name, tensor in layers:
         if name == f"{HEAD}.weight" and plan.lm_head == "int8":

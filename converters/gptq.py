@@ -36,44 +36,35 @@ class HessianAccumulator:
     """Running H = 2/n * sum_t x_t x_t^T over the rows x_t of a layer's inputs, in float64.
 
     It also keeps sum_t |x_t| per input channel, the activation magnitude the activation-aware
-    scale search (`awq.py`) reads, and the part of both that comes from each sequence's first
-    token, so that they can be had without it (`first_tokens=False`): a sequence's first
-    token is an attention sink, whose activations are orders of magnitude larger than the
-    others' in a few channels, so it alone can outweigh every other token of the sequence in H.
+    scale search (`awq.py`) reads. With `first_tokens=False` it leaves out each sequence's first
+    token: an attention sink, whose activations are orders of magnitude larger than the others'
+    in a few channels, so that it alone can outweigh every other token of its sequence in H.
     """
 
-    def __init__(self, in_features: int) -> None:
+    def __init__(self, in_features: int, *, first_tokens: bool = True) -> None:
         self.hessian = torch.zeros(in_features, in_features, dtype=torch.float64)
-        self.first = torch.zeros(in_features, in_features, dtype=torch.float64)  # first tokens' part
         self.abs_sum = torch.zeros(in_features, dtype=torch.float64)
-        self.first_abs_sum = torch.zeros(in_features, dtype=torch.float64)
         self.count = 0
-        self.first_count = 0
+        self.first_tokens = first_tokens
 
     def add(self, x: torch.Tensor) -> None:
-        """Add inputs x: [B, T, K] sequences (x[:, 0] are their first tokens), or [N, K] rows."""
+        """Add inputs x [..., K] (any leading shape); [B, T, K] sequences when leaving out first tokens."""
+        if not self.first_tokens:
+            if x.dim() != 3:
+                raise ValueError(f"leaving out first tokens needs [B, T, K] sequences, got shape {tuple(x.shape)}")
+            x = x[:, 1:]
         rows = x.reshape(-1, x.shape[-1]).double()
         self.hessian += 2.0 * rows.T @ rows
         self.abs_sum += rows.abs().sum(dim=0)
         self.count += rows.shape[0]
-        if x.dim() == 3:
-            first = x[:, 0].double()
-            self.first += 2.0 * first.T @ first
-            self.first_abs_sum += first.abs().sum(dim=0)
-            self.first_count += first.shape[0]
 
-    def mean_abs(self, *, first_tokens: bool = True) -> torch.Tensor:
-        """mean_t |x_t| [K] (zero if nothing was added), as `value` for `first_tokens`."""
-        if first_tokens or self.count == self.first_count:
-            return self.abs_sum / max(self.count, 1)
-        return (self.abs_sum - self.first_abs_sum) / (self.count - self.first_count)
+    def mean_abs(self) -> torch.Tensor:
+        """mean_t |x_t| [K] (zero if nothing was added)."""
+        return self.abs_sum / max(self.count, 1)
 
-    def value(self, *, first_tokens: bool = True) -> torch.Tensor:
-        """H [K, K] averaged over the rows seen (zero if none); without the sequences' first
-        tokens when `first_tokens` is False (all of them when every sequence is one token)."""
-        if first_tokens or self.count == self.first_count:
-            return self.hessian / max(self.count, 1)
-        return (self.hessian - self.first) / (self.count - self.first_count)
+    def value(self) -> torch.Tensor:
+        """H [K, K] averaged over the rows seen (zero if none)."""
+        return self.hessian / max(self.count, 1)
 
 
 def gptq_quantize(

@@ -181,20 +181,18 @@ def correlated_inputs(k: int, n: int = 2048) -> torch.Tensor:
 def test_hessian_without_first_tokens_equals_one_fed_the_rest():
     x = correlated_inputs(256, n=3 * 64).reshape(3, 64, 256)
     x[:, 0] *= 100.0  # an attention sink: it dominates H and mean |x|
-    stats = HessianAccumulator(256)
+    stats = HessianAccumulator(256, first_tokens=False)
     stats.add(x[:2])
     stats.add(x[2:])
     rest = HessianAccumulator(256)
-    rest.add(x[:, 1:].reshape(-1, 256))  # rows: no first tokens of their own
-    assert torch.allclose(stats.value(first_tokens=False), rest.value())
-    assert torch.allclose(stats.mean_abs(first_tokens=False), rest.mean_abs())
+    rest.add(x[:, 1:].reshape(-1, 256))
+    assert stats.count == 3 * 63
+    assert torch.allclose(stats.value(), rest.value()) and torch.allclose(stats.mean_abs(), rest.mean_abs())
     everything = HessianAccumulator(256)
-    everything.add(x.reshape(-1, 256))
-    assert torch.allclose(stats.value(), everything.value()) and torch.allclose(stats.mean_abs(), everything.mean_abs())
-    assert not torch.allclose(stats.value(), rest.value(), rtol=0.5)  # the sink does weigh
-    single = HessianAccumulator(256)
-    single.add(x[:, :1])  # one-token sequences: nothing but first tokens, so all of them count
-    assert torch.allclose(single.value(first_tokens=False), single.value())
+    everything.add(x)
+    assert not torch.allclose(everything.value(), rest.value(), rtol=0.5)  # the sink does weigh
+    with pytest.raises(ValueError, match=r"\[B, T, K\] sequences"):
+        stats.add(x[0])  # rows: which are first tokens is unknown
 
 
 @pytest.mark.parametrize("num_bits,group_size,actorder", [(4, 32, False), (4, 128, True), (8, None, False), (4, 64, True)])
