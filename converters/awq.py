@@ -23,7 +23,11 @@ at group 64 and group 32 (`docs/quality.md`). GPTQ keeps the first tokens: it co
 column's error along H, and without the sink in H the sink's own outputs go uncompensated (its
 keys and values feed every later token), which costs far more than it gains.
 
-The result is plain weights: the scaled linears are rounded like any other, and the folded norm
+After the scales, `search_clip` narrows each group's range where that lowers the group's own
+output error, AWQ's clipping search, again measured through H (its diagonal blocks).
+
+The result is plain weights: the scaled linears are rounded like any other (some ranges
+narrower than min-max's), and the folded norm
 or linear stays float, so the checkpoint is the same compressed-tensors format as round-to-nearest.
 
 This file computes scales on tensors; which linears share an input, and what the scales fold
@@ -37,8 +41,12 @@ from collections.abc import Callable, Sequence
 import torch
 
 from .gptq import output_error
+from .quantize import IntQuantized, dequantize_groups, group_view, int_qparams, quantize_groups
 
 AWQ_GRID = 20
+# The clipping search's shrink factors of each group's min-max range: AutoAWQ's 20 steps from 1.0
+# (plain min-max, first, so a tie keeps it) down to 0.525.
+AWQ_CLIP_GRID: tuple[float, ...] = tuple(1.0 - 0.025 * i for i in range(20))
 
 # Rounds a weight [N, K] and returns it dequantized, in float32.
 RoundFn = Callable[[torch.Tensor], torch.Tensor]
@@ -94,3 +102,46 @@ def search_scales(
         if error < best_error:  # strict: a tie keeps plain rounding
             best, best_error = s, error
     return best, best_error
+
+
+def search_clip(
+    w: torch.Tensor, hessian: torch.Tensor, *, num_bits: int, group_size: int | None, symmetric: bool,
+    scale_dtype: torch.dtype,
+) -> IntQuantized:
+    """Each group's range shrunk to the factor of `AWQ_CLIP_GRID` with the least output error.
+
+    AWQ's clipping search (AutoAWQ's `auto_clip`): a group's contribution to the output is
+    x_g w_g^T, so its error is dw_g H_gg dw_g^T with H_gg the group's diagonal block of the input
+    Hessian; each group of each row keeps its best shrink. The cross-group terms of H are left
+    out, as AutoAWQ leaves them out, so the caller checks the result on the whole H.
+
+    Args:
+        w: the float weight [N, K] (already scaled, if its input is).
+        hessian: H [K, K] of the input as w sees it.
+        num_bits, group_size, symmetric, scale_dtype: the rounding, as `quantize.quantize_int`.
+
+    Returns:
+        The quantized matrix, in min-max's form (the same scales and zero points, narrower).
+    """
+    groups = group_view(w, group_size)  # [N, G, size]
+    N, G, size = groups.shape
+    H = hessian.float()
+    blocks = torch.stack([H[g * size:(g + 1) * size, g * size:(g + 1) * size] for g in range(G)])  # [G, size, size]
+    params = {"num_bits": num_bits, "symmetric": symmetric, "scale_dtype": scale_dtype}
+
+    def block_error(shrink: torch.Tensor) -> torch.Tensor:
+        scale, zero = int_qparams(groups, shrink=shrink, **params)
+        delta = dequantize_groups(quantize_groups(groups, scale, zero, num_bits), scale, zero) - groups
+        return torch.einsum("ngi,gij,ngj->ng", delta, blocks, delta)
+
+    best_shrink = torch.ones(N, G)
+    best = block_error(best_shrink)
+    for factor in AWQ_CLIP_GRID[1:]:
+        shrink = torch.full((N, G), factor)  # float32, as the final ranges are computed
+        error = block_error(shrink)
+        better = error < best  # strict: a tie keeps the wider range
+        best = torch.where(better, error, best)
+        best_shrink = torch.where(better, shrink, best_shrink)
+    scale, zero = int_qparams(groups, shrink=best_shrink, **params)
+    q = quantize_groups(groups, scale, zero, num_bits)
+    return IntQuantized(q=q.reshape(w.shape), scale=scale, zero_point=zero, num_bits=num_bits)

@@ -13,7 +13,9 @@
   into what produces that input: q/k/v into `input_layernorm`, gate/up into
   `post_attention_layernorm`, down into the rows of `up_proj`. `o_proj` is rounded unscaled: its
   input is the attention's, which with grouped-query attention no single weight produces per
-  channel. The scaled group is kept only when its held-out error beats unscaled rounding.
+  channel. The scaled group is kept only when its held-out error beats unscaled rounding. Then
+  each linear but q/k gets AWQ's clipping search (`awq.search_clip`) on its group ranges, kept
+  when its held-out error beats min-max's.
 
 Each choice is recorded in the manifest entry of the linear (`choice`, and the held-out error
 relative to round-to-nearest's). It does not gather the statistics (`calibrate.py`) or write
@@ -28,7 +30,7 @@ from typing import Any
 
 import torch
 
-from .awq import scaled_error, search_scales
+from .awq import scaled_error, search_clip, search_scales
 from .calibrate import INPUT_GROUPS, LayerResult, LayerStats, QuantizeLayerFn
 from .formats import packed_int_tensors
 from .gptq import GPTQ_PERCDAMP_GRID, gptq_quantize, output_error
@@ -46,6 +48,9 @@ _AWQ_FOLD: dict[str, tuple[str, str] | None] = {
     "mlp.gate_proj": ("post_attention_layernorm.weight", "norm"),
     "mlp.down_proj": ("mlp.up_proj", "rows"),
 }
+# Linears whose ranges are not clipped: their outputs meet in q k^T, where a linear's own output
+# error says little (AutoAWQ leaves them out for the same reason).
+_NO_CLIP = ("self_attn.q_proj", "self_attn.k_proj")
 
 
 def layer_quantizer(plan: Plan) -> QuantizeLayerFn:
@@ -108,43 +113,51 @@ def layer_quantizer(plan: Plan) -> QuantizeLayerFn:
             return rtn(w).dequantize().float()
 
         folded = {name: w.float() for name, w in weights.items()}  # float32 copies the scales fold into
-        group_choice: dict[str, tuple[str, float]] = {}
+        # linear -> (its input's statistics, the input scale s it was folded with, why it is unscaled)
+        inputs: dict[str, tuple[LayerStats, torch.Tensor, str | None]] = {}
         for members, source in INPUT_GROUPS:
             if source not in stats:
                 continue
             names = [prefix + m + ".weight" for m in members]
-            fold = _AWQ_FOLD[source]
-            if fold is None or not all(prefix + m in plan.quantized for m in members):
-                for name in names:
-                    group_choice[name] = ("minmax (input not scalable)", 1.0)
-                continue
             pair = stats[source]
-            group = [weights[name].float() for name in names]
-            s, _ = search_scales(group, pair.fit.mean_abs(), pair.fit.value(), round_fn, plan.group_size)
-            check = _check_hessian(pair)
-            plain = scaled_error(group, torch.ones_like(s), check, round_fn)
-            scaled = scaled_error(group, s, check, round_fn)
-            if not scaled < plain:
-                for name in names:
-                    group_choice[name] = ("minmax (scaling was worse on held-out inputs)", 1.0)
-                continue
+            fold = _AWQ_FOLD[source]
+            s, unscaled = torch.ones(pair.fit.hessian.shape[0]), None
+            if fold is None or not all(prefix + m in plan.quantized for m in members):
+                unscaled = "input not scalable"
+            else:
+                group = [weights[name].float() for name in names]
+                found, _ = search_scales(group, pair.fit.mean_abs(), pair.fit.value(), round_fn, plan.group_size)
+                check = _check_hessian(pair)
+                if scaled_error(group, found, check, round_fn) < scaled_error(group, s, check, round_fn):
+                    s = found
+                    _fold(folded, prefix, fold, names, s)
+                else:
+                    unscaled = "scaling was worse on held-out inputs"
             for name in names:
-                folded[name] = folded[name] * s  # columns: W s
-                group_choice[name] = ("awq", scaled / max(plain, 1e-30))
-            target, how = fold
-            if how == "norm":
-                folded[prefix + target] = folded[prefix + target] / s
-            else:  # a linear's output rows, and its bias
-                folded[prefix + target + ".weight"] = folded[prefix + target + ".weight"] / s.unsqueeze(1)
-                if prefix + target + ".bias" in folded:
-                    folded[prefix + target + ".bias"] = folded[prefix + target + ".bias"] / s
+                inputs[name] = (pair, s, unscaled)
         tensors, restored = {}, {}
         for name, w in folded.items():
             module = name.removesuffix(".weight")
             if name.endswith(".weight") and module in plan.quantized:
-                q = rtn(w.to(weights[name].dtype))
-                choice, relative = group_choice[name]
-                record(module, w, q, "awq" if choice == "awq" else "minmax", choice, relative)
+                pair, s, unscaled = inputs[name]
+                w = w.to(weights[name].dtype)
+                # The input as the folded weight sees it is x / s: its Hessian is H / (s s^T).
+                inverse = torch.outer(s, s)
+                check = _check_hessian(pair).float() / inverse
+                candidates = {"minmax": rtn(w)}
+                if not module.endswith(_NO_CLIP):
+                    candidates["clip"] = search_clip(
+                        w, pair.fit.value().float() / inverse, num_bits=plan.num_bits, group_size=plan.group_size,
+                        symmetric=plan.symmetric, scale_dtype=scale_dtype(w),
+                    )
+                errors = {key: output_error(w, q.dequantize(), check) for key, q in candidates.items()}
+                key = min(errors, key=errors.__getitem__)  # a tie keeps min-max
+                q = candidates[key]
+                choice = ("awq" if unscaled is None else f"minmax ({unscaled})") + (" + clip" if key == "clip" else "")
+                original = weights[name]
+                plain = output_error(original, rtn(original).dequantize(), _check_hessian(pair))
+                label = "awq" if unscaled is None or key == "clip" else "minmax"
+                record(module, w, q, label, choice, errors[key] / max(plain, 1e-30))
                 tensors[name] = packed_int_tensors(module, q)
                 restored[name] = q.dequantize().float()
             elif not torch.equal(w, weights[name].float()):  # a rescaled norm or float linear
@@ -153,6 +166,19 @@ def layer_quantizer(plan: Plan) -> QuantizeLayerFn:
         return LayerResult(tensors, restored)
 
     return gptq_layer if plan.calibration == "gptq" else awq_layer
+
+
+def _fold(folded: dict[str, torch.Tensor], prefix: str, fold: tuple[str, str], names: list[str], s: torch.Tensor) -> None:
+    """Scale the columns of the linears `names` by s and fold 1/s into what produces their input."""
+    for name in names:
+        folded[name] = folded[name] * s  # columns: W s
+    target, how = fold
+    if how == "norm":
+        folded[prefix + target] = folded[prefix + target] / s
+    else:  # a linear's output rows, and its bias
+        folded[prefix + target + ".weight"] = folded[prefix + target + ".weight"] / s.unsqueeze(1)
+        if prefix + target + ".bias" in folded:
+            folded[prefix + target + ".bias"] = folded[prefix + target + ".bias"] / s
 
 
 def _check_hessian(pair: LayerStats) -> torch.Tensor:

@@ -112,7 +112,7 @@ def int_qparams(
     return scale, zero
 
 
-def _quantize_groups(
+def quantize_groups(
     groups: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, num_bits: int
 ) -> torch.Tensor:
     """q = clamp(round(w / s + z)) for groups [..., group] with scales [...]; int8."""
@@ -123,7 +123,8 @@ def _quantize_groups(
     return torch.round(x).clamp(qmin, qmax).to(torch.int8)
 
 
-def _dequantize_groups(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None) -> torch.Tensor:
+def dequantize_groups(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None) -> torch.Tensor:
+    """(q - z) * s in the scale's dtype, returned in float32, for codes [..., group]."""
     w = q.to(scale.dtype)
     if zero is not None:
         w = w - zero.to(scale.dtype).unsqueeze(-1)
@@ -186,7 +187,7 @@ def quantize_int(
             scale = torch.where(better, s, scale)
             if zero is not None:
                 zero = torch.where(better, z, zero)
-    q = _quantize_groups(groups, scale, zero, num_bits)
+    q = quantize_groups(groups, scale, zero, num_bits)
     return IntQuantized(q=q.reshape(w.shape), scale=scale, zero_point=zero, num_bits=num_bits)
 
 
@@ -195,7 +196,7 @@ def _squared_error(
     weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Sum of (weighted) squared errors [N, G] of each group after quantize-dequantize."""
-    restored = _dequantize_groups(_quantize_groups(groups, scale, zero, num_bits), scale, zero)
+    restored = dequantize_groups(quantize_groups(groups, scale, zero, num_bits), scale, zero)
     err = (restored - groups).pow(2)
     return (err if weights is None else err * weights).sum(dim=-1)
 
