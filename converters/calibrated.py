@@ -3,9 +3,11 @@
 `layer_quantizer(plan)` returns the `calibrate.QuantizeLayerFn` of the plan's method:
 
 - `gptq`: per linear, the candidates are round-to-nearest (min-max), the MSE range search
-  (`quantize.quantize_int(mse=True)`), and GPTQ at each damping of `gptq.GPTQ_PERCDAMP_GRID`
-  within the MSE search's group ranges (GPTQ then only chooses the integers; with min-max ranges
-  it was worse off the calibration's domain, see docs/quality.md); the one with the least output
+  (`quantize.quantize_int(mse=True)`), AWQ's clipping search on the calibration Hessian
+  (`awq.search_clip`; not for q/k), and GPTQ at each damping of `gptq.GPTQ_PERCDAMP_GRID` within
+  the clipping search's group ranges (q/k: the MSE search's). GPTQ then only chooses the
+  integers: with min-max ranges it was worse off the calibration's domain, and the clipped ranges
+  beat the MSE search's on every held-out text (docs/quality.md). The one with the least output
   error on the held-out calibration inputs (`gptq.output_error` with their Hessian) is stored. A
   linear is therefore never stored worse than its RTN version on inputs its fit did not see, and
   the damping is chosen by measurement, per linear.
@@ -85,18 +87,24 @@ def layer_quantizer(plan: Plan) -> QuantizeLayerFn:
                 continue
             weight = weights[module + ".weight"]
             check = _check_hessian(pair)
-            # Round-to-nearest first (a tie keeps it), then the MSE range search, whose ranges GPTQ
-            # then keeps: it only chooses the integers within them.
+            # Round-to-nearest first (a tie keeps it), then the range searches; GPTQ keeps the
+            # clipped ranges (the MSE search's for q/k) and only chooses the integers within them.
             mse = quantize_int(
                 weight, num_bits=plan.num_bits, group_size=plan.group_size, symmetric=plan.symmetric, mse=True,
                 scale_dtype=scale_dtype(weight),
             )
             candidates = {"minmax": rtn(weight), "mse": mse}
+            ranges = mse
+            if not module.endswith(_NO_CLIP):
+                ranges = candidates["clip"] = search_clip(
+                    weight, pair.fit.value().float(), num_bits=plan.num_bits, group_size=plan.group_size,
+                    symmetric=plan.symmetric, scale_dtype=scale_dtype(weight),
+                )
             for damp in GPTQ_PERCDAMP_GRID:
                 candidates[f"gptq damping {damp:g}"] = gptq_quantize(
                     weight, pair.fit.value(), num_bits=plan.num_bits, group_size=plan.group_size,
                     symmetric=plan.symmetric, scale_dtype=scale_dtype(weight), percdamp=damp, actorder=plan.actorder,
-                    ranges=(mse.scale, mse.zero_point),
+                    ranges=(ranges.scale, ranges.zero_point),
                 )
             dequantized = {name: q.dequantize().float() for name, q in candidates.items()}
             errors = {name: output_error(weight, d, check) for name, d in dequantized.items()}

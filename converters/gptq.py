@@ -13,7 +13,8 @@ Group scales come from the weights as they stand when the group's first column i
 reference algorithm). With `actorder`, columns are visited by decreasing diag(H) ("static" or
 "weight" act-order): group scales are then fixed up front from the original weights, so the
 stored weight keeps its column order and needs no g_idx. `ranges` fixes them up front instead
-(`calibrated.py` passes the MSE range search's), and GPTQ then only chooses the integers.
+(`calibrated.py` passes those of AWQ's clipping search, or the MSE range search's), and GPTQ
+then only chooses the integers.
 
 This file holds the algorithm on tensors; running a model to collect X is `calibrate.py`'s job.
 """
@@ -94,7 +95,7 @@ def gptq_quantize(
         blocksize: columns per lazy update block.
         actorder: visit columns by decreasing diag(H), with group scales fixed up front.
         ranges: the group scales [N, G] and zero points (or None) to use, fixed up front (e.g.
-            from the MSE range search), instead of the min-max ranges GPTQ would derive.
+            from a range search), instead of the min-max ranges GPTQ would derive.
 
     Returns:
         The quantized matrix, columns in their original order.

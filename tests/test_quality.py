@@ -101,8 +101,13 @@ def test_gptq_overfitted_to_its_inputs_is_replaced_by_rounding():
     same = HessianAccumulator(128)
     same.add(torch.randn(4096, 6) @ torch.randn(6, 128))
     plan = _plan("gptq")
-    layer_quantizer(plan)("model.layers.0.", {"model.layers.0.mlp.down_proj.weight": w}, {"mlp.down_proj": LayerStats(fit, fit)})
+    result = layer_quantizer(plan)("model.layers.0.", {"model.layers.0.mlp.down_proj.weight": w}, {"mlp.down_proj": LayerStats(fit, fit)})
     assert plan.report["model.layers.0.mlp.down_proj"]["choice"].startswith("gptq")
+    # within the clipping search's ranges: (q - 0) * s with the clipped scales
+    clipped = search_clip(w, fit.value().float(), num_bits=4, group_size=32, symmetric=True, scale_dtype=torch.float32)
+    stored = result.tensors["model.layers.0.mlp.down_proj.weight"]
+    scale = dict(stored)["model.layers.0.mlp.down_proj.weight_scale"]
+    assert torch.equal(scale, clipped.scale) and not torch.equal(scale, rtn.scale)
 
 
 @pytest.mark.parametrize("symmetric", [True, False])
