@@ -24,11 +24,14 @@ column's error along H, and without the sink in H the sink's own outputs go unco
 keys and values feed every later token), which costs far more than it gains.
 
 After the scales, `search_clip` narrows each group's range where that lowers the group's own
-output error, AWQ's clipping search, again measured through H (its diagonal blocks).
+output error, AWQ's clipping search, again measured through H (its diagonal blocks). Symmetric,
+it also tries the one wider range that puts the group's largest magnitude exactly on the top
+code (max|w| / 7 at 4 bits instead of min-max's max|w| / 7.5, from which a positive maximum
+rounds down to 7).
 
-The result is plain weights: the scaled linears are rounded like any other (some ranges
-narrower than min-max's), and the folded norm
-or linear stays float, so the checkpoint is the same compressed-tensors format as round-to-nearest.
+The result is plain weights: the scaled linears are rounded like any other, within the ranges
+the search chose, and the folded norm or linear stays float, so the checkpoint is the same
+compressed-tensors format as round-to-nearest.
 
 This file computes scales on tensors; which linears share an input, and what the scales fold
 into, is `calibrated.py`'s business.
@@ -41,11 +44,12 @@ from collections.abc import Callable, Sequence
 import torch
 
 from .gptq import output_error
-from .quantize import IntQuantized, dequantize_groups, group_view, int_qparams, quantize_groups
+from .quantize import IntQuantized, dequantize_groups, group_view, int_qparams, int_range, quantize_groups
 
 AWQ_GRID = 20
 # The clipping search's shrink factors of each group's min-max range: AutoAWQ's 20 steps from 1.0
-# (plain min-max, first, so a tie keeps it) down to 0.525.
+# (plain min-max, first, so a tie keeps it) down to 0.525; `search_clip` adds one wider range
+# when symmetric.
 AWQ_CLIP_GRID: tuple[float, ...] = tuple(1.0 - 0.025 * i for i in range(20))
 
 # Rounds a weight [N, K] and returns it dequantized, in float32.
@@ -121,7 +125,7 @@ def search_clip(
         num_bits, group_size, symmetric, scale_dtype: the rounding, as `quantize.quantize_int`.
 
     Returns:
-        The quantized matrix, in min-max's form (the same scales and zero points, narrower).
+        The quantized matrix, in min-max's form (its scales and zero points from a shrunk range).
     """
     groups = group_view(w, group_size)  # [N, G, size]
     N, G, size = groups.shape
@@ -136,10 +140,16 @@ def search_clip(
 
     best_shrink = torch.ones(N, G)
     best = block_error(best_shrink)
-    for factor in AWQ_CLIP_GRID[1:]:
+    factors = AWQ_CLIP_GRID[1:]
+    if symmetric:
+        # and the one wider range whose largest magnitude lands exactly on qmax: min-max maps it to
+        # (qmax - qmin) / 2, which a positive maximum must round down from
+        qmin, qmax = int_range(num_bits)
+        factors += ((qmax - qmin) / 2 / qmax,)
+    for factor in factors:
         shrink = torch.full((N, G), factor)  # float32, as the final ranges are computed
         error = block_error(shrink)
-        better = error < best  # strict: a tie keeps the wider range
+        better = error < best  # strict: a tie keeps the earlier factor, min-max first
         best = torch.where(better, error, best)
         best_shrink = torch.where(better, shrink, best_shrink)
     scale, zero = int_qparams(groups, shrink=best_shrink, **params)

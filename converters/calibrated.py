@@ -20,7 +20,8 @@
   when its held-out error beats min-max's.
 
 Each choice is recorded in the manifest entry of the linear (`choice`, and the held-out error
-relative to round-to-nearest's). It does not gather the statistics (`calibrate.py`) or write
+relative to round-to-nearest's, `heldout_error_vs_minmax`; for AWQ's scaled groups also the
+group's, `group_heldout_error_vs_minmax`, the one its shared scales guarantee below 1). It does not gather the statistics (`calibrate.py`) or write
 files (`convert.py`).
 """
 
@@ -121,8 +122,9 @@ def layer_quantizer(plan: Plan) -> QuantizeLayerFn:
             return rtn(w).dequantize().float()
 
         folded = {name: w.float() for name, w in weights.items()}  # float32 copies the scales fold into
-        # linear -> (its input's statistics, the input scale s it was folded with, why it is unscaled)
-        inputs: dict[str, tuple[LayerStats, torch.Tensor, str | None]] = {}
+        # linear -> (its input group, the group's statistics, the input scale s it was folded with,
+        # why it is unscaled)
+        inputs: dict[str, tuple[str, LayerStats, torch.Tensor, str | None]] = {}
         for members, source in INPUT_GROUPS:
             if source not in stats:
                 continue
@@ -142,12 +144,14 @@ def layer_quantizer(plan: Plan) -> QuantizeLayerFn:
                 else:
                     unscaled = "scaling was worse on held-out inputs"
             for name in names:
-                inputs[name] = (pair, s, unscaled)
+                inputs[name] = (source, pair, s, unscaled)
         tensors, restored = {}, {}
+        # scaled input group -> held-out errors summed over its linears: (stored, unscaled min-max)
+        group_errors: dict[str, list[float]] = {}
         for name, w in folded.items():
             module = name.removesuffix(".weight")
             if name.endswith(".weight") and module in plan.quantized:
-                pair, s, unscaled = inputs[name]
+                source, pair, s, unscaled = inputs[name]
                 w = w.to(weights[name].dtype)
                 # The input as the folded weight sees it is x / s: its Hessian is H / (s s^T).
                 inverse = torch.outer(s, s)
@@ -166,11 +170,21 @@ def layer_quantizer(plan: Plan) -> QuantizeLayerFn:
                 plain = output_error(original, rtn(original).dequantize(), _check_hessian(pair))
                 label = "awq" if unscaled is None or key == "clip" else "minmax"
                 record(module, w, q, label, choice, errors[key] / max(plain, 1e-30))
+                if unscaled is None:
+                    totals = group_errors.setdefault(source, [0.0, 0.0])
+                    totals[0] += errors[key]
+                    totals[1] += plain
                 tensors[name] = packed_int_tensors(module, q)
                 restored[name] = q.dequantize().float()
             elif not torch.equal(w, weights[name].float()):  # a rescaled norm or float linear
                 tensors[name] = [(name, w.to(weights[name].dtype))]
                 restored[name] = w
+        # One scale serves the whole group, so the guarantee is the group's: one of its linears may
+        # be worse than its own min-max while the group's sum is better.
+        for name, (source, _, _, unscaled) in inputs.items():
+            if unscaled is None and name.removesuffix(".weight") in plan.report:
+                stored, plain = group_errors[source]
+                plan.report[name.removesuffix(".weight")]["group_heldout_error_vs_minmax"] = round(stored / max(plain, 1e-30), 4)
         return LayerResult(tensors, restored)
 
     return gptq_layer if plan.calibration == "gptq" else awq_layer

@@ -12,7 +12,7 @@ stream) and writes, through `writer.write_checkpoint` (temporary name, rename at
 The embedding stays float, and so does the output head unless `lm_head="int8"`
 (`--lm-head int8`); so do linears named by `keep`. Calibration: `minmax` (round to nearest), `mse`
 (a search per group: the clipping of a symmetric range, a weighted least-squares refit of an
-asymmetric one; see `quantize.quantize_int`), or `gptq` / `awq` (activation-aware scaling) on
+asymmetric one; see `quantize.quantize_int`), or `gptq` / `awq` (activation-aware scaling and clipping) on
 calibration text, layer by layer (`calibrate.py`, `calibrated.py`), by default the shipped broad
 set (`calibration_set.py`). RTN and MSE stream one tensor at a time.
 

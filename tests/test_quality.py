@@ -71,7 +71,8 @@ def test_calibrating_on_one_text_does_not_hurt_another(source, verse, tmp_path):
             error = logit_error(out, reference, ids)
             assert error <= rtn, f"{scheme} {method}: {error:.3e} > RTN {rtn:.3e} on text it was not calibrated on"
             entries = json.loads((out / MANIFEST_FILE).read_text())["quantized"]
-            assert all(entry["heldout_error_vs_minmax"] <= 1.0 for entry in entries.values())
+            for entry in entries.values():  # AWQ's scales are shared: their guarantee is the group's
+                assert entry.get("group_heldout_error_vs_minmax", entry["heldout_error_vs_minmax"]) <= 1.0
 
 
 def _plan(calibration: str) -> Plan:
@@ -131,7 +132,9 @@ def test_awq_clip_search_lowers_each_groups_output_error(symmetric):
         return torch.einsum("ngi,gij,ngj->ng", delta, blocks, delta)
 
     assert (group_errors(clipped) <= group_errors(minmax) * (1 + 1e-5)).all()
-    assert (clipped.scale <= minmax.scale).all()  # ranges only narrow
+    widest = 7.5 / 7 if symmetric else 1.0  # symmetric: the range that lands max|w| on qmax
+    assert (clipped.scale <= minmax.scale * widest * (1 + 1e-6)).all()
+    assert (clipped.scale < minmax.scale).any()  # some groups clipped
     assert output_error(w, clipped.dequantize(), H) < 0.8 * output_error(w, minmax.dequantize(), H)
 
 
