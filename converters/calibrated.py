@@ -16,7 +16,7 @@
   `post_attention_layernorm`, down into the rows of `up_proj`. `o_proj` is rounded unscaled: its
   input is the attention's, which with grouped-query attention no single weight produces per
   channel. The scaled group is kept only when its held-out error beats unscaled rounding. Then
-  each linear but q/k gets AWQ's clipping search (`awq.search_clip`) on its group ranges, kept
+  each linear gets AWQ's clipping search (`awq.search_clip`) on its group ranges, kept
   when its held-out error beats min-max's.
 
 Each choice is recorded in the manifest entry of the linear (`choice`, and the held-out error
@@ -51,9 +51,10 @@ _AWQ_FOLD: dict[str, tuple[str, str] | None] = {
     "mlp.gate_proj": ("post_attention_layernorm.weight", "norm"),
     "mlp.down_proj": ("mlp.up_proj", "rows"),
 }
-# Linears whose ranges are not clipped: their outputs meet in q k^T, where a linear's own output
-# error says little (AutoAWQ leaves them out for the same reason).
-_NO_CLIP = ("self_attn.q_proj", "self_attn.k_proj")
+# Linears whose GPTQ ranges come from the MSE search, not the clipping search: their outputs meet
+# in q k^T, where a linear's own output error says little (AutoAWQ does not clip them either).
+# Clipping them too, measured on the held-out texts of docs/quality.md, helped AWQ but not GPTQ.
+_GPTQ_MSE_RANGES = ("self_attn.q_proj", "self_attn.k_proj")
 
 
 def layer_quantizer(plan: Plan) -> QuantizeLayerFn:
@@ -96,7 +97,7 @@ def layer_quantizer(plan: Plan) -> QuantizeLayerFn:
             )
             candidates = {"minmax": rtn(weight), "mse": mse}
             ranges = mse
-            if not module.endswith(_NO_CLIP):
+            if not module.endswith(_GPTQ_MSE_RANGES):
                 ranges = candidates["clip"] = search_clip(
                     weight, pair.fit.value().float(), num_bits=plan.num_bits, group_size=plan.group_size,
                     symmetric=plan.symmetric, scale_dtype=scale_dtype(weight),
@@ -156,12 +157,13 @@ def layer_quantizer(plan: Plan) -> QuantizeLayerFn:
                 # The input as the folded weight sees it is x / s: its Hessian is H / (s s^T).
                 inverse = torch.outer(s, s)
                 check = _check_hessian(pair).float() / inverse
-                candidates = {"minmax": rtn(w)}
-                if not module.endswith(_NO_CLIP):
-                    candidates["clip"] = search_clip(
+                candidates = {
+                    "minmax": rtn(w),
+                    "clip": search_clip(
                         w, pair.fit.value().float() / inverse, num_bits=plan.num_bits, group_size=plan.group_size,
                         symmetric=plan.symmetric, scale_dtype=scale_dtype(w),
-                    )
+                    ),
+                }
                 errors = {key: output_error(w, q.dequantize(), check) for key, q in candidates.items()}
                 key = min(errors, key=errors.__getitem__)  # a tie keeps min-max
                 q = candidates[key]
