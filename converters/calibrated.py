@@ -7,7 +7,8 @@
   (`awq.search_clip`; not for q/k), and GPTQ at each damping of `gptq.GPTQ_PERCDAMP_GRID` within
   the clipping search's group ranges (q/k: the MSE search's). GPTQ then only chooses the
   integers: with min-max ranges it was worse off the calibration's domain, and the clipped ranges
-  beat the MSE search's on every held-out text (docs/quality.md). The one with the least output
+  lower its geometric mean over the held-out texts below the MSE search's at group 64, group 32
+  and asymmetric (docs/quality.md). The one with the least output
   error on the held-out calibration inputs (`gptq.output_error` with their Hessian) is stored. A
   linear is therefore never stored worse than its RTN version on inputs its fit did not see, and
   the damping is chosen by measurement, per linear.
@@ -21,8 +22,8 @@
 
 Each choice is recorded in the manifest entry of the linear (`choice`, and the held-out error
 relative to round-to-nearest's, `heldout_error_vs_minmax`; for AWQ's scaled groups also the
-group's, `group_heldout_error_vs_minmax`, the one its shared scales guarantee below 1). It does not gather the statistics (`calibrate.py`) or write
-files (`convert.py`).
+group's, `group_heldout_error_vs_minmax`, the one its shared scales guarantee below 1). It does
+not gather the statistics (`calibrate.py`) or write files (`convert.py`).
 """
 
 from __future__ import annotations
@@ -168,8 +169,10 @@ def layer_quantizer(plan: Plan) -> QuantizeLayerFn:
                 key = min(errors, key=errors.__getitem__)  # a tie keeps min-max
                 q = candidates[key]
                 choice = ("awq" if unscaled is None else f"minmax ({unscaled})") + (" + clip" if key == "clip" else "")
-                original = weights[name]
-                plain = output_error(original, rtn(original).dequantize(), _check_hessian(pair))
+                plain = errors["minmax"]  # unscaled, w is the original weight
+                if unscaled is None:
+                    original = weights[name]
+                    plain = output_error(original, rtn(original).dequantize(), _check_hessian(pair))
                 label = "awq" if unscaled is None or key == "clip" else "minmax"
                 record(module, w, q, label, choice, errors[key] / max(plain, 1e-30))
                 if unscaled is None:
