@@ -13,7 +13,7 @@ every projection), greedy with eos ignored:
 
 Each figure is the median of `--runs` runs. `--cpu-contention` instead compares the engine on
 the float and the quantized checkpoint at one request, alone and beside a competing CPU-bound
-process, and prints the slowdowns side by side.
+process, the two engines stepping in turn, and prints the slowdowns side by side with their ratio.
 
     python benchmarks/engine.py --model DIR [--float-model DIR] [--new-tokens 32] [--runs 3] [--threads 2]
 
@@ -158,40 +158,88 @@ def reference_rate(model_dir: Path, prompt: list[int], new_tokens: int) -> float
     return (new_tokens - 1) / (timed(new_tokens) - timed(1))
 
 
+def _engine(model_dir: Path):
+    from quadapt.runtime.engine import Engine, EngineConfig
+    from quadapt.runtime.loader import load_model
+
+    return Engine.for_model(load_model(model_dir), eos_token_ids=set(), config=EngineConfig(max_loras=1),
+                            kv_cache_bytes=64 * 2**20)
+
+
+def alternate_decode(engines: dict[str, object], prompt: list[int], new_tokens: int) -> dict[str, tuple[int, float]]:
+    """One request on each engine, their steps taken in turn (the order flipping every step), so
+    that a slow or fast spell of the machine falls on every engine alike. Returns each engine's
+    (decode tokens, decode seconds), counting the steps after its request's first token."""
+    from quadapt.runtime.sampling import SamplingParams
+
+    params = SamplingParams(max_new_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+    for engine in engines.values():
+        engine.add_request(prompt, params)
+    totals = {label: [0, 0.0] for label in engines}
+    started = {label: False for label in engines}
+    labels = list(engines)
+    step = 0
+    while any(e.has_unfinished() for e in engines.values()):
+        for label in labels if step % 2 == 0 else reversed(labels):
+            engine = engines[label]
+            if not engine.has_unfinished():
+                continue
+            t0 = time.perf_counter()
+            outputs = engine.step()
+            elapsed = time.perf_counter() - t0
+            if started[label]:
+                totals[label][0] += sum(len(o.new_token_ids) for o in outputs)
+                totals[label][1] += elapsed
+            started[label] = started[label] or any(o.new_token_ids for o in outputs)
+        step += 1
+    return {label: (n, t) for label, (n, t) in totals.items()}
+
+
 def contention(float_dir: Path, quant_dir: Path, new_tokens: int, runs: int, tokenizer) -> None:
-    prompts = make_prompts(tokenizer, 1)
-    engine_paths = {
-        "engine, float": lambda: quadapt_rate(float_dir, [], prompts, 0, new_tokens),
-        "engine, int4": lambda: quadapt_rate(quant_dir, [], prompts, 0, new_tokens),
-    }
-    # The reference generator on int4 is slow enough under contention to time once.
-    reference = ("reference generator, int4", lambda: reference_rate(quant_dir, prompts[0], min(new_tokens, 8)))
-    alone: dict[str, list[float]] = {label: [] for label in [*engine_paths, reference[0]]}
-    busy: dict[str, list[float]] = {label: [] for label in alone}
+    """Float against quantized at one request, alone and beside a process that burns one core.
 
-    def measure(into: dict[str, list[float]]) -> None:
-        for _ in range(runs):  # interleaved, so a slow spell of the shared machine hits both alike
-            for label, rate in engine_paths.items():
-                into[label].append(rate())
-        into[reference[0]].append(reference[1]())
+    Both engines are loaded in this process and decode in turn, step by step
+    (`alternate_decode`), `runs` requests each alone and `runs` beside the burner: each phase's
+    speed ratio int4 / float is then measured under the same conditions for both, and the ratio
+    of the two paths' slowdowns is the ratio of the two phases' speed ratios.
+    """
+    prompt = make_prompts(tokenizer, 1)[0]
+    engines = {"engine, float": _engine(float_dir), "engine, int4": _engine(quant_dir)}
+    alternate_decode(engines, prompt, 4)  # warm-up
 
-    measure(alone)
+    def phase() -> dict[str, float]:
+        sums = {label: [0, 0.0] for label in engines}
+        for _ in range(runs):
+            for label, (n, t) in alternate_decode(engines, prompt, new_tokens).items():
+                sums[label][0] += n
+                sums[label][1] += t
+        return {label: n / t for label, (n, t) in sums.items()}
+
+    def reference() -> float:  # unpacks every weight on every call: slow enough to time once
+        return reference_rate(quant_dir, prompt, min(new_tokens, 8))
+
+    alone = phase()
+    alone_ref = reference()
     stop = multiprocessing.Event()
     burner = multiprocessing.Process(target=_burn, args=(stop,), daemon=True)
     burner.start()
     try:
-        measure(busy)
+        time.sleep(0.2)  # let the burner take its core
+        busy = phase()
+        busy_ref = reference()
     finally:
         stop.set()
         burner.join()
-    rows = [(label, statistics.median(alone[label]), statistics.median(busy[label])) for label in alone]
-    print(f"1 request, {new_tokens} new tokens (the reference generator: {min(new_tokens, 8)}, one run), median of "
-          f"{runs} interleaved runs; then the same beside a competing process that burns one core")
+    print(f"1 request, {new_tokens} new tokens, {runs} requests per path and phase, the two engines stepping in turn "
+          f"(the reference generator: {min(new_tokens, 8)} tokens, once); alone, then beside a competing process "
+          "that burns one core")
     print(f"{'path':<28} {'alone tok/s':>12} {'contended tok/s':>16} {'slowdown':>9}")
+    rows = [*[(label, alone[label], busy[label]) for label in engines], ("reference generator, int4", alone_ref, busy_ref)]
     for label, a, b in rows:
         print(f"{label:<28} {a:>12.2f} {b:>16.2f} {a / b:>8.2f}x")
-    print(f"engine int4 / float decode speed alone: {rows[1][1] / rows[0][1]:.2f}x; "
-          f"contended: {rows[1][2] / rows[0][2]:.2f}x")
+    f, q = "engine, float", "engine, int4"
+    print(f"engine int4 / float decode speed: alone {alone[q] / alone[f]:.3f}x, contended {busy[q] / busy[f]:.3f}x; "
+          f"int4 slowdown / float slowdown: {(alone[q] / busy[q]) / (alone[f] / busy[f]):.3f}")
 
 
 def main() -> None:

@@ -228,3 +228,34 @@ def test_metrics_follow_the_requests(base, adapters):
     assert after.kv_blocks_used == 0 and after.waiting == after.running == 0
     assert len(after.time_to_first_token_s) == 4 and len(after.inter_token_latency_s) == 16
     assert after.prompt_tokens == sum(len(p) for p in prompts(4, seed=13))
+
+
+def _layout(engine: Engine) -> dict[str, object]:
+    """Every module's type and every tensor's dtype, shape and strides in the engine's model."""
+    model = engine.executor.model
+    layout: dict[str, object] = {name: type(m).__name__ for name, m in model.named_modules()}
+    for name, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers()]:
+        layout[name] = (t.dtype, tuple(t.shape), t.stride())
+    return layout
+
+
+@pytest.mark.parametrize("scheme", ["int4", "nf4"])
+def test_a_quantized_checkpoint_runs_the_float_engines_kernels_on_cpu(base, adapters, tmp_path, scheme):
+    """On CPU the executor dequantizes packed weights once, at start: the quantized engine's
+    modules and tensors are laid out as the float engine's, so both run the same matmuls and a
+    competing process slows both alike (benchmarks/engine.py --cpu-contention measures it). Its
+    tokens, with and without an adapter, are the reference generator's on the packed checkpoint."""
+    from quadapt.converters.convert import convert_checkpoint
+
+    # int4: down_proj's 112 inputs take no allowed group size, so it stays float; nf4 packs every linear.
+    options = dict(group_size=32, keep=["down_proj"]) if scheme == "int4" else {}
+    quantized = convert_checkpoint(base, tmp_path / scheme, scheme, **options)
+    engine = make_engine(quantized, adapters)
+    assert _layout(engine) == _layout(make_engine(base, adapters))
+    params = SamplingParams(max_new_tokens=8, **GREEDY)
+    requests = {}
+    for i, (prompt, name) in enumerate(zip(prompts(4), ["a", None, "b", None])):
+        requests[engine.add_request(prompt, params, adapter=name, request_id=f"r{i}")] = (prompt, name)
+    got = run(engine)
+    for rid, (prompt, name) in requests.items():
+        assert got[rid] == reference(quantized, adapters[name] if name else None, prompt, params), f"{rid} (adapter {name})"
