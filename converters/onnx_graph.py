@@ -167,13 +167,15 @@ class _Builder:
     def _rms_norm(self, x: str, gamma: str) -> str:
         # Plain ops (onnxruntime fuses them into SimplifiedLayerNormalization), so that
         # onnx.checker knows every default-domain op.
-        square = self.node("Mul", [x, x])[0]
+        square = self.node("Pow", [x, self.const("/two", np.array(2.0, np.float32))])[0]
         mean = self.node("ReduceMean", [square, self.const("/last_axis", np.array([-1], np.int64))], keepdims=1)[0]
         std = self.node("Sqrt", [self.node("Add", [mean, self.const("/eps", np.array(self.s.eps, np.float32))])[0]])[0]
         return self.node("Mul", [self.node("Div", [x, std])[0], gamma])[0]
 
     def _skip_norm(self, x: str, residual: str, gamma: str) -> tuple[str, str]:
         out = self.node("SkipSimplifiedLayerNormalization", [x, residual, gamma], n_out=4, domain=MS_DOMAIN, epsilon=self.s.eps)
+        # Outputs 1 and 2 (mean, inverse std) are optional: unnamed, they are not written.
+        self.nodes[-1].output[1] = self.nodes[-1].output[2] = ""
         return out[0], out[3]
 
     def _matmul_nbits(self, x: str, weight: NBitsWeight, name: str, output: str | None = None) -> str:
