@@ -198,8 +198,12 @@ def main() -> None:
             runners[name].run(chat, 4)  # warm-up
     decode: dict[str, list[float]] = {name: [] for name in runners}
     prefill: dict[str, list[float]] = {name: [] for name in runners}
-    for _ in range(args.runs):
-        for name, runner in runners.items():
+    names = list(runners)
+    for r in range(args.runs):
+        # The order turns each run: a system's place in it moved its decode speed by several
+        # percent here, so a fixed order would favour one system every time.
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            runner = runners[name]
             one, many = runner.run(chat, 1), runner.run(chat, args.new_tokens)
             decode[name].append((args.new_tokens - 1) / (many - one))
             prefill[name].append(len(long_prompt) / runner.run(long_prompt, 1))
