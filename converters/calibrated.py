@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -56,6 +56,17 @@ _AWQ_FOLD: dict[str, tuple[str, str] | None] = {
 # in q k^T, where a linear's own output error says little (AutoAWQ does not clip them either).
 # Clipping them too, measured on the held-out texts of docs/quality.md, helped AWQ but not GPTQ.
 _GPTQ_MSE_RANGES = ("self_attn.q_proj", "self_attn.k_proj")
+
+
+class AwqInput(NamedTuple):
+    """What AWQ decided for a linear's input: the group it is read from, that group's statistics,
+    the input scale s folded into the linear (ones when unscaled) and why it is unscaled (None
+    when scaled)."""
+
+    source: str
+    pair: LayerStats
+    s: torch.Tensor
+    unscaled: str | None
 
 
 def layer_quantizer(plan: Plan) -> QuantizeLayerFn:
@@ -119,14 +130,17 @@ def layer_quantizer(plan: Plan) -> QuantizeLayerFn:
             restored[module + ".weight"] = dequantized[choice]
         return LayerResult(tensors, restored)
 
-    def awq_layer(prefix: str, weights: dict[str, torch.Tensor], stats: dict[str, LayerStats]) -> LayerResult:
-        def round_fn(w: torch.Tensor) -> torch.Tensor:
-            return rtn(w).dequantize().float()
+    def round_fn(w: torch.Tensor) -> torch.Tensor:
+        return rtn(w).dequantize().float()
 
-        folded = {name: w.float() for name, w in weights.items()}  # float32 copies the scales fold into
-        # linear -> (its input group, the group's statistics, the input scale s it was folded with,
-        # why it is unscaled)
-        inputs: dict[str, tuple[str, LayerStats, torch.Tensor, str | None]] = {}
+    def awq_scales(
+        prefix: str, weights: dict[str, torch.Tensor], stats: dict[str, LayerStats]
+    ) -> tuple[dict[str, torch.Tensor], dict[str, AwqInput]]:
+        """Search each input group's scales, keep them where they beat no scaling on held-out
+        inputs, and fold them. Returns the float32 weights with the scales folded in, and per
+        quantized linear its `AwqInput`."""
+        folded = {name: w.float() for name, w in weights.items()}
+        inputs: dict[str, AwqInput] = {}
         for members, source in INPUT_GROUPS:
             if source not in stats:
                 continue
@@ -146,38 +160,49 @@ def layer_quantizer(plan: Plan) -> QuantizeLayerFn:
                 else:
                     unscaled = "scaling was worse on held-out inputs"
             for name in names:
-                inputs[name] = (source, pair, s, unscaled)
+                inputs[name] = AwqInput(source, pair, s, unscaled)
+        return folded, inputs
+
+    def awq_round(
+        module: str, w: torch.Tensor, original: torch.Tensor, given: AwqInput
+    ) -> tuple[IntQuantized, float, float]:
+        """Round one folded linear by min-max or by the clipping search, whichever has the lower
+        output error on held-out inputs, and record its manifest entry. Returns (the rounding,
+        its error, the error of min-max on the unscaled `original`)."""
+        # The input as the folded weight sees it is x / s: its Hessian is H / (s s^T).
+        inverse = torch.outer(given.s, given.s)
+        check = _check_hessian(given.pair).float() / inverse
+        candidates = {
+            "minmax": rtn(w),
+            "clip": search_clip(
+                w, given.pair.fit.value().float() / inverse, num_bits=plan.num_bits, group_size=plan.group_size,
+                symmetric=plan.symmetric, scale_dtype=scale_dtype(w),
+            ),
+        }
+        errors = {key: output_error(w, q.dequantize(), check) for key, q in candidates.items()}
+        key = min(errors, key=errors.__getitem__)  # a tie keeps min-max
+        unscaled = given.unscaled
+        choice = ("awq" if unscaled is None else f"minmax ({unscaled})") + (" + clip" if key == "clip" else "")
+        plain = errors["minmax"]  # unscaled, w is the original weight
+        if unscaled is None:
+            plain = output_error(original, rtn(original).dequantize(), _check_hessian(given.pair))
+        label = "awq" if unscaled is None or key == "clip" else "minmax"
+        record(module, w, candidates[key], label, choice, errors[key] / max(plain, 1e-30))
+        return candidates[key], errors[key], plain
+
+    def awq_layer(prefix: str, weights: dict[str, torch.Tensor], stats: dict[str, LayerStats]) -> LayerResult:
+        folded, inputs = awq_scales(prefix, weights, stats)
         tensors, restored = {}, {}
         # scaled input group -> held-out errors summed over its linears: (stored, unscaled min-max)
         group_errors: dict[str, list[float]] = {}
         for name, w in folded.items():
             module = name.removesuffix(".weight")
             if name.endswith(".weight") and module in plan.quantized:
-                source, pair, s, unscaled = inputs[name]
-                w = w.to(weights[name].dtype)
-                # The input as the folded weight sees it is x / s: its Hessian is H / (s s^T).
-                inverse = torch.outer(s, s)
-                check = _check_hessian(pair).float() / inverse
-                candidates = {
-                    "minmax": rtn(w),
-                    "clip": search_clip(
-                        w, pair.fit.value().float() / inverse, num_bits=plan.num_bits, group_size=plan.group_size,
-                        symmetric=plan.symmetric, scale_dtype=scale_dtype(w),
-                    ),
-                }
-                errors = {key: output_error(w, q.dequantize(), check) for key, q in candidates.items()}
-                key = min(errors, key=errors.__getitem__)  # a tie keeps min-max
-                q = candidates[key]
-                choice = ("awq" if unscaled is None else f"minmax ({unscaled})") + (" + clip" if key == "clip" else "")
-                plain = errors["minmax"]  # unscaled, w is the original weight
-                if unscaled is None:
-                    original = weights[name]
-                    plain = output_error(original, rtn(original).dequantize(), _check_hessian(pair))
-                label = "awq" if unscaled is None or key == "clip" else "minmax"
-                record(module, w, q, label, choice, errors[key] / max(plain, 1e-30))
-                if unscaled is None:
-                    totals = group_errors.setdefault(source, [0.0, 0.0])
-                    totals[0] += errors[key]
+                given = inputs[name]
+                q, stored, plain = awq_round(module, w.to(weights[name].dtype), weights[name], given)
+                if given.unscaled is None:
+                    totals = group_errors.setdefault(given.source, [0.0, 0.0])
+                    totals[0] += stored
                     totals[1] += plain
                 tensors[name] = packed_int_tensors(module, q)
                 restored[name] = q.dequantize().float()
@@ -186,9 +211,9 @@ def layer_quantizer(plan: Plan) -> QuantizeLayerFn:
                 restored[name] = w
         # One scale serves the whole group, so the guarantee is the group's: one of its linears may
         # be worse than its own min-max while the group's sum is better.
-        for name, (source, _, _, unscaled) in inputs.items():
-            if unscaled is None and name.removesuffix(".weight") in plan.report:
-                stored, plain = group_errors[source]
+        for name, given in inputs.items():
+            if given.unscaled is None and name.removesuffix(".weight") in plan.report:
+                stored, plain = group_errors[given.source]
                 plan.report[name.removesuffix(".weight")]["group_heldout_error_vs_minmax"] = round(stored / max(plain, 1e-30), 4)
         return LayerResult(tensors, restored)
 
