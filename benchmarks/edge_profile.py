@@ -5,9 +5,15 @@ Each directory is a `quadapt export-onnx` output or an onnxruntime-genai model (
 `present.{i}.key|value`). For each, a 32-token prompt is fed, then `--steps` greedy decode
 steps with the cache bound in place (past and present share one buffer, as both runtimes run
 them), and the profiler's kernel time is summed per operator type, divided by the steps. The
-output projection's MatMulNBits is reported on its own line.
+output projection's MatMulNBits is reported on its own line. With `--runs N` every directory is
+profiled N times, the directories taking turns (their order turned each run, so load on the
+machine hits them alike), and each figure is the median of the N.
 
-    python benchmarks/edge_profile.py DIR [DIR ...] [--steps 128] [--threads 2]
+    python benchmarks/edge_profile.py DIR [DIR ...] [--steps 128] [--threads 2] [--runs 1]
+
+It also prints the bytes of MatMulNBits weights (packed integers, scales, zero points) that one
+step reads, the layers' and the output head's: at batch 1 a decode step streams all of them from
+memory, so they bound its speed.
 
 Kernel times only: they leave out the thread pool's hand-offs and the Python around each run,
 so compare them between graphs, and compare whole-run speed with `benchmarks/cpu_decode.py`.
@@ -19,6 +25,7 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import statistics
 import tempfile
 from pathlib import Path
 
@@ -35,8 +42,29 @@ def _head_nodes(model_file: Path) -> set[str]:
     return {node.name for node in graph.node if any("lm_head" in i for i in node.input)}
 
 
-def profile(model_dir: Path, steps: int, threads: int) -> tuple[dict[str, float], int]:
-    """Kernel milliseconds per decode step by operator type, and the step count."""
+def weight_bytes(model_file: Path) -> dict[str, int]:
+    """Bytes of the MatMulNBits weights a decode step reads: {"layers": n, "output head": n}."""
+    graph = onnx.load(str(model_file), load_external_data=False).graph
+    sizes = {}
+    for tensor in graph.initializer:
+        external = {entry.key: entry.value for entry in tensor.external_data}
+        if "length" in external:
+            sizes[tensor.name] = int(external["length"])
+        elif tensor.raw_data:
+            sizes[tensor.name] = len(tensor.raw_data)
+        else:
+            itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+            sizes[tensor.name] = int(np.prod(tensor.dims, dtype=np.int64)) * itemsize
+    totals = {"layers": 0, "output head": 0}
+    for node in graph.node:
+        if node.op_type == "MatMulNBits":
+            kind = "output head" if any("lm_head" in i for i in node.input) else "layers"
+            totals[kind] += sum(sizes.get(i, 0) for i in node.input[1:])
+    return totals
+
+
+def profile(model_dir: Path, steps: int, threads: int) -> dict[str, float]:
+    """Kernel milliseconds per decode step by operator type."""
     model_file = model_dir / "model.onnx"
     head = _head_nodes(model_file)
     options = ort.SessionOptions()
@@ -89,7 +117,7 @@ def profile(model_dir: Path, steps: int, threads: int) -> tuple[dict[str, float]
             continue
         op = event["args"].get("op_name", "?")
         totals[f"{op} (output head)" if node in head else op] += event["dur"] / 1000.0
-    return {op: ms / steps for op, ms in totals.items()}, steps
+    return {op: ms / steps for op, ms in totals.items()}
 
 
 def main() -> None:
@@ -97,14 +125,27 @@ def main() -> None:
     parser.add_argument("dirs", nargs="+", type=Path, help="exports or onnxruntime-genai model directories")
     parser.add_argument("--steps", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--runs", type=int, default=1, help="profiles of each directory; figures are their medians")
     args = parser.parse_args()
-    for model_dir in args.dirs:
-        per_step, steps = profile(model_dir, args.steps, args.threads)
-        print(f"{model_dir}: {steps} decode steps after a {PROMPT}-token prompt, {args.threads} threads; "
-              f"kernel ms per step, {sum(per_step.values()):.3f} in all")
+    if args.runs < 1:
+        parser.error("--runs must be at least 1")
+    runs: dict[Path, list[dict[str, float]]] = {d: [] for d in args.dirs}
+    for run in range(args.runs):
+        turn = run % len(args.dirs)
+        for model_dir in args.dirs[turn:] + args.dirs[:turn]:
+            runs[model_dir].append(profile(model_dir, args.steps, args.threads))
+    for model_dir, profiles in runs.items():
+        ops = {op for p in profiles for op in p}
+        per_step = {op: statistics.median(p.get(op, 0.0) for p in profiles) for op in ops}
+        total = statistics.median(sum(p.values()) for p in profiles)
+        print(f"{model_dir}: {args.steps} decode steps after a {PROMPT}-token prompt, {args.threads} threads; "
+              f"kernel ms per step (median of {len(profiles)}), {total:.3f} in all")
         for op, ms in sorted(per_step.items(), key=lambda kv: -kv[1]):
             if ms >= 0.005:
                 print(f"  {op:40} {ms:7.3f}")
+        read = weight_bytes(model_dir / "model.onnx")
+        print("  MatMulNBits weights read per step, MB: " + ", ".join(f"{k} {v / 1e6:.1f}" for k, v in read.items())
+              + f", in all {sum(read.values()) / 1e6:.1f}")
 
 
 if __name__ == "__main__":
