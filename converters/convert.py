@@ -11,16 +11,16 @@ stream) and writes, through `writer.write_checkpoint` (temporary name, rename at
 
 The embedding stays float, and so does the output head unless `lm_head="int8"`
 (`--lm-head int8`); so do linears named by `keep`. Calibration: `minmax` (round to nearest), `mse`
-(a search per group: the clipping of a symmetric range, a weighted least-squares refit of an
-asymmetric one; see `quantize.quantize_int`), or `gptq` / `awq` (activation-aware scaling and clipping) on
+(a search per group: a weighted least-squares refit of each group's scale, and zero point if
+asymmetric, over candidate codes; symmetric 8-bit keeps min-max; see `quantize.quantize_int`), or `gptq` / `awq` (activation-aware scaling and clipping) on
 calibration text, layer by layer (`calibrate.py`, `calibrated.py`), by default the shipped broad
 set (`calibration_set.py`). RTN and MSE stream one tensor at a time.
 
 The int8 head is int8 per output row, symmetric (W8A16), in compressed-tensors: the first config
 group covers it under `int8`, a second group naming `lm_head` under `int4` (compressed-tensors
 and transformers pick a name target over the `Linear` class target, and transformers' default
-load path is then exact). The head is calibrated by min-max (or MSE with `mse`); GPTQ and AWQ
-calibrate the decoder layers only.
+load path is then exact). The head is calibrated by min-max (`mse` leaves symmetric 8-bit to
+min-max too); GPTQ and AWQ calibrate the decoder layers only.
 
 Every option is checked before any work (`plan.py`, which also says what is refused and why). It
 does not requantize quantized checkpoints (that compounds the error): convert the float model.
@@ -153,7 +153,7 @@ def _check_finite(name: str, tensor: torch.Tensor, source: str) -> None:
 
 
 def _rtn_stream(source: Iterable[tuple[str, torch.Tensor]], plan: Plan) -> Iterator[tuple[str, torch.Tensor]]:
-    """Round-to-nearest (or MSE-clipped) quantization, one tensor at a time."""
+    """Round-to-nearest (or MSE-searched) quantization, one tensor at a time."""
     for name, tensor in source:
         if is_derived_key(name):
             continue
@@ -182,7 +182,7 @@ def _quantize_linear(plan: Plan, module: str, weight: torch.Tensor) -> list[tupl
 
 
 def _quantize_head(plan: Plan, weight: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
-    """The output head as int8 per output row, symmetric (W8A16); min-max, or MSE with `mse`."""
+    """The output head as int8 per output row, symmetric (W8A16): min-max (which `mse` keeps at 8 bits)."""
     calibration = "mse" if plan.calibration == "mse" else "minmax"  # GPTQ and AWQ leave the head to min-max
     quantized = quantize_int(
         weight, num_bits=8, group_size=None, symmetric=True, mse=calibration == "mse", scale_dtype=scale_dtype(weight)

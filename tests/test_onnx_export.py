@@ -25,14 +25,16 @@ def packed_linear(out_features: int, in_features: int, bits: int, group: int, sy
     g = torch.Generator().manual_seed(bits * 100 + group)
     module.weight_packed = torch.randint(-(2**31), 2**31 - 1, module.weight_packed.shape, dtype=torch.int32, generator=g)
     module.weight_scale = torch.rand(module.weight_scale.shape, generator=g) * 0.1 + 0.01
-    if not symmetric:
+    if symmetric:  # the symmetric MSE search stores a negative scale where a group's peak is positive
+        module.weight_scale[:, ::2] *= -1
+    else:
         half = 1 << (bits - 1)
         module.weight_zero_point = torch.randint(-half, half, module.weight_scale.shape, dtype=torch.int8, generator=g)
     return module
 
 
-def run_matmul_nbits(x: np.ndarray, weight) -> np.ndarray:
-    """One MatMulNBits node (float32 compute), run by onnxruntime."""
+def run_matmul_nbits(x: np.ndarray, weight, accuracy_level: int = 1) -> np.ndarray:
+    """One MatMulNBits node (float32 compute; 4: int8 activations per block), run by onnxruntime."""
     inputs = [numpy_helper.from_array(weight.packed(), "B"), numpy_helper.from_array(weight.scales, "scales")]
     names = ["A", "B", "scales"]
     if weight.zero_points is not None:
@@ -40,7 +42,7 @@ def run_matmul_nbits(x: np.ndarray, weight) -> np.ndarray:
         names.append("zero_points")
     node = helper.make_node(
         "MatMulNBits", names, ["Y"], domain="com.microsoft", K=weight.in_features, N=weight.out_features,
-        bits=weight.bits, block_size=weight.block_size, accuracy_level=1,
+        bits=weight.bits, block_size=weight.block_size, accuracy_level=accuracy_level,
     )
     graph = helper.make_graph(
         [node], "g", [helper.make_tensor_value_info("A", TensorProto.FLOAT, list(x.shape))],
@@ -64,6 +66,9 @@ def test_repack_is_bit_exact_and_onnxruntime_reads_it(bits, group, symmetric):
     assert weight.exact and np.array_equal(weight.dequantize(), expected)  # no second rounding
     x = np.random.default_rng(0).normal(size=(3, 192)).astype(np.float32)
     np.testing.assert_allclose(run_matmul_nbits(x, weight), x @ expected.T, rtol=1e-4, atol=1e-4)
+    # The int8 compute path the export uses by default, within its activation rounding.
+    fast = run_matmul_nbits(x, weight, accuracy_level=4)
+    assert np.abs(fast - x @ expected.T).max() < 0.02 * np.abs(x @ expected.T).max()
 
 
 def test_weights_not_matching_the_layout_are_quantized_from_float():

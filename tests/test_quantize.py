@@ -100,25 +100,45 @@ def test_sqnr_nf4():
 
 @pytest.mark.parametrize(
     "num_bits,group_size,symmetric,scale_dtype",
-    [(4, 32, True, torch.float32), (4, 32, False, torch.float32), (4, 128, False, torch.bfloat16),
-     (8, None, True, torch.float32)],
+    [(4, 32, True, torch.float32), (4, 64, True, torch.bfloat16), (4, 32, False, torch.float32),
+     (4, 128, False, torch.bfloat16), (8, None, True, torch.float32)],
 )
 def test_mse_search_is_never_worse_than_minmax(num_bits, group_size, symmetric, scale_dtype):
-    # Heavy tails (Student t) are where the search pays; no group's objective may grow. Both
-    # objectives weight the squared error by w^2.
+    # Heavy tails (Student t) are where the search pays; no group's objective may grow. The
+    # objectives weight the squared error by |w| (symmetric) or w^2 (asymmetric).
     w = torch.distributions.StudentT(3.0).sample((128, 256)) * 0.02
     params = {"num_bits": num_bits, "group_size": group_size, "symmetric": symmetric, "scale_dtype": scale_dtype}
     minmax, mse = quantize_int(w, **params), quantize_int(w, mse=True, **params)
     size = 256 if group_size is None else group_size
-    weights = w.pow(2)
+    weights = w.abs() if symmetric else w.pow(2)
 
     def group_objective(q):
         return ((q.dequantize().float() - w).pow(2) * weights).reshape(128, -1, size).sum(-1)
 
     assert bool((group_objective(mse) <= group_objective(minmax)).all())
+    if num_bits == 8 and symmetric:  # symmetric 8-bit keeps min-max
+        assert torch.equal(mse.q, minmax.q) and torch.equal(mse.scale, minmax.scale)
     if num_bits == 4:
         gain = 10 * torch.log10(group_objective(minmax).sum() / group_objective(mse).sum())
         assert gain > 0.3
+
+
+def test_symmetric_mse_search_puts_the_peak_on_the_extra_code():
+    """A group on the grid q * s whose largest magnitude is positive and uses all 16 codes
+    (-7 s ... 8 s): min-max stretches the scale to 8 s / 7.5, while the search finds the grid
+    exactly with a negative scale (the peak at code -8), which dequantizes as w = q * s too."""
+    s = 0.01
+    w = (torch.arange(-7, 9, dtype=torch.float32).repeat(2) * s)[torch.randperm(32)].reshape(1, 32)
+    minmax = quantize_int(w, num_bits=4, group_size=32, symmetric=True)
+    mse = quantize_int(w, num_bits=4, group_size=32, symmetric=True, mse=True)
+    assert minmax.scale[0, 0].item() == pytest.approx(8 * s / 7.5)
+    assert not torch.allclose(minmax.dequantize(), w, atol=1e-6)
+    assert mse.scale[0, 0].item() == pytest.approx(-s, rel=1e-5)
+    assert int(mse.q.min()) == -8 and int(mse.q.max()) == 7
+    assert torch.allclose(mse.dequantize(), w, atol=1e-6)
+    # An all-zero group keeps min-max's scale and stays exactly zero.
+    zero = quantize_int(torch.zeros(1, 32), num_bits=4, group_size=32, symmetric=True, mse=True)
+    assert bool((zero.dequantize() == 0).all()) and bool((zero.scale > 0).all())
 
 
 def test_asymmetric_mse_search_recovers_a_grid_min_max_misses():
