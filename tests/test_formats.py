@@ -170,9 +170,14 @@ def transformers_greedy(model) -> list[int]:
     return out[0, len(PROMPT) :].tolist()
 
 
-@pytest.mark.parametrize("scheme,group_size", [("int4", 128), ("int4", 32), ("int8", None)])
-def test_transformers_loads_our_output_and_generates_the_same_tokens(converted, scheme, group_size):
-    path = converted(scheme, group_size)
+@pytest.mark.parametrize(
+    "scheme,group_size,calibration", [("int4", 128, "minmax"), ("int4", 32, "minmax"), ("int4", 32, "mse"), ("int8", None, "minmax")]
+)
+def test_transformers_loads_our_output_and_generates_the_same_tokens(converted, scheme, group_size, calibration):
+    path = converted(scheme, group_size, calibration)
+    if calibration == "mse":  # the symmetric search stores negative scales where a group's peak is positive
+        scales = [v for k, v in load_file(path / "model.safetensors").items() if k.endswith("weight_scale")]
+        assert any(bool((v < 0).any()) for v in scales) and any(bool((v > 0).any()) for v in scales)
     model = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
     assert transformers_greedy(model) == quadapt_greedy(path)
     ids = torch.tensor([PROMPT])
