@@ -11,9 +11,9 @@ machine hits them alike), and each figure is the median of the N.
 
     python benchmarks/edge_profile.py DIR [DIR ...] [--steps 128] [--threads 2] [--runs 1]
 
-It also prints the bytes of MatMulNBits weights (packed integers, scales, zero points) that one
-step reads, the layers' and the output head's: at batch 1 a decode step streams all of them from
-memory, so they bound its speed.
+It also prints the bytes of MatMulNBits weights (packed integers, scales, zero points, as the
+graph stores them; onnxruntime repacks them at load) that one step reads, the layers' and the
+output head's: at batch 1 a decode step streams all of them from memory, so they bound its speed.
 
 Kernel times only: they leave out the thread pool's hand-offs and the Python around each run,
 so compare them between graphs, and compare whole-run speed with `benchmarks/cpu_decode.py`.
