@@ -291,11 +291,35 @@ def _eval_ppl(args: argparse.Namespace) -> int:
         text = text_file.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:  # worded as converters/calibrate.py words --calib-text's
         raise InvalidParameterError(f"cannot read text {str(text_file)!r}: {e}; pass a UTF-8 text file") from None
+    from .runtime.edge.model import MANIFEST
+
+    if (Path(args.model) / MANIFEST).is_file():
+        return _eval_ppl_export(args, text)
     model, tokenizer = _load(args)
     ids = tokenizer.encode(text)
     result = perplexity(model, ids, window=args.window, stride=args.stride, progress=True)
     print(f"tokens: {result.tokens} (window {result.window}, stride {result.stride})")
     print(f"perplexity: {result.perplexity:.4f}")
+    return 0
+
+
+def _eval_ppl_export(args: argparse.Namespace, text: str) -> int:
+    """`eval-ppl` on a `quadapt export-onnx` directory: onnxruntime scores the same windows as the torch runtime."""
+    from .runtime.edge.model import EdgeModel
+    from .runtime.edge.perplexity import perplexity
+    from .runtime.edge.text import EdgeTokenizer
+    from .runtime.errors import InvalidParameterError
+
+    if args.dtype != "float32":
+        raise InvalidParameterError(
+            f"--dtype {args.dtype} does not apply to an ONNX export, which computes as it was exported; drop --dtype"
+        )
+    model = EdgeModel(args.model, threads=args.threads)
+    ids = EdgeTokenizer(args.model).encode(text)
+    value = perplexity(model, ids, window=args.window, stride=args.stride)
+    window = min(args.window, model.manifest.context_length)
+    print(f"tokens: {len(ids) - 1} (window {window}, stride {args.stride or max(1, window // 2)})")
+    print(f"perplexity: {value:.4f}")
     return 0
 
 
@@ -578,11 +602,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     ppl = sub.add_parser(
         "eval-ppl",
-        parents=[_model_options("checkpoint directory or .gguf file"), _run_options()],
+        parents=[_model_options("checkpoint directory, .gguf file, or `quadapt export-onnx` directory"), _run_options()],
         help="sliding-window perplexity of a model on a text file",
         description=(
             "Sliding-window perplexity on a text file. Prints two lines, the last `perplexity: <number>`; "
-            "the running perplexity of each window goes to stderr."
+            "the running perplexity of each window goes to stderr. An ONNX export is scored by onnxruntime, "
+            "over the same windows."
         ),
     )
     ppl.add_argument("--text", required=True, metavar="FILE", help="UTF-8 text to score")

@@ -10,8 +10,9 @@ dequantizes w = (u - zero) * scale with u unsigned.
 compressed-tensors packs signed values q in [-2^(b-1), 2^(b-1)) with w = (q - z) * s, so u = q + 2^(b-1)
 and zero = z + 2^(b-1) hold exactly the same weight: a group-wise checkpoint whose group size is a
 power of two >= 16 repacks bit for bit, with no second rounding. Anything else (per-channel int8,
-NF4, float) is dequantized to float and quantized here by round-to-nearest (4 bits asymmetric with
-zero points, 8 bits symmetric). This file only computes arrays; it builds no graph.
+NF4, float) is dequantized to float and quantized here: 4 bits asymmetric with zero points by the
+converter's MSE search (`quantize.quantize_int`, as `convert --scheme int4-asym --calibration mse`
+writes), 8 bits symmetric by round-to-nearest. This file only computes arrays; it builds no graph.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch
 from torch import nn
 
 from ..kernels.reference import unpack_int32
+from .quantize import quantize_int
 from ..runtime.quant import NF4Linear, PackedIntLinear
 
 
@@ -150,9 +152,9 @@ def repack(module: PackedIntLinear) -> NBitsWeight:
 
 
 def quantize(weight: np.ndarray, bits: int, block_size: int) -> NBitsWeight:
-    """Round-to-nearest block quantization of a float weight [N, K]: 4 bits asymmetric (min-max
-    with a zero point), 8 bits symmetric (absmax / 127, implicit zero 128). K is zero-padded to
-    whole blocks.
+    """Block quantization of a float weight [N, K]: 4 bits asymmetric (the asymmetric MSE search,
+    a scale and zero point per block refit by least squares over candidate codes), 8 bits
+    symmetric (absmax / 127, implicit zero 128). K is zero-padded to whole blocks.
 
     Args:
         weight: float32 [N, K].
@@ -166,19 +168,20 @@ def quantize(weight: np.ndarray, bits: int, block_size: int) -> NBitsWeight:
     padded = -(-k // block_size) * block_size
     w = np.zeros((n, padded), np.float32)
     w[:, :k] = weight
-    blocks = w.reshape(n, padded // block_size, block_size)
     if bits == 8:
+        blocks = w.reshape(n, padded // block_size, block_size)
         scale = np.abs(blocks).max(axis=-1) / 127.0
         scale[scale == 0] = 1.0
         q = np.clip(np.rint(blocks / scale[..., None]), -127, 127) + 128
         zero = None
     else:
-        lo, hi = np.minimum(blocks.min(axis=-1), 0.0), np.maximum(blocks.max(axis=-1), 0.0)
-        scale = (hi - lo) / 15.0
-        scale[scale == 0] = 1.0
-        zero = np.clip(np.rint(-lo / scale), 0, 15)
-        q = np.clip(np.rint(blocks / scale[..., None]) + zero[..., None], 0, 15)
-        zero = zero.astype(np.uint8)
+        # A weight with no fixed checkpoint grid: the search beats min-max at no cost per token
+        # (docs/benchmarks.md has the perplexities).
+        found = quantize_int(torch.from_numpy(w), num_bits=4, group_size=block_size, symmetric=False, mse=True)
+        assert found.zero_point is not None
+        q = found.q.numpy().astype(np.int16) + 8  # u = q + 2^(b-1), zero = z + 2^(b-1)
+        zero = (found.zero_point.numpy().astype(np.int16) + 8).astype(np.uint8)
+        scale = found.scale.numpy()
     return NBitsWeight(
         bits=bits, block_size=block_size, values=q.astype(np.uint8).reshape(n, padded),
         scales=scale.astype(np.float32), zero_points=zero, in_features=k, exact=False,

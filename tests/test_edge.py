@@ -222,6 +222,22 @@ def test_cli_runs_export_and_reports_errors(tiny, capsys):
     assert "shorten the prompt" in capsys.readouterr().err
 
 
+def test_eval_ppl_scores_an_export_as_the_torch_runtime_scores_its_checkpoint(tiny, capsys, tmp_path):
+    checkpoint, export, _ = tiny
+    text = tmp_path / "text.txt"
+    text.write_text("the sea is calm tonight, the tide is full, the moon lies fair upon the straits " * 12)
+    figures = {}
+    for model in (checkpoint, export):
+        assert main(["eval-ppl", "--model", str(model), "--text", str(text), "--window", "64"]) == 0
+        lines = capsys.readouterr().out.splitlines()
+        figures[model] = (lines[0], float(lines[-1].removeprefix("perplexity: ")))
+    # The same windows, and (float32 compute, float head) the same perplexity.
+    assert figures[export][0] == figures[checkpoint][0] and figures[export][0].endswith("(window 64, stride 32)")
+    assert figures[export][1] == pytest.approx(figures[checkpoint][1], rel=1e-4)
+    assert main(["eval-ppl", "--model", str(export), "--text", str(text), "--dtype", "bfloat16"]) == 2
+    assert "does not apply to an ONNX export" in capsys.readouterr().err
+
+
 @pytest.mark.real_model
 def test_smollm2_int4_greedy_equals_torch_runtime(smollm2_int4, tmp_path):
     # Float32 compute: the export then adds no error of its own. (The default int8 compute flips

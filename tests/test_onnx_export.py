@@ -13,6 +13,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from quadapt.cli import main
 from quadapt.converters.onnx_weights import quantize, repack, to_nbits
+from quadapt.converters.quantize import quantize_int
 from quadapt.kernels.reference import dequant_packed_int
 from quadapt.runtime.quant import PackedIntLinear
 
@@ -86,6 +87,11 @@ def test_weights_not_matching_the_layout_are_quantized_from_float():
         assert relative < bound, (bits, relative)
         x = np.random.default_rng(2).normal(size=(2, 80)).astype(np.float32)
         np.testing.assert_allclose(run_matmul_nbits(x, q), x @ q.dequantize().T, rtol=1e-4, atol=1e-4)
+    # 4 bits: the converter's asymmetric MSE search on the zero-padded weight, the grid as found.
+    padded = np.zeros((24, 96), np.float32)
+    padded[:, :80] = float_weight
+    found = quantize_int(torch.from_numpy(padded), num_bits=4, group_size=32, symmetric=False, mse=True)
+    np.testing.assert_array_equal(quantize(float_weight, 4, 32).dequantize(), found.dequantize().numpy()[:, :80])
 
 
 def test_export_directory(tiny):  # noqa: F811
