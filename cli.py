@@ -291,7 +291,7 @@ def _eval_ppl(args: argparse.Namespace) -> int:
         text = text_file.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:  # worded as converters/calibrate.py words --calib-text's
         raise InvalidParameterError(f"cannot read text {str(text_file)!r}: {e}; pass a UTF-8 text file") from None
-    from .runtime.edge.model import MANIFEST
+    from .runtime.edge import MANIFEST  # no onnxruntime import: a checkpoint scores without it
 
     if (Path(args.model) / MANIFEST).is_file():
         return _eval_ppl_export(args, text)
@@ -305,11 +305,17 @@ def _eval_ppl(args: argparse.Namespace) -> int:
 
 def _eval_ppl_export(args: argparse.Namespace, text: str) -> int:
     """`eval-ppl` on a `quadapt export-onnx` directory: onnxruntime scores the same windows as the torch runtime."""
-    from .runtime.edge.model import EdgeModel
-    from .runtime.edge.perplexity import perplexity
-    from .runtime.edge.text import EdgeTokenizer
-    from .runtime.errors import InvalidParameterError
+    from .runtime.errors import InvalidParameterError, QuadaptError
 
+    try:
+        from .runtime.edge.model import EdgeModel
+        from .runtime.edge.perplexity import perplexity, window_and_stride
+        from .runtime.edge.text import EdgeTokenizer
+    except ImportError as error:
+        raise QuadaptError(
+            f"{args.model!r} is an ONNX export, and scoring it needs onnxruntime ({error}); "
+            "install it with: pip install 'quadapt[onnx]'"
+        ) from error
     if args.dtype != "float32":
         raise InvalidParameterError(
             f"--dtype {args.dtype} does not apply to an ONNX export, which computes as it was exported; drop --dtype"
@@ -317,8 +323,8 @@ def _eval_ppl_export(args: argparse.Namespace, text: str) -> int:
     model = EdgeModel(args.model, threads=args.threads)
     ids = EdgeTokenizer(args.model).encode(text)
     value = perplexity(model, ids, window=args.window, stride=args.stride)
-    window = min(args.window, model.manifest.context_length)
-    print(f"tokens: {len(ids) - 1} (window {window}, stride {args.stride or max(1, window // 2)})")
+    window, stride = window_and_stride(model, args.window, args.stride)
+    print(f"tokens: {len(ids) - 1} (window {window}, stride {stride})")
     print(f"perplexity: {value:.4f}")
     return 0
 

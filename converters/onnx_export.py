@@ -29,6 +29,7 @@ from ..runtime.checkpoints import open_checkpoint
 from ..runtime.checkpoints.peft import PeftAdapter
 from ..runtime.checkpoints.peft_fit import BaseModules, load_adapter_for
 from ..runtime.config import ModelConfig
+from ..runtime.edge import MANIFEST
 from ..runtime.errors import InvalidParameterError, UnsupportedError
 from ..runtime.loader import load_model
 from ..runtime.model import CausalLM, rope_inv_freq
@@ -44,7 +45,6 @@ from .writer import check_output_dir, staged_dir
 
 logger = logging.getLogger("quadapt.converters.onnx_export")
 
-MANIFEST = "quadapt_edge.json"
 FORMAT = "quadapt-onnx"
 FORMAT_VERSION = 1
 MODEL_FILE = "model.onnx"

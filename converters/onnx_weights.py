@@ -24,8 +24,8 @@ import torch
 from torch import nn
 
 from ..kernels.reference import unpack_int32
-from .quantize import quantize_int
 from ..runtime.quant import NF4Linear, PackedIntLinear
+from .quantize import quantize_int
 
 
 @dataclass

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -236,6 +237,20 @@ def test_eval_ppl_scores_an_export_as_the_torch_runtime_scores_its_checkpoint(ti
     assert figures[export][1] == pytest.approx(figures[checkpoint][1], rel=1e-4)
     assert main(["eval-ppl", "--model", str(export), "--text", str(text), "--dtype", "bfloat16"]) == 2
     assert "does not apply to an ONNX export" in capsys.readouterr().err
+
+
+def test_eval_ppl_needs_onnxruntime_only_for_an_export(tiny, capsys, tmp_path, monkeypatch):
+    """onnxruntime is an extra: without it a checkpoint still scores, and an export says what to install."""
+    checkpoint, export, _ = tiny
+    text = tmp_path / "text.txt"
+    text.write_text("the sea is calm tonight, the tide is full " * 20)
+    for name in [m for m in sys.modules if m == "onnxruntime" or m.startswith(("onnxruntime.", "quadapt.runtime.edge."))]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # `import onnxruntime` now raises ImportError
+    assert main(["eval-ppl", "--model", str(checkpoint), "--text", str(text), "--window", "64"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].startswith("perplexity: ")
+    assert main(["eval-ppl", "--model", str(export), "--text", str(text)]) == 2
+    assert "pip install 'quadapt[onnx]'" in capsys.readouterr().err
 
 
 @pytest.mark.real_model

@@ -5,4 +5,7 @@
 the reference generator's loop, `sampling` its processors in numpy, `perplexity` its scoring.
 Every module here imports only numpy, onnxruntime, tokenizers, jinja2 and torch-free quadapt
 modules (errors, chat_template); `command.py` is `quadapt run-onnx`. Nothing here exports a model.
+This file imports nothing, so its names can be read where onnxruntime is not installed.
 """
+
+MANIFEST = "quadapt_edge.json"  # what makes a directory an export: written by converters/onnx_export.py, read first here

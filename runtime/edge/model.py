@@ -30,10 +30,10 @@ from ..errors import (
     ContextLengthError,
     InvalidParameterError,
 )
+from . import MANIFEST
 
 logger = logging.getLogger("quadapt.runtime.edge.model")
 
-MANIFEST = "quadapt_edge.json"  # the exporter's name for it (converters/onnx_export.py)
 FORMAT = "quadapt-onnx"
 FORMAT_VERSION = 1
 

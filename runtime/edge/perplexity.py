@@ -15,6 +15,12 @@ from ..errors import InvalidParameterError
 from .model import EdgeModel
 
 
+def window_and_stride(model: EdgeModel, window: int = 1024, stride: int | None = None) -> tuple[int, int]:
+    """The window (capped at the model's context) and stride (default: half the window) `perplexity` uses."""
+    window = min(window, model.manifest.context_length)
+    return window, stride or max(1, window // 2)
+
+
 def perplexity(model: EdgeModel, token_ids: list[int], *, window: int = 1024, stride: int | None = None) -> float:
     """Perplexity of `model` on `token_ids` (exp of the mean negative log-likelihood per scored token).
 
@@ -30,8 +36,7 @@ def perplexity(model: EdgeModel, token_ids: list[int], *, window: int = 1024, st
     Raises:
         InvalidParameterError: fewer than two tokens, or a window or stride out of range.
     """
-    window = min(window, model.manifest.context_length)
-    stride = stride or max(1, window // 2)
+    window, stride = window_and_stride(model, window, stride)
     if len(token_ids) < 2:
         raise InvalidParameterError(f"perplexity needs at least 2 tokens, got {len(token_ids)}; pass a longer text")
     if window < 2 or not 1 <= stride < window:
