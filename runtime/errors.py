@@ -31,3 +31,29 @@ class AdapterError(QuadaptError, ValueError):
 
 class ContextLengthError(QuadaptError, ValueError):
     """A sequence would grow past the context the cache (or the model) allows."""
+
+
+# How much of a client's value a message or a log line quotes: enough to recognise it, never
+# enough to flood a log or push a status message past gRPC's metadata limit.
+QUOTE_LIMIT = 64
+
+
+def quote(value: object, limit: int = QUOTE_LIMIT) -> str:
+    """`repr(value)`, cut to its first `limit` characters with its full size said, for error
+    messages and log lines that name a value a client sent.
+
+    Args:
+        value: anything; a long str, bytes, list or tuple is cut before `repr` runs on it whole.
+        limit: the most characters of the representation to keep.
+
+    Returns:
+        The representation, or its prefix followed by `... (N characters)` / `(N items)`.
+    """
+    if isinstance(value, (str, bytes)) and len(value) > limit:
+        unit = "characters" if isinstance(value, str) else "bytes"
+        return f"{value[:limit]!r}... ({len(value)} {unit})"
+    if isinstance(value, (list, tuple)) and len(value) > 4:
+        head = ", ".join(quote(v, limit // 4) for v in value[:4])
+        return f"[{head}, ...] ({len(value)} items)"
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
