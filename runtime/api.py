@@ -131,9 +131,8 @@ class LoadedModel:
         prompt = text_or_messages(prompt, chat)
         if isinstance(prompt, str):
             return self.tokenizer.encode(prompt)
-        text = self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True)
-        # The template writes its own special tokens; adding the tokenizer's would double the BOS.
-        return self.tokenizer.encode(text, add_special_tokens=False)
+        # The template writes its own special tokens; message content is encoded as text.
+        return self.tokenizer.encode_chat(list(prompt), add_generation_prompt=True)
 
 
 def load(

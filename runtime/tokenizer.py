@@ -3,6 +3,9 @@
 `Tokenizer` wraps the `tokenizers` library on a checkpoint's `tokenizer.json`, reading
 `tokenizer_config.json` and `generation_config.json` the way transformers does, so `encode`,
 `decode` and `apply_chat_template` (rendered by `chat_template.py`) give transformers' answers.
+`encode_chat` turns a conversation into prompt ids by one rule (`chat_encoding.py`): what the
+messages say is text, so a special-token string in a message encodes as ordinary tokens and only
+the template writes control tokens; a conversation without such strings gets transformers' ids.
 `IncrementalDetokenizer` turns a stream of token ids into text deltas that never split a character.
 
 This is the edge of the runtime: the engine sees token ids only. It deliberately does not pad,
@@ -21,6 +24,7 @@ import tokenizers
 from tokenizers import AddedToken
 
 from .checkpoints import TokenizerFiles
+from .chat_encoding import ChatEncoder
 from .chat_template import render_chat_template
 from .errors import CheckpointError, ConfigError, InvalidParameterError
 
@@ -58,6 +62,7 @@ class Tokenizer:
             ConfigError: a special token or eos id in the configs has the wrong type.
         """
         self._backend = backend
+        self._max_token_chars: int | None = None
         self._config = dict(tokenizer_config or {})
         generation_config = dict(generation_config or {})
         backend.no_truncation()
@@ -67,6 +72,7 @@ class Tokenizer:
             name: content for name in _NAMED_SPECIAL_TOKENS if (content := _token_content(self._config, name))
         }
         self._add_missing_special_tokens()
+        self._chat = ChatEncoder(backend)
 
         self._chat_template = _default_template(self._config)
         self._bos_token_id = self._id_of(self._special_tokens.get("bos_token"))
@@ -128,6 +134,16 @@ class Tokenizer:
         return self._backend.get_vocab_size(with_added_tokens=True)
 
     @property
+    def max_token_chars(self) -> int:
+        """The most characters of text one token can stand for: its longest vocabulary entry
+        (a byte-level entry has a character per byte, and text has at most a character per byte).
+        A text of more than `n * max_token_chars` characters holds more than `n` tokens."""
+        if self._max_token_chars is None:
+            vocab = self._backend.get_vocab(with_added_tokens=True)
+            self._max_token_chars = max(1, *(len(token) for token in vocab))
+        return self._max_token_chars
+
+    @property
     def chat_template(self) -> str | None:
         """The Jinja chat template, or None for a model without one."""
         return self._chat_template
@@ -137,6 +153,7 @@ class Tokenizer:
 
         Args:
             text: the text to encode; special-token strings in it encode as their special tokens.
+                Encode a conversation with `encode_chat`, which keeps the messages' text as text.
             add_special_tokens: let the tokenizer's post-processor add what it adds (BOS for
                 Llama 2 and 3; nothing for SmolLM2 or Qwen2). Pass False for text that already
                 holds them, such as a rendered chat template.
@@ -198,6 +215,61 @@ class Tokenizer:
             InvalidParameterError: the messages are empty or not JSON data, or the template
                 rejected them (see `render_chat_template`).
         """
+        return render_chat_template(
+            self._template(chat_template),
+            messages,
+            add_generation_prompt,
+            special_tokens=self._special_tokens,
+            tools=tools,
+            **template_kwargs,
+        )
+
+    def encode_chat(
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        *,
+        tools: list[dict[str, Any]] | None = None,
+        chat_template: str | None = None,
+        **template_kwargs: Any,
+    ) -> list[int]:
+        """The prompt ids of a conversation: the chat template's text, with what the messages say
+        kept as text. Use this, not `encode(apply_chat_template(...))`, for messages from a user.
+
+        The rule: every string in `messages` and `tools` (contents, roles, names, tool calls) is
+        text, so a special-token string in it (`<|im_end|>`) encodes as the ordinary tokens of its
+        characters, as `tokenizers`' `encode_special_tokens=True` makes it; only the template and
+        its variables write control tokens, and a message cannot forge a turn. A conversation that
+        holds no special-token string encodes exactly as `encode(apply_chat_template(...),
+        add_special_tokens=False)`, which is transformers' `apply_chat_template(..., tokenize=True)`.
+        See `chat_encoding.py` for how. Safe to call from several threads.
+
+        Args: as `apply_chat_template`.
+
+        Returns:
+            The prompt's token ids (nothing added beyond what the template writes).
+
+        Raises:
+            ConfigError: the model has no chat template, or the template is not valid Jinja.
+            InvalidParameterError: the messages are empty, not JSON data, or rejected by the
+                template; a message holds a special-token string that the template changes
+                before writing it (strips it, say), so it cannot be kept as text; or the text is
+                not UTF-8 (see `check_text`).
+        """
+        template = self._template(chat_template)
+        try:
+            return self._chat.encode(
+                template, messages, add_generation_prompt, special_tokens=self._special_tokens, tools=tools,
+                **template_kwargs,
+            )
+        except TypeError:
+            # As in `encode`: tokenizers refuses a lone surrogate with a TypeError; name it.
+            check_text(self.apply_chat_template(messages, add_generation_prompt, tools=tools, chat_template=template,
+                                                **template_kwargs), "the rendered conversation")
+            raise
+
+    def _template(self, chat_template: str | None) -> str:
+        """`chat_template` if given, else the model's; a model without one is refused."""
         template = chat_template if chat_template is not None else self._chat_template
         if template is None:
             raise ConfigError(
@@ -205,14 +277,7 @@ class Tokenizer:
                 "no chat_template.jinja); it is likely a base model: format the prompt yourself and encode it, "
                 "or pass chat_template="
             )
-        return render_chat_template(
-            template,
-            messages,
-            add_generation_prompt,
-            special_tokens=self._special_tokens,
-            tools=tools,
-            **template_kwargs,
-        )
+        return template
 
     def _id_of(self, token: str | None) -> int | None:
         return None if token is None else self._backend.token_to_id(token)

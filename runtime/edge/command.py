@@ -50,7 +50,7 @@ def _run_onnx(args: argparse.Namespace) -> int:
     tokenizer = EdgeTokenizer(model.manifest.path)
     if args.chat:
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": args.prompt}]
-        ids = tokenizer.encode(tokenizer.apply_chat_template(messages), add_special_tokens=False)
+        ids = tokenizer.encode_chat(messages)
     else:
         ids = tokenizer.encode(args.prompt)
     for delta in generate_text(model, tokenizer, ids, params, args.adapter):

@@ -3,7 +3,8 @@
 `EdgeTokenizer` reads the tokenizer files the exporter copied beside the model with the
 `tokenizers` library and gives the answers `runtime.tokenizer.Tokenizer` gives (special tokens
 from tokenizer_config.json added as transformers adds them, eos ids from both configs, the chat
-template rendered by `runtime.chat_template`); a test holds the two to the same ids and text.
+template rendered by `runtime.chat_template`, a conversation encoded by `runtime.chat_encoding`'s
+rule that what the messages say is text); a test holds the two to the same ids and text.
 `OutputText` turns output ids into text deltas whose concatenation is `decode(ids)` cut just
 before the first stop string, holding back an incomplete character or a possible stop prefix,
 as `runtime.text_stream.TextStream` does.
@@ -22,6 +23,7 @@ from typing import Any
 import tokenizers
 from tokenizers import AddedToken
 
+from ..chat_encoding import ChatEncoder
 from ..chat_template import render_chat_template
 from ..errors import CheckpointError, ConfigError
 
@@ -57,6 +59,7 @@ class EdgeTokenizer:
             if content:
                 self._special[name] = content
         self._add_missing_special_tokens(config)
+        self._chat = ChatEncoder(self._backend)
         template = config.get("chat_template")
         if isinstance(template, list):
             template = {t.get("name"): t.get("template") for t in template if isinstance(t, Mapping)}.get("default")
@@ -97,19 +100,35 @@ class EdgeTokenizer:
         return self._backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
-        """The prompt text of `messages` under the model's chat template (encode it with
-        add_special_tokens=False).
+        """The prompt text of `messages` under the model's chat template (to encode it, use
+        `encode_chat`, which keeps the messages' text as text).
 
         Raises:
             ConfigError: the model has no chat template.
             InvalidParameterError: the template rejected the messages.
         """
+        return render_chat_template(self._template(), messages, add_generation_prompt, special_tokens=self._special)
+
+    def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> list[int]:
+        """The prompt ids of `messages`, as `runtime.tokenizer.Tokenizer.encode_chat` gives them:
+        a special-token string in a message encodes as ordinary tokens, so only the template
+        writes control tokens; a conversation without one encodes as `encode(apply_chat_template(
+        messages), add_special_tokens=False)`.
+
+        Raises:
+            ConfigError: the model has no chat template.
+            InvalidParameterError: the template rejected the messages, or changes a message that
+                holds a special-token string before writing it, so that it cannot be kept as text.
+        """
+        return self._chat.encode(self._template(), messages, add_generation_prompt, special_tokens=self._special)
+
+    def _template(self) -> str:
         if self.chat_template is None:
             raise ConfigError(
                 "this model has no chat template (tokenizer_config.json has none); it is likely a base model: "
                 "pass the prompt without --chat"
             )
-        return render_chat_template(self.chat_template, messages, add_generation_prompt, special_tokens=self._special)
+        return self.chat_template
 
 
 class OutputText:
