@@ -7,14 +7,18 @@ in the order that reports a bad adapter before the weights load. `server.py` run
 
 from __future__ import annotations
 
+import logging
 import os
+import shlex
+import stat
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal
 
 from .engine import DEFAULT_KV_CACHE_BYTES, EngineConfig
 from .errors import CheckpointError, InvalidParameterError, QuadaptError
 from .llm import AsyncLLM
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -41,8 +45,13 @@ class ServerConfig:
             None: no token.
         admin_token: the token LoadAdapter and UnloadAdapter need (it also passes wherever
             `token` does); None: they take `token`.
-        metrics_port: serve Prometheus metrics on this port (0: any free port); None: no endpoint.
-        metrics_host: where the metrics endpoint listens (default: `host`).
+        metrics_port: serve Prometheus metrics (`GET /metrics`, plain HTTP) on this port (0: any
+            free port); None: no endpoint.
+        metrics_host: where the metrics endpoint listens, whatever `host` is: the default answers
+            this machine only. The metrics name the adapters, so widen it (e.g. "0.0.0.0") only
+            for a private network or with `metrics_token`.
+        metrics_token: require `token` (or `admin_token`) on /metrics, as `Authorization: Bearer
+            <token>`; a scrape without it gets 401. Needs a token and `metrics_port`.
         model_name: the name ServerInfo reports (default: the checkpoint's file or folder name).
         dtype, threads: the model's dtype, and CPU threads (None: torch's choice).
         max_num_seqs, max_num_batched_tokens, max_loras, max_lora_rank, kv_cache_bytes,
@@ -64,7 +73,8 @@ class ServerConfig:
     token: str | None = field(default=None, repr=False)
     admin_token: str | None = field(default=None, repr=False)
     metrics_port: int | None = None
-    metrics_host: str | None = None
+    metrics_host: str = "127.0.0.1"
+    metrics_token: bool = False
     model_name: str | None = None
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     threads: int | None = None
@@ -98,23 +108,55 @@ class ServerConfig:
                 raise InvalidParameterError(f"{name} must be a non-empty string without surrounding whitespace")
         if self.token is not None and self.token == self.admin_token:
             raise InvalidParameterError("token and admin_token are the same; give the admin its own token")
+        if not isinstance(self.metrics_host, str) or not self.metrics_host.strip("[] "):
+            raise InvalidParameterError(f"metrics_host must be an address to listen on (e.g. 127.0.0.1), got {self.metrics_host!r}")
+        if not isinstance(self.metrics_token, bool):
+            raise InvalidParameterError(f"metrics_token must be True or False, got {self.metrics_token!r}")
+        if self.metrics_token and self.token is None and self.admin_token is None:
+            raise InvalidParameterError("metrics_token requires the server's token on /metrics, but no token "
+                                        "(or admin_token) is set; set one, or leave metrics_token off")
+        if self.metrics_token and self.metrics_port is None:
+            raise InvalidParameterError("metrics_token protects the metrics endpoint, but metrics_port is None "
+                                        "(no endpoint); set metrics_port")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise InvalidParameterError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
         if self.adapters and self.max_loras < 1:
             raise InvalidParameterError(f"max_loras=0 serves the base model only, but adapters {sorted(self.adapters)} were given")
         EngineConfig(self.max_num_seqs, self.max_num_batched_tokens, self.max_loras, self.max_lora_rank or 16)
 
+    @property
+    def metrics_tokens(self) -> tuple[str, ...]:
+        """The tokens a scrape of /metrics may send, any one of them; empty: none needed."""
+        if not self.metrics_token:
+            return ()
+        return tuple(t for t in (self.token, self.admin_token) if t is not None)
+
 
 def read_secret(path: str | os.PathLike[str], what: str = "token file") -> str:
     """A token from a file: its text without surrounding whitespace (a final newline is usual).
+
+    On a POSIX system, a file that its group or others may read, write or run is reported (a
+    WARNING naming the file and `chmod 600`), then read all the same.
+
+    Args:
+        path: the file.
+        what: how messages name it ("token file", "admin token file").
+
+    Returns:
+        The token.
 
     Raises:
         InvalidParameterError: the file cannot be read or holds nothing.
     """
     try:
-        secret = Path(path).read_text(encoding="utf-8").strip()
+        with open(path, encoding="utf-8") as f:
+            mode = os.fstat(f.fileno()).st_mode  # of the file read, not of a path that may change
+            secret = f.read().strip()
     except (OSError, UnicodeDecodeError) as e:
         raise InvalidParameterError(f"cannot read the {what} {str(path)!r}: {e}") from None
+    if os.name == "posix" and mode & 0o077:
+        logger.warning("the %s %r grants its group or others access (mode %04o); restrict it with: chmod 600 %s",
+                       what, str(path), stat.S_IMODE(mode), shlex.quote(str(path)))
     if not secret:
         raise InvalidParameterError(f"the {what} {str(path)!r} is empty; write the token into it")
     return secret

@@ -5,20 +5,33 @@ total, adapters loaded, decode throughput) and counters (requests finished and a
 preemptions, prompt and generated tokens, adapter slot loads and evictions) come from the
 engine's snapshot at scrape time; histograms of time to first token, inter-token latency and
 request duration are fed by the server as each request streams, labelled by adapter ("" is the
-base model), and a counter of RPCs by method and status code. Every metric lives in this object's own registry, not the process's
-global one, so several servers (tests) can run in one process.
+base model), and a counter of RPCs by method and status code. Every metric lives in this
+object's own registry, not the process's global one, so several servers (tests) can run in one
+process.
 
-This file serves nothing but `/metrics` over plain HTTP on its own port: keep that port off
-public networks. It holds no policy about requests; `server.py` decides what to record.
+`serve_http` serves `GET /metrics` and nothing else (any other path is 404) over plain HTTP on a
+port of its own, from a daemon thread; given tokens, a scrape must send `Authorization: Bearer
+<token>` (else 401). prometheus_client's own `start_http_server` has no authentication, hence
+this small server. There is no TLS: keep the port on loopback (the server's default) or a
+private network. This file holds no policy about requests; `server.py` decides what to record.
 """
 
 from __future__ import annotations
 
+import hmac
 import logging
-from collections.abc import Callable, Iterator
-from typing import Any
+import socket
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
+from .errors import InvalidParameterError
 from .metrics import MetricsSnapshot
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
 
 logger = logging.getLogger(__name__)
 
@@ -61,23 +74,107 @@ class ServerMetrics:
             ["method", "code"], registry=self.registry,
         )
         self.registry.register(_EngineCollector(engine_view))
-        self._http: Any = None
+        self._http: _MetricsHTTPServer | None = None
         self.port: int | None = None
 
-    def serve_http(self, host: str, port: int) -> int:
-        """Serve `/metrics` on `host:port` (0: any free port) from a daemon thread; returns the port."""
-        from prometheus_client import start_http_server
+    def serve_http(self, host: str, port: int, tokens: Sequence[str] = ()) -> int:
+        """Serve `/metrics` on `host:port` from a daemon thread until `close`.
 
-        self._http, _ = start_http_server(port, addr=host, registry=self.registry)
-        self.port = self._http.server_port
-        logger.info("metrics on http://%s:%d/metrics", host, self.port)
+        Args:
+            host: the address to listen on ("127.0.0.1": this machine only; "0.0.0.0" or "::":
+                every interface).
+            port: the port; 0: any free port.
+            tokens: the bearer tokens a scrape may send (`Authorization: Bearer <token>`), any
+                one of them; empty: no token needed.
+
+        Returns:
+            The bound port (also `self.port`).
+
+        Raises:
+            InvalidParameterError: `host:port` cannot be bound (a port in use, an unknown host).
+        """
+        try:
+            family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
+            self._http = _MetricsHTTPServer((host, port), family, self.registry, tokens)
+        except OSError as e:
+            raise InvalidParameterError(f"cannot serve metrics on {host}:{port}: {e}; is the port free and the host one of this machine's addresses?") from None
+        threading.Thread(target=self._http.serve_forever, name="quadapt-metrics", daemon=True).start()
+        self.port = self._http.server_address[1]
+        logger.info("metrics on http://%s:%d/metrics (%s)", host, self.port,
+                    "bearer token required" if tokens else "no token")
         return self.port
 
     def close(self) -> None:
+        """Stop the `/metrics` endpoint, if it runs, and free its port."""
         if self._http is not None:
-            self._http.shutdown()
+            self._http.shutdown()  # returns once serve_forever has returned
             self._http.server_close()
             self._http = None
+
+
+class _MetricsHTTPServer(ThreadingHTTPServer):
+    """`/metrics` of one registry, each request on a daemon thread; `tokens` empty: no auth."""
+
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], family: int, registry: CollectorRegistry, tokens: Sequence[str]) -> None:
+        self.address_family = family  # read by TCPServer.__init__ when it makes the socket
+        self.registry = registry
+        self._tokens = [t.encode() for t in tokens]
+        super().__init__(address, _MetricsHandler)
+
+    def authorized(self, header: str | None) -> bool:
+        """Whether an `Authorization` header carries one of the tokens (each compared in constant time)."""
+        if not self._tokens:
+            return True
+        scheme, _, presented = (header or "").partition(" ")
+        if scheme.lower() != "bearer":
+            return False
+        # http.server decodes headers as latin-1, so this gives back the bytes that were sent.
+        sent = presented.strip().encode("latin-1", "replace")
+        return any([hmac.compare_digest(sent, token) for token in self._tokens])  # no short cut: compare all
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # socketserver would print the traceback to stderr. What lands here is the connection's
+        # (a client gone mid-reply), not the server's: a scrape's own failure is logged in do_GET.
+        logger.debug("metrics: request from %s failed", client_address[0], exc_info=True)
+
+
+class _MetricsHandler(BaseHTTPRequestHandler):
+    server: _MetricsHTTPServer
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+        if urlsplit(self.path).path != "/metrics":
+            self._reply(404, b"not found; the metrics are at /metrics\n", "text/plain; charset=utf-8")
+            return
+        if not self.server.authorized(self.headers.get("Authorization")):
+            self._reply(401, b"missing or wrong token; send 'Authorization: Bearer <token>'\n",
+                        "text/plain; charset=utf-8", {"WWW-Authenticate": 'Bearer realm="metrics"'})
+            return
+        from prometheus_client.exposition import choose_encoder
+
+        encoder, content_type = choose_encoder(self.headers.get("Accept", ""))
+        try:
+            body = encoder(self.server.registry)
+        except Exception:
+            logger.exception("metrics: a scrape failed")
+            self._reply(500, b"the metrics could not be collected; see the server's log\n", "text/plain; charset=utf-8")
+            return
+        self._reply(200, body, content_type)
+
+    def _reply(self, status: int, body: bytes, content_type: str, headers: dict[str, str] | None = None) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (http.server's name)
+        # The request line and status only (never a header, so never the token), at DEBUG: a
+        # scrape every few seconds is not news.
+        logger.debug("metrics: %s " + format, self.client_address[0], *args)
 
 
 class _EngineCollector:
@@ -114,6 +211,8 @@ class _EngineCollector:
             ("quadapt_requests_finished", "Requests that ran to a stop or their length.", snap.requests_finished),
             ("quadapt_requests_aborted", "Requests cancelled before their end (client gone, deadline).",
              snap.requests_aborted),
+            ("quadapt_requests_failed", "Requests that ended with an error in the engine (their own, or their step's).",
+             snap.requests_failed),
             ("quadapt_preemptions", "Running requests pushed back to the queue for want of cache blocks.",
              snap.preemptions),
             ("quadapt_prompt_tokens", "Prompt tokens prefilled.", snap.prompt_tokens),
