@@ -80,14 +80,14 @@ def _generate(args: argparse.Namespace) -> int:
 
         apply_adapter(model, args.adapter)
 
-    prompt = args.prompt
     if args.chat:
-        messages = [{"role": "user", "content": prompt}]
+        messages = [{"role": "user", "content": args.prompt}]
         if args.system is not None:
             messages.insert(0, {"role": "system", "content": args.system})
-        prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-    # A chat template writes its own special tokens; a raw prompt gets the tokenizer's usual ones.
-    prompt_ids = tokenizer.encode(prompt, add_special_tokens=not args.chat)
+        # The template writes its own special tokens; the messages are encoded as text.
+        prompt_ids = tokenizer.encode_chat(messages, add_generation_prompt=True)
+    else:
+        prompt_ids = tokenizer.encode(args.prompt)  # with the tokenizer's usual special tokens
 
     with torch.inference_mode():
         generation = generate_text(model, tokenizer, prompt_ids, params)
@@ -205,7 +205,9 @@ def _serve(args: argparse.Namespace) -> int:
         tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
         token=read_secret(args.token_file) if args.token_file else None,
         admin_token=read_secret(args.admin_token_file, "admin token file") if args.admin_token_file else None,
-        metrics_port=args.metrics_port, dtype=args.dtype, threads=args.threads,
+        metrics_port=args.metrics_port, metrics_token=args.metrics_require_token,
+        **({"metrics_host": args.metrics_host} if args.metrics_host is not None else {}),  # else ServerConfig's
+        dtype=args.dtype, threads=args.threads,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_batched_tokens,
         max_loras=args.max_loras if args.max_loras is not None else max(4, len(args.adapter)),
         max_lora_rank=args.max_lora_rank, kv_cache_bytes=args.kv_cache_memory, block_size=args.block_size,
@@ -728,8 +730,15 @@ def build_parser() -> argparse.ArgumentParser:
     security.add_argument("--token-file", metavar="F", help="a file holding the bearer token every request must send")
     security.add_argument("--admin-token-file", metavar="F",
                           help="a file holding the token LoadAdapter and UnloadAdapter need (default: the bearer token)")
-    srv.add_argument("--metrics-port", type=int, default=None, metavar="P",
-                     help="serve Prometheus metrics over HTTP on this port (default: none)")
+    metrics = srv.add_argument_group("metrics")
+    metrics.add_argument("--metrics-port", type=int, default=None, metavar="P",
+                         help="serve Prometheus metrics (GET /metrics, plain HTTP) on this port (default: none)")
+    metrics.add_argument("--metrics-host", default=None, metavar="H",
+                         help="address the metrics endpoint listens on, whatever --host is (default 127.0.0.1: this "
+                              "machine only; the metrics name the adapters)")
+    metrics.add_argument("--metrics-require-token", action="store_true",
+                         help="a scrape must send 'Authorization: Bearer <token>' with the --token-file (or "
+                              "--admin-token-file) token, else 401")
     srv.set_defaults(handler=_serve)
 
     cli = sub.add_parser(
@@ -799,12 +808,15 @@ def _log_to_stderr(level: int) -> Iterator[None]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from .runtime.errors import QuadaptError
+    from .runtime.errors import EngineDeadError, QuadaptError
 
     level = logging.WARNING if args.quiet else logging.DEBUG if args.verbose else logging.INFO
     with _log_to_stderr(level):
         try:
             return args.handler(args)
+        except EngineDeadError as e:  # not the user's mistake: a supervisor should restart the command
+            logger.error("error: %s", e)
+            return 1
         except QuadaptError as e:
             logger.error("error: %s", e)
             return 2

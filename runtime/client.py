@@ -103,6 +103,7 @@ class ServerInfo:
     max_loras: int
     max_lora_rank: int
     max_message_bytes: int
+    state: str = "SERVING"  # "SERVING", "DRAINING" or "FAILED" (the proto's ServerState without its prefix)
 
 
 class Client:
@@ -220,7 +221,9 @@ class Client:
 
     def server_info(self) -> ServerInfo:
         response = self._call(self._stub.ServerInfo, pb.ServerInfoRequest())
-        return ServerInfo(**{f.name: getattr(response, f.name) for f in response.DESCRIPTOR.fields})
+        fields = {f.name: getattr(response, f.name) for f in response.DESCRIPTOR.fields}
+        fields["state"] = pb.ServerState.Name(response.state).removeprefix("SERVER_STATE_")
+        return ServerInfo(**fields)
 
     def health(self, service: str = "") -> str:
         """The standard health check: "SERVING", "NOT_SERVING", ... ("" is the whole server)."""

@@ -7,6 +7,12 @@ with its own settings and generator, and stops on eos, a stop token, `max_new_to
 model's context). Requests join and leave between steps; `abort` frees a request's blocks at
 once.
 
+Faults stay as small as they can: a request whose sampling fails (NaN logits, say) ends alone
+with finish reason "error"; a step whose forward pass fails ends every running request that
+way, since their cache may be half written, and the engine checks that it is back to a clean
+state (no block held, no adapter slot in use) and goes on with the waiting ones. Only when that
+check fails does `step` raise `EngineDeadError`: the engine cannot go on.
+
 The engine sees token ids only: prompts come in as ids and tokens go out as ids, with no text,
 no stop strings and no chat templates (`llm.py` puts text around it). It is not thread-safe;
 `llm.AsyncLLM` drives it from one thread.
@@ -25,7 +31,9 @@ from ..kernels import NO_SLOT
 from .adapters import lora_modules
 from .batch import RowSpec
 from .checkpoints.peft_fit import BaseModules
-from .errors import ContextLengthError, InvalidParameterError
+import logging
+
+from .errors import ContextLengthError, EngineDeadError, InvalidParameterError, RequestFailedError
 from .executor import Executor, TorchExecutor
 from .metrics import EngineStats, MetricsSnapshot
 from .model import CausalLM
@@ -33,6 +41,8 @@ from .paged_cache import BlockAllocator, blocks_for_budget
 from .registry import AdapterRegistry
 from .sampling import SamplingParams, sample_batch
 from .scheduler import Admission, Request, ScheduledRow, Scheduler, Status
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -69,10 +79,12 @@ class RequestOutput:
         request_id: the request.
         new_token_ids: tokens produced this step (a stop token is never one).
         finished: whether the request ended this step.
-        finish_reason: "stop", "length" or "abort" once finished, else None.
+        finish_reason: "stop", "length", "abort" or "error" once finished, else None.
         stop_reason: the eos or stop token id that ended it, else None.
         context_full: finished with "length" because the model's context was full.
         prompt_tokens, completion_tokens: usage so far (a final stop token counts).
+        error: why the request failed, with finish reason "error" (`RequestFailedError`, or the
+            `QuadaptError` its parameters caused), else None.
     """
 
     request_id: str
@@ -83,6 +95,7 @@ class RequestOutput:
     context_full: bool
     prompt_tokens: int
     completion_tokens: int
+    error: Exception | None = None
 
 
 DEFAULT_KV_CACHE_BYTES = 512 * 2**20
@@ -260,11 +273,19 @@ class Engine:
 
     def step(self) -> list[RequestOutput]:
         """One step: schedule, execute, update. Returns one output per request that produced a
-        token or finished."""
+        token or finished (a failed request finishes with reason "error").
+
+        Raises:
+            EngineDeadError: a step failed and the engine could not be brought back to a clean
+                state; nothing more can run on it.
+        """
         rows = self.scheduler.schedule()
         if not rows:
             return []
-        logits = self.execute(rows)
+        try:
+            logits = self.execute(rows)
+        except Exception as e:  # noqa: BLE001 - the step's failure becomes its requests' failure
+            return self._fail_running(e)
         return self.update(rows, logits)
 
     def execute(self, rows: list[ScheduledRow]) -> torch.Tensor:
@@ -291,8 +312,14 @@ class Engine:
             [r.prompt_ids + r.output_ids if r.params.repetition_penalty != 1.0 else () for r in sampling],
         )
         now = time.perf_counter()
-        self.stats.record_tokens(len(tokens), now)
         outputs = []
+        failed = [(r, t) for r, t in zip(sampling, tokens) if isinstance(t, Exception)]
+        for request, error in failed:
+            outputs.append(self._fail(request, error))
+        if failed:
+            kept = [(r, t) for r, t in zip(sampling, tokens) if not isinstance(t, Exception)]
+            sampling, tokens = [r for r, _ in kept], [t for _, t in kept]
+        self.stats.record_tokens(len(tokens), now)
         context = self.executor.config.max_position_embeddings
         for request, token in zip(sampling, tokens):
             if request.first_token_time is None:
@@ -347,6 +374,7 @@ class Engine:
             time_to_first_token_s=list(self.stats.ttft),
             inter_token_latency_s=list(self.stats.itl),
             decode_tokens_per_s=self.stats.decode_rate(),
+            requests_failed=self.stats.requests_failed,
         )
 
     def _acquire_slot(self, request: Request) -> int | None:
@@ -359,16 +387,43 @@ class Engine:
         if request.adapter is not None and self.adapters is not None:
             self.adapters.release(request.adapter)
 
+    def _fail(self, request: Request, error: Exception) -> RequestOutput:
+        """End one request with reason "error"; the engine goes on."""
+        if not isinstance(error, (RequestFailedError, InvalidParameterError)):
+            logger.error("request %s failed: %r", request.request_id, error, exc_info=error)
+            error = RequestFailedError(f"request {request.request_id} failed in the engine ({type(error).__name__}); "
+                                       "the server log has the details")
+        request.finish_reason = "error"
+        self._finish(request)
+        self.stats.requests_failed += 1
+        return self._output(request, [], error)
+
+    def _fail_running(self, error: Exception) -> list[RequestOutput]:
+        """A step's forward pass failed: end every running request (their cache may be half
+        written) and check that the engine is clean again, with the waiting requests kept."""
+        logger.error("an engine step failed; its %d running request(s) end with an error", len(self.scheduler.running),
+                     exc_info=error)
+        failure = RequestFailedError(f"the engine step running this request failed ({type(error).__name__}); "
+                                     "the server log has the details")
+        outputs = [self._fail(request, failure) for request in list(self.scheduler.running)]
+        slots_in_use = self.adapters is not None and any(v.running for v in self.adapters.names())
+        if self.allocator.num_used or slots_in_use:
+            raise EngineDeadError(
+                f"after a failed step the engine still holds {self.allocator.num_used} cache block(s) with no request "
+                "running; it cannot go on"
+            ) from error
+        return outputs
+
     def _finish(self, request: Request) -> None:
         self.scheduler.finish(request)
         del self._requests[request.request_id]
         if request.adapter is not None and self.adapters is not None:
             self.adapters.forget(request.adapter)
-        if request.finish_reason != "abort":
+        if request.finish_reason not in ("abort", "error"):
             self.stats.requests_finished += 1
 
     @staticmethod
-    def _output(request: Request, new: list[int]) -> RequestOutput:
+    def _output(request: Request, new: list[int], error: Exception | None = None) -> RequestOutput:
         return RequestOutput(
             request_id=request.request_id,
             new_token_ids=new,
@@ -378,5 +433,6 @@ class Engine:
             context_full=request.context_full,
             prompt_tokens=len(request.prompt_ids),
             completion_tokens=request.completion_tokens,
+            error=error,
         )
 

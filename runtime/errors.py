@@ -33,6 +33,16 @@ class ContextLengthError(QuadaptError, ValueError):
     """A sequence would grow past the context the cache (or the model) allows."""
 
 
+class RequestFailedError(QuadaptError, RuntimeError):
+    """One request failed inside the engine through no fault of its parameters (the model's
+    output for it was unusable, or its step failed); the engine and the other requests go on."""
+
+
+class EngineDeadError(QuadaptError, RuntimeError):
+    """The engine cannot go on (its state could not be restored after a failure); the process
+    serving it should exit so that a supervisor restarts it."""
+
+
 # How much of a client's value a message or a log line quotes: enough to recognise it, never
 # enough to flood a log or push a status message past gRPC's metadata limit.
 QUOTE_LIMIT = 64

@@ -4,17 +4,20 @@
 and ends a request at its first stop string (the engine sees ids only, so stop strings are
 settled here and the request is aborted in the engine). `LLM.generate` runs a list of requests
 to completion, synchronously; `AsyncLLM` steps the engine in a background thread and streams
-each request's deltas to an asyncio consumer, cancelling the request (its cache blocks freed at
-once) when the consumer stops listening.
+each request's deltas to an asyncio consumer, cancelling the request (its cache blocks freed
+before the engine's next step) when the consumer stops listening.
 
 Tokenization and chat templates live here, at the edge; nothing in this file samples or
-schedules.
+schedules. A prompt is checked against the model's context before it is tokenized, by its
+length in characters, so that a huge prompt costs nothing to refuse; `AsyncLLM` tokenizes in a
+worker thread, and never makes its event loop wait for the engine.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import functools
 import itertools
 import logging
@@ -24,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .engine import Engine, RequestOutput
-from .errors import InvalidParameterError
+from .errors import ContextLengthError, EngineDeadError, InvalidParameterError, RequestFailedError, quote
 from .metrics import MetricsSnapshot
 from .sampling import SamplingParams
 from .text_stream import TextStream
@@ -33,6 +36,10 @@ from .tokenizer import Tokenizer
 logger = logging.getLogger(__name__)
 
 Prompt = str | list[dict[str, Any]]
+
+# The most chat messages one prompt may hold; a conversation longer than this is a client's bug or
+# an attack, and rendering it would cost seconds.
+MAX_MESSAGES = 1024
 
 
 @dataclass(frozen=True)
@@ -62,10 +69,11 @@ class TextDelta:
         text: text released this step ("" while held back, e.g. a possible stop string).
         token_ids: tokens produced this step.
         finished: the request is over.
-        finish_reason: "stop", "length" or "abort" once finished.
+        finish_reason: "stop", "length", "abort" or "error" once finished.
         stop_reason: the eos/stop token id or the stop string that ended it, else None.
         prompt_tokens, completion_tokens: usage so far.
         context_full: it ended because the model's context was full.
+        error: why it failed, with finish reason "error", else None.
     """
 
     request_id: str
@@ -77,6 +85,7 @@ class TextDelta:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     context_full: bool = False
+    error: Exception | None = None
 
 
 @dataclass
@@ -91,27 +100,53 @@ class Completion:
     prompt_tokens: int
     completion_tokens: int
     context_full: bool = False
+    error: str | None = None
 
 
-def encode_prompt(tokenizer: Tokenizer, prompt: Prompt) -> list[int]:
+def encode_prompt(tokenizer: Tokenizer, prompt: Prompt, max_tokens: int | None = None) -> list[int]:
     """Token ids of a raw prompt (with the tokenizer's usual special tokens) or of chat messages
-    (through the chat template, which writes its own special tokens).
+    (through the chat template, which writes its own special tokens; message content is encoded
+    as text, so it cannot forge the template's markers).
+
+    Args:
+        tokenizer: the model's tokenizer.
+        prompt: raw text, or chat messages.
+        max_tokens: the model's context; a prompt whose characters cannot fit in it (at the
+            tokenizer's most characters per token) is refused before it is tokenized. None: no
+            check.
 
     Raises:
-        InvalidParameterError: messages that are not a list of role/content objects, or text
-            that is not a string.
+        InvalidParameterError: messages that are not a list of role/content objects (or more
+            than `MAX_MESSAGES`), or text that is not a string.
+        ContextLengthError: the prompt is too long for `max_tokens` by its characters alone.
     """
     if isinstance(prompt, str):
+        _check_chars(tokenizer, len(prompt), max_tokens, "the prompt")
         return tokenizer.encode(prompt, add_special_tokens=True)
     if isinstance(prompt, list) and prompt and all(
         isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in prompt
     ):
-        text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True)
-        return tokenizer.encode(text, add_special_tokens=False)
+        if len(prompt) > MAX_MESSAGES:
+            raise InvalidParameterError(
+                f"messages holds {len(prompt)} messages, more than the {MAX_MESSAGES} allowed; shorten the conversation"
+            )
+        _check_chars(tokenizer, sum(len(m["content"]) for m in prompt), max_tokens, "the messages' content")
+        return tokenizer.encode_chat(prompt, add_generation_prompt=True)
     raise InvalidParameterError(
-        f"a prompt is a string, or a non-empty list of messages like {{'role': 'user', 'content': '...'}}; "
-        f"got {str(prompt)[:80]!r}"
+        "a prompt is a string, or a non-empty list of messages like {'role': 'user', 'content': '...'}; "
+        f"got {quote(prompt)}"
     )
+
+
+def _check_chars(tokenizer: Tokenizer, chars: int, max_tokens: int | None, what: str) -> None:
+    if max_tokens is None:
+        return
+    per_token = tokenizer.max_token_chars
+    if chars > max_tokens * per_token:
+        raise ContextLengthError(
+            f"{what} has {chars} characters; a token of this tokenizer covers at most {per_token}, so that is more "
+            f"than {chars // per_token} tokens, past the model's context of {max_tokens}; shorten it"
+        )
 
 
 class OutputProcessor:
@@ -136,27 +171,45 @@ class OutputProcessor:
             stream = self._streams.get(out.request_id)
             if stream is None:
                 continue
-            text, stop = "", None
-            for token in out.new_token_ids:
-                piece, stop = stream.feed(token)
-                text += piece
-                if stop is not None:
-                    break
-            if stop is None and out.finished:
-                piece, stop = stream.finish()
-                text += piece
-            finished, reason, stop_reason = out.finished, out.finish_reason, out.stop_reason
-            if stop is not None:
+            try:
+                deltas.append(self._delta(out, stream))
+            except Exception as e:  # noqa: BLE001 - one request's text failing ends that request alone
+                logger.error("request %s: its text could not be made: %r", out.request_id, e, exc_info=e)
                 if not out.finished:
                     self.engine.abort(out.request_id)
-                finished, reason, stop_reason = True, "stop", stop
-            if finished:
-                del self._streams[out.request_id]
-            deltas.append(TextDelta(
-                out.request_id, text, list(out.new_token_ids), finished, reason, stop_reason,
-                out.prompt_tokens, out.completion_tokens, out.context_full and stop is None,
-            ))
+                self._streams.pop(out.request_id, None)
+                error = RequestFailedError(f"request {out.request_id} failed while its text was made "
+                                           f"({type(e).__name__}); the server log has the details")
+                deltas.append(TextDelta(out.request_id, "", [], True, "error", None, out.prompt_tokens,
+                                        out.completion_tokens, error=error))
         return deltas
+
+    def _delta(self, out: RequestOutput, stream: TextStream) -> TextDelta:
+        """The text delta of one engine output; ends the request at a stop string."""
+        if out.error is not None:
+            del self._streams[out.request_id]
+            return TextDelta(out.request_id, "", [], True, "error", None, out.prompt_tokens, out.completion_tokens,
+                             error=out.error)
+        text, stop = "", None
+        for token in out.new_token_ids:
+            piece, stop = stream.feed(token)
+            text += piece
+            if stop is not None:
+                break
+        if stop is None and out.finished:
+            piece, stop = stream.finish()
+            text += piece
+        finished, reason, stop_reason = out.finished, out.finish_reason, out.stop_reason
+        if stop is not None:
+            if not out.finished:
+                self.engine.abort(out.request_id)
+            finished, reason, stop_reason = True, "stop", stop
+        if finished:
+            del self._streams[out.request_id]
+        return TextDelta(
+            out.request_id, text, list(out.new_token_ids), finished, reason, stop_reason,
+            out.prompt_tokens, out.completion_tokens, out.context_full and stop is None,
+        )
 
 
 class LLM:
@@ -179,7 +232,7 @@ class LLM:
         Raises:
             InvalidParameterError, ContextLengthError, AdapterNotFoundError: see `Engine.add_request`.
         """
-        ids = encode_prompt(self.tokenizer, request.prompt)
+        ids = encode_prompt(self.tokenizer, request.prompt, self.engine.executor.config.max_position_embeddings)
         rid = request.request_id if request.request_id is not None else f"gen-{next(self._ids)}"
         rid = self.engine.add_request(ids, request.params, adapter=request.adapter, request_id=rid)
         self._outputs.add(rid, request.params)
@@ -203,7 +256,8 @@ class LLM:
             yield from self.step()
 
     def generate(self, requests: Sequence[GenerateRequest]) -> list[Completion]:
-        """Run `requests` to completion; returns one `Completion` each, in the order given.
+        """Run `requests` to completion; returns one `Completion` each, in the order given (one
+        that failed in the engine has finish reason "error" and says why in `error`).
 
         Raises:
             As `add`, before any request runs.
@@ -235,6 +289,7 @@ def _completion(rid: str, deltas: list[TextDelta]) -> Completion:
     return Completion(
         rid, "".join(d.text for d in deltas), [t for d in deltas for t in d.token_ids], last.finish_reason,
         last.stop_reason, last.prompt_tokens, last.completion_tokens, last.context_full,
+        str(last.error) if last.error is not None else None,
     )
 
 
@@ -243,7 +298,13 @@ class AsyncLLM:
 
     Start it with `start()` (or `async with`), stop it with `shutdown()`. `stream(...)` is an
     async iterator of a request's `TextDelta`s; leaving it early (break, cancellation, a client
-    gone) aborts the request, which frees its cache blocks at once.
+    gone) aborts the request, which frees its cache blocks before the next step. A request that
+    fails in the engine raises its error from the stream; the others go on. If the engine thread
+    itself stops on an error, every open stream raises, and the callbacks given to
+    `add_failure_callback` are called with that error (from the engine thread).
+
+    Nothing here blocks an event loop: the prompt is tokenized in a worker thread and aborts are
+    posted to the engine thread, not awaited.
 
     Only the engine thread touches the engine while it runs. Adding, aborting and reading metrics
     are commands it runs between two steps, in the order they came, so each waits at most one
@@ -265,6 +326,16 @@ class AsyncLLM:
         # The engine thread's alone while it runs: where each request's deltas go.
         self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._ids = itertools.count()
+        self._failure_callbacks: list[Callable[[BaseException], None]] = []
+
+    @property
+    def failed(self) -> BaseException | None:
+        """The error that stopped the engine thread, or None."""
+        return self._failed
+
+    def add_failure_callback(self, callback: Callable[[BaseException], None]) -> None:
+        """Call `callback(error)` if the engine thread stops on an error (from that thread)."""
+        self._failure_callbacks.append(callback)
 
     def start(self) -> None:
         with self._wake:
@@ -300,8 +371,10 @@ class AsyncLLM:
 
         Raises:
             InvalidParameterError, ContextLengthError, AdapterNotFoundError: before anything runs.
+            RequestFailedError: the request failed in the engine (the others go on).
         """
-        ids = encode_prompt(self.tokenizer, prompt)
+        context = self.engine.executor.config.max_position_embeddings
+        ids = await asyncio.to_thread(encode_prompt, self.tokenizer, prompt, context)
         queue: asyncio.Queue = asyncio.Queue()
         rid = request_id if request_id is not None else f"async-{next(self._ids)}"
         added = self._submit(functools.partial(self._add, ids, params, adapter, rid, asyncio.get_running_loop(), queue))
@@ -317,19 +390,28 @@ class AsyncLLM:
                 if isinstance(delta, BaseException):  # the engine thread stopped (shut down, or failed)
                     raise delta
                 finished = delta.finished
+                if delta.error is not None:
+                    raise delta.error
                 yield delta
                 if finished:
                     return
         finally:
             if not finished:
-                # Synchronously, so the blocks are free when the stream is closed (a closing
-                # generator may not get another turn of the loop); this waits out at most the
-                # step in progress.
-                self.abort(rid)
+                # Posted, not awaited: the engine thread frees the blocks before its next step,
+                # and the loop never waits for the step in progress.
+                self.abort(rid, wait=False)
 
-    def abort(self, request_id: str) -> bool:
-        """Cancel a request; its blocks are freed before this returns (at most one step's wait)."""
-        return self._submit(functools.partial(self._abort, request_id)).result()
+    def abort(self, request_id: str, *, wait: bool = True) -> bool | None:
+        """Cancel a request; its blocks are freed before the engine's next step.
+
+        Args:
+            request_id: the request.
+            wait: wait for the abort to have run (up to the step in progress) and return whether
+                the request was still unfinished; False returns None at once, which is what
+                code on an event loop wants.
+        """
+        future = self._submit(functools.partial(self._abort, request_id))
+        return future.result() if wait else None
 
     def metrics(self) -> MetricsSnapshot:
         """The engine's metrics, read between steps (the engine thread changes its queues)."""
@@ -399,7 +481,10 @@ class AsyncLLM:
                     self._queues.pop(delta.request_id, None)
                 if target is not None:
                     loop, queue = target
-                    loop.call_soon_threadsafe(queue.put_nowait, delta)
+                    try:
+                        loop.call_soon_threadsafe(queue.put_nowait, delta)
+                    except RuntimeError:  # its event loop is closed: nobody listens any more
+                        self._abort(delta.request_id)
         return True
 
     def _stop_running(self, failed: BaseException | None) -> None:
@@ -411,13 +496,20 @@ class AsyncLLM:
             for command, future in commands:
                 _run(command, future)
             for loop, queue in self._queues.values():
-                loop.call_soon_threadsafe(queue.put_nowait, self._stopped_error())
+                with contextlib.suppress(RuntimeError):  # a closed loop has nobody to tell
+                    loop.call_soon_threadsafe(queue.put_nowait, self._stopped_error())
             self._queues.clear()
+        if failed is not None:
+            for callback in self._failure_callbacks:
+                try:
+                    callback(failed)
+                except Exception:  # noqa: BLE001 - one listener's bug must not hide the failure from the others
+                    logger.exception("a failure callback of the engine thread raised")
 
-    def _stopped_error(self) -> RuntimeError:
+    def _stopped_error(self) -> Exception:
         if self._failed is None:
             return RuntimeError("this AsyncLLM is not running (never started, or shut down): start() it first, or use `async with`")
-        error = RuntimeError(f"the engine stopped after an error ({self._failed!r}); see the log")
+        error = EngineDeadError(f"the engine stopped after an error ({self._failed!r}); see the log")
         error.__cause__ = self._failed
         return error
 

@@ -26,6 +26,7 @@ class MetricsSnapshot:
         waiting_per_adapter, running_per_adapter: the same by adapter name ("" = base model).
         kv_blocks_used, kv_blocks_total: the paged cache's blocks.
         requests_finished, requests_aborted, preemptions: counters since start.
+        requests_failed: requests that ended with an error in the engine, since start.
         prompt_tokens, generation_tokens: tokens prefilled and sampled since start.
         adapter_slot_loads, adapter_evictions: adapters copied into slots, and pushed out of them.
         time_to_first_token_s, inter_token_latency_s: recent samples, oldest first.
@@ -48,6 +49,7 @@ class MetricsSnapshot:
     time_to_first_token_s: list[float]
     inter_token_latency_s: list[float]
     decode_tokens_per_s: float
+    requests_failed: int = 0
 
 
 @dataclass
@@ -56,6 +58,7 @@ class EngineStats:
 
     requests_finished: int = 0
     requests_aborted: int = 0
+    requests_failed: int = 0
     prompt_tokens: int = 0
     generation_tokens: int = 0
     ttft: deque[float] = field(default_factory=lambda: deque(maxlen=_SAMPLES))

@@ -15,10 +15,20 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .errors import InvalidParameterError
+from .errors import InvalidParameterError, RequestFailedError, quote
 
 # A seed must fit torch.Generator.manual_seed's unsigned 64-bit range.
 _MAX_SEED = 2**64 - 1
+# A temperature below this is greedy, as in vLLM: dividing logits by less only overflows float32,
+# and the distribution is already a point mass on the argmax.
+GREEDY_TEMPERATURE = 1e-5
+# The repetition penalty's range. A penalty of 100 already takes a repeated token's chance away
+# (or, at 0.01, makes it certain); values beyond only push float32 logits towards overflow.
+MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 0.01, 100.0
+# Stop strings are matched against the text of every new token: their number and length are capped
+# so that one request cannot slow the steps of every other.
+MAX_STOP_STRINGS, MAX_STOP_LENGTH = 16, 256
+MAX_STOP_TOKEN_IDS = 256
 
 
 @dataclass(frozen=True)
@@ -27,18 +37,21 @@ class SamplingParams:
 
     Attributes:
         max_new_tokens: most tokens to sample, counting a final eos or stop token.
-        temperature: divides the logits; 0 means greedy (argmax, top-k and top-p ignored).
+        temperature: divides the logits; 0 means greedy (argmax, top-k and top-p ignored), and so
+            does any temperature below `GREEDY_TEMPERATURE` (1e-5).
         top_k: keep only the k most likely tokens (ties with the k-th are kept); 0 turns it off.
         top_p: keep the smallest set of most likely tokens whose probability reaches top_p
             (always at least one); 1.0 turns it off.
         repetition_penalty: transformers' CTRL-style penalty on every token already in the
             prompt or output: positive logits are divided by it, negative ones multiplied;
-            1.0 turns it off, above 1 discourages repeats, below 1 encourages them.
+            1.0 turns it off, above 1 discourages repeats, below 1 encourages them; in
+            [0.01, 100].
         seed: seed of the request's own generator, so the same seed reproduces the same output;
             None draws a fresh nondeterministic seed.
         stop: strings that end the output; the text stops just before the first one. A single
-            string is taken as a list of one.
-        stop_token_ids: token ids that end the output; the stop token itself is not output.
+            string is taken as a list of one. At most 16, of at most 256 characters each.
+        stop_token_ids: token ids that end the output; the stop token itself is not output (at
+            most 256).
         ignore_eos: keep going past the model's eos tokens (stop_token_ids still stop).
     """
 
@@ -55,52 +68,71 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
             raise InvalidParameterError(
-                f"max_new_tokens (--max-new-tokens) must be an integer >= 1, got {self.max_new_tokens!r}; ask for at least one token"
+                f"max_new_tokens (--max-new-tokens) must be an integer >= 1, got {quote(self.max_new_tokens)}; "
+                "ask for at least one token"
             )
         if not _is_real(self.temperature) or not math.isfinite(self.temperature) or self.temperature < 0:
             raise InvalidParameterError(
-                f"temperature must be a finite number >= 0, got {self.temperature!r}; use 0 for greedy decoding"
+                f"temperature (--temperature) must be a finite number >= 0, got {quote(self.temperature)}; "
+                "use 0 for greedy decoding"
             )
         if not _is_int(self.top_k) or self.top_k < 0:
-            raise InvalidParameterError(f"top_k (--top-k) must be an integer >= 0, got {self.top_k!r}; use 0 to turn it off")
+            raise InvalidParameterError(
+                f"top_k (--top-k) must be an integer >= 0, got {quote(self.top_k)}; use 0 to turn it off"
+            )
         if not _is_real(self.top_p) or not 0.0 < self.top_p <= 1.0:
             raise InvalidParameterError(
-                f"top_p (--top-p) must be in (0, 1], got {self.top_p!r}; use 1.0 to turn it off"
+                f"top_p (--top-p) must be in (0, 1], got {quote(self.top_p)}; use 1.0 to turn it off"
             )
         if (
             not _is_real(self.repetition_penalty)
-            or not math.isfinite(self.repetition_penalty)
-            or self.repetition_penalty <= 0
+            or not MIN_REPETITION_PENALTY <= self.repetition_penalty <= MAX_REPETITION_PENALTY
         ):
             raise InvalidParameterError(
-                f"repetition_penalty (--repetition-penalty) must be a finite number > 0, got {self.repetition_penalty!r}; "
-                "use 1.0 to turn it off"
+                f"repetition_penalty (--repetition-penalty) must be in [{MIN_REPETITION_PENALTY:g}, "
+                f"{MAX_REPETITION_PENALTY:g}], got {quote(self.repetition_penalty)}; use 1.0 to turn it off"
             )
         if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed <= _MAX_SEED):
             raise InvalidParameterError(
-                f"seed must be None or an integer in [0, 2**64 - 1], got {self.seed!r}"
+                f"seed (--seed) must be None or an integer in [0, 2**64 - 1], got {quote(self.seed)}"
             )
         # Frozen: normalize through object.__setattr__, once, here.
         stop = [self.stop] if isinstance(self.stop, str) else self.stop
         if not isinstance(stop, Sequence) or not all(isinstance(s, str) and s for s in stop):
             raise InvalidParameterError(
-                f"stop must be a list of non-empty strings, got {self.stop!r}; an empty string would stop at once"
+                f"stop (--stop) must be a list of non-empty strings, got {quote(self.stop)}; an empty string "
+                "would stop at once"
+            )
+        if len(stop) > MAX_STOP_STRINGS:
+            raise InvalidParameterError(
+                f"stop (--stop) holds {len(stop)} strings, more than the {MAX_STOP_STRINGS} allowed; "
+                "keep the ones that matter"
+            )
+        longest = max(stop, key=len, default="")
+        if len(longest) > MAX_STOP_LENGTH:
+            raise InvalidParameterError(
+                f"stop (--stop) string {quote(longest)} is longer than the {MAX_STOP_LENGTH} characters allowed; "
+                "use a shorter one"
             )
         object.__setattr__(self, "stop", list(stop))
         if not isinstance(self.stop_token_ids, Sequence) or not all(
             _is_int(t) and t >= 0 for t in self.stop_token_ids
         ):
             raise InvalidParameterError(
-                f"stop_token_ids must be a list of token ids (integers >= 0), got {self.stop_token_ids!r}"
+                f"stop_token_ids must be a list of token ids (integers >= 0), got {quote(self.stop_token_ids)}"
+            )
+        if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            raise InvalidParameterError(
+                f"stop_token_ids holds {len(self.stop_token_ids)} ids, more than the {MAX_STOP_TOKEN_IDS} allowed"
             )
         object.__setattr__(self, "stop_token_ids", list(self.stop_token_ids))
         if not isinstance(self.ignore_eos, bool):
-            raise InvalidParameterError(f"ignore_eos must be True or False, got {self.ignore_eos!r}")
+            raise InvalidParameterError(f"ignore_eos must be True or False, got {quote(self.ignore_eos)}")
 
     @property
     def greedy(self) -> bool:
-        """True when tokens are picked by argmax (temperature 0)."""
-        return self.temperature == 0
+        """True when tokens are picked by argmax (temperature 0, or below `GREEDY_TEMPERATURE`)."""
+        return self.temperature < GREEDY_TEMPERATURE
 
 
 def _is_int(value: object) -> bool:
@@ -142,6 +174,10 @@ def apply_repetition_penalty(
 def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """Divide the logits by `temperature` (> 0), as transformers' `TemperatureLogitsWarper`.
 
+    Where that overflows float32 (a small temperature over large logits), the logits are first
+    shifted so that their largest is 0: the same distribution, with the overflow going to -inf
+    (probability 0) instead of +inf.
+
     Raises:
         InvalidParameterError: `temperature` is not > 0 (greedy decoding is `sample`'s business).
     """
@@ -150,7 +186,31 @@ def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
             f"apply_temperature needs temperature > 0, got {temperature!r}; temperature 0 means greedy, "
             "which sample() handles by argmax"
         )
-    return logits / temperature
+    scaled = logits / temperature
+    if bool(torch.isposinf(scaled).any()) and not bool(torch.isposinf(logits).any()):
+        scaled = (logits - logits.max()) / temperature
+    return scaled
+
+
+def probabilities(scores: torch.Tensor) -> torch.Tensor:
+    """The softmax of one row of processed logits, guarded so that it is always a distribution.
+
+    +inf logits (an overflow upstream) share the whole mass, which is softmax's limit; a row
+    with NaN, or with nothing but -inf, has no distribution and is an error.
+
+    Raises:
+        RequestFailedError: the row holds NaN or no finite or +inf value (the model's output is
+            broken for this request).
+    """
+    if bool(torch.isnan(scores).any()):
+        raise RequestFailedError("the model produced NaN logits for this request; nothing can be sampled from them")
+    top = scores.max()
+    if bool(torch.isposinf(top)):
+        mass = torch.isposinf(scores).float()
+        return mass / mass.sum()
+    if bool(torch.isneginf(top)):
+        raise RequestFailedError("every token's logit is -inf for this request; nothing can be sampled")
+    return torch.softmax(scores, dim=-1)
 
 
 def apply_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
@@ -214,6 +274,9 @@ def sample(
 
     Returns:
         The chosen token id.
+
+    Raises:
+        RequestFailedError: the logits hold NaN, or no token can be drawn (see `probabilities`).
     """
     # Sample in fp32: bf16 logits make softmax and cumsum too coarse for top-p.
     scores = apply_repetition_penalty(logits.float(), prev_ids, params.repetition_penalty)
@@ -222,7 +285,7 @@ def sample(
     scores = apply_temperature(scores, params.temperature)
     scores = apply_top_k(scores, params.top_k)
     scores = apply_top_p(scores, params.top_p)
-    probs = torch.softmax(scores, dim=-1)
+    probs = probabilities(scores)
     return int(torch.multinomial(probs, num_samples=1, generator=generator))
 
 
@@ -259,13 +322,14 @@ def sample_batch(
     params: Sequence[SamplingParams],
     generators: Sequence[torch.Generator],
     prev_ids: Sequence[Sequence[int]],
-) -> list[int]:
+) -> list[int | Exception]:
     """Pick the next token of each row of a batch, each with its own settings and generator.
 
     Row i gets exactly what `sample(logits[i], params[i], generators[i], prev_ids[i])` gives:
     the same processors, and one draw from its own generator, so a seeded request yields the
     same tokens alone or in any batch. Greedy rows without a repetition penalty take one
-    batched argmax.
+    batched argmax. A row whose sampling fails gets its exception in place of a token, so one
+    request's failure stays its own.
 
     Args:
         logits: one row of logits per request [L, V].
@@ -274,15 +338,22 @@ def sample_batch(
         prev_ids: each row's prompt and output so far (read only for a repetition penalty).
 
     Returns:
-        The chosen token ids, in row order.
+        The chosen token ids in row order, or the exception that row raised.
     """
-    plain = [i for i, p in enumerate(params) if p.greedy and p.repetition_penalty == 1.0]
-    tokens: list[int] = [0] * len(params)
+    tokens: list[int | Exception] = [0] * len(params)
+    # A NaN row has no argmax worth the name either: greedy rows are checked too, in one pass.
+    broken = set(torch.isnan(logits).any(dim=-1).nonzero().flatten().tolist())
+    for i in broken:
+        tokens[i] = RequestFailedError("the model produced NaN logits for this request; nothing can be sampled from them")
+    plain = [i for i, p in enumerate(params) if p.greedy and p.repetition_penalty == 1.0 and i not in broken]
     if plain:
         picks = torch.argmax(logits[plain].float(), dim=-1).tolist()
         for i, token in zip(plain, picks):
             tokens[i] = token
     for i, p in enumerate(params):
-        if not (p.greedy and p.repetition_penalty == 1.0):
-            tokens[i] = sample(logits[i], p, generators[i], prev_ids[i])
+        if not (p.greedy and p.repetition_penalty == 1.0) and i not in broken:
+            try:
+                tokens[i] = sample(logits[i], p, generators[i], prev_ids[i])
+            except Exception as e:  # noqa: BLE001 - the row's own failure, reported for that request
+                tokens[i] = e
     return tokens

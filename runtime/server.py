@@ -14,6 +14,15 @@ names) at the top of each RPC, and `TextDelta`s back into messages at the bottom
 status codes: a `QuadaptError` maps by its type (`_CODES`), and the message, which names the
 field, is the status details. Requests are never logged with their text, only their id.
 
+Hostile input (see docs/serving.md): every message is parsed here, so a malformed one is
+INVALID_ARGUMENT; a prompt too long for the context by its characters alone is refused before it
+is tokenized, and tokenizing and chat templates run in worker threads, so the event loop (health
+checks included) never waits on them or on the engine. A request that fails in the engine is
+INTERNAL for that request alone; if the engine thread itself stops, the server turns NOT_SERVING
+(health, and `ServerInfo.state` FAILED) and `serve` exits non-zero for a supervisor to restart
+it. Refusals are logged with the peer's address, at most `_REFUSAL_LOGS_PER_S` lines a second,
+and every message quotes a client's values by a bounded prefix only.
+
 Security (all optional, see `ServerConfig`): TLS or mutual TLS; bearer tokens compared in
 constant time, with a separate admin token for LoadAdapter and UnloadAdapter; adapters load at
 run time only from allowed directories, by real path (no `..` or symlink escape). Health and
@@ -37,15 +46,16 @@ from typing import Any, Literal
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from google.protobuf.message import DecodeError
 from grpc_reflection.v1alpha import reflection
 
 from ..protos.quadapt.v1 import generation_pb2 as pb
 from ..protos.quadapt.v1 import generation_pb2_grpc as pb_grpc
 from .errors import (
-    AdapterError, CheckpointError, ConfigError, ContextLengthError, InvalidParameterError, QuadaptError,
-    UnsupportedError,
+    AdapterError, CheckpointError, ConfigError, ContextLengthError, EngineDeadError, InvalidParameterError,
+    QuadaptError, RequestFailedError, UnsupportedError, quote,
 )
-from .llm import AsyncLLM, TextDelta, encode_prompt
+from .llm import MAX_MESSAGES, AsyncLLM, TextDelta, encode_prompt
 from .metrics import MetricsSnapshot
 from .registry import AdapterInUseError, AdapterNotFoundError
 from .sampling import SamplingParams
@@ -64,6 +74,8 @@ DEFAULTS = {"max_new_tokens": 128, "temperature": 0.0, "top_k": 0, "top_p": 1.0,
 
 # A QuadaptError's status code, by type; the first match wins (subclasses first).
 _CODES: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
+    (RequestFailedError, grpc.StatusCode.INTERNAL),
+    (EngineDeadError, grpc.StatusCode.UNAVAILABLE),
     (AdapterNotFoundError, grpc.StatusCode.NOT_FOUND),
     (AdapterInUseError, grpc.StatusCode.FAILED_PRECONDITION),
     (ContextLengthError, grpc.StatusCode.INVALID_ARGUMENT),
@@ -75,17 +87,42 @@ _CODES: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (ConfigError, grpc.StatusCode.FAILED_PRECONDITION),
 )
 _FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH}
+# The longest status message sent: a safety net under the bounded quotes of every message, since
+# a message past gRPC's metadata limit reaches the client as RESOURCE_EXHAUSTED instead.
+_MAX_STATUS_CHARS = 1024
+# Refusal log lines per second; past that they are counted, and the count is logged with the next.
+_REFUSAL_LOGS_PER_S = 20
+# RPCs that answer whatever the server's state (ServerInfo says which state it is in).
+_ANY_STATE = frozenset({"ServerInfo"})
 
 
-def _rpc(method: Callable[..., Any]) -> Callable[..., Any]:
-    """Wrap an RPC: check its token and the server's state, map errors to status codes, count it."""
+def _rpc(request_type: type) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Wrap an RPC whose request is a serialized `request_type`: parse it (a malformed message is
+    INVALID_ARGUMENT), check its token and the server's state, map errors to status codes, count it."""
+
+    def wrap(method: Callable[..., Any]) -> Callable[..., Any]:
+        return _handler(method, request_type)
+
+    return wrap
+
+
+def _handler(method: Callable[..., Any], request_type: type) -> Callable[..., Any]:
     name = method.__name__
 
     @functools.wraps(method)
-    async def handler(self: _Servicer, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def handler(self: _Servicer, raw: bytes, context: grpc.aio.ServicerContext) -> Any:
         try:
             self.server._authorize(context, admin=name in ADMIN_METHODS)
-            self.server._check_serving()
+            try:
+                request = request_type.FromString(raw)
+            except DecodeError:
+                raise Refusal(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"the request is not a valid {request_type.DESCRIPTOR.full_name} message (malformed protobuf, or "
+                    "a string that is not UTF-8); build it with stubs generated from generation.proto",
+                ) from None
+            if name not in _ANY_STATE:
+                self.server._check_serving()
             response = await method(self, request, context)
         except Refusal as e:
             code, message = e.code, str(e)
@@ -104,10 +141,37 @@ def _rpc(method: Callable[..., Any]) -> Callable[..., Any]:
             self.server.metrics.rpcs.labels(name, "OK").inc()
             return response
         self.server.metrics.rpcs.labels(name, code.name).inc()
-        logger.info("%s refused (%s%s): %s", name, code.name, _peer_request_id(context), message)
+        if len(message) > _MAX_STATUS_CHARS:
+            message = f"{message[:_MAX_STATUS_CHARS]}... (message cut at {_MAX_STATUS_CHARS} characters)"
+        self.server._log_refusal(name, code, context, message)
         await context.abort(code, message)
 
     return handler
+
+
+# Each RPC: its request type, response type, and whether the response is a stream.
+_METHODS = {
+    "Generate": (pb.GenerateRequest, pb.GenerateResponse, False),
+    "GenerateStream": (pb.GenerateRequest, pb.GenerateStreamResponse, True),
+    "Tokenize": (pb.TokenizeRequest, pb.TokenizeResponse, False),
+    "ListAdapters": (pb.ListAdaptersRequest, pb.ListAdaptersResponse, False),
+    "LoadAdapter": (pb.LoadAdapterRequest, pb.LoadAdapterResponse, False),
+    "UnloadAdapter": (pb.UnloadAdapterRequest, pb.UnloadAdapterResponse, False),
+    "ServerInfo": (pb.ServerInfoRequest, pb.ServerInfoResponse, False),
+}
+
+
+def _add_servicer(servicer: _Servicer, server: grpc.aio.Server) -> None:
+    """Register the Generation RPCs as the generated `add_GenerationServicer_to_server` does, but
+    taking the request's bytes, so that `_rpc` parses them and answers a malformed one itself
+    (grpc would answer UNKNOWN)."""
+    handlers = {}
+    for name, (_, response_type, streams) in _METHODS.items():
+        make = grpc.unary_stream_rpc_method_handler if streams else grpc.unary_unary_rpc_method_handler
+        handlers[name] = make(getattr(servicer, name), request_deserializer=None,
+                              response_serializer=response_type.SerializeToString)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+    server.add_registered_method_handlers(SERVICE, handlers)
 
 
 class _Servicer(pb_grpc.GenerationServicer):
@@ -116,7 +180,7 @@ class _Servicer(pb_grpc.GenerationServicer):
     def __init__(self, server: Server) -> None:
         self.server = server
 
-    @_rpc
+    @_rpc(pb.GenerateRequest)
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
         response = pb.GenerateResponse()
         async with self.server._generation(request, context) as generation:
@@ -128,7 +192,7 @@ class _Servicer(pb_grpc.GenerationServicer):
             response.request_id = generation.request_id
         return response
 
-    @_rpc
+    @_rpc(pb.GenerateRequest)
     async def GenerateStream(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> None:
         async with self.server._generation(request, context) as generation:
             async for delta in generation:
@@ -139,20 +203,26 @@ class _Servicer(pb_grpc.GenerationServicer):
                     _finish(message, delta)
                 await context.write(message)
 
-    @_rpc
+    @_rpc(pb.TokenizeRequest)
     async def Tokenize(self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext) -> pb.TokenizeResponse:
-        tokenizer = self.server.llm.tokenizer
-        prompt = _prompt(request, tokenizer)
-        text = prompt if isinstance(prompt, str) else tokenizer.apply_chat_template(prompt)
-        return pb.TokenizeResponse(token_ids=encode_prompt(tokenizer, prompt), text=text)
+        llm = self.server.llm
+        prompt = _prompt(request, llm.tokenizer)
+        context_tokens = llm.engine.executor.config.max_position_embeddings
 
-    @_rpc
+        def tokenize() -> pb.TokenizeResponse:
+            ids = encode_prompt(llm.tokenizer, prompt, context_tokens)  # checks the size before it renders
+            text = prompt if isinstance(prompt, str) else llm.tokenizer.apply_chat_template(prompt)
+            return pb.TokenizeResponse(token_ids=ids, text=text)
+
+        return await asyncio.to_thread(tokenize)
+
+    @_rpc(pb.ListAdaptersRequest)
     async def ListAdapters(self, request: pb.ListAdaptersRequest, context: grpc.aio.ServicerContext) -> pb.ListAdaptersResponse:
         registry = self.server.llm.engine.adapters
         versions = registry.names() if registry is not None else []
         return pb.ListAdaptersResponse(adapters=[_adapter_info(v) for v in versions])
 
-    @_rpc
+    @_rpc(pb.LoadAdapterRequest)
     async def LoadAdapter(self, request: pb.LoadAdapterRequest, context: grpc.aio.ServicerContext) -> pb.LoadAdapterResponse:
         registry = self.server.llm.engine.adapters
         if registry is None:
@@ -166,21 +236,23 @@ class _Servicer(pb_grpc.GenerationServicer):
             else pb.LoadAdapterResponse.OUTCOME_UNCHANGED if version is before
             else pb.LoadAdapterResponse.OUTCOME_RELOADED
         )
-        logger.info("adapter %r %s from %s (%s)", request.name, pb.LoadAdapterResponse.Outcome.Name(outcome), path,
+        logger.info("adapter %s %s from %s (%s)", quote(request.name), pb.LoadAdapterResponse.Outcome.Name(outcome), path,
                     version.identity)
         return pb.LoadAdapterResponse(adapter=_adapter_info(version), outcome=outcome)
 
-    @_rpc
+    @_rpc(pb.UnloadAdapterRequest)
     async def UnloadAdapter(self, request: pb.UnloadAdapterRequest, context: grpc.aio.ServicerContext) -> pb.UnloadAdapterResponse:
         registry = self.server.llm.engine.adapters
         if registry is None:
             raise AdapterNotFoundError(f"unknown adapter {request.name!r}; this server serves the base model only")
         registry.unload(request.name)
-        logger.info("adapter %r unloaded", request.name)
+        logger.info("adapter %s unloaded", quote(request.name))
         return pb.UnloadAdapterResponse()
 
-    @_rpc
+    @_rpc(pb.ServerInfoRequest)
     async def ServerInfo(self, request: pb.ServerInfoRequest, context: grpc.aio.ServicerContext) -> pb.ServerInfoResponse:
+        if self.server.llm is None:
+            self.server._check_serving()  # loading, or failed to load: nothing to describe yet
         config, engine = self.server.config, self.server.llm.engine
         model_config = engine.executor.config
         try:
@@ -198,7 +270,11 @@ class _Servicer(pb_grpc.GenerationServicer):
             max_loras=engine.config.max_loras,
             max_lora_rank=engine.config.max_lora_rank,
             max_message_bytes=config.max_message_bytes,
+            state=_STATES.get(self.server._state, pb.SERVER_STATE_UNSPECIFIED),
         )
+
+
+_STATES = {"serving": pb.SERVER_STATE_SERVING, "draining": pb.SERVER_STATE_DRAINING, "failed": pb.SERVER_STATE_FAILED}
 
 
 class Server:
@@ -216,6 +292,9 @@ class Server:
         self._grpc: grpc.aio.Server | None = None
         self._state: Literal["loading", "serving", "failed", "draining", "stopped"] = "loading"
         self._load_error: BaseException | None = None
+        self._engine_error: BaseException | None = None  # what stopped the engine thread while serving
+        self._engine_dead = asyncio.Event()
+        self._refusal_window = (0.0, 0, 0)  # (second, lines logged in it, lines suppressed since the last one)
         self._loaded = asyncio.Event()
         self._active = 0  # generation requests admitted and not yet over: waiting + running
         self._idle = asyncio.Event()
@@ -284,11 +363,36 @@ class Server:
             return
         why = {
             "loading": "the model is still loading; retry shortly (health says SERVING once it is ready)",
-            "failed": f"the model failed to load ({self._load_error}); see the server log",
+            "failed": (f"the engine stopped after an error ({self._engine_error!r}); the server is restarting"
+                       if self._engine_error is not None
+                       else f"the model failed to load ({self._load_error}); see the server log"),
             "draining": "the server is shutting down; retry on another replica",
             "stopped": "the server has stopped",
         }[self._state]
         raise Refusal(grpc.StatusCode.UNAVAILABLE, why)
+
+    def _log_refusal(self, method: str, code: grpc.StatusCode, context: grpc.aio.ServicerContext, message: str) -> None:
+        """Log a refused RPC with its peer, at most `_REFUSAL_LOGS_PER_S` lines a second."""
+        now = int(time.monotonic())
+        second, logged, suppressed = self._refusal_window
+        if now != second:
+            second, logged = now, 0
+        if logged >= _REFUSAL_LOGS_PER_S:
+            self._refusal_window = (second, logged, suppressed + 1)
+            return
+        more = f" ({suppressed} more refusal(s) not logged)" if suppressed else ""
+        self._refusal_window = (second, logged + 1, 0)
+        logger.info("%s refused (%s) from %s%s: %s%s", method, code.name, _peer(context), _peer_request_id(context),
+                    message, more)
+
+    def _engine_failed(self, error: BaseException) -> None:
+        """The engine thread stopped on an error: NOT_SERVING from now on, and `serve` exits."""
+        if self._state == "stopped":
+            return
+        logger.critical("the engine stopped after an error and cannot serve any more: %r", error)
+        self._engine_error, self._state = error, "failed"
+        asyncio.ensure_future(self.health.enter_graceful_shutdown())  # every service NOT_SERVING
+        self._engine_dead.set()
 
     @contextlib.asynccontextmanager
     async def _generation(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[_Generation]:
@@ -307,7 +411,8 @@ class Server:
         deltas = llm.stream(prompt, params, adapter=request.adapter or None, request_id=generation.request_id)
         try:
             generation.deltas = deltas
-            logger.debug("%s%s: admitted (adapter %r)", generation.request_id, _peer_request_id(context), request.adapter)
+            logger.debug("%s%s: admitted (adapter %s)", generation.request_id, _peer_request_id(context),
+                         quote(request.adapter))
             yield generation
         except asyncio.CancelledError:
             deadline = context.time_remaining() is not None and context.time_remaining() <= 0
@@ -345,6 +450,8 @@ class Server:
         if self._state != "loading":  # stopped while loading
             llm.shutdown()
         else:
+            loop = asyncio.get_running_loop()
+            llm.add_failure_callback(lambda error: loop.call_soon_threadsafe(self._engine_failed, error))
             llm.start()
             self.llm, self._state = llm, "serving"
             for service in ("", SERVICE):
@@ -387,8 +494,8 @@ class _Generation:
     def log(self, peer_id: str) -> None:
         ttft = f"{self._first - self._start:.3f}s" if self._first is not None else "-"
         logger.info(
-            "%s%s: %s (adapter %r, prompt %d, completion %d tokens, ttft %s, %.3fs)", self.request_id, peer_id,
-            self.outcome, self.adapter, *self._tokens, ttft, time.perf_counter() - self._start,
+            "%s%s: %s (adapter %s, prompt %d, completion %d tokens, ttft %s, %.3fs)", self.request_id, peer_id,
+            self.outcome, quote(self.adapter), *self._tokens, ttft, time.perf_counter() - self._start,
         )
 
 
@@ -420,7 +527,7 @@ async def start(config: ServerConfig, *, llm: AsyncLLM | Callable[[], AsyncLLM] 
         ("grpc.so_reuseport", 0),  # a port in use is an error, not a silently shared port
     ]
     grpc_server = grpc.aio.server(options=options)
-    pb_grpc.add_GenerationServicer_to_server(_Servicer(server), grpc_server)
+    _add_servicer(_Servicer(server), grpc_server)
     health_pb2_grpc.add_HealthServicer_to_server(server.health, grpc_server)
     reflection.enable_server_reflection(
         [SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], grpc_server
@@ -442,7 +549,7 @@ async def start(config: ServerConfig, *, llm: AsyncLLM | Callable[[], AsyncLLM] 
     server._grpc = grpc_server
     await grpc_server.start()
     if config.metrics_port is not None:
-        server.metrics_port = server.metrics.serve_http((config.metrics_host or config.host).strip("[]"), config.metrics_port)
+        server.metrics_port = server.metrics.serve_http(config.metrics_host.strip("[]"), config.metrics_port, config.metrics_tokens)
     logger.info("listening on %s:%d (%s)", config.host, server.port, "TLS" if config.tls_cert else "plaintext")
     if isinstance(llm, AsyncLLM):
         given = llm
@@ -453,20 +560,26 @@ async def start(config: ServerConfig, *, llm: AsyncLLM | Callable[[], AsyncLLM] 
     return server
 
 
-def serve(config: ServerConfig) -> None:
+def serve(config: ServerConfig, *, llm: AsyncLLM | Callable[[], AsyncLLM] | None = None) -> None:
     """Serve until SIGTERM or SIGINT, then drain: new requests get UNAVAILABLE, in-flight ones
     finish (for up to `config.drain_timeout_s`), and the process may exit. A second signal stops
     at once.
 
+    Args:
+        config: what to serve and how.
+        llm: as in `start` (None: load `config.model`).
+
     Raises:
         The model's load error (CheckpointError, ConfigError, AdapterError, ...) and
         InvalidParameterError for a port or TLS file that cannot be used.
+        EngineDeadError: the engine stopped after an error it could not recover from; the
+            server has stopped, and the process should exit non-zero so a supervisor restarts it.
     """
-    asyncio.run(_serve(config))
+    asyncio.run(_serve(config, llm))
 
 
-async def _serve(config: ServerConfig) -> None:
-    server = await start(config)
+async def _serve(config: ServerConfig, llm: AsyncLLM | Callable[[], AsyncLLM] | None = None) -> None:
+    server = await start(config, llm=llm)
     loop = asyncio.get_running_loop()
     signalled = asyncio.Event()
 
@@ -487,7 +600,15 @@ async def _serve(config: ServerConfig) -> None:
         signal_seen.cancel()
         await server.stop()
         raise ready.exception()
-    await signal_seen
+    engine_dead = asyncio.ensure_future(server._engine_dead.wait())
+    await asyncio.wait([signal_seen, engine_dead], return_when=asyncio.FIRST_COMPLETED)
+    if engine_dead.done():
+        signal_seen.cancel()
+        await server.stop()
+        raise EngineDeadError(
+            f"the engine stopped after an error ({server._engine_error!r}); the server stopped, restart it"
+        ) from server._engine_error
+    engine_dead.cancel()
     await server.drain()
 
 
@@ -496,6 +617,11 @@ async def _serve(config: ServerConfig) -> None:
 
 def _prompt(request: pb.GenerateRequest | pb.TokenizeRequest, tokenizer: Any) -> str | list[dict[str, str]]:
     """The prompt text, or the chat messages, of a request; exactly one must be given."""
+    if len(request.messages) > MAX_MESSAGES:  # before a dict is made of each
+        raise InvalidParameterError(
+            f"messages holds {len(request.messages)} messages, more than the {MAX_MESSAGES} allowed; "
+            "shorten the conversation"
+        )
     if request.prompt and request.messages:
         raise InvalidParameterError("give exactly one of prompt (raw text) and messages (chat), not both")
     if not request.messages:
@@ -507,12 +633,7 @@ def _prompt(request: pb.GenerateRequest | pb.TokenizeRequest, tokenizer: Any) ->
             raise InvalidParameterError(f"messages[{i}].role is empty; use e.g. 'system', 'user' or 'assistant'")
     if tokenizer.chat_template is None:
         raise InvalidParameterError("messages need a chat template, which this model has none of; send raw text in prompt")
-    messages = [{"role": m.role, "content": m.content} for m in request.messages]
-    try:
-        tokenizer.apply_chat_template(messages)  # a template's own refusal, named as the field's
-    except QuadaptError as e:
-        raise InvalidParameterError(f"messages: {e}") from None
-    return messages
+    return [{"role": m.role, "content": m.content} for m in request.messages]
 
 
 def _sampling(request: pb.GenerateRequest) -> SamplingParams:
@@ -540,6 +661,11 @@ def _adapter_info(version: Any) -> pb.AdapterInfo:
         name=version.name, digest=version.digest, rank=version.max_rank, pinned=version.pinned,
         in_slot=version.slot is not None, requests=max(version.requests, 0),
     )
+
+
+def _peer(context: grpc.aio.ServicerContext) -> str:
+    """The client's address as grpc reports it (e.g. `ipv4:127.0.0.1:50544`), printable and short."""
+    return "".join(c for c in str(context.peer())[:128] if c.isprintable())
 
 
 def _peer_request_id(context: grpc.aio.ServicerContext) -> str:

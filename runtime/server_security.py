@@ -23,7 +23,7 @@ from typing import Any
 
 import grpc
 
-from .errors import InvalidParameterError
+from .errors import InvalidParameterError, quote
 
 
 class Refusal(Exception):
@@ -95,7 +95,7 @@ def resolve_adapter_path(path: str, allowed: Sequence[Path]) -> Path:
             return real
     raise Refusal(
         grpc.StatusCode.PERMISSION_DENIED,
-        f"adapter path {path!r} is outside the server's adapter directories (symlinks and '..' resolved); "
+        f"adapter path {quote(path)} is outside the server's adapter directories (symlinks and '..' resolved); "
         "put the adapter in one of them",
     )
 

@@ -70,7 +70,7 @@ def test_eval_ppl_last_line(capsys, chat_model, tmp_path):
     "argv, message",
     [
         (["generate", "--model", "/no/such/model", "--prompt", "x"], "does not exist"),
-        (["generate", "--model", "{model}", "--prompt", "x", "--temperature", "-1"], "temperature must be"),
+        (["generate", "--model", "{model}", "--prompt", "x", "--temperature", "-1"], "temperature (--temperature) must be"),
         (["generate", "--model", "{model}", "--prompt", "x", "--top-p", "0"], "top_p (--top-p) must be in"),
         (["eval-ppl", "--model", "{model}", "--text", "/no/such.txt"], "does not exist"),
         (["generate", "--model", "{model}", "--prompt", "x", "--max-new-tokens", "0"],

@@ -14,7 +14,7 @@ from peft import LoraConfig
 from quadapt.runtime.adapters import apply_adapter
 from quadapt.runtime.checkpoints import open_checkpoint
 from quadapt.runtime.engine import Engine, EngineConfig
-from quadapt.runtime.errors import InvalidParameterError
+from quadapt.runtime.errors import EngineDeadError, InvalidParameterError, RequestFailedError
 from quadapt.runtime.generate import generate_text
 from quadapt.runtime.llm import LLM, AsyncLLM, GenerateRequest, encode_prompt
 from quadapt.runtime.loader import load_model
@@ -164,7 +164,7 @@ def test_a_busy_engine_takes_new_requests_aborts_and_reads_within_one_step(base,
     assert engine.allocator.num_used == 0 and not engine.has_unfinished()
 
 
-def test_a_failed_step_ends_every_stream_with_the_error(base, tokenizer):
+def test_a_failed_step_fails_its_requests_and_the_engine_goes_on(base, tokenizer):
     engine = make_engine(base)
     execute = engine.executor.execute
     calls = 0
@@ -181,14 +181,46 @@ def test_a_failed_step_ends_every_stream_with_the_error(base, tokenizer):
 
     async def main():
         async with AsyncLLM(engine, tokenizer) as llm:
-            with pytest.raises(RuntimeError, match=r"engine stopped after an error.*out of memory \(injected\)"):
+            with pytest.raises(RequestFailedError, match=r"engine step running this request failed \(RuntimeError\)"):
                 async for _ in llm.stream("hello", params):
                     pass
-            with pytest.raises(RuntimeError, match="engine stopped after an error"):
+            deltas = [d async for d in llm.stream("after", SamplingParams(max_new_tokens=4, ignore_eos=True))]
+            assert deltas[-1].finish_reason == "length" and deltas[-1].completion_tokens == 4
+            return llm.metrics()
+
+    metrics = asyncio.run(main())
+    assert (metrics.requests_failed, metrics.requests_finished, metrics.kv_blocks_used) == (1, 1, 0)
+
+
+def test_an_engine_thread_that_stops_ends_every_stream_with_the_error(base, tokenizer):
+    engine = make_engine(base)
+    schedule = engine.scheduler.schedule
+    calls = 0
+
+    def failing():
+        nonlocal calls
+        calls += 1
+        if calls == 3:
+            raise RuntimeError("scheduler bug (injected)")
+        return schedule()
+
+    engine.scheduler.schedule = failing
+    params = SamplingParams(max_new_tokens=50, temperature=0.0, ignore_eos=True)
+    seen: list[BaseException] = []
+
+    async def main():
+        async with AsyncLLM(engine, tokenizer) as llm:
+            llm.add_failure_callback(seen.append)
+            with pytest.raises(EngineDeadError, match=r"engine stopped after an error.*scheduler bug \(injected\)"):
+                async for _ in llm.stream("hello", params):
+                    pass
+            with pytest.raises(EngineDeadError, match="engine stopped after an error"):
                 await anext(llm.stream("after", params))  # refused, not left waiting
+            assert llm.failed is seen[0]
             return llm.metrics()  # still answers, on the caller's thread
 
     assert asyncio.run(main()).requests_aborted == 1
+    assert [str(e) for e in seen] == ["scheduler bug (injected)"]
 
 
 def test_streaming_before_start_is_refused(base, tokenizer):

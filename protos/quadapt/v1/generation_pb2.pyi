@@ -12,9 +12,20 @@ class FinishReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     FINISH_REASON_UNSPECIFIED: _ClassVar[FinishReason]
     FINISH_REASON_STOP: _ClassVar[FinishReason]
     FINISH_REASON_LENGTH: _ClassVar[FinishReason]
+
+class ServerState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SERVER_STATE_UNSPECIFIED: _ClassVar[ServerState]
+    SERVER_STATE_SERVING: _ClassVar[ServerState]
+    SERVER_STATE_DRAINING: _ClassVar[ServerState]
+    SERVER_STATE_FAILED: _ClassVar[ServerState]
 FINISH_REASON_UNSPECIFIED: FinishReason
 FINISH_REASON_STOP: FinishReason
 FINISH_REASON_LENGTH: FinishReason
+SERVER_STATE_UNSPECIFIED: ServerState
+SERVER_STATE_SERVING: ServerState
+SERVER_STATE_DRAINING: ServerState
+SERVER_STATE_FAILED: ServerState
 
 class ChatMessage(_message.Message):
     __slots__ = ("role", "content")
@@ -183,7 +194,7 @@ class ServerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ServerInfoResponse(_message.Message):
-    __slots__ = ("model", "version", "max_context_tokens", "vocab_size", "chat_template", "max_queue", "max_batch", "max_loras", "max_lora_rank", "max_message_bytes")
+    __slots__ = ("model", "version", "max_context_tokens", "vocab_size", "chat_template", "max_queue", "max_batch", "max_loras", "max_lora_rank", "max_message_bytes", "state")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     MAX_CONTEXT_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -194,6 +205,7 @@ class ServerInfoResponse(_message.Message):
     MAX_LORAS_FIELD_NUMBER: _ClassVar[int]
     MAX_LORA_RANK_FIELD_NUMBER: _ClassVar[int]
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
     model: str
     version: str
     max_context_tokens: int
@@ -204,4 +216,5 @@ class ServerInfoResponse(_message.Message):
     max_loras: int
     max_lora_rank: int
     max_message_bytes: int
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., max_context_tokens: _Optional[int] = ..., vocab_size: _Optional[int] = ..., chat_template: _Optional[bool] = ..., max_queue: _Optional[int] = ..., max_batch: _Optional[int] = ..., max_loras: _Optional[int] = ..., max_lora_rank: _Optional[int] = ..., max_message_bytes: _Optional[int] = ...) -> None: ...
+    state: ServerState
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., max_context_tokens: _Optional[int] = ..., vocab_size: _Optional[int] = ..., chat_template: _Optional[bool] = ..., max_queue: _Optional[int] = ..., max_batch: _Optional[int] = ..., max_loras: _Optional[int] = ..., max_lora_rank: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., state: _Optional[_Union[ServerState, str]] = ...) -> None: ...
