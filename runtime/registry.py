@@ -11,6 +11,10 @@ version; requests already admitted keep the version they named, and the old vers
 the last of them ends. Nothing mixes versions. An adapter named by an unfinished request cannot
 be unloaded (a clear error says so), and an unknown name is an error, never the base model.
 
+A name or path from a client is untrusted: names must match `_NAME` in full, messages quote what
+a client sent (bounded), and an adapter directory is checked for size, rank and fit from its
+safetensors header before any tensor is read.
+
 Thread safety: every public method takes one lock, so a server thread may load or unload while
 the engine's thread steps. The registry never runs the model; it only fills slots through the
 executor.
@@ -28,12 +32,15 @@ from typing import Protocol
 
 import torch
 
-from .checkpoints.peft import PeftAdapter
+from .checkpoints.peft import MAX_ADAPTER_BYTES, PeftAdapter
 from .checkpoints.peft_fit import BaseModules, check_adapter_fits, load_adapter_for
-from .errors import AdapterError, InvalidParameterError
+from .errors import AdapterError, InvalidParameterError, quote
 from .lora import LoRAWeights
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-/]{0,127}$")
+# Used with fullmatch: `$` alone would let a trailing newline through into logs.
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._\-/]{0,127}")
+# How many loaded names an "unknown adapter" message lists.
+_LISTED = 8
 
 
 class AdapterNotFoundError(AdapterError):
@@ -101,12 +108,16 @@ class AdapterRegistry:
         slots: what holds the slots (the executor).
         base: the base model's module layout, to check adapters against.
         max_rank: the largest rank a slot holds.
+        max_bytes: the largest adapter weights file `load` reads from a directory.
     """
 
-    def __init__(self, slots: SlotWriter, base: BaseModules, max_rank: int) -> None:
+    def __init__(
+        self, slots: SlotWriter, base: BaseModules, max_rank: int, *, max_bytes: int = MAX_ADAPTER_BYTES
+    ) -> None:
         self._slots = slots
         self._base = base
         self.max_rank = max_rank
+        self.max_bytes = max_bytes
         self._versions: dict[str, AdapterVersion] = {}
         self._occupant: list[AdapterVersion | None] = [None] * slots.num_lora_slots
         self._clock = 0
@@ -128,25 +139,22 @@ class AdapterRegistry:
         Raises:
             InvalidParameterError: a bad name, or no adapter slots to serve it.
             AdapterError, UnsupportedError: the adapter is malformed, unsupported, made for
-                another base, or of a rank above the slots' `max_rank`.
+                another base, of a rank above the slots' `max_rank`, or a directory whose weights
+                file is above `max_bytes`; a directory is refused for size, rank or fit before
+                any tensor is read.
         """
-        if not isinstance(name, str) or not _NAME.match(name):
+        if not isinstance(name, str) or not _NAME.fullmatch(name):
             raise InvalidParameterError(
-                f"adapter name {name!r} is not allowed; use 1-128 letters, digits, '.', '_', '-' or '/', "
+                f"adapter name {quote(name)} is not allowed; use 1-128 letters, digits, '.', '_', '-' or '/', "
                 "starting with a letter or digit"
             )
         if not self._occupant:
             raise InvalidParameterError("this engine has no adapter slots; start it with at least one (max_loras >= 1)")
         if isinstance(source, PeftAdapter):
-            check_adapter_fits(source, self._base)
+            check_adapter_fits(source, self._base, max_rank=self.max_rank)
             adapter = source
         else:
-            adapter = load_adapter_for(source, self._base)
-        if adapter.max_rank > self.max_rank:
-            raise AdapterError(
-                f"adapter {name!r} has rank {adapter.max_rank}, above the slots' max rank {self.max_rank}; "
-                "start the engine with a larger max_lora_rank"
-            )
+            adapter = load_adapter_for(source, self._base, max_rank=self.max_rank, max_bytes=self.max_bytes)
         digest = adapter_digest(adapter.modules)
         with self._lock:
             old = self._versions.get(name)
@@ -171,7 +179,7 @@ class AdapterRegistry:
             version = self._get(name)
             if version.requests:
                 raise AdapterInUseError(
-                    f"adapter {name!r} is used by {version.requests} unfinished request(s); it can be unloaded "
+                    f"adapter {quote(name)} is used by {version.requests} unfinished request(s); it can be unloaded "
                     "once they finish (or are cancelled)"
                 )
             del self._versions[name]
@@ -231,9 +239,11 @@ class AdapterRegistry:
     def _get(self, name: str) -> AdapterVersion:
         version = self._versions.get(name)
         if version is None:
-            loaded = ", ".join(sorted(self._versions)) or "none"
+            names = sorted(self._versions)
+            more = f" and {len(names) - _LISTED} more" if len(names) > _LISTED else ""
+            loaded = (", ".join(names[:_LISTED]) + more) or "none"
             raise AdapterNotFoundError(
-                f"unknown adapter {name!r}; loaded adapters: {loaded}. Load it first, or leave the adapter "
+                f"unknown adapter {quote(name)}; loaded adapters: {loaded}. Load it first, or leave the adapter "
                 "unset for the base model"
             )
         return version

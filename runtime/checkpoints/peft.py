@@ -9,6 +9,10 @@ serve differently from PEFT is refused with the reason: DoRA, `modules_to_save`,
 embedding LoRA, `fan_in_fan_out`, init methods that modify the base weights, other LoRA variants
 and non-LoRA PEFT types. Pickle weights (`adapter_model.bin`) are never loaded.
 
+Reading is two steps so a caller can refuse an adapter before paying for it: `read_peft_header`
+checks the config, the weights file's size and the factor shapes from the safetensors header
+(no tensor data), and `read_peft_weights` then reads the tensors.
+
 Checking an adapter against a base model is `peft_fit.py`; writing adapters is
 `converters.peft`. This file knows only the format, and only reads it.
 """
@@ -25,12 +29,18 @@ from typing import Any
 import torch
 
 from ..config import read_json_object
-from ..errors import AdapterError, UnsupportedError
+from ..errors import AdapterError, UnsupportedError, quote
 from ..lora import LoRAWeights
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 KEY_PREFIX = "base_model.model."
+# The largest adapter_model.safetensors read unless a caller says otherwise. Rank 64 on every
+# projection of an 8B Llama is 0.67 GB in fp32, so real adapters fit; the cap bounds what one
+# careless or hostile LoadAdapter can make a server map and copy into memory.
+MAX_ADAPTER_BYTES = 1 << 30
+# adapter_config.json is read whole; a real one (rank_pattern included) is a few KB.
+_MAX_CONFIG_BYTES = 16 << 20
 
 _WEIGHT_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.(?P<factor>lora_A|lora_B)\.weight$")
 # Keys of PEFT features the runtime does not serve, each with the reason given to the user.
@@ -100,48 +110,122 @@ class PeftAdapter:
         return max(w.rank for w in self.modules.values())
 
     @property
+    def shapes(self) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
+        """HF module name -> (lora_A shape, lora_B shape)."""
+        return {name: (tuple(w.a.shape), tuple(w.b.shape)) for name, w in self.modules.items()}
+
+    @property
     def name(self) -> str:
         return str(self.path) if self.path is not None else "<in-memory adapter>"
 
 
-def read_peft_adapter(path: str | Path) -> PeftAdapter:
-    """Read and check a PEFT LoRA adapter directory.
+@dataclass(frozen=True)
+class PeftHeader:
+    """A PEFT adapter as its files describe it before any tensor is read: the checked config and
+    each module's factor shapes from the safetensors header. It holds no weights.
+
+    Attributes:
+        path: the adapter directory.
+        config: `adapter_config.json`, checked by `check_adapter_config`.
+        shapes: HF module name -> (lora_A shape [r, in], lora_B shape [out, r]), with r the rank
+            the config gives the module; sorted by name.
+    """
+
+    path: Path
+    config: dict[str, Any]
+    shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]]
+
+    @property
+    def max_rank(self) -> int:
+        return max(a[0] for a, _ in self.shapes.values())
+
+    @property
+    def name(self) -> str:
+        return str(self.path)
+
+
+def read_peft_adapter(path: str | Path, *, max_bytes: int = MAX_ADAPTER_BYTES) -> PeftAdapter:
+    """Read and check a PEFT LoRA adapter directory: `read_peft_header`, then `read_peft_weights`.
 
     Args:
         path: a directory with `adapter_config.json` and `adapter_model.safetensors`.
+        max_bytes: the largest weights file read; a larger one is refused before any tensor is read.
 
     Returns:
         The adapter, its modules sorted by name.
 
     Raises:
-        AdapterError: missing files, malformed config, unexpected keys, rank mismatches, non-float
-            or non-finite weights.
+        AdapterError: missing files, a weights file above `max_bytes`, malformed config, unexpected
+            keys, rank mismatches, non-float or non-finite weights.
         UnsupportedError: a PEFT feature the runtime does not serve (DoRA, modules_to_save, ...).
     """
+    return read_peft_weights(read_peft_header(path, max_bytes=max_bytes))
+
+
+def read_peft_header(path: str | Path, *, max_bytes: int = MAX_ADAPTER_BYTES) -> PeftHeader:
+    """Check a PEFT adapter directory without reading its tensors: the config, the weights file's
+    size, its keys, and each module's factor shapes against the rank the config gives it.
+
+    Args:
+        path: a directory with `adapter_config.json` and `adapter_model.safetensors`.
+        max_bytes: the largest weights file accepted.
+
+    Returns:
+        The config and the factor shapes; `read_peft_weights` reads the tensors.
+
+    Raises:
+        AdapterError: missing files, a weights file above `max_bytes`, malformed config, unexpected
+            keys, a factor missing, or shapes that disagree with the config's rank.
+        UnsupportedError: a PEFT feature the runtime does not serve (DoRA, modules_to_save, ...).
+    """
+    from safetensors import SafetensorError, safe_open
+
     path = Path(path).expanduser()
     if not path.is_dir():
-        raise AdapterError(f"adapter path {str(path)!r} is not a directory; pass a PEFT adapter directory")
+        raise AdapterError(f"adapter path {quote(str(path), 256)} is not a directory; pass a PEFT adapter directory")
     config = _read_config(path)
     check_adapter_config(config, where=str(path / ADAPTER_CONFIG))
-    factors = _read_weights(path)
-    use_rslora = bool(config.get("use_rslora", False))
+    file = _weights_file(path)
+    size = file.stat().st_size
+    if size > max_bytes:
+        raise AdapterError(
+            f"{str(file)!r} is {size} bytes, above the limit of {max_bytes} bytes for one adapter; nothing was "
+            "read. Use a smaller adapter (lower rank, fewer target modules), or, if it is trusted, raise the "
+            "limit (max_bytes)"
+        )
+    try:
+        with safe_open(file, framework="pt") as f:
+            shapes = _factor_shapes(f, file, config)
+    except SafetensorError as e:
+        raise _unreadable(file, e) from None
+    return PeftHeader(path=path, config=config, shapes=shapes)
+
+
+def read_peft_weights(header: PeftHeader) -> PeftAdapter:
+    """Read the tensors `header` describes.
+
+    Raises:
+        AdapterError: non-float or non-finite weights, or a weights file that changed since
+            `header` was read.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    file = header.path / ADAPTER_WEIGHTS
+    use_rslora = bool(header.config.get("use_rslora", False))
     modules: dict[str, LoRAWeights] = {}
-    for name in sorted(factors):
-        a, b = factors[name].get("lora_A"), factors[name].get("lora_B")
-        if a is None or b is None:
-            missing = "lora_A" if a is None else "lora_B"
-            raise AdapterError(f"{path}: module {name!r} has no {missing}.weight; the adapter file is incomplete")
-        rank, alpha = module_rank_alpha(config, name)
-        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != rank or b.shape[1] != rank:
-            raise AdapterError(
-                f"{path}: module {name!r} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}, but "
-                f"adapter_config.json gives it rank {rank} (r, rank_pattern); expected lora_A [{rank}, in] and "
-                f"lora_B [out, {rank}]. The config and weights come from different adapters"
-            )
-        modules[name] = LoRAWeights(a=a, b=b, alpha=alpha, use_rslora=use_rslora)
-    if not modules:
-        raise AdapterError(f"{path}: {ADAPTER_WEIGHTS} holds no LoRA weights")
-    return PeftAdapter(modules=modules, config=config, path=path)
+    try:
+        with safe_open(file, framework="pt") as f:
+            # The checks the caller made on `header` hold only for the file they were made on.
+            if _factor_shapes(f, file, header.config) != header.shapes:
+                raise AdapterError(f"{str(file)!r} changed while it was being read; load the adapter again")
+            for name in header.shapes:
+                a = _read_tensor(f, file, f"{KEY_PREFIX}{name}.lora_A.weight")
+                b = _read_tensor(f, file, f"{KEY_PREFIX}{name}.lora_B.weight")
+                _, alpha = module_rank_alpha(header.config, name)
+                modules[name] = LoRAWeights(a=a, b=b, alpha=alpha, use_rslora=use_rslora)
+    except SafetensorError as e:
+        raise _unreadable(file, e) from None
+    return PeftAdapter(modules=modules, config=header.config, path=header.path)
 
 
 def check_adapter_config(config: Mapping[str, Any], *, where: str) -> None:
@@ -234,13 +318,16 @@ def _read_config(path: Path) -> dict[str, Any]:
             f"{str(path)!r} has no {ADAPTER_CONFIG}; a PEFT adapter directory needs it beside "
             f"{ADAPTER_WEIGHTS} (save the adapter with peft's save_pretrained())"
         )
+    size = file.stat().st_size
+    if size > _MAX_CONFIG_BYTES:
+        raise AdapterError(
+            f"{str(file)!r} is {size} bytes, above the {_MAX_CONFIG_BYTES} bytes an adapter config may have; "
+            "it is not a PEFT adapter_config.json"
+        )
     return read_json_object(file, AdapterError)
 
 
-def _read_weights(path: Path) -> dict[str, dict[str, torch.Tensor]]:
-    """module name -> {"lora_A": tensor, "lora_B": tensor}, every key accounted for."""
-    from safetensors import SafetensorError, safe_open
-
+def _weights_file(path: Path) -> Path:
     file = path / ADAPTER_WEIGHTS
     if not file.is_file():
         pickles = [p.name for p in sorted(path.glob("*.bin")) + sorted(path.glob("*.pt"))]
@@ -251,25 +338,51 @@ def _read_weights(path: Path) -> dict[str, dict[str, torch.Tensor]]:
             else ""
         )
         raise AdapterError(f"{str(path)!r} has no {ADAPTER_WEIGHTS}.{hint}")
-    factors: dict[str, dict[str, torch.Tensor]] = {}
-    try:
-        with safe_open(file, framework="pt") as f:
-            keys = list(f.keys())
-            _check_keys(file, keys)
-            for key in keys:
-                m = _WEIGHT_KEY.match(key)
-                tensor = f.get_tensor(key)
-                if not tensor.is_floating_point():
-                    raise AdapterError(f"{file}: tensor {key!r} has dtype {tensor.dtype}; LoRA weights must be float")
-                if not torch.isfinite(tensor).all():
-                    raise AdapterError(
-                        f"{file}: tensor {key!r} holds NaN or Inf values; the adapter is broken (diverged training "
-                        "or a damaged file) and cannot be served"
-                    )
-                factors.setdefault(m["module"], {})[m["factor"]] = tensor
-    except SafetensorError as e:
-        raise AdapterError(f"{str(file)!r} is not a readable safetensors file ({e}); it is truncated or corrupt") from None
-    return factors
+    return file
+
+
+def _factor_shapes(f: Any, file: Path, config: Mapping[str, Any]) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
+    """module name -> (lora_A shape, lora_B shape) from an open safetensors header, every key
+    accounted for and every shape checked against the config's rank; no tensor data is read."""
+    keys = list(f.keys())
+    _check_keys(file, keys)
+    factors: dict[str, dict[str, tuple[int, ...]]] = {}
+    for key in keys:
+        m = _WEIGHT_KEY.match(key)
+        factors.setdefault(m["module"], {})[m["factor"]] = tuple(f.get_slice(key).get_shape())
+    shapes = {}
+    for name in sorted(factors):
+        a, b = factors[name].get("lora_A"), factors[name].get("lora_B")
+        if a is None or b is None:
+            missing = "lora_A" if a is None else "lora_B"
+            raise AdapterError(f"{file.parent}: module {name!r} has no {missing}.weight; the adapter file is incomplete")
+        rank, _ = module_rank_alpha(config, name)
+        if len(a) != 2 or len(b) != 2 or a[0] != rank or b[1] != rank:
+            raise AdapterError(
+                f"{file.parent}: module {name!r} has lora_A {a} and lora_B {b}, but "
+                f"adapter_config.json gives it rank {rank} (r, rank_pattern); expected lora_A [{rank}, in] and "
+                f"lora_B [out, {rank}]. The config and weights come from different adapters"
+            )
+        shapes[name] = (a, b)
+    if not shapes:
+        raise AdapterError(f"{file.parent}: {ADAPTER_WEIGHTS} holds no LoRA weights")
+    return shapes
+
+
+def _read_tensor(f: Any, file: Path, key: str) -> torch.Tensor:
+    tensor = f.get_tensor(key)
+    if not tensor.is_floating_point():
+        raise AdapterError(f"{file}: tensor {key!r} has dtype {tensor.dtype}; LoRA weights must be float")
+    if not torch.isfinite(tensor).all():
+        raise AdapterError(
+            f"{file}: tensor {key!r} holds NaN or Inf values; the adapter is broken (diverged training "
+            "or a damaged file) and cannot be served"
+        )
+    return tensor
+
+
+def _unreadable(file: Path, error: Exception) -> AdapterError:
+    return AdapterError(f"{str(file)!r} is not a readable safetensors file ({error}); it is truncated or corrupt")
 
 
 def _check_keys(file: Path, keys: list[str]) -> None:

@@ -6,6 +6,8 @@ and `out_features` counts as linear) or from a checkpoint's config.json alone (t
 on the meta device, no weights read). `check_adapter_fits` then insists that the adapter's
 modules are exactly those PEFT would wrap in that base, with matching shapes: a key that matches
 nothing, a targeted module without weights, or a shape from another base is an error, not a skip.
+It needs only the factor shapes, so `load_adapter_for` runs it on the safetensors header and
+reads no tensor of an adapter it refuses.
 
 The PEFT format itself is `peft.py`. Writing adapters (normalized PEFT, SVD extraction, merging)
 is `quadapt.converters`.
@@ -24,7 +26,7 @@ from torch import nn
 
 from ..errors import AdapterError, UnsupportedError
 from ..lora import is_linear_like
-from .peft import PeftAdapter, read_peft_adapter
+from .peft import MAX_ADAPTER_BYTES, PeftAdapter, PeftHeader, read_peft_header, read_peft_weights
 from .reader import CheckpointReader
 
 _EMBEDDINGS = ("model.embed_tokens", "lm_head")
@@ -78,18 +80,25 @@ class BaseModules:
         return [n for n in self.linear if n not in _EMBEDDINGS]
 
 
-def check_adapter_fits(adapter: PeftAdapter, base: BaseModules) -> None:
-    """Check that PEFT would apply `adapter` to `base` exactly as its weights say.
+def check_adapter_fits(adapter: PeftAdapter | PeftHeader, base: BaseModules, *, max_rank: int | None = None) -> None:
+    """Check that PEFT would apply `adapter` to `base` exactly as its weights say; only the
+    config and the factor shapes are looked at, so a `PeftHeader` is checked before its tensors are read.
+
+    Args:
+        adapter: the adapter, or its header.
+        base: the base model's module layout.
+        max_rank: the largest rank the engine's adapter slots hold; None for no limit.
 
     Raises:
         AdapterError: a weight for a module the base lacks or that the config does not target, a
-            targeted module without weights, a target_modules entry that selects nothing, or a
-            shape that does not fit (an adapter for another base).
+            targeted module without weights, a target_modules entry that selects nothing, a
+            shape that does not fit (an adapter for another base), or a rank above `max_rank`.
         UnsupportedError: LoRA on lm_head or the embedding, or a target that is not a linear layer.
     """
     where = adapter.name
+    shapes = adapter.shapes
     names = set(base.names)
-    alien = [m for m in adapter.modules if m not in names]
+    alien = [m for m in shapes if m not in names]
     if alien:
         raise AdapterError(
             f"adapter {where} has weights for {_listing(alien)}, which {base.label} lacks; it was trained "
@@ -97,7 +106,7 @@ def check_adapter_fits(adapter: PeftAdapter, base: BaseModules) -> None:
             f"{_layer_count(base)} layers and modules like {base.projection_names()[0]!r}). Use the base it was made for"
         )
     targets = peft_targets(adapter.config, base.names, base.linear)
-    for name in targets + list(adapter.modules):
+    for name in targets + list(shapes):
         if name in _EMBEDDINGS:
             raise UnsupportedError(
                 f"adapter {where} targets {name!r}: LoRA on the embedding or lm_head is not supported; quadapt "
@@ -109,27 +118,34 @@ def check_adapter_fits(adapter: PeftAdapter, base: BaseModules) -> None:
                 f"may select linear projections only (e.g. {', '.join(sorted({n.rsplit('.', 1)[-1] for n in base.projection_names()}))})"
             )
     _check_target_entries(adapter, base)
-    untargeted = [m for m in adapter.modules if m not in set(targets)]
+    untargeted = [m for m in shapes if m not in set(targets)]
     if untargeted:
         raise AdapterError(
             f"adapter {where} has weights for {_listing(untargeted)}, which its target_modules "
             f"({adapter.config.get('target_modules')!r}, with exclude_modules/layers_to_transform) does not select; "
             "PEFT would ignore them. Fix target_modules in adapter_config.json"
         )
-    empty = [t for t in targets if t not in adapter.modules]
+    empty = [t for t in targets if t not in shapes]
     if empty:
         raise AdapterError(
             f"adapter {where}: target_modules selects {_listing(empty)} but the adapter holds no LoRA "
             f"weights for it; PEFT would leave them at their initial values. The weights file is "
             "incomplete or the config belongs to another adapter"
         )
-    for name, w in adapter.modules.items():
+    for name, (a, b) in shapes.items():
         out_f, in_f = base.linear[name]
-        if (w.out_features, w.in_features) != (out_f, in_f):
+        if (b[0], a[1]) != (out_f, in_f):
             raise AdapterError(
-                f"adapter {where}: module {name!r} has lora_A {tuple(w.a.shape)} and lora_B {tuple(w.b.shape)}, "
-                f"a delta of shape [{w.out_features}, {w.in_features}], but in {base.label} that layer is "
+                f"adapter {where}: module {name!r} has lora_A {a} and lora_B {b}, "
+                f"a delta of shape [{b[0]}, {a[1]}], but in {base.label} that layer is "
                 f"[{out_f}, {in_f}]; the adapter was trained for another base model. Use the base it was made for"
+            )
+    if max_rank is not None:
+        rank, name = max((a[0], name) for name, (a, _) in shapes.items())
+        if rank > max_rank:
+            raise AdapterError(
+                f"adapter {where} has rank {rank}, above the slots' max rank {max_rank} (module {name!r}); "
+                "start the engine with a larger max_lora_rank"
             )
 
 
@@ -191,18 +207,27 @@ def peft_targets(config: Mapping[str, Any], module_names: Collection[str], linea
     return found
 
 
-def load_adapter_for(adapter_dir: str | Path, base: BaseModules) -> PeftAdapter:
-    """Read a PEFT adapter and check it against `base`.
+def load_adapter_for(
+    adapter_dir: str | Path, base: BaseModules, *, max_rank: int | None = None, max_bytes: int = MAX_ADAPTER_BYTES
+) -> PeftAdapter:
+    """Read a PEFT adapter checked against `base`: its size, config and shapes first, from the
+    safetensors header, and its tensors only once those pass.
+
+    Args:
+        adapter_dir: a PEFT adapter directory.
+        base: the base model's module layout.
+        max_rank: the largest rank the engine's adapter slots hold; None for no limit.
+        max_bytes: the largest weights file read.
 
     Raises:
-        AdapterError, UnsupportedError: see `read_peft_adapter` and `check_adapter_fits`.
+        AdapterError, UnsupportedError: see `read_peft_header`, `check_adapter_fits` and `read_peft_weights`.
     """
-    adapter = read_peft_adapter(adapter_dir)
-    check_adapter_fits(adapter, base)
-    return adapter
+    header = read_peft_header(adapter_dir, max_bytes=max_bytes)
+    check_adapter_fits(header, base, max_rank=max_rank)
+    return read_peft_weights(header)
 
 
-def _check_target_entries(adapter: PeftAdapter, base: BaseModules) -> None:
+def _check_target_entries(adapter: PeftAdapter | PeftHeader, base: BaseModules) -> None:
     """Each target_modules list entry must select some module of the base: a typo is an error."""
     target = adapter.config.get("target_modules")
     if not isinstance(target, list):
