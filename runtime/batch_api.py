@@ -176,7 +176,11 @@ class BatchModel:
             AdapterNotFoundError: no adapter of that name.
             AdapterInUseError: unfinished requests use it.
         """
-        self._registry().unload(name)
+        registry = self._registry()
+        if self._async is not None:
+            self._async.unload_adapter(name)  # after the aborts of streams closed before this call
+        else:
+            registry.unload(name)
 
     def adapters(self) -> list[str]:
         """The names of the loaded adapters, sorted."""

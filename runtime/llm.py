@@ -417,6 +417,25 @@ class AsyncLLM:
         """The engine's metrics, read between steps (the engine thread changes its queues)."""
         return self._submit(self.engine.metrics).result()
 
+    def unload_adapter(self, name: str, *, wait: bool = True) -> concurrent.futures.Future | None:
+        """Unload an adapter between two steps, after every command posted before it (so an abort
+        posted for its last request has freed it).
+
+        Args:
+            name: the adapter.
+            wait: wait for it (up to the step in progress), raising its error; False returns the
+                future at once, for code on an event loop (`asyncio.wrap_future`).
+
+        Raises:
+            InvalidParameterError: this engine serves no adapters.
+            AdapterNotFoundError, AdapterInUseError: as `AdapterRegistry.unload`.
+        """
+        registry = self.engine.adapters
+        if registry is None:
+            raise InvalidParameterError("this engine serves no adapters; start it with max_loras >= 1")
+        future = self._submit(functools.partial(registry.unload, name))
+        return future.result() if wait else future
+
     def load_adapter(self, name: str, path: str) -> None:
         """Load (or reload) an adapter while requests run."""
         if self.engine.adapters is None:

@@ -100,7 +100,7 @@ class SamplingParams:
         stop = [self.stop] if isinstance(self.stop, str) else self.stop
         if not isinstance(stop, Sequence) or not all(isinstance(s, str) and s for s in stop):
             raise InvalidParameterError(
-                f"stop (--stop) must be a list of non-empty strings, got {quote(self.stop)}; an empty string "
+                f"stop must be a list of non-empty strings (--stop), got {quote(self.stop)}; an empty string "
                 "would stop at once"
             )
         if len(stop) > MAX_STOP_STRINGS:

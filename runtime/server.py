@@ -245,7 +245,8 @@ class _Servicer(pb_grpc.GenerationServicer):
         registry = self.server.llm.engine.adapters
         if registry is None:
             raise AdapterNotFoundError(f"unknown adapter {request.name!r}; this server serves the base model only")
-        registry.unload(request.name)
+        # Between two steps, after the aborts of streams that ended before this call.
+        await asyncio.wrap_future(self.server.llm.unload_adapter(request.name, wait=False))
         logger.info("adapter %s unloaded", quote(request.name))
         return pb.UnloadAdapterResponse()
 
