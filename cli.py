@@ -3,9 +3,10 @@
 Imports happen inside the handlers, so `quadapt --help` starts in a blink. stdout carries results
 only (generated text, perplexity); everything else is a `logging` record of a `quadapt.*` logger,
 which `main` prints on stderr as `quadapt: <message>` (-q: warnings only, -v: debug too). A user's
-mistake prints one `quadapt: error: <message>` line and exits with status 2 (`batch` reports a bad input
-line that way, runs the other lines and exits with 1). Subcommands share
-their common flags through parent parsers, so a flag reads the same wherever it appears.
+mistake, or a command run without the optional extra it needs, prints one `quadapt: error: ...`
+line and exits with status 2 (`batch` reports a bad input line that way, runs the other lines and
+exits with 1; a server whose engine died exits with 1). Subcommands share their common flags
+through parent parsers, so a flag reads the same wherever it appears.
 """
 
 from __future__ import annotations
@@ -806,6 +807,14 @@ def _log_to_stderr(level: int) -> Iterator[None]:
         package.setLevel(saved_level)
 
 
+# The optional extras (pyproject's [project.optional-dependencies]), by the top-level module that
+# a command imports from each; a command run without its extra says which one to install.
+EXTRAS = {
+    "onnx": "onnx", "onnxruntime": "onnx", "gguf": "gguf", "matplotlib": "train", "triton": "gpu",
+    "grpc": "serve", "grpc_health": "serve", "grpc_reflection": "serve", "prometheus_client": "serve",
+}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from .runtime.errors import EngineDeadError, QuadaptError
@@ -819,6 +828,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 1
         except QuadaptError as e:
             logger.error("error: %s", e)
+            return 2
+        except ModuleNotFoundError as e:
+            extra = EXTRAS.get((e.name or "").partition(".")[0])
+            if extra is None:
+                raise
+            logger.error("error: quadapt %s needs the %s package, which is not installed; install it with: "
+                         "pip install 'quadapt[%s]'", args.command, e.name, extra)
             return 2
         except KeyboardInterrupt:
             logger.error("interrupted")
