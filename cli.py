@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     pass
 
+from .runtime.sampling_params import SAMPLING_DEFAULTS as _SAMPLING_PARAMS_DEFAULTS  # torch-free
+
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -106,10 +108,10 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
-# `generate`'s sampling flags default to these, and so do the settings of a `quadapt batch` line.
+# `generate`'s sampling flags and the settings of a `quadapt batch` line: SamplingParams' fields
+# with its defaults (stop_token_ids is the library's only).
 SAMPLING_DEFAULTS: dict[str, object] = {
-    "max_new_tokens": 128, "temperature": 0.0, "top_k": 0, "top_p": 1.0, "repetition_penalty": 1.0,
-    "seed": None, "stop": None, "ignore_eos": False,
+    name: default for name, default in _SAMPLING_PARAMS_DEFAULTS.items() if name != "stop_token_ids"
 }
 
 
@@ -564,11 +566,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt", required=True, help="the prompt text")
     gen.add_argument("--chat", action="store_true", help="wrap the prompt as one user message in the model's chat template")
     gen.add_argument("--system", default=None, help="system message of the chat template (needs --chat)")
-    gen.add_argument("--max-new-tokens", type=int, default=SAMPLING_DEFAULTS["max_new_tokens"], metavar="N", help="most tokens to generate (default 128)")
-    gen.add_argument("--temperature", type=float, default=SAMPLING_DEFAULTS["temperature"], metavar="T", help="sampling temperature; 0 is greedy (default)")
-    gen.add_argument("--top-p", type=float, default=SAMPLING_DEFAULTS["top_p"], metavar="P", help="nucleus sampling mass (default 1.0: off)")
-    gen.add_argument("--top-k", type=int, default=SAMPLING_DEFAULTS["top_k"], metavar="K", help="keep the K most likely tokens (default 0: off)")
-    gen.add_argument("--repetition-penalty", type=float, default=SAMPLING_DEFAULTS["repetition_penalty"], metavar="R", help="penalty on repeated tokens (default 1.0: off)")
+    gen.add_argument("--max-new-tokens", type=int, default=SAMPLING_DEFAULTS["max_new_tokens"], metavar="N", help="most tokens to generate (default %(default)s)")
+    gen.add_argument("--temperature", type=float, default=SAMPLING_DEFAULTS["temperature"], metavar="T", help="sampling temperature; 0 is greedy (default %(default)s)")
+    gen.add_argument("--top-p", type=float, default=SAMPLING_DEFAULTS["top_p"], metavar="P", help="nucleus sampling mass; 1 is off (default %(default)s)")
+    gen.add_argument("--top-k", type=int, default=SAMPLING_DEFAULTS["top_k"], metavar="K", help="keep the K most likely tokens; 0 is off (default %(default)s)")
+    gen.add_argument("--repetition-penalty", type=float, default=SAMPLING_DEFAULTS["repetition_penalty"], metavar="R", help="penalty on repeated tokens; 1 is off (default %(default)s)")
     gen.add_argument("--seed", type=int, default=None, metavar="S", help="seed; the same seed reproduces sampled output")
     gen.add_argument("--stop", action="append", metavar="TEXT", help="stop before this text (repeatable)")
     gen.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence tokens")

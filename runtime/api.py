@@ -26,7 +26,7 @@ from .errors import CheckpointError, InvalidParameterError
 from .generate import Generation, generate_text
 from .loader import load_model
 from .model import CausalLM
-from .sampling import SamplingParams
+from .sampling import SAMPLING_DEFAULTS, SamplingParams
 from .tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -62,14 +62,14 @@ class LoadedModel:
         self,
         prompt: str | Sequence[Message],
         *,
-        max_new_tokens: int = 128,
-        temperature: float = 0.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        repetition_penalty: float = 1.0,
-        seed: int | None = None,
+        max_new_tokens: int = SAMPLING_DEFAULTS["max_new_tokens"],
+        temperature: float = SAMPLING_DEFAULTS["temperature"],
+        top_k: int = SAMPLING_DEFAULTS["top_k"],
+        top_p: float = SAMPLING_DEFAULTS["top_p"],
+        repetition_penalty: float = SAMPLING_DEFAULTS["repetition_penalty"],
+        seed: int | None = SAMPLING_DEFAULTS["seed"],
         stop: str | list[str] | None = None,
-        ignore_eos: bool = False,
+        ignore_eos: bool = SAMPLING_DEFAULTS["ignore_eos"],
         chat: bool | None = None,
         stream: bool = False,
     ) -> str | Generation[str]:
@@ -198,7 +198,7 @@ def sampling_params(params: Any, settings: dict[str, Any]) -> Any:
         )
     if settings.get("stop") is None:
         settings = {k: v for k, v in settings.items() if k != "stop"}
-    return SamplingParams(**{"temperature": 0.0, **settings})
+    return SamplingParams(**settings)
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:

@@ -69,8 +69,8 @@ logger = logging.getLogger(__name__)
 
 SERVICE = pb.DESCRIPTOR.services_by_name["Generation"].full_name  # "quadapt.v1.Generation"
 ADMIN_METHODS = frozenset({"LoadAdapter", "UnloadAdapter"})
-# What an unset sampling field means: `quadapt generate`'s defaults (greedy, 128 new tokens).
-DEFAULTS = {"max_new_tokens": 128, "temperature": 0.0, "top_k": 0, "top_p": 1.0, "repetition_penalty": 1.0}
+# The optional sampling fields: an unset one takes SamplingParams' default (greedy, 128 new tokens).
+_OPTIONAL_SAMPLING = ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "seed")
 
 # A QuadaptError's status code, by type; the first match wins (subclasses first).
 _CODES: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
@@ -638,12 +638,9 @@ def _prompt(request: pb.GenerateRequest | pb.TokenizeRequest, tokenizer: Any) ->
 
 
 def _sampling(request: pb.GenerateRequest) -> SamplingParams:
-    """The request's sampling settings; an unset field takes `DEFAULTS`. SamplingParams names a bad one."""
-    settings: dict[str, Any] = {
-        name: getattr(request, name) if request.HasField(name) else default for name, default in DEFAULTS.items()
-    }
-    seed = request.seed if request.HasField("seed") else None
-    return SamplingParams(**settings, seed=seed, stop=list(request.stop), ignore_eos=request.ignore_eos)
+    """The request's sampling settings; an unset field takes SamplingParams' default, which names a bad one."""
+    settings: dict[str, Any] = {name: getattr(request, name) for name in _OPTIONAL_SAMPLING if request.HasField(name)}
+    return SamplingParams(**settings, stop=list(request.stop), ignore_eos=request.ignore_eos)
 
 
 def _finish(message: pb.GenerateResponse | pb.GenerateStreamResponse, delta: TextDelta) -> None:

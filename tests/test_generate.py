@@ -66,7 +66,7 @@ def test_greedy_does_not_depend_on_the_seed(model, greedy):
 
 def test_seed_reproduces_and_different_seeds_differ(model):
     def run(seed):
-        return list(generate_ids(model, PROMPT, SamplingParams(max_new_tokens=16, seed=seed), set()))
+        return list(generate_ids(model, PROMPT, SamplingParams(max_new_tokens=16, temperature=1.0, seed=seed), set()))
 
     assert run(7) == run(7)
     outputs = {tuple(run(seed)) for seed in (1, 2, 3)}
@@ -76,8 +76,8 @@ def test_seed_reproduces_and_different_seeds_differ(model):
 
 def test_generation_leaves_the_global_rng_alone(model):
     state = torch.get_rng_state()
-    list(generate_ids(model, PROMPT, SamplingParams(max_new_tokens=4, seed=3), set()))
-    list(generate_ids(model, PROMPT, SamplingParams(max_new_tokens=4), set()))
+    list(generate_ids(model, PROMPT, SamplingParams(max_new_tokens=4, temperature=1.0, seed=3), set()))
+    list(generate_ids(model, PROMPT, SamplingParams(max_new_tokens=4, temperature=1.0), set()))
     assert torch.equal(torch.get_rng_state(), state)
 
 

@@ -155,7 +155,7 @@ def test_greedy_takes_the_first_of_tied_maxima():
 
 def test_sample_accepts_half_precision_logits():
     logits = random_logits(6).to(torch.bfloat16)
-    token = sample(logits, SamplingParams(top_k=1), torch.Generator().manual_seed(0))
+    token = sample(logits, SamplingParams(temperature=1.0, top_k=1), torch.Generator().manual_seed(0))
     assert token == int(logits.float().argmax())
 
 
@@ -203,6 +203,7 @@ def test_invalid_params_raise_clear_errors(kwargs, names):
 def test_params_normalize_and_freeze():
     params = SamplingParams(stop="\n", stop_token_ids=(4, 5))
     assert params.stop == ["\n"] and params.stop_token_ids == [4, 5]
-    assert SamplingParams(temperature=0).greedy and not SamplingParams().greedy
+    assert SamplingParams().greedy and SamplingParams(temperature=1e-6).greedy
+    assert not SamplingParams(temperature=0.7).greedy
     with pytest.raises(AttributeError):
         params.temperature = 0.5  # type: ignore[misc]

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 
+from ..sampling_params import SAMPLING_DEFAULTS as DEFAULTS  # torch-free
+
 
 def add_command(sub: argparse._SubParsersAction) -> None:
     """Add the `run-onnx` subparser to `sub`."""
@@ -21,12 +23,14 @@ def add_command(sub: argparse._SubParsersAction) -> None:
     cmd.add_argument("--chat", action="store_true", help="send the prompt as a user message through the chat template")
     cmd.add_argument("--system", default=None, help="a system message (with --chat)")
     cmd.add_argument("--adapter", default=None, metavar="NAME", help="one of the export's adapters (default: the base model)")
-    cmd.add_argument("--max-new-tokens", type=_positive_int, default=128, metavar="N", help="most tokens to generate (default 128)")
-    cmd.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 (the default) decodes greedily")
-    cmd.add_argument("--top-p", type=float, default=1.0, metavar="P")
-    cmd.add_argument("--top-k", type=int, default=0, metavar="K")
-    cmd.add_argument("--repetition-penalty", type=float, default=1.0, metavar="R")
-    cmd.add_argument("--seed", type=int, default=None)
+    cmd.add_argument("--max-new-tokens", type=_positive_int, default=DEFAULTS["max_new_tokens"], metavar="N",
+                     help="most tokens to generate (default %(default)s)")
+    cmd.add_argument("--temperature", type=float, default=DEFAULTS["temperature"], metavar="T",
+                     help="sampling temperature; 0 decodes greedily (default %(default)s)")
+    cmd.add_argument("--top-p", type=float, default=DEFAULTS["top_p"], metavar="P")
+    cmd.add_argument("--top-k", type=int, default=DEFAULTS["top_k"], metavar="K")
+    cmd.add_argument("--repetition-penalty", type=float, default=DEFAULTS["repetition_penalty"], metavar="R")
+    cmd.add_argument("--seed", type=int, default=DEFAULTS["seed"])
     cmd.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop before TEXT (repeatable)")
     cmd.add_argument("--ignore-eos", action="store_true", help="keep going past the end-of-sequence token")
     cmd.add_argument("--threads", type=_positive_int, default=None, metavar="N", help="onnxruntime intra-op threads")

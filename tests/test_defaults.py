@@ -1,0 +1,84 @@
+"""Every front door decodes greedily by default, with the same defaults, so the same prompt gives
+the same text: `LLM.generate`, `quadapt.load(...).generate`, `quadapt generate`, `quadapt batch`,
+the gRPC server and `run-onnx`.
+
+The defaults are written once, as `SamplingParams`' field defaults; the flags and the wire format
+derive theirs from it. The model is a tiny random int4 Llama, exported with float32 compute and a
+float head so that onnxruntime computes what the checkpoint says (see tests/test_edge.py).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+import quadapt
+from quadapt import cli
+from quadapt.converters.onnx_export import export_onnx
+from quadapt.runtime.generate import generate_text
+from quadapt.runtime.llm import LLM, AsyncLLM, GenerateRequest
+from quadapt.runtime.loader import load_model
+from quadapt.runtime.sampling import SAMPLING_DEFAULTS, SamplingParams
+from quadapt.runtime.server import ServerConfig
+from quadapt.runtime.tokenizer import Tokenizer
+
+from .test_edge import make_base
+from .test_formats import convert_checkpoint
+from .test_server import ServerThread, make_engine
+
+PROMPT = "the quick brown"
+
+
+@pytest.fixture(scope="module")
+def checkpoint_and_export(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("defaults")
+    int4 = convert_checkpoint(make_base(root / "base", intermediate_size=128), root / "int4", "int4")
+    return int4, export_onnx(int4, root / "onnx", accuracy_level=1, lm_head="float")
+
+
+def test_the_default_is_greedy_and_written_once():
+    assert SamplingParams().greedy and SAMPLING_DEFAULTS["temperature"] == 0.0
+    parser = cli.build_parser()
+    generate = parser.parse_args(["generate", "--model", "m", "--prompt", "p"])
+    run_onnx = parser.parse_args(["run-onnx", "dir", "--prompt", "p"])
+    for name in ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "seed"):
+        assert getattr(generate, name) == getattr(run_onnx, name) == SAMPLING_DEFAULTS[name], name
+
+
+def test_every_front_door_gives_the_same_greedy_text(checkpoint_and_export, tmp_path, capsys):
+    checkpoint, export = checkpoint_and_export
+    tokenizer = Tokenizer.from_dir(checkpoint)
+    ids = tokenizer.encode(PROMPT)
+    # The yardstick: the reference generator, greedy by name.
+    expected = "".join(generate_text(load_model(checkpoint), tokenizer, ids, SamplingParams(temperature=0.0)))
+    assert expected.strip(), "an empty text would make the comparison vacuous"
+    texts: dict[str, str] = {}
+
+    [done] = LLM(make_engine(checkpoint, {}, tokenizer), tokenizer).generate([GenerateRequest(PROMPT)])
+    texts["LLM.generate"] = done.text
+    texts["quadapt.load"] = quadapt.load(checkpoint).generate(PROMPT)
+
+    capsys.readouterr()
+    assert cli.main(["generate", "--model", str(checkpoint), "--prompt", PROMPT]) == 0
+    texts["quadapt generate"] = capsys.readouterr().out.removesuffix("\n")
+
+    requests, results = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    requests.write_text(json.dumps({"id": "q", "prompt": PROMPT}) + "\n")
+    assert cli.main(["batch", "--model", str(checkpoint), "--input", str(requests), "--output", str(results)]) == 0
+    texts["quadapt batch"] = json.loads(results.read_text())["text"]
+
+    served = ServerThread(ServerConfig(model=str(checkpoint), port=0),
+                          AsyncLLM(make_engine(checkpoint, {}, tokenizer), tokenizer))
+    try:
+        with served.client() as client:
+            texts["gRPC Generate"] = client.generate(PROMPT).text
+    finally:
+        served.close()
+
+    capsys.readouterr()
+    assert cli.main(["run-onnx", str(export), "--prompt", PROMPT]) == 0
+    texts["run-onnx"] = capsys.readouterr().out.removesuffix("\n")
+
+    assert texts == dict.fromkeys(texts, expected)
