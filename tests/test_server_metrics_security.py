@@ -11,7 +11,6 @@ import logging
 import os
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import pytest
 
@@ -19,22 +18,10 @@ from quadapt.cli import main
 from quadapt.runtime.errors import InvalidParameterError
 from quadapt.runtime.llm import AsyncLLM
 from quadapt.runtime.server import ServerConfig, read_secret
-from quadapt.runtime.tokenizer import Tokenizer
 
-from .test_adapters import make_base
-from .test_server import ServerThread, make_engine
+from .test_server import ServerThread, base, make_engine, tokenizer  # noqa: F401 - fixtures
 
 USER, ADMIN = "user-token-123", "admin-token-456"
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory) -> Path:
-    return make_base(tmp_path_factory.mktemp("metrics-base"))
-
-
-@pytest.fixture(scope="module")
-def tokenizer(base) -> Tokenizer:
-    return Tokenizer.from_dir(base)
 
 
 def serving(base, tokenizer, **settings) -> ServerThread:
