@@ -77,11 +77,16 @@ def _generate(args: argparse.Namespace) -> int:
         stop=args.stop or [],
         ignore_eos=args.ignore_eos,
     )
+    import time
+
+    started = time.perf_counter()
     model, tokenizer = _load(args)
     if args.adapter:
         from .runtime.adapters import apply_adapter
 
         apply_adapter(model, args.adapter)
+    logger.debug("loaded %s (%s, %d threads) in %.2f s", args.model, args.dtype, torch.get_num_threads(),
+                 time.perf_counter() - started)
 
     if args.chat:
         messages = [{"role": "user", "content": args.prompt}]
@@ -92,6 +97,8 @@ def _generate(args: argparse.Namespace) -> int:
     else:
         prompt_ids = tokenizer.encode(args.prompt)  # with the tokenizer's usual special tokens
 
+    logger.debug("prompt: %d tokens; sampling: %s", len(prompt_ids), params)
+    started = time.perf_counter()
     with torch.inference_mode():
         generation = generate_text(model, tokenizer, prompt_ids, params)
         for delta in generation:
@@ -99,6 +106,8 @@ def _generate(args: argparse.Namespace) -> int:
             sys.stdout.flush()
     sys.stdout.write("\n")
     result = generation.result
+    logger.debug("%d tokens in %.2f s, finished by %s", result.completion_tokens, time.perf_counter() - started,
+                 result.finish_reason)
     if result.context_full:
         logger.warning(
             "the output stopped at the model's context of %d tokens (prompt %d + output %d); "
@@ -226,6 +235,14 @@ def _client(args: argparse.Namespace) -> int:
     from .runtime.server import read_secret
 
     token = read_secret(args.token_file) if args.token_file else None
+    if args.address is not None and args.host is not None:
+        from .runtime.errors import InvalidParameterError
+
+        raise InvalidParameterError("--address names the host already; give --address HOST:PORT, or --host and --port")
+    if args.address is None:
+        host = args.host or "127.0.0.1"
+        host = f"[{host}]" if ":" in host and not host.startswith("[") else host
+        args.address = f"{host}:{args.port if args.port is not None else 50051}"
     with Client(
         args.address, token=token, tls=args.tls, ca_cert=args.tls_ca, client_cert=args.tls_cert,
         client_key=args.tls_key, timeout=args.timeout,
@@ -749,7 +766,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="call a running quadapt server from the shell",
         description="Call a quadapt server: generate (streamed to stdout), adapters, load-adapter, unload-adapter, info.",
     )
-    cli.add_argument("--address", default="127.0.0.1:50051", metavar="HOST:PORT", help="the server (default 127.0.0.1:50051)")
+    where = cli.add_mutually_exclusive_group()
+    where.add_argument("--address", default=None, metavar="HOST:PORT",
+                       help="the server (default: --host and --port, 127.0.0.1:50051)")
+    where.add_argument("--port", type=int, default=None, metavar="P",
+                       help="the server's port on --host, as `serve --port` names it (default 50051)")
+    cli.add_argument("--host", default=None, metavar="H", help="the server's host, with --port (default 127.0.0.1)")
     cli.add_argument("--token-file", metavar="F", help="a file holding the bearer token to send")
     cli.add_argument("--tls", action="store_true", help="connect with TLS (implied by the --tls-* files)")
     cli.add_argument("--tls-ca", metavar="F", help="PEM CA to trust (default: the system's)")

@@ -293,6 +293,7 @@ class Server:
         self._grpc: grpc.aio.Server | None = None
         self._state: Literal["loading", "serving", "failed", "draining", "stopped"] = "loading"
         self._load_error: BaseException | None = None
+        self._log_load_error = True  # False where the caller reports it (`serve` raises it)
         self._engine_error: BaseException | None = None  # what stopped the engine thread while serving
         self._engine_dead = asyncio.Event()
         self._refusal_window = (0.0, 0, 0)  # (second, lines logged in it, lines suppressed since the last one)
@@ -444,7 +445,8 @@ class Server:
         try:
             llm = await asyncio.to_thread(load)
         except Exception as e:  # reported by ready(), and logged here for a server nobody awaits
-            logger.error("the model failed to load: %s", e)
+            if self._log_load_error:
+                logger.error("the model failed to load: %s", e)
             self._load_error, self._state = e, "failed"
             self._loaded.set()
             return
@@ -517,10 +519,21 @@ async def start(config: ServerConfig, *, llm: AsyncLLM | Callable[[], AsyncLLM] 
     Raises:
         InvalidParameterError: TLS files that cannot be read, an adapter dir that is not a
             directory, a port that cannot be bound.
+        AdapterError: a start-up adapter (`config.adapters`) that is missing or malformed, found
+            from its config and header before the port is bound (its fit to the model is checked
+            as the model loads).
     """
     for d in config.adapter_dirs:
         if not Path(d).is_dir():
             raise InvalidParameterError(f"adapter dir {d!r} is not a directory; create it or drop it")
+    if llm is None:
+        from .checkpoints.peft import read_peft_header
+
+        for name, path in config.adapters.items():  # the cheap checks, before the port is bound
+            try:
+                read_peft_header(path)
+            except QuadaptError as e:
+                raise type(e)(f"adapter {name}={path}: {e}") from None
     server = Server(config)
     options = [
         ("grpc.max_receive_message_length", config.max_message_bytes),
@@ -581,6 +594,7 @@ def serve(config: ServerConfig, *, llm: AsyncLLM | Callable[[], AsyncLLM] | None
 
 async def _serve(config: ServerConfig, llm: AsyncLLM | Callable[[], AsyncLLM] | None = None) -> None:
     server = await start(config, llm=llm)
+    server._log_load_error = False  # raised below, and printed once by whoever called serve
     loop = asyncio.get_running_loop()
     signalled = asyncio.Event()
 

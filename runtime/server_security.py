@@ -86,7 +86,8 @@ def resolve_adapter_path(path: str, allowed: Sequence[Path]) -> Path:
     if not allowed:
         raise Refusal(
             grpc.StatusCode.PERMISSION_DENIED,
-            "this server loads no adapters at run time; start it with an adapter directory (adapter_dirs)",
+            "this server loads no adapters at run time; start it with an adapter directory "
+            "(quadapt serve --adapter-dir DIR; ServerConfig.adapter_dirs)",
         )
     candidates = [Path(path)] if os.path.isabs(path) else [d / path for d in allowed]
     for candidate in candidates:

@@ -79,3 +79,43 @@ def test_serve_and_client_from_the_shell(capsys, model, adapter, tmp_path):
     finally:
         server.send_signal(signal.SIGTERM)
         assert server.wait(timeout=60) == 0
+
+
+def test_client_takes_the_port_as_serve_names_it(capsys, model):
+    from quadapt.runtime.llm import AsyncLLM
+    from quadapt.runtime.server import ServerConfig
+    from quadapt.runtime.tokenizer import Tokenizer
+
+    from .test_server import ServerThread, make_engine
+
+    tokenizer = Tokenizer.from_dir(model)
+    served = ServerThread(ServerConfig(model=str(model), port=0), AsyncLLM(make_engine(model, {}, tokenizer), tokenizer))
+    try:
+        capsys.readouterr()
+        assert main(["client", "--port", str(served.server.port), "info"]) == 0
+        assert json.loads(capsys.readouterr().out)["state"] == "SERVING"
+        assert main(["client", "--address", f"127.0.0.1:{served.server.port}", "--host", "x", "info"]) == 2
+        assert "--address names the host already" in capsys.readouterr().err
+    finally:
+        served.close()
+
+
+def test_a_bad_start_up_adapter_is_one_error_before_listening(model, tmp_path):
+    done = subprocess.run([*QUADAPT, "serve", "--model", str(model), "--adapter", f"x={tmp_path / 'missing'}",
+                           "--port", "0"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert "listening on" not in done.stderr
+    assert [line for line in done.stderr.splitlines() if "is not a directory" in line] == [
+        f"quadapt: error: adapter x={tmp_path / 'missing'}: adapter path {str(tmp_path / 'missing')!r} is not a "
+        "directory; pass a PEFT adapter directory"
+    ]
+
+
+def test_verbose_prints_debug_lines(capsys, model):
+    capsys.readouterr()
+    assert main(["-v", "generate", "--model", str(model), "--prompt", "hi", "--max-new-tokens", "2"]) == 0
+    err = capsys.readouterr().err
+    assert re.search(r"^quadapt: loaded .* in \d+\.\d+ s$", err, re.MULTILINE), err
+    assert re.search(r"^quadapt: [12] tokens in \d+\.\d+ s, finished by (stop|length)$", err, re.MULTILINE), err
+    assert main(["generate", "--model", str(model), "--prompt", "hi", "--max-new-tokens", "2"]) == 0
+    assert "quadapt: loaded" not in capsys.readouterr().err
