@@ -4,24 +4,19 @@
 server as an asyncio object (tests, embedding). One process serves one model: an `AsyncLLM`
 steps the engine in its own thread, and every RPC is a coroutine on the server's event loop.
 Beside the service run the standard `grpc.health.v1` health service (NOT_SERVING while the
-model loads and while draining) and server reflection. Around this file: `server_config.py`
-(what to serve, and loading it), `server_security.py` (tokens, adapter paths, TLS) and
-`server_metrics.py` (Prometheus, on a port of its own).
+model loads, while draining and after the engine failed) and server reflection. Around this
+file: `server_rpc.py` (the RPCs: parsing, the proto <-> runtime conversion, status codes),
+`server_config.py` (what to serve, and loading it), `server_security.py` (tokens, adapter paths,
+TLS) and `server_metrics.py` (Prometheus, on a port of its own).
 
-This module is the only importer of the generated stubs (with `client.py`): protobuf messages
-are turned into the runtime's types (`SamplingParams`, prompt text or chat messages, adapter
-names) at the top of each RPC, and `TextDelta`s back into messages at the bottom. Errors are
-status codes: a `QuadaptError` maps by its type (`_CODES`), and the message, which names the
-field, is the status details. Requests are never logged with their text, only their id.
-
-Hostile input (see docs/serving.md): every message is parsed here, so a malformed one is
-INVALID_ARGUMENT; a prompt too long for the context by its characters alone is refused before it
-is tokenized, and tokenizing and chat templates run in worker threads, so the event loop (health
-checks included) never waits on them or on the engine. A request that fails in the engine is
-INTERNAL for that request alone; if the engine thread itself stops, the server turns NOT_SERVING
-(health, and `ServerInfo.state` FAILED) and `serve` exits non-zero for a supervisor to restart
-it. Refusals are logged with the peer's address, at most `_REFUSAL_LOGS_PER_S` lines a second,
-and every message quotes a client's values by a bounded prefix only.
+Hostile input (see docs/serving.md): a prompt too long for the context by its characters alone
+is refused before it is tokenized, and tokenizing and chat templates run in worker threads, so
+the event loop (health checks included) never waits on them or on the engine. A request that
+fails in the engine is INTERNAL for that request alone; if the engine thread itself stops, the
+server turns NOT_SERVING (health, and `ServerInfo.state` FAILED) and `serve` exits non-zero for a
+supervisor to restart it. Refusals are logged with the peer's address, at most
+`_REFUSAL_LOGS_PER_S` lines a second, and every message quotes a client's values by a bounded
+prefix only. Requests are never logged with their text, only their id.
 
 Security (all optional, see `ServerConfig`): TLS or mutual TLS; bearer tokens compared in
 constant time, with a separate admin token for LoadAdapter and UnloadAdapter; adapters load at
@@ -34,7 +29,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import importlib.metadata
 import itertools
 import logging
 import os
@@ -42,240 +36,27 @@ import signal
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from google.protobuf.message import DecodeError
 from grpc_reflection.v1alpha import reflection
 
 from ..protos.quadapt.v1 import generation_pb2 as pb
-from ..protos.quadapt.v1 import generation_pb2_grpc as pb_grpc
-from .errors import (
-    AdapterError, CheckpointError, ConfigError, ContextLengthError, EngineDeadError, InvalidParameterError,
-    QuadaptError, RequestFailedError, UnsupportedError, quote,
-)
-from .llm import MAX_MESSAGES, AsyncLLM, TextDelta, encode_prompt
+from .errors import EngineDeadError, InvalidParameterError, QuadaptError, quote
+from .llm import AsyncLLM, TextDelta
 from .metrics import MetricsSnapshot
-from .registry import AdapterInUseError, AdapterNotFoundError
-from .sampling import SamplingParams
 from .server_config import ServerConfig, load_llm, read_secret
 from .server_metrics import ServerMetrics
-from .server_security import Refusal, authorize, resolve_adapter_path, server_credentials
+from .server_rpc import SERVICE, Servicer, add_servicer, peer, peer_request_id, request_prompt, request_sampling
+from .server_security import Refusal, authorize, server_credentials
 
 __all__ = ["SERVICE", "Server", "ServerConfig", "load_llm", "read_secret", "serve", "start"]
 
 logger = logging.getLogger(__name__)
 
-SERVICE = pb.DESCRIPTOR.services_by_name["Generation"].full_name  # "quadapt.v1.Generation"
-ADMIN_METHODS = frozenset({"LoadAdapter", "UnloadAdapter"})
-# The optional sampling fields: an unset one takes SamplingParams' default (greedy, 128 new tokens).
-_OPTIONAL_SAMPLING = ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "seed")
-
-# A QuadaptError's status code, by type; the first match wins (subclasses first).
-_CODES: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
-    (RequestFailedError, grpc.StatusCode.INTERNAL),
-    (EngineDeadError, grpc.StatusCode.UNAVAILABLE),
-    (AdapterNotFoundError, grpc.StatusCode.NOT_FOUND),
-    (AdapterInUseError, grpc.StatusCode.FAILED_PRECONDITION),
-    (ContextLengthError, grpc.StatusCode.INVALID_ARGUMENT),
-    (InvalidParameterError, grpc.StatusCode.INVALID_ARGUMENT),
-    # An adapter file that is corrupt, unsupported or made for another base.
-    (AdapterError, grpc.StatusCode.FAILED_PRECONDITION),
-    (CheckpointError, grpc.StatusCode.FAILED_PRECONDITION),
-    (UnsupportedError, grpc.StatusCode.FAILED_PRECONDITION),
-    (ConfigError, grpc.StatusCode.FAILED_PRECONDITION),
-)
-_FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH}
-# The longest status message sent: a safety net under the bounded quotes of every message, since
-# a message past gRPC's metadata limit reaches the client as RESOURCE_EXHAUSTED instead.
-_MAX_STATUS_CHARS = 1024
 # Refusal log lines per second; past that they are counted, and the count is logged with the next.
 _REFUSAL_LOGS_PER_S = 20
-# RPCs that answer whatever the server's state (ServerInfo says which state it is in).
-_ANY_STATE = frozenset({"ServerInfo"})
-
-
-def _rpc(request_type: type) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Wrap an RPC whose request is a serialized `request_type`: parse it (a malformed message is
-    INVALID_ARGUMENT), check its token and the server's state, map errors to status codes, count it."""
-
-    def wrap(method: Callable[..., Any]) -> Callable[..., Any]:
-        return _handler(method, request_type)
-
-    return wrap
-
-
-def _handler(method: Callable[..., Any], request_type: type) -> Callable[..., Any]:
-    name = method.__name__
-
-    @functools.wraps(method)
-    async def handler(self: _Servicer, raw: bytes, context: grpc.aio.ServicerContext) -> Any:
-        try:
-            self.server._authorize(context, admin=name in ADMIN_METHODS)
-            try:
-                request = request_type.FromString(raw)
-            except DecodeError:
-                raise Refusal(
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                    f"the request is not a valid {request_type.DESCRIPTOR.full_name} message (malformed protobuf, or "
-                    "a string that is not UTF-8); build it with stubs generated from generation.proto",
-                ) from None
-            if name not in _ANY_STATE:
-                self.server._check_serving()
-            response = await method(self, request, context)
-        except Refusal as e:
-            code, message = e.code, str(e)
-        except QuadaptError as e:
-            code = next(c for t, c in (*_CODES, (QuadaptError, grpc.StatusCode.INVALID_ARGUMENT)) if isinstance(e, t))
-            message = str(e)
-        except asyncio.CancelledError:  # the client went away or its deadline passed
-            self.server.metrics.rpcs.labels(name, "CANCELLED").inc()
-            raise
-        except grpc.aio.AbortError:
-            raise
-        except Exception:
-            logger.exception("%s failed", name)
-            code, message = grpc.StatusCode.INTERNAL, f"internal error in {name}; the server log has the details"
-        else:
-            self.server.metrics.rpcs.labels(name, "OK").inc()
-            return response
-        self.server.metrics.rpcs.labels(name, code.name).inc()
-        if len(message) > _MAX_STATUS_CHARS:
-            message = f"{message[:_MAX_STATUS_CHARS]}... (message cut at {_MAX_STATUS_CHARS} characters)"
-        self.server._log_refusal(name, code, context, message)
-        await context.abort(code, message)
-
-    return handler
-
-
-# Each RPC: its request type, response type, and whether the response is a stream.
-_METHODS = {
-    "Generate": (pb.GenerateRequest, pb.GenerateResponse, False),
-    "GenerateStream": (pb.GenerateRequest, pb.GenerateStreamResponse, True),
-    "Tokenize": (pb.TokenizeRequest, pb.TokenizeResponse, False),
-    "ListAdapters": (pb.ListAdaptersRequest, pb.ListAdaptersResponse, False),
-    "LoadAdapter": (pb.LoadAdapterRequest, pb.LoadAdapterResponse, False),
-    "UnloadAdapter": (pb.UnloadAdapterRequest, pb.UnloadAdapterResponse, False),
-    "ServerInfo": (pb.ServerInfoRequest, pb.ServerInfoResponse, False),
-}
-
-
-def _add_servicer(servicer: _Servicer, server: grpc.aio.Server) -> None:
-    """Register the Generation RPCs as the generated `add_GenerationServicer_to_server` does, but
-    taking the request's bytes, so that `_rpc` parses them and answers a malformed one itself
-    (grpc would answer UNKNOWN)."""
-    handlers = {}
-    for name, (_, response_type, streams) in _METHODS.items():
-        make = grpc.unary_stream_rpc_method_handler if streams else grpc.unary_unary_rpc_method_handler
-        handlers[name] = make(getattr(servicer, name), request_deserializer=None,
-                              response_serializer=response_type.SerializeToString)
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
-    server.add_registered_method_handlers(SERVICE, handlers)
-
-
-class _Servicer(pb_grpc.GenerationServicer):
-    """The Generation RPCs; each converts the proto at its top and bottom and holds no state."""
-
-    def __init__(self, server: Server) -> None:
-        self.server = server
-
-    @_rpc(pb.GenerateRequest)
-    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
-        response = pb.GenerateResponse()
-        async with self.server._generation(request, context) as generation:
-            async for delta in generation:
-                response.text += delta.text
-                response.token_ids.extend(delta.token_ids)
-                if delta.finished:
-                    _finish(response, delta)
-            response.request_id = generation.request_id
-        return response
-
-    @_rpc(pb.GenerateRequest)
-    async def GenerateStream(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> None:
-        async with self.server._generation(request, context) as generation:
-            async for delta in generation:
-                message = pb.GenerateStreamResponse(
-                    text=delta.text, token_ids=delta.token_ids, request_id=generation.request_id
-                )
-                if delta.finished:
-                    _finish(message, delta)
-                await context.write(message)
-
-    @_rpc(pb.TokenizeRequest)
-    async def Tokenize(self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext) -> pb.TokenizeResponse:
-        llm = self.server.llm
-        prompt = _prompt(request, llm.tokenizer)
-        context_tokens = llm.engine.executor.config.max_position_embeddings
-
-        def tokenize() -> pb.TokenizeResponse:
-            ids = encode_prompt(llm.tokenizer, prompt, context_tokens)  # checks the size before it renders
-            text = prompt if isinstance(prompt, str) else llm.tokenizer.apply_chat_template(prompt)
-            return pb.TokenizeResponse(token_ids=ids, text=text)
-
-        return await asyncio.to_thread(tokenize)
-
-    @_rpc(pb.ListAdaptersRequest)
-    async def ListAdapters(self, request: pb.ListAdaptersRequest, context: grpc.aio.ServicerContext) -> pb.ListAdaptersResponse:
-        registry = self.server.llm.engine.adapters
-        versions = registry.names() if registry is not None else []
-        return pb.ListAdaptersResponse(adapters=[_adapter_info(v) for v in versions])
-
-    @_rpc(pb.LoadAdapterRequest)
-    async def LoadAdapter(self, request: pb.LoadAdapterRequest, context: grpc.aio.ServicerContext) -> pb.LoadAdapterResponse:
-        registry = self.server.llm.engine.adapters
-        if registry is None:
-            raise Refusal(grpc.StatusCode.FAILED_PRECONDITION, "this server serves the base model only (max_loras=0)")
-        path = resolve_adapter_path(request.path, self.server.adapter_dirs)
-        before = {v.name: v for v in registry.names()}.get(request.name)
-        # Reading and checking the files blocks; the registry's own lock makes it safe beside the engine.
-        version = await asyncio.to_thread(registry.load, request.name, path, pinned=request.pinned)
-        outcome = (
-            pb.LoadAdapterResponse.OUTCOME_LOADED if before is None
-            else pb.LoadAdapterResponse.OUTCOME_UNCHANGED if version is before
-            else pb.LoadAdapterResponse.OUTCOME_RELOADED
-        )
-        logger.info("adapter %s %s from %s (%s)", quote(request.name), pb.LoadAdapterResponse.Outcome.Name(outcome), path,
-                    version.identity)
-        return pb.LoadAdapterResponse(adapter=_adapter_info(version), outcome=outcome)
-
-    @_rpc(pb.UnloadAdapterRequest)
-    async def UnloadAdapter(self, request: pb.UnloadAdapterRequest, context: grpc.aio.ServicerContext) -> pb.UnloadAdapterResponse:
-        registry = self.server.llm.engine.adapters
-        if registry is None:
-            raise AdapterNotFoundError(f"unknown adapter {request.name!r}; this server serves the base model only")
-        # Between two steps, after the aborts of streams that ended before this call.
-        await asyncio.wrap_future(self.server.llm.unload_adapter(request.name, wait=False))
-        logger.info("adapter %s unloaded", quote(request.name))
-        return pb.UnloadAdapterResponse()
-
-    @_rpc(pb.ServerInfoRequest)
-    async def ServerInfo(self, request: pb.ServerInfoRequest, context: grpc.aio.ServicerContext) -> pb.ServerInfoResponse:
-        if self.server.llm is None:
-            self.server._check_serving()  # loading, or failed to load: nothing to describe yet
-        config, engine = self.server.config, self.server.llm.engine
-        model_config = engine.executor.config
-        try:
-            version = importlib.metadata.version("quadapt")
-        except importlib.metadata.PackageNotFoundError:
-            version = "unknown"
-        return pb.ServerInfoResponse(
-            model=config.model_name or Path(config.model).name,
-            version=version,
-            max_context_tokens=model_config.max_position_embeddings,
-            vocab_size=model_config.vocab_size,
-            chat_template=self.server.llm.tokenizer.chat_template is not None,
-            max_queue=config.max_queue,
-            max_batch=engine.config.max_num_seqs,
-            max_loras=engine.config.max_loras,
-            max_lora_rank=engine.config.max_lora_rank,
-            max_message_bytes=config.max_message_bytes,
-            state=_STATES.get(self.server._state, pb.SERVER_STATE_UNSPECIFIED),
-        )
-
-
-_STATES = {"serving": pb.SERVER_STATE_SERVING, "draining": pb.SERVER_STATE_DRAINING, "failed": pb.SERVER_STATE_FAILED}
 
 
 class Server:
@@ -305,6 +86,11 @@ class Server:
         self._stopped = asyncio.Event()
         self._ids = itertools.count()
         self._load_task: asyncio.Future[None] | None = None
+
+    @property
+    def state(self) -> str:
+        """"loading", "serving", "failed", "draining" or "stopped"."""
+        return self._state
 
     async def ready(self) -> None:
         """Wait until the model has loaded and the server is SERVING.
@@ -357,10 +143,10 @@ class Server:
 
     # -- inside the server ------------------------------------------------------------------
 
-    def _authorize(self, context: grpc.aio.ServicerContext, admin: bool) -> None:
+    def check_token(self, context: grpc.aio.ServicerContext, admin: bool) -> None:
         authorize(context.invocation_metadata(), self.config.token, self.config.admin_token, admin=admin)
 
-    def _check_serving(self) -> None:
+    def check_serving(self) -> None:
         if self._state == "serving":
             return
         why = {
@@ -373,7 +159,7 @@ class Server:
         }[self._state]
         raise Refusal(grpc.StatusCode.UNAVAILABLE, why)
 
-    def _log_refusal(self, method: str, code: grpc.StatusCode, context: grpc.aio.ServicerContext, message: str) -> None:
+    def log_refusal(self, method: str, code: grpc.StatusCode, context: grpc.aio.ServicerContext, message: str) -> None:
         """Log a refused RPC with its peer, at most `_REFUSAL_LOGS_PER_S` lines a second."""
         now = int(time.monotonic())
         second, logged, suppressed = self._refusal_window
@@ -384,7 +170,7 @@ class Server:
             return
         more = f" ({suppressed} more refusal(s) not logged)" if suppressed else ""
         self._refusal_window = (second, logged + 1, 0)
-        logger.info("%s refused (%s) from %s%s: %s%s", method, code.name, _peer(context), _peer_request_id(context),
+        logger.info("%s refused (%s) from %s%s: %s%s", method, code.name, peer(context), peer_request_id(context),
                     message, more)
 
     def _engine_failed(self, error: BaseException) -> None:
@@ -397,11 +183,11 @@ class Server:
         self._engine_dead.set()
 
     @contextlib.asynccontextmanager
-    async def _generation(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[_Generation]:
+    async def generation(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[_Generation]:
         """Admit one generation (or refuse it), and account for it until it is over, however it ends."""
         llm = self.llm
-        prompt = _prompt(request, llm.tokenizer)
-        params = _sampling(request)
+        prompt = request_prompt(request, llm.tokenizer)
+        params = request_sampling(request)
         if self._active >= self.config.max_queue:
             raise Refusal(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -413,7 +199,7 @@ class Server:
         deltas = llm.stream(prompt, params, adapter=request.adapter or None, request_id=generation.request_id)
         try:
             generation.deltas = deltas
-            logger.debug("%s%s: admitted (adapter %s)", generation.request_id, _peer_request_id(context),
+            logger.debug("%s%s: admitted (adapter %s)", generation.request_id, peer_request_id(context),
                          quote(request.adapter))
             yield generation
         except asyncio.CancelledError:
@@ -431,7 +217,7 @@ class Server:
             self._active -= 1
             if self._active == 0:
                 self._idle.set()
-            generation.log(_peer_request_id(context))
+            generation.log(peer_request_id(context))
 
     def _engine_view(self) -> tuple[MetricsSnapshot, list[str]] | None:
         llm = self.llm
@@ -541,7 +327,7 @@ async def start(config: ServerConfig, *, llm: AsyncLLM | Callable[[], AsyncLLM] 
         ("grpc.so_reuseport", 0),  # a port in use is an error, not a silently shared port
     ]
     grpc_server = grpc.aio.server(options=options)
-    _add_servicer(_Servicer(server), grpc_server)
+    add_servicer(Servicer(server), grpc_server)
     health_pb2_grpc.add_HealthServicer_to_server(server.health, grpc_server)
     reflection.enable_server_reflection(
         [SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], grpc_server
@@ -625,65 +411,3 @@ async def _serve(config: ServerConfig, llm: AsyncLLM | Callable[[], AsyncLLM] | 
         ) from server._engine_error
     engine_dead.cancel()
     await server.drain()
-
-
-# -- proto <-> runtime ----------------------------------------------------------------------
-
-
-def _prompt(request: pb.GenerateRequest | pb.TokenizeRequest, tokenizer: Any) -> str | list[dict[str, str]]:
-    """The prompt text, or the chat messages, of a request; exactly one must be given."""
-    if len(request.messages) > MAX_MESSAGES:  # before a dict is made of each
-        raise InvalidParameterError(
-            f"messages holds {len(request.messages)} messages, more than the {MAX_MESSAGES} allowed; "
-            "shorten the conversation"
-        )
-    if request.prompt and request.messages:
-        raise InvalidParameterError("give exactly one of prompt (raw text) and messages (chat), not both")
-    if not request.messages:
-        if not request.prompt:
-            raise InvalidParameterError("prompt is empty and there are no messages; give one of the two")
-        return request.prompt
-    for i, message in enumerate(request.messages):
-        if not message.role:
-            raise InvalidParameterError(f"messages[{i}].role is empty; use e.g. 'system', 'user' or 'assistant'")
-    if tokenizer.chat_template is None:
-        raise InvalidParameterError("messages need a chat template, which this model has none of; send raw text in prompt")
-    return [{"role": m.role, "content": m.content} for m in request.messages]
-
-
-def _sampling(request: pb.GenerateRequest) -> SamplingParams:
-    """The request's sampling settings; an unset field takes SamplingParams' default, which names a bad one."""
-    settings: dict[str, Any] = {name: getattr(request, name) for name in _OPTIONAL_SAMPLING if request.HasField(name)}
-    return SamplingParams(**settings, stop=list(request.stop), ignore_eos=request.ignore_eos)
-
-
-def _finish(message: pb.GenerateResponse | pb.GenerateStreamResponse, delta: TextDelta) -> None:
-    message.finish_reason = _FINISH.get(delta.finish_reason or "", pb.FINISH_REASON_UNSPECIFIED)
-    message.usage.prompt_tokens = delta.prompt_tokens
-    message.usage.completion_tokens = delta.completion_tokens
-    message.context_full = delta.context_full
-    if isinstance(delta.stop_reason, str):
-        message.stop_string = delta.stop_reason
-    elif isinstance(delta.stop_reason, int):
-        message.stop_token_id = delta.stop_reason
-
-
-def _adapter_info(version: Any) -> pb.AdapterInfo:
-    return pb.AdapterInfo(
-        name=version.name, digest=version.digest, rank=version.max_rank, pinned=version.pinned,
-        in_slot=version.slot is not None, requests=max(version.requests, 0),
-    )
-
-
-def _peer(context: grpc.aio.ServicerContext) -> str:
-    """The client's address as grpc reports it (e.g. `ipv4:127.0.0.1:50544`), printable and short."""
-    return "".join(c for c in str(context.peer())[:128] if c.isprintable())
-
-
-def _peer_request_id(context: grpc.aio.ServicerContext) -> str:
-    """` x-request-id=<id>` when the client sent one (for matching logs), printable and short."""
-    for key, value in context.invocation_metadata() or ():
-        if key == "x-request-id":
-            clean = "".join(c for c in str(value)[:64] if c.isprintable())
-            return f" x-request-id={clean!r}"
-    return ""
