@@ -127,8 +127,8 @@ SAMPLING_DEFAULTS: dict[str, object] = {
 def _batch(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .runtime.checkpoints.peft import read_peft_adapter
-    from .runtime.engine import Engine, EngineConfig
+    from .runtime.checkpoints.peft import read_peft_header
+    from .runtime.engine_args import EngineArgs, build_engine
     from .runtime.errors import InvalidParameterError, QuadaptError
     from .runtime.llm import LLM
     from .runtime.offline import run_jsonl
@@ -153,39 +153,27 @@ def _batch(args: argparse.Namespace) -> int:
         if target.exists() and target.resolve() == source.resolve():
             raise InvalidParameterError(f"--output {args.output!r} is the input file; write the results to another file")
     paths = dict(args.adapter)
-    adapters = {}
-    for name, path in paths.items():
+    ranks = {}
+    for name, path in paths.items():  # the cheap checks, named by their flags, before anything loads
         try:
-            adapters[name] = read_peft_adapter(path)
+            ranks[name] = read_peft_header(path).max_rank
         except QuadaptError as e:
             raise type(e)(f"--adapter {name}={path}: {e}") from None
-    rank = max((a.max_rank for a in adapters.values()), default=16)  # 16: EngineConfig's, for --max-loras alone
-    if args.max_lora_rank is not None and args.max_lora_rank < rank:
-        largest = max(adapters, key=lambda n: adapters[n].max_rank)
+    if ranks and args.max_lora_rank is not None and max(ranks.values()) > args.max_lora_rank:
+        largest = max(ranks, key=ranks.__getitem__)
         raise InvalidParameterError(
-            f"adapter {largest!r} has rank {rank}, above --max-lora-rank {args.max_lora_rank}; "
-            f"raise it to at least {rank}, or leave it out to size the slots to the adapters"
+            f"adapter {largest!r} has rank {ranks[largest]}, above --max-lora-rank {args.max_lora_rank}; "
+            f"raise it to at least {ranks[largest]}, or leave it out to size the slots to the adapters"
         )
-    config = EngineConfig(
-        max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_batched_tokens,
-        max_loras=args.max_loras if args.max_loras is not None else len(adapters),
-        max_lora_rank=args.max_lora_rank or rank,
+    engine_args = EngineArgs(
+        model=args.model, adapters=paths, dtype=args.dtype, threads=args.threads,
+        kv_cache_bytes=args.kv_cache_memory, block_size=args.block_size, max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_batched_tokens, max_loras=args.max_loras, max_lora_rank=args.max_lora_rank,
     )
-
-    model, tokenizer = _load(args)
     try:
-        engine = Engine.for_model(
-            model, eos_token_ids=tokenizer.eos_token_ids, config=config,
-            kv_cache_bytes=args.kv_cache_memory, block_size=args.block_size,
-        )
+        engine, tokenizer, _ = build_engine(engine_args)
     except InvalidParameterError as e:
         raise InvalidParameterError(f"{e} (--kv-cache-memory, --block-size)") from None
-    for name, adapter in adapters.items():
-        try:
-            engine.adapters.load(name, adapter)
-        except QuadaptError as e:
-            raise type(e)(f"--adapter {name}={paths[name]}: {e}") from None
     llm = LLM(engine, tokenizer)
     with ExitStack() as files:
         try:
@@ -197,7 +185,7 @@ def _batch(args: argparse.Namespace) -> int:
         except OSError as e:
             raise InvalidParameterError(f"cannot write --output {args.output!r}: {e}; name a file you can write") from None
         bad = run_jsonl(
-            llm, lines, sink, source=args.input, adapters=set(adapters), defaults=SAMPLING_DEFAULTS,
+            llm, lines, sink, source=args.input, adapters=set(paths), defaults=SAMPLING_DEFAULTS,
             window=2 * args.max_num_seqs,
         )
     return 1 if bad else 0
@@ -221,7 +209,7 @@ def _serve(args: argparse.Namespace) -> int:
         **({"metrics_host": args.metrics_host} if args.metrics_host is not None else {}),  # else ServerConfig's
         dtype=args.dtype, threads=args.threads,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_batched_tokens,
-        max_loras=args.max_loras if args.max_loras is not None else max(4, len(args.adapter)),
+        max_loras=args.max_loras,
         max_lora_rank=args.max_lora_rank, kv_cache_bytes=args.kv_cache_memory, block_size=args.block_size,
     )
     serve(config)
@@ -599,7 +587,7 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[
             _model_options("checkpoint directory or .gguf file"), _run_options(),
             _engine_options("adapter slots; with fewer slots than adapters, idle adapters are swapped out "
-                            "(default: one per --adapter)"),
+                            "(default: one per --adapter, at least 4)"),
         ],
         help="run a JSONL file of requests through the batching engine, with many adapters",
         description=(

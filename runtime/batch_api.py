@@ -17,14 +17,11 @@ from typing import Any
 
 import torch
 
-from .api import (
-    DType, Message, check_threads, open_with_tokenizer, resolve_dtype, sampling_params, text_or_messages,
-)
-from .checkpoints.peft_fit import BaseModules, load_adapter_for
-from .engine import DEFAULT_KV_CACHE_BYTES, Engine, EngineConfig
+from .api import DType, Message, check_threads, resolve_dtype, sampling_params, text_or_messages
+from .engine import Engine
+from .engine_args import EngineArgs, build_engine
 from .errors import InvalidParameterError
 from .llm import LLM, AsyncLLM, Completion, GenerateRequest, TextDelta
-from .loader import load_model
 from .metrics import MetricsSnapshot
 from .registry import AdapterRegistry
 from .sampling import SamplingParams
@@ -233,11 +230,11 @@ def serve(
     dtype: DType | torch.dtype = "float32",
     device: str | torch.device = "cpu",
     threads: int | None = None,
-    max_num_seqs: int = 16,
-    max_num_batched_tokens: int = 512,
-    max_loras: int | None = None,
-    max_lora_rank: int | None = None,
-    kv_cache_bytes: int = DEFAULT_KV_CACHE_BYTES,
+    max_num_seqs: int = EngineArgs.max_num_seqs,
+    max_num_batched_tokens: int = EngineArgs.max_num_batched_tokens,
+    max_loras: int | None = EngineArgs.max_loras,
+    max_lora_rank: int | None = EngineArgs.max_lora_rank,
+    kv_cache_bytes: int = EngineArgs.kv_cache_bytes,
 ) -> BatchModel:
     """Load a checkpoint behind the batching engine, with named adapters, to serve many requests.
 
@@ -271,29 +268,13 @@ def serve(
         raise InvalidParameterError(
             f"adapters must map names to adapter directories, e.g. {{'fr': 'adapters/fr'}}; got {adapters!r:.200}"
         )
-    reader, tokenizer = open_with_tokenizer(path)
-    base = BaseModules.of_checkpoint(reader)
-    read = {name: load_adapter_for(source, base) for name, source in (adapters or {}).items()}
-    config = EngineConfig(
-        max_num_seqs=max_num_seqs,
-        max_num_batched_tokens=max_num_batched_tokens,
-        max_loras=max(4, len(read)) if max_loras is None else max_loras,
-        max_lora_rank=max([16, *(a.max_rank for a in read.values())]) if max_lora_rank is None else max_lora_rank,
+    args = EngineArgs(
+        model=str(path), adapters=dict(adapters or {}), dtype=str(torch_dtype).removeprefix("torch."),
+        device=str(device), threads=threads, kv_cache_bytes=kv_cache_bytes, max_num_seqs=max_num_seqs,
+        max_num_batched_tokens=max_num_batched_tokens, max_loras=max_loras, max_lora_rank=max_lora_rank,
     )
-    if read and not config.max_loras:
-        raise InvalidParameterError(
-            f"max_loras=0 serves the base model only, but adapters {sorted(read)} were given; drop one or the other"
-        )
-    if threads is not None:
-        torch.set_num_threads(threads)
-    # The engine takes the model over (LoRA slots on its projections), so it gets its own.
-    model = load_model(reader, dtype=torch_dtype, device=device)
-    engine = Engine.for_model(
-        model, eos_token_ids=tokenizer.eos_token_ids, config=config, kv_cache_bytes=kv_cache_bytes
-    )
-    for name, adapter in read.items():
-        engine.adapters.load(name, adapter)
-    return BatchModel(engine, tokenizer, reader.path)
+    engine, tokenizer, checkpoint = build_engine(args)
+    return BatchModel(engine, tokenizer, checkpoint)
 
 
 def _is_params(value: object) -> bool:

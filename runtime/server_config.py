@@ -1,8 +1,8 @@
 """What the gRPC server serves and how: `ServerConfig`, token files, and loading the model behind an engine.
 
 `ServerConfig` is plain, validated data (no file is read and no port bound when one is made);
-`load_llm` does the slow part, reading the checkpoint, the tokenizer and the start-up adapters,
-in the order that reports a bad adapter before the weights load. `server.py` runs it.
+`load_llm` does the slow part through `build_engine`, as every front door does. `server.py`
+runs it.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import stat
 from dataclasses import dataclass, field
 from typing import Literal
 
-from .engine import DEFAULT_KV_CACHE_BYTES, EngineConfig
-from .errors import CheckpointError, InvalidParameterError, QuadaptError
+from .engine_args import EngineArgs, build_engine
+from .errors import InvalidParameterError
 from .llm import AsyncLLM
 
 logger = logging.getLogger(__name__)
@@ -53,10 +53,8 @@ class ServerConfig:
         metrics_token: require `token` (or `admin_token`) on /metrics, as `Authorization: Bearer
             <token>`; a scrape without it gets 401. Needs a token and `metrics_port`.
         model_name: the name ServerInfo reports (default: the checkpoint's file or folder name).
-        dtype, threads: the model's dtype, and CPU threads (None: torch's choice).
-        max_num_seqs, max_num_batched_tokens, max_loras, max_lora_rank, kv_cache_bytes,
-            block_size: the engine's limits (see `EngineConfig`); max_lora_rank None: the
-            largest rank among `adapters`, at least 16.
+        dtype, threads, max_num_seqs, max_num_batched_tokens, max_loras, max_lora_rank,
+            kv_cache_bytes, block_size: what `EngineArgs` says of them, with its defaults.
     """
 
     model: str
@@ -76,14 +74,14 @@ class ServerConfig:
     metrics_host: str = "127.0.0.1"
     metrics_token: bool = False
     model_name: str | None = None
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    threads: int | None = None
-    max_num_seqs: int = 16
-    max_num_batched_tokens: int = 512
-    max_loras: int = 4
-    max_lora_rank: int | None = None
-    kv_cache_bytes: int = DEFAULT_KV_CACHE_BYTES
-    block_size: int = 16
+    dtype: Literal["float32", "bfloat16", "float16"] = EngineArgs.dtype
+    threads: int | None = EngineArgs.threads
+    max_num_seqs: int = EngineArgs.max_num_seqs
+    max_num_batched_tokens: int = EngineArgs.max_num_batched_tokens
+    max_loras: int | None = EngineArgs.max_loras
+    max_lora_rank: int | None = EngineArgs.max_lora_rank
+    kv_cache_bytes: int = EngineArgs.kv_cache_bytes
+    block_size: int = EngineArgs.block_size
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "model", str(self.model))
@@ -118,11 +116,16 @@ class ServerConfig:
         if self.metrics_token and self.metrics_port is None:
             raise InvalidParameterError("metrics_token protects the metrics endpoint, but metrics_port is None "
                                         "(no endpoint); set metrics_port")
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            raise InvalidParameterError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
-        if self.adapters and self.max_loras < 1:
-            raise InvalidParameterError(f"max_loras=0 serves the base model only, but adapters {sorted(self.adapters)} were given")
-        EngineConfig(self.max_num_seqs, self.max_num_batched_tokens, self.max_loras, self.max_lora_rank or 16)
+        self.engine_args()  # checks the engine's settings
+
+    def engine_args(self) -> EngineArgs:
+        """What `load_llm` builds the engine from: the model, the start-up adapters and the limits."""
+        return EngineArgs(
+            model=self.model, adapters=self.adapters, dtype=self.dtype, threads=self.threads,
+            kv_cache_bytes=self.kv_cache_bytes, block_size=self.block_size, max_num_seqs=self.max_num_seqs,
+            max_num_batched_tokens=self.max_num_batched_tokens, max_loras=self.max_loras,
+            max_lora_rank=self.max_lora_rank,
+        )
 
     @property
     def metrics_tokens(self) -> tuple[str, ...]:
@@ -169,35 +172,5 @@ def load_llm(config: ServerConfig) -> AsyncLLM:
         CheckpointError, ConfigError, UnsupportedError: a checkpoint quadapt cannot serve.
         AdapterError, UnsupportedError: a start-up adapter that does not fit (checked before the weights load).
     """
-    import torch
-
-    from .checkpoints import open_checkpoint
-    from .checkpoints.peft_fit import BaseModules, load_adapter_for
-    from .engine import Engine
-    from .loader import load_model
-    from .tokenizer import Tokenizer
-
-    reader = open_checkpoint(config.model)
-    files = reader.tokenizer_files()
-    if files is None:
-        raise CheckpointError(f"{config.model!r} carries no tokenizer (tokenizer.json); copy it beside the weights")
-    tokenizer = Tokenizer.from_files(files)
-    base = BaseModules.of_checkpoint(reader)
-    adapters = {}
-    for name, path in config.adapters.items():
-        try:
-            adapters[name] = load_adapter_for(path, base)
-        except QuadaptError as e:
-            raise type(e)(f"adapter {name}={path}: {e}") from None
-    rank = config.max_lora_rank or max([16, *(a.max_rank for a in adapters.values())])
-    engine_config = EngineConfig(config.max_num_seqs, config.max_num_batched_tokens, config.max_loras, rank)
-    if config.threads is not None:
-        torch.set_num_threads(config.threads)
-    model = load_model(reader, dtype=getattr(torch, config.dtype))
-    engine = Engine.for_model(
-        model, eos_token_ids=tokenizer.eos_token_ids, config=engine_config,
-        kv_cache_bytes=config.kv_cache_bytes, block_size=config.block_size,
-    )
-    for name, adapter in adapters.items():
-        engine.adapters.load(name, adapter)
+    engine, tokenizer, _ = build_engine(config.engine_args())
     return AsyncLLM(engine, tokenizer)

@@ -1,0 +1,124 @@
+"""One way to build an engine: `EngineArgs` says what to load and how to batch, `build_engine` builds it.
+
+Every front door that runs the batching engine (`quadapt batch`, `quadapt serve` and the gRPC
+server's `load_llm`, `quadapt.serve`) fills an `EngineArgs` and calls `build_engine`, so each
+default is written once, here: the slots default to one per start-up adapter and at least 4,
+their rank to the largest start-up adapter's and at least 16. The order reports a bad adapter
+before the weights load: the checkpoint's layout and tokenizer are read first, then the
+adapters (checked against that layout), then the weights.
+
+This file builds; it does not run the engine or hold text (`llm.py` does).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+from .engine import DEFAULT_KV_CACHE_BYTES, EngineConfig
+from .errors import InvalidParameterError, QuadaptError, quote
+
+if TYPE_CHECKING:
+    from .engine import Engine
+    from .tokenizer import Tokenizer
+
+_DTYPES = ("float32", "bfloat16", "float16")
+# The least the slots get when the start-up adapters ask for less: room to load more later.
+MIN_LORA_SLOTS, MIN_LORA_RANK = 4, 16
+
+
+@dataclass(frozen=True)
+class EngineArgs:
+    """What to load behind the batching engine, and its limits. Only `model` is required.
+
+    Attributes:
+        model: a checkpoint directory or `.gguf` file.
+        adapters: PEFT adapter directories to load at start, by the name requests use.
+        dtype: the weights' and activations' float type.
+        device: "cpu", "cuda", ...
+        threads: CPU threads for torch (None: torch's choice).
+        kv_cache_bytes: memory for the paged KV cache; it sets how many blocks there are.
+        block_size: positions per cache block.
+        max_num_seqs: the most requests running at once.
+        max_num_batched_tokens: the most tokens one step feeds (longer prompts are chunked).
+        max_loras: adapter slots; None: one per start-up adapter, at least `MIN_LORA_SLOTS`;
+            0 serves the base model only.
+        max_lora_rank: the largest rank a slot holds; None: the largest start-up adapter's, at
+            least `MIN_LORA_RANK`.
+    """
+
+    model: str
+    adapters: dict[str, str] = field(default_factory=dict)
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: str = "cpu"
+    threads: int | None = None
+    kv_cache_bytes: int = DEFAULT_KV_CACHE_BYTES
+    block_size: int = 16
+    max_num_seqs: int = EngineConfig.max_num_seqs
+    max_num_batched_tokens: int = EngineConfig.max_num_batched_tokens
+    max_loras: int | None = None
+    max_lora_rank: int | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "model", str(self.model))
+        object.__setattr__(self, "adapters", {str(k): str(v) for k, v in dict(self.adapters).items()})
+        if self.dtype not in _DTYPES:
+            raise InvalidParameterError(f"dtype must be one of {', '.join(_DTYPES)}, got {quote(self.dtype)}")
+        for name in ("threads", "kv_cache_bytes", "block_size"):
+            value = getattr(self, name)
+            if (value is not None or name != "threads") and (
+                not isinstance(value, int) or isinstance(value, bool) or value < 1
+            ):
+                raise InvalidParameterError(f"{name} must be a positive integer, got {quote(value)}")
+        if self.adapters and self.max_loras == 0:
+            raise InvalidParameterError(
+                f"max_loras=0 serves the base model only, but adapters {sorted(self.adapters)} were given; "
+                "drop one or the other"
+            )
+        EngineConfig(self.max_num_seqs, self.max_num_batched_tokens, self.max_loras or 0, self.max_lora_rank or 1)
+
+
+def build_engine(args: EngineArgs) -> tuple[Engine, Tokenizer, Path]:
+    """Load `args.model` behind a batching engine with its start-up adapters.
+
+    Returns:
+        The engine, the model's tokenizer, and the checkpoint's path.
+
+    Raises:
+        CheckpointError, ConfigError, UnsupportedError: a checkpoint quadapt cannot serve.
+        AdapterError, UnsupportedError: a start-up adapter that is malformed, does not fit the base
+            or has a rank above `max_lora_rank` (checked before the weights load); its message
+            begins `adapter NAME=PATH:`.
+        InvalidParameterError: a cache budget that holds no block.
+    """
+    import torch
+
+    from .api import open_with_tokenizer
+    from .checkpoints.peft_fit import BaseModules, load_adapter_for
+    from .engine import Engine
+    from .loader import load_model
+
+    reader, tokenizer = open_with_tokenizer(args.model)
+    base = BaseModules.of_checkpoint(reader)
+    adapters = {}
+    for name, path in args.adapters.items():
+        try:
+            adapters[name] = load_adapter_for(path, base, max_rank=args.max_lora_rank)
+        except QuadaptError as e:
+            raise type(e)(f"adapter {name}={path}: {e}") from None
+    rank = args.max_lora_rank
+    if rank is None:
+        rank = max([MIN_LORA_RANK, *(a.max_rank for a in adapters.values())])
+    slots = max(MIN_LORA_SLOTS, len(adapters)) if args.max_loras is None else args.max_loras
+    config = EngineConfig(args.max_num_seqs, args.max_num_batched_tokens, slots, rank)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    model = load_model(reader, dtype=getattr(torch, args.dtype), device=args.device)
+    engine = Engine.for_model(
+        model, eos_token_ids=tokenizer.eos_token_ids, config=config, kv_cache_bytes=args.kv_cache_bytes,
+        block_size=args.block_size,
+    )
+    for name, adapter in adapters.items():
+        engine.adapters.load(name, adapter)
+    return engine, tokenizer, reader.path

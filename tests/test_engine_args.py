@@ -1,0 +1,80 @@
+"""One way to build an engine: every front door goes through `build_engine`, with one set of defaults."""
+
+from __future__ import annotations
+
+import inspect
+import json
+from pathlib import Path
+
+import pytest
+from peft import LoraConfig
+
+import quadapt
+from quadapt import cli
+from quadapt.runtime.engine import Engine
+from quadapt.runtime.engine_args import MIN_LORA_RANK, MIN_LORA_SLOTS, EngineArgs, build_engine
+from quadapt.runtime.errors import AdapterError, InvalidParameterError
+from quadapt.runtime.server_config import ServerConfig, load_llm
+
+from .test_adapters import make_base, make_peft_adapter
+
+KV = 2 * 2**20
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> Path:
+    return make_base(tmp_path_factory.mktemp("engine-args-base"))
+
+
+@pytest.fixture(scope="module")
+def adapter(base, tmp_path_factory) -> Path:
+    config = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])
+    return make_peft_adapter(base, tmp_path_factory.mktemp("engine-args-adapter") / "qv", config=config, seed=3)
+
+
+def test_every_front_door_builds_its_engine_through_build_engine(base, adapter, tmp_path, monkeypatch, capsys):
+    built: list[Engine] = []
+    init = Engine.__init__
+
+    def guarded(self, *args, **kwargs):
+        callers = {(frame.function, Path(frame.filename).name) for frame in inspect.stack()}
+        assert ("build_engine", "engine_args.py") in callers, "an Engine was built outside build_engine"
+        init(self, *args, **kwargs)
+        built.append(self)
+
+    monkeypatch.setattr(Engine, "__init__", guarded)
+
+    with quadapt.serve(base, adapters={"qv": str(adapter)}, kv_cache_bytes=KV) as model:
+        assert model.generate(["hi"], max_new_tokens=2)[0].completion_tokens == 2
+    load_llm(ServerConfig(model=str(base), adapters={"qv": str(adapter)}, kv_cache_bytes=KV))
+    requests, results = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    requests.write_text(json.dumps({"id": "q", "prompt": "hi", "adapter": "qv", "max_new_tokens": 2}) + "\n")
+    assert cli.main(["batch", "--model", str(base), "--adapter", f"qv={adapter}", "--kv-cache-memory", "2MiB",
+                     "--input", str(requests), "--output", str(results)]) == 0
+    assert json.loads(results.read_text())["usage"]["completion_tokens"] == 2
+    assert len(built) == 3
+    # One set of defaults: each front door sized its slots the same way for one rank-8 adapter.
+    assert {(e.config.max_loras, e.config.max_lora_rank) for e in built} == {(MIN_LORA_SLOTS, MIN_LORA_RANK)}
+
+
+def test_defaults_follow_the_adapters_and_explicit_limits_win(base, adapter):
+    engine, tokenizer, path = build_engine(EngineArgs(model=str(base), kv_cache_bytes=KV))
+    assert (engine.config.max_loras, engine.config.max_lora_rank) == (MIN_LORA_SLOTS, MIN_LORA_RANK)
+    assert path == base and tokenizer.eos_token_ids
+    engine, _, _ = build_engine(EngineArgs(model=str(base), adapters={"qv": str(adapter)}, max_loras=1,
+                                           max_lora_rank=8, kv_cache_bytes=KV))
+    assert (engine.config.max_loras, engine.config.max_lora_rank) == (1, 8)
+    assert [v.name for v in engine.adapters.names()] == ["qv"]
+
+
+def test_mistakes_are_named(base, adapter, tmp_path):
+    with pytest.raises(AdapterError, match=r"^adapter qv=.*: adapter .* has rank 8, above the slots' max rank 4"):
+        build_engine(EngineArgs(model=str(base), adapters={"qv": str(adapter)}, max_lora_rank=4))
+    with pytest.raises(AdapterError, match=r"^adapter x=.*missing.*not a directory"):
+        build_engine(EngineArgs(model=str(base), adapters={"x": str(tmp_path / "missing")}))
+    with pytest.raises(InvalidParameterError, match=r"max_loras=0 serves the base model only, but adapters \['qv'\]"):
+        EngineArgs(model=str(base), adapters={"qv": str(adapter)}, max_loras=0)
+    with pytest.raises(InvalidParameterError, match="dtype must be one of float32, bfloat16, float16"):
+        EngineArgs(model=str(base), dtype="float64")  # type: ignore[arg-type]
+    with pytest.raises(InvalidParameterError, match="threads must be a positive integer"):
+        EngineArgs(model=str(base), threads=0)
