@@ -31,6 +31,7 @@ import torch
 from ..runtime.errors import CheckpointError, QuadaptError
 from ..runtime.checkpoints import TokenizerFiles
 from ..runtime.checkpoints.hf import INDEX_FILE, SINGLE_FILE
+from ..runtime.files import current_umask  # noqa: F401 - also this module's name for it
 
 DEFAULT_MAX_SHARD_BYTES = 2 * 10**9  # "2GB" as HF counts it
 # Suffixes of the hidden siblings of an output: being written, the old one being replaced, scratch.
@@ -170,22 +171,6 @@ def _open_up(staging: Path) -> None:
         elif path.is_dir() and not path.is_symlink():
             path.chmod(0o777 & ~mask)
     staging.chmod(0o777 & ~mask)
-
-
-def current_umask() -> int:
-    """The process's file mode creation mask.
-
-    POSIX offers no call that only reads it: `os.umask` sets a new mask and returns the old one,
-    so this sets one and puts the old back at once. The mask is process-wide, so a file another
-    thread creates in between gets the transient mask; 0o077 (owner only) is used rather than 0,
-    so such a file is at worst too private, never world-writable.
-
-    Returns:
-        The umask, e.g. 0o022.
-    """
-    mask = os.umask(0o077)
-    os.umask(mask)
-    return mask
 
 
 def _recover_abandoned(out_dir: Path) -> None:

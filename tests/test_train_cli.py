@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import stat
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ import torch
 from quadapt.cli import main
 from quadapt.runtime.adapters import apply_adapter
 from quadapt.runtime.errors import InvalidParameterError
+from quadapt.runtime.files import current_umask
 from quadapt.runtime.loader import load_model
 from quadapt.runtime.tokenizer import Tokenizer
 from quadapt.train.data import IGNORE, read_examples
@@ -90,6 +92,8 @@ def test_the_adapter_loads_in_peft_and_quadapt_with_the_same_logits(chat_model, 
     assert status == 0, captured.err
     assert captured.out == f"{out}\n"
     assert {"adapter_config.json", "adapter_model.safetensors", "loss.png", "log.jsonl"} <= {p.name for p in out.iterdir()}
+    # The weights follow the umask like every other output (safetensors alone would make them 0600).
+    assert stat.S_IMODE((out / "adapter_model.safetensors").stat().st_mode) == 0o666 & ~current_umask()
     ids = torch.randint(0, 420, (2, 11))
     with torch.no_grad():
         base = hf(ids).logits

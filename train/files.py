@@ -23,6 +23,7 @@ import torch
 
 from ..runtime.checkpoints.peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS, KEY_PREFIX
 from ..runtime.errors import InvalidParameterError, UnsupportedError
+from ..runtime.files import follow_umask
 from .lora import QLoRALinear
 
 STATE_DIR = "training_state"
@@ -45,6 +46,7 @@ def atomic_save_tensors(path: Path, tensors: Mapping[str, torch.Tensor], metadat
 
     tmp = path.with_name(f".{path.name}.tmp")
     save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+    follow_umask(tmp)  # save_file makes 0600; the adapter is read by servers as any output is
     os.replace(tmp, path)
 
 
