@@ -97,3 +97,17 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def fails_on_call(fn, n: int, message: str):
+    """`fn`, except that its `n`-th call raises RuntimeError(message): a fault injected into the engine."""
+    calls = 0
+
+    def wrapper(*args, **kwargs):
+        nonlocal calls
+        calls += 1
+        if calls == n:
+            raise RuntimeError(message)
+        return fn(*args, **kwargs)
+
+    return wrapper

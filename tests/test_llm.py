@@ -21,6 +21,7 @@ from quadapt.runtime.loader import load_model
 from quadapt.runtime.sampling import SamplingParams
 from quadapt.runtime.tokenizer import Tokenizer
 
+from .conftest import fails_on_call
 from .test_adapters import make_base, make_peft_adapter
 
 
@@ -166,17 +167,7 @@ def test_a_busy_engine_takes_new_requests_aborts_and_reads_within_one_step(base,
 
 def test_a_failed_step_fails_its_requests_and_the_engine_goes_on(base, tokenizer):
     engine = make_engine(base)
-    execute = engine.executor.execute
-    calls = 0
-
-    def failing(specs):
-        nonlocal calls
-        calls += 1
-        if calls == 3:
-            raise RuntimeError("out of memory (injected)")
-        return execute(specs)
-
-    engine.executor.execute = failing
+    engine.executor.execute = fails_on_call(engine.executor.execute, 3, "out of memory (injected)")
     params = SamplingParams(max_new_tokens=50, temperature=0.0, ignore_eos=True)
 
     async def main():
@@ -194,17 +185,7 @@ def test_a_failed_step_fails_its_requests_and_the_engine_goes_on(base, tokenizer
 
 def test_an_engine_thread_that_stops_ends_every_stream_with_the_error(base, tokenizer):
     engine = make_engine(base)
-    schedule = engine.scheduler.schedule
-    calls = 0
-
-    def failing():
-        nonlocal calls
-        calls += 1
-        if calls == 3:
-            raise RuntimeError("scheduler bug (injected)")
-        return schedule()
-
-    engine.scheduler.schedule = failing
+    engine.scheduler.schedule = fails_on_call(engine.scheduler.schedule, 3, "scheduler bug (injected)")
     params = SamplingParams(max_new_tokens=50, temperature=0.0, ignore_eos=True)
     seen: list[BaseException] = []
 

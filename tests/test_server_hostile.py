@@ -26,6 +26,7 @@ from quadapt.protos.quadapt.v1 import generation_pb2_grpc as pb_grpc
 from quadapt.runtime.llm import AsyncLLM
 from quadapt.runtime.server import ServerConfig
 
+from .conftest import fails_on_call
 from .test_server import (  # noqa: F401 - fixtures
     ServerThread, Throttle, adapter_root, adapters, base, engine_idle, make_engine, tokenizer, wait_until,
 )
@@ -148,6 +149,7 @@ STRING_CASES = [
     ("GenerateStream", generate(prompt="word " * 500), INVALID, "context"),
     ("Tokenize", pb.TokenizeRequest(prompt="y" * (39 * MIB // 10)).SerializeToString(), INVALID, "context"),
     ("Generate", generate(prompt="", messages=messages(1, "z" * MIB)), INVALID, "context"),
+    ("Generate", generate(prompt="", messages=[pb.ChatMessage(role="r" * MIB, content="hi")]), INVALID, "context"),
     ("Generate", generate(stop=["a"] * 17), INVALID, "16 allowed"),
     ("Generate", generate(stop=["b" * 257]), INVALID, "256 characters"),
     ("GenerateStream", generate(stop=["s" * 3800] * 1000), INVALID, "1000 strings"),
@@ -263,17 +265,7 @@ def test_an_engine_that_cannot_go_on_turns_the_server_not_serving(base, adapters
     engine = make_engine(base, adapters, tokenizer)
     served = ServerThread(ServerConfig(model=str(base), port=0), AsyncLLM(engine, tokenizer))
     try:
-        schedule = engine.scheduler.schedule
-        calls = 0
-
-        def dying():
-            nonlocal calls
-            calls += 1
-            if calls == 3:
-                raise RuntimeError("corrupted queue (injected)")
-            return schedule()
-
-        engine.scheduler.schedule = dying
+        engine.scheduler.schedule = fails_on_call(engine.scheduler.schedule, 3, "corrupted queue (injected)")
         with served.client() as client, grpc.insecure_channel(served.target) as channel:
             stream = pb_grpc.GenerationStub(channel).GenerateStream(BACKGROUND, timeout=60)
             with pytest.raises(grpc.RpcError) as failed:
