@@ -227,6 +227,10 @@ def _client(args: argparse.Namespace) -> int:
         from .runtime.errors import InvalidParameterError
 
         raise InvalidParameterError("--address names the host already; give --address HOST:PORT, or --host and --port")
+    if args.host is not None and not args.host.strip():
+        from .runtime.errors import InvalidParameterError
+
+        raise InvalidParameterError("--host is empty; give the server's host name or address, or leave it out")
     if args.address is None:
         host = args.host or "127.0.0.1"
         host = f"[{host}]" if ":" in host and not host.startswith("[") else host
@@ -397,6 +401,17 @@ def _merge_adapter(args: argparse.Namespace) -> int:
     )
     logger.info("wrote %s", out)
     return 0
+
+
+def _server_port(value: str) -> int:
+    """argparse type: a TCP port a server can listen on, 1-65535."""
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if not 1 <= number <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number in 1-65535, got {value!r}")
+    return number
 
 
 def _positive_int(value: str) -> int:
@@ -757,7 +772,7 @@ def build_parser() -> argparse.ArgumentParser:
     where = cli.add_mutually_exclusive_group()
     where.add_argument("--address", default=None, metavar="HOST:PORT",
                        help="the server (default: --host and --port, 127.0.0.1:50051)")
-    where.add_argument("--port", type=int, default=None, metavar="P",
+    where.add_argument("--port", type=_server_port, default=None, metavar="P",
                        help="the server's port on --host, as `serve --port` names it (default 50051)")
     cli.add_argument("--host", default=None, metavar="H", help="the server's host, with --port (default 127.0.0.1)")
     cli.add_argument("--token-file", metavar="F", help="a file holding the bearer token to send")

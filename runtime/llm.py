@@ -130,7 +130,7 @@ def encode_prompt(tokenizer: Tokenizer, prompt: Prompt, max_tokens: int | None =
             raise InvalidParameterError(
                 f"messages holds {len(prompt)} messages, more than the {MAX_MESSAGES} allowed; shorten the conversation"
             )
-        _check_chars(tokenizer, sum(len(m["content"]) for m in prompt), max_tokens, "the messages' content")
+        _check_chars(tokenizer, sum(len(m["role"]) + len(m["content"]) for m in prompt), max_tokens, "the messages")
         return tokenizer.encode_chat(prompt, add_generation_prompt=True)
     raise InvalidParameterError(
         "a prompt is a string, or a non-empty list of messages like {'role': 'user', 'content': '...'}; "

@@ -107,12 +107,15 @@ class ServerConfig:
         if self.token is not None and self.token == self.admin_token:
             raise InvalidParameterError("token and admin_token are the same; give the admin its own token")
         if not isinstance(self.metrics_host, str) or not self.metrics_host.strip("[] "):
-            raise InvalidParameterError(f"metrics_host must be an address to listen on (e.g. 127.0.0.1), got {self.metrics_host!r}")
+            raise InvalidParameterError(
+                f"metrics_host (--metrics-host) must be an address to listen on (e.g. 127.0.0.1), got {self.metrics_host!r}"
+            )
         if not isinstance(self.metrics_token, bool):
             raise InvalidParameterError(f"metrics_token must be True or False, got {self.metrics_token!r}")
         if self.metrics_token and self.token is None and self.admin_token is None:
-            raise InvalidParameterError("metrics_token requires the server's token on /metrics, but no token "
-                                        "(or admin_token) is set; set one, or leave metrics_token off")
+            raise InvalidParameterError("metrics_token (--metrics-require-token) requires the server's token on "
+                                        "/metrics, but no token (--token-file) or admin_token (--admin-token-file) "
+                                        "is set; set one, or leave metrics_token off")
         if self.metrics_token and self.metrics_port is None:
             raise InvalidParameterError("metrics_token protects the metrics endpoint, but metrics_port is None "
                                         "(no endpoint); set metrics_port")

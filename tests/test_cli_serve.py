@@ -119,3 +119,18 @@ def test_verbose_prints_debug_lines(capsys, model):
     assert re.search(r"^quadapt: [12] tokens in \d+\.\d+ s, finished by (stop|length)$", err, re.MULTILINE), err
     assert main(["generate", "--model", str(model), "--prompt", "hi", "--max-new-tokens", "2"]) == 0
     assert "quadapt: loaded" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--port", "0"], "must be a port number in 1-65535, got '0'"),
+    (["--port", "65536"], "must be a port number in 1-65535, got '65536'"),
+    (["--port", "-1"], "must be a port number in 1-65535, got '-1'"),
+    (["--host", "", "--port", "1"], "--host is empty"),
+])
+def test_client_refuses_a_port_or_host_that_names_no_server(capsys, argv, message):
+    try:
+        status = main(["client", *argv, "info"])
+    except SystemExit as refused:  # argparse refuses a flag's value itself
+        status = refused.code
+    assert status == 2
+    assert message in capsys.readouterr().err
