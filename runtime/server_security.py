@@ -79,10 +79,12 @@ def resolve_adapter_path(path: str, allowed: Sequence[Path]) -> Path:
 
     Raises:
         Refusal: PERMISSION_DENIED when no allowed directory holds it (or none is configured),
-            INVALID_ARGUMENT for an empty path.
+            INVALID_ARGUMENT for an empty path or one holding a NUL character.
     """
     if not path:
         raise Refusal(grpc.StatusCode.INVALID_ARGUMENT, "path is empty; name the adapter directory to load")
+    if "\x00" in path:  # no file system path holds one; os.path would raise on it
+        raise Refusal(grpc.StatusCode.INVALID_ARGUMENT, f"path {quote(path)} holds a NUL character; name a directory")
     if not allowed:
         raise Refusal(
             grpc.StatusCode.PERMISSION_DENIED,

@@ -163,6 +163,10 @@ STRING_CASES = [
     ("LoadAdapter", pb.LoadAdapterRequest(name="n" * MIB, path="a").SerializeToString(), INVALID, "characters)"),
     ("LoadAdapter", pb.LoadAdapterRequest(name="c", path="../../../etc").SerializeToString(), "PERMISSION_DENIED",
      "outside"),
+    ("LoadAdapter", pb.LoadAdapterRequest(name="c", path="a\x00b").SerializeToString(), INVALID, "NUL character"),
+    # Inside an allowed directory by its name, but too long for the file system to look up.
+    ("LoadAdapter", pb.LoadAdapterRequest(name="c", path="p" * MIB).SerializeToString(), "FAILED_PRECONDITION",
+     "cannot be looked up"),
     ("UnloadAdapter", pb.UnloadAdapterRequest(name="u" * MIB).SerializeToString(), "NOT_FOUND", "characters)"),
     # Not protobuf at all, and a prompt field that is not UTF-8.
     *[(m, b"\xff\xff\xff\xff", INVALID, "not a valid") for m in

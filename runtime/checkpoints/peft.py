@@ -181,7 +181,12 @@ def read_peft_header(path: str | Path, *, max_bytes: int = MAX_ADAPTER_BYTES) ->
     from safetensors import SafetensorError, safe_open
 
     path = Path(path).expanduser()
-    if not path.is_dir():
+    try:
+        is_dir = path.is_dir()
+    except (OSError, ValueError) as e:  # a name too long for the file system, or one holding NUL
+        raise AdapterError(f"adapter path {quote(str(path), 256)} cannot be looked up ({type(e).__name__}: "
+                           f"{quote(str(e))}); pass a PEFT adapter directory") from None
+    if not is_dir:
         raise AdapterError(f"adapter path {quote(str(path), 256)} is not a directory; pass a PEFT adapter directory")
     config = _read_config(path)
     check_adapter_config(config, where=str(path / ADAPTER_CONFIG))
