@@ -90,7 +90,7 @@ def build_engine(args: EngineArgs) -> tuple[Engine, Tokenizer, Path]:
         AdapterError, UnsupportedError: a start-up adapter that is malformed, does not fit the base
             or has a rank above `max_lora_rank` (checked before the weights load); its message
             begins `adapter NAME=PATH:`.
-        InvalidParameterError: a cache budget that holds no block.
+        InvalidParameterError: a cache budget that holds no block, or more than can be allocated.
     """
     import torch
 
@@ -115,10 +115,18 @@ def build_engine(args: EngineArgs) -> tuple[Engine, Tokenizer, Path]:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     model = load_model(reader, dtype=getattr(torch, args.dtype), device=args.device)
-    engine = Engine.for_model(
-        model, eos_token_ids=tokenizer.eos_token_ids, config=config, kv_cache_bytes=args.kv_cache_bytes,
-        block_size=args.block_size,
-    )
+    try:
+        engine = Engine.for_model(
+            model, eos_token_ids=tokenizer.eos_token_ids, config=config, kv_cache_bytes=args.kv_cache_bytes,
+            block_size=args.block_size,
+        )
+    except (MemoryError, RuntimeError) as e:  # torch reports a failed allocation as a RuntimeError
+        if not isinstance(e, MemoryError) and "allocate" not in str(e):
+            raise
+        raise InvalidParameterError(
+            f"the KV cache of {args.kv_cache_bytes} bytes (kv_cache_bytes) cannot be allocated on {args.device}; "
+            "give it a budget that fits the free memory"
+        ) from None
     for name, adapter in adapters.items():
         engine.adapters.load(name, adapter)
     return engine, tokenizer, reader.path

@@ -78,3 +78,5 @@ def test_mistakes_are_named(base, adapter, tmp_path):
         EngineArgs(model=str(base), dtype="float64")  # type: ignore[arg-type]
     with pytest.raises(InvalidParameterError, match="threads must be a positive integer"):
         EngineArgs(model=str(base), threads=0)
+    with pytest.raises(InvalidParameterError, match=r"KV cache of \d+ bytes \(kv_cache_bytes\) cannot be allocated"):
+        build_engine(EngineArgs(model=str(base), kv_cache_bytes=2**62))
