@@ -21,6 +21,7 @@ no stop strings and no chat templates (`llm.py` puts text around it). It is not 
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,8 +32,7 @@ from ..kernels import NO_SLOT
 from .adapters import lora_modules
 from .batch import RowSpec
 from .checkpoints.peft_fit import BaseModules
-import logging
-
+from .engine_args import DEFAULT_KV_CACHE_BYTES, EngineConfig
 from .errors import ContextLengthError, EngineDeadError, InvalidParameterError, RequestFailedError
 from .executor import Executor, TorchExecutor
 from .metrics import EngineStats, MetricsSnapshot
@@ -43,32 +43,6 @@ from .sampling import SamplingParams, sample_batch
 from .scheduler import Admission, Request, ScheduledRow, Scheduler, Status
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    """How the engine batches.
-
-    Attributes:
-        max_num_seqs: the most requests running at once.
-        max_num_batched_tokens: the most tokens one step feeds (prompt chunks and decode tokens);
-            a longer prompt is prefilled in chunks.
-        max_loras: adapter slots (distinct adapters in one batch); 0 serves the base model only.
-        max_lora_rank: the largest adapter rank a slot holds.
-    """
-
-    max_num_seqs: int = 16
-    max_num_batched_tokens: int = 512
-    max_loras: int = 4
-    max_lora_rank: int = 16
-
-    def __post_init__(self) -> None:
-        for name in ("max_num_seqs", "max_num_batched_tokens", "max_lora_rank"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise InvalidParameterError(f"{name} must be a positive integer, got {value!r}")
-        if not isinstance(self.max_loras, int) or self.max_loras < 0:
-            raise InvalidParameterError(f"max_loras must be an integer >= 0, got {self.max_loras!r}")
 
 
 @dataclass(frozen=True)
@@ -96,9 +70,6 @@ class RequestOutput:
     prompt_tokens: int
     completion_tokens: int
     error: Exception | None = None
-
-
-DEFAULT_KV_CACHE_BYTES = 512 * 2**20
 
 
 class Engine:

@@ -7,7 +7,9 @@ their rank to the largest start-up adapter's and at least 16. The order reports 
 before the weights load: the checkpoint's layout and tokenizer are read first, then the
 adapters (checked against that layout), then the weights.
 
-This file builds; it does not run the engine or hold text (`llm.py` does).
+This file builds; it does not run the engine or hold text (`llm.py` does). It imports no torch
+(`build_engine` does, when called), so the CLI derives its flags' defaults from `EngineArgs`
+without loading torch for `--help`.
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from .engine import DEFAULT_KV_CACHE_BYTES, EngineConfig
 from .errors import InvalidParameterError, QuadaptError, quote
 
 if TYPE_CHECKING:
@@ -24,8 +25,35 @@ if TYPE_CHECKING:
     from .tokenizer import Tokenizer
 
 _DTYPES = ("float32", "bfloat16", "float16")
+DEFAULT_KV_CACHE_BYTES = 512 * 2**20  # the paged KV cache's memory unless told
 # The least the slots get when the start-up adapters ask for less: room to load more later.
 MIN_LORA_SLOTS, MIN_LORA_RANK = 4, 16
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How the engine batches.
+
+    Attributes:
+        max_num_seqs: the most requests running at once.
+        max_num_batched_tokens: the most tokens one step feeds (prompt chunks and decode tokens);
+            a longer prompt is prefilled in chunks.
+        max_loras: adapter slots (distinct adapters in one batch); 0 serves the base model only.
+        max_lora_rank: the largest adapter rank a slot holds.
+    """
+
+    max_num_seqs: int = 16
+    max_num_batched_tokens: int = 512
+    max_loras: int = 4
+    max_lora_rank: int = 16
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_seqs", "max_num_batched_tokens", "max_lora_rank"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise InvalidParameterError(f"{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.max_loras, int) or self.max_loras < 0:
+            raise InvalidParameterError(f"max_loras must be an integer >= 0, got {self.max_loras!r}")
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import inspect
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -80,3 +82,17 @@ def test_mistakes_are_named(base, adapter, tmp_path):
         EngineArgs(model=str(base), threads=0)
     with pytest.raises(InvalidParameterError, match=r"KV cache of \d+ bytes \(kv_cache_bytes\) cannot be allocated"):
         build_engine(EngineArgs(model=str(base), kv_cache_bytes=2**62))
+
+
+def test_engine_args_imports_without_torch():
+    # The CLI derives its engine flags' defaults from EngineArgs; `quadapt --help` must not load torch.
+    code = (
+        "import sys; sys.modules['torch'] = None\n"
+        "from dataclasses import fields\n"
+        "from quadapt.runtime.engine_args import EngineArgs, EngineConfig, build_engine\n"
+        "assert {f.name for f in fields(EngineArgs)} >= {'model', 'threads', 'max_loras'}\n"
+        "assert EngineConfig().max_num_seqs == EngineArgs('m').max_num_seqs\n"
+        "assert not any(m == 'torch' or m.startswith('torch.') for m in sys.modules if sys.modules[m] is not None)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/", timeout=120)
+    assert result.returncode == 0, result.stderr
