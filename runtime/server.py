@@ -1,4 +1,5 @@
-"""The gRPC server: `quadapt.v1.Generation` over the batching engine, safe to put on a network.
+"""The server: `quadapt.v1.Generation` over gRPC (and, with `http_port`, the OpenAI-compatible
+HTTP API) over the batching engine, safe to put on a network.
 
 `serve(config)` runs it until SIGTERM or SIGINT and then drains; `start(config)` is the same
 server as an asyncio object (tests, embedding). One process serves one model: an `AsyncLLM`
@@ -7,7 +8,10 @@ Beside the service run the standard `grpc.health.v1` health service (NOT_SERVING
 model loads, while draining and after the engine failed) and server reflection. Around this
 file: `server_rpc.py` (the RPCs: parsing, the proto <-> runtime conversion, status codes),
 `server_config.py` (what to serve, and loading it), `server_security.py` (tokens, adapter paths,
-TLS) and `server_metrics.py` (Prometheus, on a port of its own).
+TLS), `server_metrics.py` (Prometheus, on a port of its own), `server_requests.py` (the checks
+both doors share) and `http_api.py` (the HTTP door). Both doors admit requests through
+`Server.generation` and change adapters through `Server.load_adapter`/`unload_adapter`: one
+queue limit, one drain, one set of adapters, one log.
 
 Hostile input (see docs/serving.md): a prompt too long for the context by its characters alone
 is refused before it is tokenized, and tokenizing and chat templates run in worker threads, so
@@ -36,7 +40,7 @@ import signal
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -44,12 +48,14 @@ from grpc_reflection.v1alpha import reflection
 
 from ..protos.quadapt.v1 import generation_pb2 as pb
 from .errors import EngineDeadError, InvalidParameterError, QuadaptError, quote
-from .llm import AsyncLLM, TextDelta
+from .async_llm import AsyncLLM
+from .prompt import Prompt
 from .metrics import MetricsSnapshot
 from .server_config import ServerConfig, load_llm, read_secret
-from .server_metrics import ServerMetrics
-from .server_rpc import SERVICE, Servicer, add_servicer, peer, peer_request_id, request_prompt, request_sampling
-from .server_security import Refusal, authorize, server_credentials
+from .server_metrics import Generation, ServerMetrics
+from .sampling_params import SamplingParams
+from .server_rpc import SERVICE, Servicer, add_servicer
+from .server_security import Refusal, authorize, resolve_adapter_path, server_credentials
 
 __all__ = ["SERVICE", "Server", "ServerConfig", "load_llm", "read_secret", "serve", "start"]
 
@@ -60,18 +66,22 @@ _REFUSAL_LOGS_PER_S = 20
 
 
 class Server:
-    """A running server; made by `start`. Attributes: `port` (the bound port), `metrics_port`
-    (None without an endpoint), `llm` (None until the model has loaded), `config`."""
+    """A running server; made by `start`. Attributes: `port` (the bound port), `metrics_port` and
+    `http_port` (None without that endpoint), `llm` (None until the model has loaded), `config`."""
 
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
         self.llm: AsyncLLM | None = None
         self.port = 0
         self.metrics_port: int | None = None
+        self.http_port: int | None = None
+        self.model_id = config.model_name or Path(config.model).name  # ServerInfo's model, /v1/models' base id
+        self.started = int(time.time())
         self.adapter_dirs = [Path(os.path.realpath(d)) for d in config.adapter_dirs]
         self.metrics = ServerMetrics(self._engine_view)
         self.health = health.aio.HealthServicer()
         self._grpc: grpc.aio.Server | None = None
+        self._http: Any = None  # http_api.HTTPFrontDoor, with config.http_port
         self._state: Literal["loading", "serving", "failed", "draining", "stopped"] = "loading"
         self._load_error: BaseException | None = None
         self._log_load_error = True  # False where the caller reports it (`serve` raises it)
@@ -130,6 +140,8 @@ class Server:
             return
         self._state = "stopped"
         await self.health.enter_graceful_shutdown()
+        if self._http is not None:
+            await self._http.stop()
         if self._grpc is not None:
             await self._grpc.stop(grace=None)
         if self.llm is not None:
@@ -143,8 +155,9 @@ class Server:
 
     # -- inside the server ------------------------------------------------------------------
 
-    def check_token(self, context: grpc.aio.ServicerContext, admin: bool) -> None:
-        authorize(context.invocation_metadata(), self.config.token, self.config.admin_token, admin=admin)
+    def check_token(self, metadata: Any, admin: bool) -> None:
+        """Check a request's bearer token (`server_security.authorize`); `metadata`: its (key, value) pairs."""
+        authorize(metadata, self.config.token, self.config.admin_token, admin=admin)
 
     def check_serving(self) -> None:
         if self._state == "serving":
@@ -159,8 +172,9 @@ class Server:
         }[self._state]
         raise Refusal(grpc.StatusCode.UNAVAILABLE, why)
 
-    def log_refusal(self, method: str, code: grpc.StatusCode, context: grpc.aio.ServicerContext, message: str) -> None:
-        """Log a refused RPC with its peer, at most `_REFUSAL_LOGS_PER_S` lines a second."""
+    def log_refusal(self, method: str, code: grpc.StatusCode, who: str, message: str) -> None:
+        """Log a refused request with `who` sent it (its peer and request id), at most
+        `_REFUSAL_LOGS_PER_S` lines a second, whichever door it came through."""
         now = int(time.monotonic())
         second, logged, suppressed = self._refusal_window
         if now != second:
@@ -170,8 +184,7 @@ class Server:
             return
         more = f" ({suppressed} more refusal(s) not logged)" if suppressed else ""
         self._refusal_window = (second, logged + 1, 0)
-        logger.info("%s refused (%s) from %s%s: %s%s", method, code.name, peer(context), peer_request_id(context),
-                    message, more)
+        logger.info("%s refused (%s) from %s: %s%s", method, code.name, who, message, more)
 
     def _engine_failed(self, error: BaseException) -> None:
         """The engine thread stopped on an error: NOT_SERVING from now on, and `serve` exits."""
@@ -183,30 +196,34 @@ class Server:
         self._engine_dead.set()
 
     @contextlib.asynccontextmanager
-    async def generation(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[_Generation]:
-        """Admit one generation (or refuse it), and account for it until it is over, however it ends."""
-        llm = self.llm
-        prompt = request_prompt(request, llm.tokenizer)
-        params = request_sampling(request)
+    async def generation(self, prompt: Prompt, params: SamplingParams, adapter: str | None, *, who: str = "",
+                         deadline_passed: Callable[[], bool] = lambda: False) -> AsyncIterator[Generation]:
+        """Admit one generation (or refuse it), and account for it until it is over, however it ends.
+
+        Both front doors come through here, so they share one queue limit, one drain and one log.
+
+        Args:
+            prompt, params, adapter: the request, already parsed and checked (`server_requests`).
+            who: the client, for the log (e.g. its x-request-id).
+            deadline_passed: whether a cancellation means the client's deadline passed.
+        """
         if self._active >= self.config.max_queue:
             raise Refusal(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"the server's queue is full ({self._active} requests, max_queue {self.config.max_queue}); retry later",
             )
-        generation = _Generation(f"req-{next(self._ids)}", request.adapter, self.metrics)
+        generation = Generation(f"req-{next(self._ids)}", adapter or "", self.metrics)
         self._active += 1
         self._idle.clear()
-        deltas = llm.stream(prompt, params, adapter=request.adapter or None, request_id=generation.request_id)
+        deltas = self.llm.stream(prompt, params, adapter=adapter, request_id=generation.request_id)
         try:
             generation.deltas = deltas
-            logger.debug("%s%s: admitted (adapter %s)", generation.request_id, peer_request_id(context),
-                         quote(request.adapter))
+            logger.debug("%s%s: admitted (adapter %s)", generation.request_id, who, quote(adapter or ""))
             yield generation
         except asyncio.CancelledError:
-            deadline = context.time_remaining() is not None and context.time_remaining() <= 0
             generation.outcome = (
                 "cancelled: the server stopped" if self._closing.is_set()
-                else "deadline exceeded" if deadline else "cancelled by the client"
+                else "deadline exceeded" if deadline_passed() else "cancelled by the client"
             )
             raise
         except BaseException as e:
@@ -217,15 +234,48 @@ class Server:
             self._active -= 1
             if self._active == 0:
                 self._idle.set()
-            generation.log(peer_request_id(context))
+            generation.log(who)
 
-    def _engine_view(self) -> tuple[MetricsSnapshot, list[str]] | None:
+    # -- adapters, for both doors -----------------------------------------------------------
+
+    def adapter_versions(self) -> list[Any]:
+        """The loaded adapters' versions (name, digest, rank, slot, requests), by name."""
+        return self.llm.adapter_versions()
+
+    async def load_adapter(self, name: str, path: str, *, pinned: bool = False) -> tuple[Any, str]:
+        """Load (or reload) an adapter a client names, from inside the allowed directories.
+
+        Returns:
+            The adapter's version, and "loaded", "reloaded" or "unchanged".
+
+        Raises:
+            Refusal: a path outside `adapter_dirs`.
+            AdapterError: files that are malformed or do not fit the model, or a model without
+                adapter slots.
+        """
+        real = resolve_adapter_path(path, self.adapter_dirs)
+        before = {v.name: v for v in self.llm.adapter_versions()}.get(name)
+        # Reading and checking the files blocks; the registry's own lock makes it safe beside the engine.
+        version = await asyncio.to_thread(self.llm.load_adapter, name, real, pinned=pinned)
+        outcome = "loaded" if before is None else "unchanged" if version is before else "reloaded"
+        logger.info("adapter %s %s from %s (%s)", quote(name), outcome, real, version.identity)
+        return version, outcome
+
+    async def unload_adapter(self, name: str) -> None:
+        """Unload an adapter between two engine steps, after the aborts of streams that ended before.
+
+        Raises:
+            AdapterNotFoundError, AdapterInUseError: as `AdapterRegistry.unload`.
+        """
+        await asyncio.wrap_future(self.llm.unload_adapter(name, wait=False))
+        logger.info("adapter %s unloaded", quote(name))
+
+    def _engine_view(self) -> tuple[MetricsSnapshot, list[str], int] | None:
         llm = self.llm
         if llm is None:
             return None
-        registry = llm.engine.adapters
-        names = [v.name for v in registry.names()] if registry is not None else []
-        return llm.metrics(), names  # read by the engine thread, between two steps
+        names = [v.name for v in self.adapter_versions()]
+        return llm.metrics(), names, llm.engine.config.max_loras  # read by the engine thread, between two steps
 
     async def _load(self, load: Callable[[], AsyncLLM]) -> None:
         try:
@@ -247,45 +297,6 @@ class Server:
                 await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
             logger.info("serving %s", self.config.model_name or self.config.model)
         self._loaded.set()
-
-
-class _Generation:
-    """One admitted generation: its id, its deltas, and the timings the metrics and the log want."""
-
-    def __init__(self, request_id: str, adapter: str, metrics: ServerMetrics) -> None:
-        self.request_id = request_id
-        self.adapter = adapter
-        self.deltas: AsyncIterator[TextDelta] | None = None
-        self.outcome = "unfinished"
-        self._metrics = metrics
-        self._start = time.perf_counter()
-        self._first: float | None = None
-        self._last: float | None = None
-        self._tokens = (0, 0)
-
-    async def __aiter__(self) -> AsyncIterator[TextDelta]:
-        assert self.deltas is not None
-        async for delta in self.deltas:
-            now = time.perf_counter()
-            if delta.token_ids:
-                if self._first is None:
-                    self._first = now
-                    self._metrics.time_to_first_token.labels(self.adapter).observe(now - self._start)
-                else:
-                    self._metrics.inter_token_latency.labels(self.adapter).observe(now - self._last)
-                self._last = now
-            self._tokens = (delta.prompt_tokens, delta.completion_tokens)
-            if delta.finished:
-                self.outcome = delta.finish_reason or "finished"
-                self._metrics.request_duration.labels(self.adapter).observe(now - self._start)
-            yield delta
-
-    def log(self, peer_id: str) -> None:
-        ttft = f"{self._first - self._start:.3f}s" if self._first is not None else "-"
-        logger.info(
-            "%s%s: %s (adapter %s, prompt %d, completion %d tokens, ttft %s, %.3fs)", self.request_id, peer_id,
-            self.outcome, quote(self.adapter), *self._tokens, ttft, time.perf_counter() - self._start,
-        )
 
 
 async def start(config: ServerConfig, *, llm: AsyncLLM | Callable[[], AsyncLLM] | None = None) -> Server:
@@ -346,11 +357,21 @@ async def start(config: ServerConfig, *, llm: AsyncLLM | Callable[[], AsyncLLM] 
         raise InvalidParameterError(f"cannot listen on {address}: {e}; is the port in use?") from None
     if not server.port:
         raise InvalidParameterError(f"cannot listen on {address}; is the port in use?")
+    if config.http_port is not None:
+        from .http_api import HTTPFrontDoor
+
+        server._http = HTTPFrontDoor(server, config.http_host or config.host, config.http_port)
+        server.http_port = server._http.port
     server._grpc = grpc_server
     await grpc_server.start()
+    if server._http is not None:
+        await server._http.start()
     if config.metrics_port is not None:
         server.metrics_port = server.metrics.serve_http(config.metrics_host.strip("[]"), config.metrics_port, config.metrics_tokens)
     logger.info("listening on %s:%d (%s)", config.host, server.port, "TLS" if config.tls_cert else "plaintext")
+    if server.http_port is not None:
+        logger.info("OpenAI-compatible HTTP API on %s://%s:%d/v1", "https" if config.tls_cert else "http",
+                    config.http_host or config.host, server.http_port)
     if isinstance(llm, AsyncLLM):
         given = llm
         load: Callable[[], AsyncLLM] = lambda: given  # noqa: E731

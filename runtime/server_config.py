@@ -16,7 +16,7 @@ from typing import Literal
 
 from .engine_args import EngineArgs, build_engine
 from .errors import InvalidParameterError
-from .llm import AsyncLLM
+from .async_llm import AsyncLLM
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +52,10 @@ class ServerConfig:
             for a private network or with `metrics_token`.
         metrics_token: require `token` (or `admin_token`) on /metrics, as `Authorization: Bearer
             <token>`; a scrape without it gets 401. Needs a token and `metrics_port`.
+        http_port: also serve the OpenAI-compatible HTTP API (`/v1/chat/completions`, ...; see
+            docs/http.md) on this port, over the same engine, tokens and TLS (0: any free port);
+            None: gRPC only.
+        http_host: where the HTTP API listens; None: the same host as gRPC.
         model_name: the name ServerInfo reports (default: the checkpoint's file or folder name).
         dtype, threads, max_num_seqs, max_num_batched_tokens, max_loras, max_lora_rank,
             kv_cache_bytes, block_size: what `EngineArgs` says of them, with its defaults.
@@ -73,6 +77,8 @@ class ServerConfig:
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"
     metrics_token: bool = False
+    http_port: int | None = None
+    http_host: str | None = None
     model_name: str | None = None
     dtype: Literal["float32", "bfloat16", "float16"] = EngineArgs.dtype
     threads: int | None = EngineArgs.threads
@@ -87,7 +93,7 @@ class ServerConfig:
         object.__setattr__(self, "model", str(self.model))
         object.__setattr__(self, "adapters", {str(k): str(v) for k, v in dict(self.adapters).items()})
         object.__setattr__(self, "adapter_dirs", tuple(str(d) for d in self.adapter_dirs))
-        for name in ("port", "metrics_port"):
+        for name in ("port", "metrics_port", "http_port"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or not 0 <= value <= 65535):
                 raise InvalidParameterError(f"{name} must be a port number in [0, 65535] (0: any free port), got {value!r}")
@@ -110,6 +116,13 @@ class ServerConfig:
             raise InvalidParameterError(
                 f"metrics_host (--metrics-host) must be an address to listen on (e.g. 127.0.0.1), got {self.metrics_host!r}"
             )
+        if self.http_host is not None and (not isinstance(self.http_host, str) or not self.http_host.strip("[] ")):
+            raise InvalidParameterError(
+                f"http_host (--http-host) must be an address to listen on (e.g. 127.0.0.1), got {self.http_host!r}; "
+                "leave it unset to use the gRPC host"
+            )
+        if self.http_port and self.http_port == self.port:
+            raise InvalidParameterError(f"http_port (--http-port) {self.http_port} is the gRPC port too; give it its own")
         if not isinstance(self.metrics_token, bool):
             raise InvalidParameterError(f"metrics_token must be True or False, got {self.metrics_token!r}")
         if self.metrics_token and self.token is None and self.admin_token is None:
@@ -176,4 +189,4 @@ def load_llm(config: ServerConfig) -> AsyncLLM:
         AdapterError, UnsupportedError: a start-up adapter that does not fit (checked before the weights load).
     """
     engine, tokenizer, _ = build_engine(config.engine_args())
-    return AsyncLLM(engine, tokenizer)
+    return AsyncLLM.from_engine(engine, tokenizer)

@@ -5,7 +5,9 @@ total, adapters loaded, decode throughput) and counters (requests finished and a
 preemptions, prompt and generated tokens, adapter slot loads and evictions) come from the
 engine's snapshot at scrape time; histograms of time to first token, inter-token latency and
 request duration are fed by the server as each request streams, labelled by adapter ("" is the
-base model), and a counter of RPCs by method and status code. Every metric lives in this
+base model), and a counter of RPCs by method and status code (HTTP requests by route and status).
+`quadapt_lora_requests_info` is the gauge the Kubernetes inference gateway reads for LoRA
+affinity (vLLM's `vllm:lora_requests_info` under quadapt's name; see docs/http.md). Every metric lives in this
 object's own registry, not the process's global one, so several servers (tests) can run in one
 process.
 
@@ -22,13 +24,15 @@ import hmac
 import logging
 import socket
 import threading
-from collections.abc import Callable, Iterator, Sequence
+import time
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from .errors import InvalidParameterError
+from .errors import InvalidParameterError, quote
 from .metrics import MetricsSnapshot
+from .outputs import TextDelta
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
@@ -41,8 +45,9 @@ TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 3
 ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 
-# A snapshot of the engine and the names of the loaded adapters; None while the model loads.
-EngineView = Callable[[], tuple[MetricsSnapshot, list[str]] | None]
+# A snapshot of the engine, the names of the loaded adapters and the adapter slots; None while the
+# model loads.
+EngineView = Callable[[], tuple[MetricsSnapshot, list[str], int] | None]
 
 
 class ServerMetrics:
@@ -72,6 +77,10 @@ class ServerMetrics:
         self.rpcs = Counter(
             "quadapt_grpc_requests", "gRPC calls of the Generation service, by method and status code.",
             ["method", "code"], registry=self.registry,
+        )
+        self.http_requests = Counter(
+            "quadapt_http_requests", "HTTP requests of the OpenAI-compatible API, by route and status.",
+            ["route", "status"], registry=self.registry,
         )
         self.registry.register(_EngineCollector(engine_view))
         self._http: _MetricsHTTPServer | None = None
@@ -177,6 +186,46 @@ class _MetricsHandler(BaseHTTPRequestHandler):
         logger.debug("metrics: %s " + format, self.client_address[0], *args)
 
 
+class Generation:
+    """One admitted generation, from either front door: its id, its deltas, and the timings the
+    metrics and the server's log want. Iterating it iterates the deltas and feeds the histograms."""
+
+    def __init__(self, request_id: str, adapter: str, metrics: ServerMetrics) -> None:
+        self.request_id = request_id
+        self.adapter = adapter
+        self.deltas: AsyncIterator[TextDelta] | None = None
+        self.outcome = "unfinished"
+        self._metrics = metrics
+        self._start = time.perf_counter()
+        self._first: float | None = None
+        self._last: float | None = None
+        self._tokens = (0, 0)
+
+    async def __aiter__(self) -> AsyncIterator[TextDelta]:
+        assert self.deltas is not None
+        async for delta in self.deltas:
+            now = time.perf_counter()
+            if delta.token_ids:
+                if self._first is None:
+                    self._first = now
+                    self._metrics.time_to_first_token.labels(self.adapter).observe(now - self._start)
+                else:
+                    self._metrics.inter_token_latency.labels(self.adapter).observe(now - self._last)
+                self._last = now
+            self._tokens = (delta.prompt_tokens, delta.completion_tokens)
+            if delta.finished:
+                self.outcome = delta.finish_reason or "finished"
+                self._metrics.request_duration.labels(self.adapter).observe(now - self._start)
+            yield delta
+
+    def log(self, peer_id: str) -> None:
+        ttft = f"{self._first - self._start:.3f}s" if self._first is not None else "-"
+        logger.info(
+            "%s%s: %s (adapter %s, prompt %d, completion %d tokens, ttft %s, %.3fs)", self.request_id, peer_id,
+            self.outcome, quote(self.adapter), *self._tokens, ttft, time.perf_counter() - self._start,
+        )
+
+
 class _EngineCollector:
     """Reads the engine's snapshot at scrape time (a custom collector: the values are the engine's)."""
 
@@ -189,7 +238,7 @@ class _EngineCollector:
         view = self._view()
         if view is None:
             return
-        snap, adapters = view
+        snap, adapters, max_loras = view
         names = ["", *adapters]  # every loaded adapter has a series, at 0 when idle
         for metric, help_, counts in (
             ("quadapt_requests_waiting", "Requests queued for their first step, by adapter.", snap.waiting_per_adapter),
@@ -207,6 +256,7 @@ class _EngineCollector:
              snap.decode_tokens_per_s),
         ):
             yield GaugeMetricFamily(metric, help_, value=value)
+        yield _lora_requests_info(snap, max_loras)
         for metric, help_, value in (
             ("quadapt_requests_finished", "Requests that ran to a stop or their length.", snap.requests_finished),
             ("quadapt_requests_aborted", "Requests cancelled before their end (client gone, deadline).",
@@ -221,3 +271,22 @@ class _EngineCollector:
             ("quadapt_adapter_evictions", "Adapters pushed out of a device slot for another.", snap.adapter_evictions),
         ):
             yield CounterMetricFamily(metric, help_, value=value)
+
+
+def _lora_requests_info(snap: MetricsSnapshot, max_loras: int) -> Any:
+    """The gauge the Kubernetes inference gateway's endpoint picker reads for LoRA affinity, as
+    vLLM's `vllm:lora_requests_info`: one series whose labels say the adapter slots (`max_lora`)
+    and which adapters have requests running and waiting (comma-separated names), and whose
+    value is the time it was read (the picker takes the newest series)."""
+    from prometheus_client.core import GaugeMetricFamily
+
+    def active(counts: dict[str, int]) -> str:
+        return ",".join(sorted(name for name, n in counts.items() if name and n > 0))
+
+    family = GaugeMetricFamily(
+        "quadapt_lora_requests_info",
+        "Adapters with requests running and waiting, and the adapter slots, as labels; the value is the Unix time read.",
+        labels=["max_lora", "running_lora_adapters", "waiting_lora_adapters"],
+    )
+    family.add_metric([str(max_loras), active(snap.running_per_adapter), active(snap.waiting_per_adapter)], time.time())
+    return family

@@ -4,7 +4,7 @@ Each RPC takes its request as bytes and parses it here (a malformed one is INVAL
 where grpc would answer UNKNOWN), checks the bearer token and the server's state, turns the
 message into the runtime's types (`SamplingParams`, prompt text or chat messages, adapter names)
 at its top and `TextDelta`s back into messages at its bottom, and maps errors to status codes: a
-`QuadaptError` by its type (`_CODES`), with its message, which names the field, as the details.
+`QuadaptError` by its type (`server_requests.error_status`), with its message, which names the field, as the details.
 The server object (`server.py`) owns the state, the engine and the logs; this file holds no
 state. Requests are never logged with their text.
 """
@@ -16,7 +16,6 @@ import functools
 import importlib.metadata
 import logging
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -24,14 +23,13 @@ from google.protobuf.message import DecodeError
 
 from ..protos.quadapt.v1 import generation_pb2 as pb
 from ..protos.quadapt.v1 import generation_pb2_grpc as pb_grpc
-from .errors import (
-    AdapterError, CheckpointError, ConfigError, ContextLengthError, EngineDeadError, InvalidParameterError,
-    QuadaptError, RequestFailedError, UnsupportedError, quote,
-)
-from .llm import MAX_MESSAGES, TextDelta, encode_prompt
-from .registry import AdapterInUseError, AdapterNotFoundError
-from .sampling import SamplingParams
-from .server_security import Refusal, resolve_adapter_path
+from .errors import QuadaptError
+from .outputs import TextDelta
+from .sampling_params import SamplingParams
+from .server_requests import error_status
+from .server_requests import request_prompt as shared_prompt
+from .server_requests import request_sampling as shared_sampling
+from .server_security import Refusal
 
 logger = logging.getLogger(__name__)
 
@@ -40,20 +38,8 @@ ADMIN_METHODS = frozenset({"LoadAdapter", "UnloadAdapter"})
 # The optional sampling fields: an unset one takes SamplingParams' default (greedy, 128 new tokens).
 _OPTIONAL_SAMPLING = ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "seed")
 
-# A QuadaptError's status code, by type; the first match wins (subclasses first).
-_CODES: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
-    (RequestFailedError, grpc.StatusCode.INTERNAL),
-    (EngineDeadError, grpc.StatusCode.UNAVAILABLE),
-    (AdapterNotFoundError, grpc.StatusCode.NOT_FOUND),
-    (AdapterInUseError, grpc.StatusCode.FAILED_PRECONDITION),
-    (ContextLengthError, grpc.StatusCode.INVALID_ARGUMENT),
-    (InvalidParameterError, grpc.StatusCode.INVALID_ARGUMENT),
-    # An adapter file that is corrupt, unsupported or made for another base.
-    (AdapterError, grpc.StatusCode.FAILED_PRECONDITION),
-    (CheckpointError, grpc.StatusCode.FAILED_PRECONDITION),
-    (UnsupportedError, grpc.StatusCode.FAILED_PRECONDITION),
-    (ConfigError, grpc.StatusCode.FAILED_PRECONDITION),
-)
+_OUTCOMES = {"loaded": pb.LoadAdapterResponse.OUTCOME_LOADED, "reloaded": pb.LoadAdapterResponse.OUTCOME_RELOADED,
+             "unchanged": pb.LoadAdapterResponse.OUTCOME_UNCHANGED}
 _FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH}
 # The longest status message sent: a safety net under the bounded quotes of every message, since
 # a message past gRPC's metadata limit reaches the client as RESOURCE_EXHAUSTED instead.
@@ -78,7 +64,7 @@ def _handler(method: Callable[..., Any], request_type: type) -> Callable[..., An
     @functools.wraps(method)
     async def handler(self: Servicer, raw: bytes, context: grpc.aio.ServicerContext) -> Any:
         try:
-            self.server.check_token(context, admin=name in ADMIN_METHODS)
+            self.server.check_token(context.invocation_metadata(), admin=name in ADMIN_METHODS)
             try:
                 request = request_type.FromString(raw)
             except DecodeError:
@@ -93,8 +79,7 @@ def _handler(method: Callable[..., Any], request_type: type) -> Callable[..., An
         except Refusal as e:
             code, message = e.code, str(e)
         except QuadaptError as e:
-            code = next(c for t, c in (*_CODES, (QuadaptError, grpc.StatusCode.INVALID_ARGUMENT)) if isinstance(e, t))
-            message = str(e)
+            code, message = error_status(e), str(e)
         except asyncio.CancelledError:  # the client went away or its deadline passed
             self.server.metrics.rpcs.labels(name, "CANCELLED").inc()
             raise
@@ -109,7 +94,7 @@ def _handler(method: Callable[..., Any], request_type: type) -> Callable[..., An
         self.server.metrics.rpcs.labels(name, code.name).inc()
         if len(message) > _MAX_STATUS_CHARS:
             message = f"{message[:_MAX_STATUS_CHARS]}... (message cut at {_MAX_STATUS_CHARS} characters)"
-        self.server.log_refusal(name, code, context, message)
+        self.server.log_refusal(name, code, peer(context) + peer_request_id(context), message)
         await context.abort(code, message)
 
     return handler
@@ -150,7 +135,7 @@ class Servicer(pb_grpc.GenerationServicer):
     @_rpc(pb.GenerateRequest)
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
         response = pb.GenerateResponse()
-        async with self.server.generation(request, context) as generation:
+        async with self._generation(request, context) as generation:
             async for delta in generation:
                 response.text += delta.text
                 response.token_ids.extend(delta.token_ids)
@@ -161,7 +146,7 @@ class Servicer(pb_grpc.GenerationServicer):
 
     @_rpc(pb.GenerateRequest)
     async def GenerateStream(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> None:
-        async with self.server.generation(request, context) as generation:
+        async with self._generation(request, context) as generation:
             async for delta in generation:
                 message = pb.GenerateStreamResponse(
                     text=delta.text, token_ids=delta.token_ids, request_id=generation.request_id
@@ -177,7 +162,7 @@ class Servicer(pb_grpc.GenerationServicer):
         context_tokens = llm.engine.executor.config.max_position_embeddings
 
         def tokenize() -> pb.TokenizeResponse:
-            ids = encode_prompt(llm.tokenizer, prompt, context_tokens)  # checks the size before it renders
+            ids = llm.tokenizer.encode_prompt(prompt, max_tokens=context_tokens)  # checks the size before it renders
             text = prompt if isinstance(prompt, str) else llm.tokenizer.apply_chat_template(prompt)
             return pb.TokenizeResponse(token_ids=ids, text=text)
 
@@ -185,36 +170,16 @@ class Servicer(pb_grpc.GenerationServicer):
 
     @_rpc(pb.ListAdaptersRequest)
     async def ListAdapters(self, request: pb.ListAdaptersRequest, context: grpc.aio.ServicerContext) -> pb.ListAdaptersResponse:
-        registry = self.server.llm.engine.adapters
-        versions = registry.names() if registry is not None else []
-        return pb.ListAdaptersResponse(adapters=[_adapter_info(v) for v in versions])
+        return pb.ListAdaptersResponse(adapters=[_adapter_info(v) for v in self.server.adapter_versions()])
 
     @_rpc(pb.LoadAdapterRequest)
     async def LoadAdapter(self, request: pb.LoadAdapterRequest, context: grpc.aio.ServicerContext) -> pb.LoadAdapterResponse:
-        registry = self.server.llm.engine.adapters
-        if registry is None:
-            raise Refusal(grpc.StatusCode.FAILED_PRECONDITION, "this server serves the base model only (max_loras=0)")
-        path = resolve_adapter_path(request.path, self.server.adapter_dirs)
-        before = {v.name: v for v in registry.names()}.get(request.name)
-        # Reading and checking the files blocks; the registry's own lock makes it safe beside the engine.
-        version = await asyncio.to_thread(registry.load, request.name, path, pinned=request.pinned)
-        outcome = (
-            pb.LoadAdapterResponse.OUTCOME_LOADED if before is None
-            else pb.LoadAdapterResponse.OUTCOME_UNCHANGED if version is before
-            else pb.LoadAdapterResponse.OUTCOME_RELOADED
-        )
-        logger.info("adapter %s %s from %s (%s)", quote(request.name), pb.LoadAdapterResponse.Outcome.Name(outcome), path,
-                    version.identity)
-        return pb.LoadAdapterResponse(adapter=_adapter_info(version), outcome=outcome)
+        version, outcome = await self.server.load_adapter(request.name, request.path, pinned=request.pinned)
+        return pb.LoadAdapterResponse(adapter=_adapter_info(version), outcome=_OUTCOMES[outcome])
 
     @_rpc(pb.UnloadAdapterRequest)
     async def UnloadAdapter(self, request: pb.UnloadAdapterRequest, context: grpc.aio.ServicerContext) -> pb.UnloadAdapterResponse:
-        registry = self.server.llm.engine.adapters
-        if registry is None:
-            raise AdapterNotFoundError(f"unknown adapter {request.name!r}; this server serves the base model only")
-        # Between two steps, after the aborts of streams that ended before this call.
-        await asyncio.wrap_future(self.server.llm.unload_adapter(request.name, wait=False))
-        logger.info("adapter %s unloaded", quote(request.name))
+        await self.server.unload_adapter(request.name)
         return pb.UnloadAdapterResponse()
 
     @_rpc(pb.ServerInfoRequest)
@@ -228,7 +193,7 @@ class Servicer(pb_grpc.GenerationServicer):
         except importlib.metadata.PackageNotFoundError:
             version = "unknown"
         return pb.ServerInfoResponse(
-            model=config.model_name or Path(config.model).name,
+            model=self.server.model_id,
             version=version,
             max_context_tokens=model_config.max_position_embeddings,
             vocab_size=model_config.vocab_size,
@@ -242,6 +207,15 @@ class Servicer(pb_grpc.GenerationServicer):
         )
 
 
+    def _generation(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> Any:
+        """Admit one Generate(Stream) request through the server, as the HTTP API admits its own."""
+        remaining = context.time_remaining
+        return self.server.generation(
+            request_prompt(request, self.server.llm.tokenizer), request_sampling(request), request.adapter or None,
+            who=peer_request_id(context), deadline_passed=lambda: remaining() is not None and remaining() <= 0,
+        )
+
+
 _STATES = {"serving": pb.SERVER_STATE_SERVING, "draining": pb.SERVER_STATE_DRAINING, "failed": pb.SERVER_STATE_FAILED}
 
 
@@ -249,30 +223,14 @@ _STATES = {"serving": pb.SERVER_STATE_SERVING, "draining": pb.SERVER_STATE_DRAIN
 
 
 def request_prompt(request: pb.GenerateRequest | pb.TokenizeRequest, tokenizer: Any) -> str | list[dict[str, str]]:
-    """The prompt text, or the chat messages, of a request; exactly one must be given."""
-    if len(request.messages) > MAX_MESSAGES:  # before a dict is made of each
-        raise InvalidParameterError(
-            f"messages holds {len(request.messages)} messages, more than the {MAX_MESSAGES} allowed; "
-            "shorten the conversation"
-        )
-    if request.prompt and request.messages:
-        raise InvalidParameterError("give exactly one of prompt (raw text) and messages (chat), not both")
-    if not request.messages:
-        if not request.prompt:
-            raise InvalidParameterError("prompt is empty and there are no messages; give one of the two")
-        return request.prompt
-    for i, message in enumerate(request.messages):
-        if not message.role:
-            raise InvalidParameterError(f"messages[{i}].role is empty; use e.g. 'system', 'user' or 'assistant'")
-    if tokenizer.chat_template is None:
-        raise InvalidParameterError("messages need a chat template, which this model has none of; send raw text in prompt")
-    return [{"role": m.role, "content": m.content} for m in request.messages]
+    """The prompt text, or the chat messages, of a request; exactly one must be given (`server_requests`)."""
+    return shared_prompt(request.prompt, request.messages, tokenizer)
 
 
 def request_sampling(request: pb.GenerateRequest) -> SamplingParams:
     """The request's sampling settings; an unset field takes SamplingParams' default, which names a bad one."""
     settings: dict[str, Any] = {name: getattr(request, name) for name in _OPTIONAL_SAMPLING if request.HasField(name)}
-    return SamplingParams(**settings, stop=list(request.stop), ignore_eos=request.ignore_eos)
+    return shared_sampling(settings, request.stop, ignore_eos=request.ignore_eos)
 
 
 def _finish(message: pb.GenerateResponse | pb.GenerateStreamResponse, delta: TextDelta) -> None:

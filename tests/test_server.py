@@ -141,7 +141,7 @@ def served(base, adapters, adapter_root, tokenizer, throttle):
         model=str(base), port=0, adapter_dirs=(str(adapter_root),), max_queue=3, max_message_bytes=64 * 2**10,
         metrics_port=0, drain_timeout_s=10,
     )
-    server = ServerThread(config, AsyncLLM(engine, tokenizer))
+    server = ServerThread(config, AsyncLLM.from_engine(engine, tokenizer))
     yield server
     server.close()
 
@@ -157,7 +157,7 @@ def client(served, throttle):
 
 def engine_alone(base, adapters, tokenizer, prompt, adapter=None, **settings):
     """What `LLM.generate` gives one request on a fresh engine: (text, token ids)."""
-    llm = LLM(make_engine(base, adapters, tokenizer), tokenizer)
+    llm = LLM.from_engine(make_engine(base, adapters, tokenizer), tokenizer)
     params = SamplingParams(**{"temperature": 0.0, **settings})  # the server's default is greedy
     [done] = llm.generate([GenerateRequest(prompt, params, adapter)])
     return done.text, done.token_ids
@@ -325,7 +325,7 @@ def test_health_follows_loading_serving_and_draining(base, adapters, tokenizer):
 
     def load() -> AsyncLLM:
         gate.wait(30)
-        return AsyncLLM(throttle.wrap(make_engine(base, adapters, tokenizer)), tokenizer)
+        return AsyncLLM.from_engine(throttle.wrap(make_engine(base, adapters, tokenizer)), tokenizer)
 
     served = ServerThread(ServerConfig(model=str(base), port=0), load, wait_ready=False)
     try:
@@ -359,7 +359,7 @@ def test_a_drain_that_times_out_cancels_what_is_left(base, adapters, tokenizer):
     throttle = Throttle()
     throttle.delay = 0.05
     engine = throttle.wrap(make_engine(base, adapters, tokenizer))
-    served = ServerThread(ServerConfig(model=str(base), port=0), AsyncLLM(engine, tokenizer))
+    served = ServerThread(ServerConfig(model=str(base), port=0), AsyncLLM.from_engine(engine, tokenizer))
     try:
         with served.client() as client:
             stream = client.generate_stream("too long to wait for", max_new_tokens=200, ignore_eos=True)

@@ -44,7 +44,7 @@ def hostile(base, adapters, adapter_root, tokenizer):
     throttle = Throttle()
     engine = throttle.wrap(make_engine(base, adapters, tokenizer))
     config = ServerConfig(model=str(base), port=0, adapter_dirs=(str(adapter_root),), max_queue=64)
-    served = ServerThread(config, AsyncLLM(engine, tokenizer))
+    served = ServerThread(config, AsyncLLM.from_engine(engine, tokenizer))
     served.throttle = throttle
     yield served
     served.close()
@@ -267,7 +267,7 @@ def test_a_failed_step_fails_the_running_requests_and_the_server_keeps_serving(h
 
 def test_an_engine_that_cannot_go_on_turns_the_server_not_serving(base, adapters, tokenizer):
     engine = make_engine(base, adapters, tokenizer)
-    served = ServerThread(ServerConfig(model=str(base), port=0), AsyncLLM(engine, tokenizer))
+    served = ServerThread(ServerConfig(model=str(base), port=0), AsyncLLM.from_engine(engine, tokenizer))
     try:
         engine.scheduler.schedule = fails_on_call(engine.scheduler.schedule, 3, "corrupted queue (injected)")
         with served.client() as client, grpc.insecure_channel(served.target) as channel:
@@ -295,7 +295,7 @@ def test_serve_exits_non_zero_when_the_engine_dies(base, adapters, tokenizer, mo
         raise RuntimeError("corrupted queue (injected)")
 
     engine.scheduler.schedule = dying
-    monkeypatch.setattr(server_module, "load_llm", lambda config: AsyncLLM(engine, tokenizer))
+    monkeypatch.setattr(server_module, "load_llm", lambda config: AsyncLLM.from_engine(engine, tokenizer))
     port: list[int] = []
 
     def send_one_request() -> None:

@@ -26,7 +26,7 @@ USER, ADMIN = "user-token-123", "admin-token-456"
 
 def serving(base, tokenizer, **settings) -> ServerThread:
     config = ServerConfig(model=str(base), port=0, metrics_port=0, **settings)
-    return ServerThread(config, AsyncLLM(make_engine(base, {}, tokenizer), tokenizer))
+    return ServerThread(config, AsyncLLM.from_engine(make_engine(base, {}, tokenizer), tokenizer))
 
 
 def scrape(server: ServerThread, path: str = "/metrics", authorization: str | None = None) -> tuple[int, str, dict]:

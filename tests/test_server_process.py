@@ -134,7 +134,7 @@ def test_a_client_generated_from_the_proto_alone(tmp_path, base, adapter):
         (package / "__init__.py").write_text("")
     tokenizer = Tokenizer.from_dir(base)
     served = ServerThread(ServerConfig(model=str(base), port=0),
-                          AsyncLLM(make_engine(base, {"a": adapter}, tokenizer), tokenizer))
+                          AsyncLLM.from_engine(make_engine(base, {"a": adapter}, tokenizer), tokenizer))
     try:
         env = {**os.environ, "PYTHONPATH": str(out)}
         run = subprocess.run([sys.executable, "-c", PROTO_ONLY_CLIENT, served.target, str(out)], env=env,

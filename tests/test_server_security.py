@@ -67,7 +67,7 @@ def dirs(base, tmp_path_factory) -> SimpleNamespace:
 @pytest.fixture(scope="module")
 def secured(base, tokenizer, dirs):
     config = ServerConfig(model=str(base), port=0, adapter_dirs=(str(dirs.allowed),), token=USER, admin_token=ADMIN)
-    server = ServerThread(config, AsyncLLM(make_engine(base, {}, tokenizer), tokenizer))
+    server = ServerThread(config, AsyncLLM.from_engine(make_engine(base, {}, tokenizer), tokenizer))
     yield server
     server.close()
 
@@ -221,7 +221,7 @@ def certs(tmp_path_factory) -> SimpleNamespace:
 def tls_server(base, tokenizer, certs, *, mutual: bool) -> ServerThread:
     config = ServerConfig(model=str(base), port=0, tls_cert=certs.server_pem, tls_key=certs.server_key,
                           tls_client_ca=certs.ca_pem if mutual else None)
-    return ServerThread(config, AsyncLLM(make_engine(base, {}, tokenizer), tokenizer))
+    return ServerThread(config, AsyncLLM.from_engine(make_engine(base, {}, tokenizer), tokenizer))
 
 
 def test_tls(base, tokenizer, certs):

@@ -1,0 +1,234 @@
+"""The OpenAI-compatible HTTP API end to end, driven by the real `openai` SDK.
+
+One server serves gRPC and HTTP over one engine (the tiny random Llama and adapters of
+`test_server.py`), with a user token and an admin token. Each HTTP answer must equal what gRPC's
+`Generate` gives the same request (the same engine, the same seed), streamed or not; errors must
+reach the SDK as its typed exceptions; an adapter loaded or unloaded through either door must be
+seen by both at once; a client that leaves mid-stream must leave no cache block held.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+
+import openai
+import pytest
+from peft import LoraConfig
+
+from quadapt.runtime.async_llm import AsyncLLM
+from quadapt.runtime.server import ServerConfig
+
+from .test_adapters import make_peft_adapter
+from .test_server import (  # noqa: F401 - the server tests' fixtures
+    HELLO, ServerThread, Throttle, adapter_root, adapters, base, engine_idle, make_engine, throttle, tokenizer,
+    wait_until,
+)
+
+USER, ADMIN = "user-token-0123", "admin-token-4567"
+BASE_ID = "tiny-base"
+NEW = {"max_tokens": 8, "extra_body": {"ignore_eos": True}}
+SAMPLED = {"max_tokens": 10, "temperature": 0.9, "top_p": 0.9, "seed": 7, "extra_body": {"ignore_eos": True, "top_k": 50}}
+
+
+@pytest.fixture(scope="module")
+def served(base, adapters, adapter_root, tokenizer, throttle):
+    engine = throttle.wrap(make_engine(base, adapters, tokenizer))
+    config = ServerConfig(
+        model=str(base), port=0, http_port=0, adapter_dirs=(str(adapter_root),), token=USER, admin_token=ADMIN,
+        max_queue=3, max_message_bytes=64 * 2**10, model_name=BASE_ID,
+    )
+    server = ServerThread(config, AsyncLLM.from_engine(engine, tokenizer))
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def sdk(served, throttle):
+    throttle.delay = 0.0
+    with openai.OpenAI(base_url=f"http://127.0.0.1:{served.server.http_port}/v1", api_key=USER, max_retries=0,
+                       timeout=30) as client:
+        yield client
+    throttle.delay = 0.0
+    wait_until(lambda: engine_idle(served.server.llm.engine), what="the engine to be idle after the test")
+
+
+@pytest.fixture
+def admin(served):
+    with openai.OpenAI(base_url=f"http://127.0.0.1:{served.server.http_port}/v1", api_key=ADMIN, max_retries=0,
+                       timeout=30) as client:
+        yield client
+
+
+@pytest.fixture
+def grpc_client(served):
+    with served.client(token=USER) as client:
+        yield client
+
+
+def grpc_settings(openai_settings: dict) -> dict:
+    """The gRPC client's keywords for the same request."""
+    settings = {k: v for k, v in openai_settings.items() if k != "extra_body"} | openai_settings.get("extra_body", {})
+    settings["max_new_tokens"] = settings.pop("max_tokens")
+    return settings
+
+
+def chat_stream(sdk, **kwargs):
+    chunks = list(sdk.chat.completions.create(stream=True, **kwargs))
+    return chunks, "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+
+
+def test_chat_and_completions_equal_grpc_for_base_and_adapters(sdk, grpc_client):
+    texts = set()
+    for model, adapter in ((BASE_ID, None), ("a", "a"), (f"{BASE_ID}:b", "b")):
+        for settings in (NEW, SAMPLED):
+            expected = grpc_client.generate(messages=HELLO, adapter=adapter, **grpc_settings(settings))
+            chat = sdk.chat.completions.create(model=model, messages=HELLO, **settings)
+            chunks, streamed = chat_stream(sdk, model=model, messages=HELLO, **settings)
+            assert chat.choices[0].message.content == streamed == expected.text, (model, settings)
+            assert chat.model == model and chat.choices[0].finish_reason == "length"
+            assert (chat.usage.prompt_tokens, chat.usage.completion_tokens) == (
+                expected.prompt_tokens, expected.completion_tokens)
+            assert chunks[0].choices[0].delta.role == "assistant"
+            assert [c.choices[0].finish_reason for c in chunks] == [None] * (len(chunks) - 1) + ["length"]
+
+            expected = grpc_client.generate("the quick brown", adapter=adapter, **grpc_settings(settings))
+            done = sdk.completions.create(model=model, prompt="the quick brown", **settings)
+            streamed = "".join(c.choices[0].text for c in sdk.completions.create(
+                model=model, prompt="the quick brown", stream=True, **settings))
+            assert done.choices[0].text == streamed == expected.text, (model, settings)
+            assert done.usage.completion_tokens == settings["max_tokens"]
+            texts.add(expected.text)
+    assert len(texts) == 6  # adapters and sampling change the output: the equalities are not vacuous
+
+
+def test_a_list_of_prompts_gives_one_choice_each(sdk, grpc_client):
+    done = sdk.completions.create(model="a", prompt=["the quick brown", "once upon"], **NEW)
+    expected = [grpc_client.generate(p, adapter="a", **grpc_settings(NEW)).text for p in ("the quick brown", "once upon")]
+    assert [c.text for c in done.choices] == expected and [c.index for c in done.choices] == [0, 1]
+    assert done.usage.completion_tokens == 16
+
+
+def test_include_usage_gives_one_usage_chunk_before_done(sdk):
+    for chat in (True, False):
+        options = {"stream": True, "stream_options": {"include_usage": True}, **NEW}
+        stream = (sdk.chat.completions.create(model="a", messages=HELLO, **options) if chat
+                  else sdk.completions.create(model="a", prompt="once upon", **options))
+        chunks = list(stream)
+        with_usage = [c for c in chunks if c.usage is not None]
+        assert len(with_usage) == 1 and with_usage[0] is chunks[-1] and chunks[-1].choices == []
+        assert chunks[-1].usage.completion_tokens == 8
+        assert chunks[-1].usage.total_tokens == chunks[-1].usage.prompt_tokens + 8
+        assert all(c.choices for c in chunks[:-1])
+
+
+def test_fields_the_server_does_not_use_are_ignored(sdk):
+    done = sdk.chat.completions.create(
+        model=BASE_ID, messages=HELLO, max_completion_tokens=5, parallel_tool_calls=False, user="someone",
+        metadata={"k": "v"}, extra_body={"ignore_eos": True, "not_a_field": [1, 2]},
+    )
+    assert done.usage.completion_tokens == 5 and done.choices[0].finish_reason == "length"
+    stop = sdk.completions.create(model=BASE_ID, prompt="the quick brown", max_tokens=12, extra_body={"ignore_eos": True})
+    cut = stop.choices[0].text[4:6]
+    stopped = sdk.completions.create(model=BASE_ID, prompt="the quick brown", max_tokens=12, stop=cut,
+                                     extra_body={"ignore_eos": True})
+    assert stopped.choices[0].finish_reason == "stop"
+    assert stopped.choices[0].text == stop.choices[0].text[: stop.choices[0].text.index(cut)]
+
+
+def test_errors_reach_the_sdk_as_its_types(sdk, served):
+    with pytest.raises(openai.NotFoundError) as e:
+        sdk.chat.completions.create(model="nope", messages=HELLO, **NEW)
+    assert e.value.code == "model_not_found" and "nope" in e.value.message and BASE_ID in e.value.message
+    with pytest.raises(openai.NotFoundError):
+        sdk.chat.completions.create(model=f"{BASE_ID}:nope", messages=HELLO, **NEW)
+    with pytest.raises(openai.BadRequestError, match="temperature"):
+        sdk.chat.completions.create(model=BASE_ID, messages=HELLO, temperature=-1, **NEW)
+    for refused, name in (({"n": 2}, "n must be 1"), ({"logprobs": True}, "logprobs"),
+                          ({"presence_penalty": 0.5}, "repetition_penalty"),
+                          ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "text parts")):
+        with pytest.raises(openai.BadRequestError, match=name) as e:
+            sdk.chat.completions.create(**{"model": BASE_ID, "messages": HELLO, **NEW, **refused})
+        assert e.value.body["type"] == "invalid_request_error"
+    with pytest.raises(openai.BadRequestError, match="stop"):
+        sdk.completions.create(model=BASE_ID, prompt="hi", stop=["x"] * 17, **NEW)
+    with openai.OpenAI(base_url=str(sdk.base_url), api_key="wrong", max_retries=0) as stranger:
+        with pytest.raises(openai.AuthenticationError):
+            stranger.models.list()
+    with pytest.raises(openai.PermissionDeniedError):
+        sdk.post("/load_lora_adapter", body={"lora_name": "x", "lora_path": "a"}, cast_to=object)
+    # Raw HTTP: every error body has OpenAI's shape, with the right status.
+    url = f"http://127.0.0.1:{served.server.http_port}"
+    for path, data, status in (
+        ("/v1/completions", b"x" * (65 * 2**10), 413),
+        ("/v1/completions", b"{not json", 400),
+        ("/v1/completions", b"[1, 2]", 400),
+        ("/v1/nothing", b"{}", 404),
+    ):
+        request = urllib.request.Request(url + path, data=data, headers={"Authorization": f"Bearer {USER}"})
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(request, timeout=10)
+        body = json.loads(e.value.read())
+        assert e.value.code == status and set(body["error"]) == {"message", "type", "param", "code"}, (path, body)
+
+
+def test_adapters_loaded_through_either_door_are_seen_by_both(sdk, admin, served, base, adapter_root):
+    make_peft_adapter(base, adapter_root / "c", seed=3,
+                      config=LoraConfig(r=4, lora_alpha=8, target_modules=["k_proj", "gate_proj"]))
+    with served.client(token=ADMIN) as grpc_admin:
+        loaded = admin.post("/load_lora_adapter", body={"lora_name": "c", "lora_path": "c"}, cast_to=object)
+        assert loaded["outcome"] == "loaded"
+        models = {m.id: m for m in sdk.models.list()}
+        assert models["c"].model_extra["parent"] == BASE_ID and models[BASE_ID].model_extra["parent"] is None
+        assert set(models) == {BASE_ID, "a", "b", "c"}
+        assert "c" in [a.name for a in grpc_admin.list_adapters()]
+        http = sdk.completions.create(model="c", prompt="the quick brown", **NEW).choices[0].text
+        assert http == grpc_admin.generate("the quick brown", adapter="c", **grpc_settings(NEW)).text
+        grpc_admin.unload_adapter("c")
+        assert "c" not in [m.id for m in sdk.models.list()]
+        with pytest.raises(openai.NotFoundError):
+            sdk.completions.create(model="c", prompt="hi", **NEW)
+
+        grpc_admin.load_adapter("c", str(adapter_root / "c"))
+        assert "c" in [m.id for m in sdk.models.list()]
+        admin.post("/unload_lora_adapter", body={"lora_name": "c"}, cast_to=object)
+        assert "c" not in [a.name for a in grpc_admin.list_adapters()] + [m.id for m in sdk.models.list()]
+    with pytest.raises(openai.PermissionDeniedError, match="outside"):
+        admin.post("/load_lora_adapter", body={"lora_name": "d", "lora_path": "/etc"}, cast_to=object)
+
+
+def test_a_client_leaving_mid_stream_frees_its_cache(sdk, served, throttle):
+    throttle.delay = 0.05
+    stream = sdk.chat.completions.create(model="a", messages=HELLO, stream=True, max_tokens=100,
+                                         extra_body={"ignore_eos": True})
+    for i, _ in enumerate(stream):
+        if i == 3:
+            break
+    assert served.server.llm.engine.allocator.num_used > 0 or served.server.llm.engine.has_unfinished()
+    stream.close()
+    started = time.monotonic()
+    wait_until(lambda: engine_idle(served.server.llm.engine), timeout=5, what="the stream's blocks to be freed")
+    assert time.monotonic() - started < 2
+    assert "quadapt_kv_cache_blocks_used 0.0" in _scrape(served)  # what an operator reads back
+
+
+def _scrape(served) -> str:
+    request = urllib.request.Request(f"http://127.0.0.1:{served.server.http_port}/metrics",
+                                     headers={"Authorization": f"Bearer {USER}"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return response.read().decode()
+
+
+def test_health_metrics_and_the_gateway_gauge(sdk, served, throttle):
+    with urllib.request.urlopen(f"http://127.0.0.1:{served.server.http_port}/health", timeout=10) as response:
+        assert json.loads(response.read()) == {"status": "serving"}
+    throttle.delay = 0.05
+    stream = sdk.completions.create(model="b", prompt="once upon", stream=True, max_tokens=40,
+                                    extra_body={"ignore_eos": True})
+    next(iter(stream))
+    running = _scrape(served)
+    stream.close()
+    assert 'quadapt_lora_requests_info{max_lora="2",running_lora_adapters="b",waiting_lora_adapters=""}' in running
+    assert 'quadapt_http_requests_total{route="completions",status="200"}' in running
