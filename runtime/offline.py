@@ -1,8 +1,8 @@
 """Offline batches: a JSONL file of requests in, one JSON line per finished request out (`quadapt batch`).
 
 Each input line is one request (an id, a raw `prompt` or chat `messages`, an adapter name, and
-sampling settings, whose defaults the caller gives: `quadapt generate`'s for the CLI); `parse_request_line` turns it into a
-`GenerateRequest` or a clear error naming the key. `run_jsonl` feeds the requests to an `LLM` as
+sampling settings, `LINE_DEFAULTS` unless the caller gives others); `parse_request_line` turns it
+into a `GenerateRequest` or a clear error naming the key. `run_jsonl` feeds the requests to an `LLM` as
 it has room (so a large file is never held whole) and writes each result as its request
 finishes; a bad line is reported (logged with its number) and the others still run.
 
@@ -19,13 +19,16 @@ from typing import TextIO
 
 from .errors import InvalidParameterError, QuadaptError
 from .llm import LLM, GenerateRequest
-from .sampling import SamplingParams
+from .sampling import SAMPLING_DEFAULTS, SamplingParams
 from .tokenizer import check_text
 
 logger = logging.getLogger(__name__)
 
 # The keys of one request line besides its sampling settings.
 REQUEST_KEYS = ("id", "prompt", "messages", "adapter")
+# The sampling settings a line may give, with their defaults: SamplingParams' fields and defaults
+# (stop_token_ids is the library's only).
+LINE_DEFAULTS: dict[str, object] = {name: value for name, value in SAMPLING_DEFAULTS.items() if name != "stop_token_ids"}
 _JSON_TYPES = {dict: "an object", list: "an array", str: "a string", int: "a number", float: "a number", bool: "a boolean"}
 
 
@@ -117,8 +120,8 @@ def run_jsonl(
     *,
     source: str,
     adapters: Collection[str],
-    defaults: Mapping[str, object],
-    window: int,
+    defaults: Mapping[str, object] = LINE_DEFAULTS,
+    window: int | None = None,
 ) -> int:
     """Feed the requests of `lines` to `llm` as it has room, and write each result line to `sink`
     as its request finishes.
@@ -130,12 +133,14 @@ def run_jsonl(
         source: the input's name, for messages.
         adapters: the adapter names loaded in the engine.
         defaults: the sampling settings a line may give, and their defaults.
-        window: how many requests to keep queued ahead (twice the engine's running limit keeps
-            a finished row refilled at once).
+        window: how many requests to keep queued ahead; None: twice the engine's running limit,
+            which keeps a finished row refilled at once.
 
     Returns:
         How many lines were bad (each logged as an error with its line number).
     """
+    if window is None:
+        window = 2 * llm.engine.config.max_num_seqs
     start = time.perf_counter()
     numbered = enumerate(lines, 1)
     seen: dict[str, int] = {}

@@ -101,6 +101,44 @@ def test_console_script_help():
         assert command in out.stdout
 
 
+def test_help_imports_no_torch():
+    # Every command's parser is built (and its help printed) with torch blocked: the flags' defaults
+    # come from torch-free modules, and the handlers import what they need when they run.
+    code = (
+        "import sys\n"
+        "sys.modules['torch'] = None\n"
+        "from quadapt.cli import build_parser, main\n"
+        "commands = build_parser()._subparsers._group_actions[0].choices\n"
+        "for argv in [['--help'], *([c, '--help'] for c in commands), ['client', 'generate', '--help']]:\n"
+        "    try:\n"
+        "        main(argv)\n"
+        "    except SystemExit as e:\n"
+        "        assert e.code == 0, argv\n"
+        "print(len(commands))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert int(done.stdout.splitlines()[-1]) >= 13
+
+
+def test_engine_flags_default_to_engine_args():
+    from dataclasses import fields
+
+    from quadapt.cli import build_parser
+    from quadapt.runtime.engine_args import EngineArgs
+
+    defaults = {f.name: f.default for f in fields(EngineArgs)}
+    for command in (["batch", "--model", "m", "--input", "i"], ["serve", "--model", "m"]):
+        args = build_parser().parse_args(command)
+        given = {
+            "dtype": args.dtype, "threads": args.threads, "kv_cache_bytes": args.kv_cache_memory,
+            "block_size": args.block_size, "max_num_seqs": args.max_num_seqs,
+            "max_num_batched_tokens": args.max_batched_tokens, "max_loras": args.max_loras,
+            "max_lora_rank": args.max_lora_rank,
+        }
+        assert given == {name: defaults[name] for name in given}, command
+
+
 def test_convert_help_documents_the_head_precision(capsys):
     with pytest.raises(SystemExit):
         main(["convert", "--help"])
