@@ -1,21 +1,24 @@
 """quadapt: a deployment runtime for quantized, LoRA-adapted language models.
 
-The public API is small: `load` a checkpoint (optionally with a LoRA adapter) and call
-`generate` on what it returns::
+The public API is small. `load` a checkpoint (optionally with a LoRA adapter) and call
+`generate` on what it returns, one request at a time::
 
     import quadapt
     print(quadapt.load("smollm2").generate([{"role": "user", "content": "Hi!"}], max_new_tokens=32))
 
-or `serve` it with named adapters to run many prompts at once, each with its own adapter and
-`SamplingParams` (`BatchModel.generate`, `BatchModel.stream` for asyncio)::
+`LLM` puts a checkpoint behind the batching engine with named adapters, to run many prompts at
+once, each with its own adapter and `SamplingParams`; `AsyncLLM` streams each request to asyncio,
+batched with every other. Both load, unload and list adapters while they run::
 
-    model = quadapt.serve("smollm2", adapters={"fr": "adapters/fr"})
-    print([c.text for c in model.generate(["Hi!", "Salut !"], adapter=[None, "fr"])])
+    llm = quadapt.LLM("smollm2", adapters={"fr": "adapters/fr"})
+    print([c.text for c in llm.generate(["Hi!", "Salut !"], adapter=[None, "fr"])])
 
-It lives in `runtime/api.py` and `runtime/batch_api.py` and is imported on first use, so importing this package loads
-nothing heavy (no torch). The parts are subpackages: `runtime` (checkpoint readers, model,
-loader, generation), `converters` (quantized checkpoints and adapters out), `kernels`, `protos`,
-`train`.
+`serve` is a deprecated alias of `LLM` (it warns, and goes in the next release).
+
+They live in `runtime/api.py`, `runtime/llm.py` and `runtime/async_llm.py` and are imported on
+first use, so importing this package loads nothing heavy (no torch). The parts are subpackages:
+`runtime` (checkpoint readers, model, loader, engine, generation), `converters` (quantized
+checkpoints and adapters out), `kernels`, `protos`, `train`.
 """
 
 from __future__ import annotations
@@ -25,16 +28,18 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = _version("quadapt")  # one source: pyproject.toml
 
-__all__ = ["BatchModel", "LoadedModel", "SamplingParams", "__version__", "load", "serve"]
+__all__ = ["LLM", "AsyncLLM", "LoadedModel", "SamplingParams", "__version__", "load", "serve"]
 
 if TYPE_CHECKING:
     from .runtime.api import LoadedModel, load
-    from .runtime.batch_api import BatchModel, serve
-    from .runtime.sampling import SamplingParams
+    from .runtime.async_llm import AsyncLLM
+    from .runtime.llm import LLM, serve
+    from .runtime.sampling_params import SamplingParams
 
 # Public name -> the module that defines it.
 _LAZY = {
-    "load": "api", "LoadedModel": "api", "serve": "batch_api", "BatchModel": "batch_api", "SamplingParams": "sampling",
+    "load": "api", "LoadedModel": "api", "LLM": "llm", "AsyncLLM": "async_llm", "serve": "llm",
+    "SamplingParams": "sampling_params",
 }
 
 

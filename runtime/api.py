@@ -1,31 +1,36 @@
 """The small public API: `quadapt.load`, a model and its tokenizer for one request at a time.
 
-`load` does what `quadapt generate` does before its first token (open the checkpoint, build the
-tokenizer, load the model, apply an adapter), and `LoadedModel.generate` does the rest, so the
-same settings give the CLI's text. It is a thin layer over the reference generator
-(`generate_text`): one request at a time, one adapter for the model's lifetime.
+`load` does what `quadapt generate` does before its first token (open the checkpoint, read its
+tokenizer, check the adapter against the base, load the weights) through `build_engine`, and
+`LoadedModel.generate` runs each request through that engine's executor: packed weights are
+dequantized once at load, not on every call, so a quantized checkpoint decodes as fast as the
+float one. The reference generator (`generate.py::generate_text`) stays the yardstick the tests
+hold this path to. One adapter for the model's lifetime; many requests with their own adapters
+are `llm.LLM`'s.
 
-`serve` (in `batch_api.py`) puts the same checkpoint behind the batching engine. The helpers
-at the end of this file (checking dtypes, threads, prompts and sampling keywords) serve both.
+The helpers at the end of this file (checking dtypes and threads, opening a checkpoint with its
+tokenizer) serve every front door.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+import os
+import threading
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
-from .adapters import apply_adapter
 from .checkpoints import CheckpointReader, open_checkpoint
-from .checkpoints.peft_fit import BaseModules, load_adapter_for
+from .engine_args import EngineArgs, build_engine
 from .errors import CheckpointError, InvalidParameterError
-from .generate import Generation, generate_text
-from .loader import load_model
+from .generate import Generation, GenerationResult
+from .llm import LLM
 from .model import CausalLM
+from .outputs import GenerateRequest, TextDelta
+from .prompt import text_or_messages
 from .sampling import SAMPLING_DEFAULTS, SamplingParams
 from .tokenizer import Tokenizer
 
@@ -36,27 +41,31 @@ _DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.b
 
 Message = Mapping[str, Any]
 
-# LoadedModel.generate's sampling keywords, which BatchModel takes too.
-_SETTINGS = frozenset(
-    {"max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "seed", "stop", "ignore_eos"}
-)
 
-
-@dataclass(frozen=True)
 class LoadedModel:
-    """A loaded model with its tokenizer, ready to generate.
+    """A loaded model with its tokenizer, ready to generate; made by `load`.
+
+    Generations may interleave (two `stream=True` generations iterated in turn, or calls from
+    several threads): each steps the engine for all, and keeps what belongs to the others.
 
     Attributes:
-        model: the model (eval mode, parameters frozen), with the adapter's LoRA slots if one was given.
+        model: the model the engine runs (eval mode, parameters frozen), with the adapter's LoRA
+            slots if one was given.
         tokenizer: the checkpoint's tokenizer and chat template.
         path: the checkpoint it was loaded from.
         adapter: the PEFT adapter directory applied, or None.
     """
 
-    model: CausalLM
-    tokenizer: Tokenizer
-    path: Path
-    adapter: Path | None = None
+    _ADAPTER = "adapter"  # the name the adapter is served under
+
+    def __init__(self, llm: LLM, path: Path, adapter: Path | None = None) -> None:
+        self._llm = llm
+        self.model: CausalLM = llm.engine.executor.model
+        self.tokenizer: Tokenizer = llm.tokenizer
+        self.path = path
+        self.adapter = adapter
+        self._lock = threading.Lock()  # held through one engine step and its bookkeeping, never a yield
+        self._pending: dict[str, list[TextDelta]] = {}  # deltas of running generations, not yet taken
 
     def generate(
         self,
@@ -107,8 +116,7 @@ class LoadedModel:
             stop=[] if stop is None else stop,
             ignore_eos=ignore_eos,
         )
-        prompt_ids = self.encode_prompt(prompt, chat=chat)
-        deltas = generate_text(self.model, self.tokenizer, prompt_ids, params)
+        deltas = self._generation(text_or_messages(prompt, chat), params)
         if stream:
             return deltas
         text = "".join(deltas)
@@ -128,11 +136,48 @@ class LoadedModel:
         Raises:
             InvalidParameterError, ConfigError: as `generate`.
         """
-        prompt = text_or_messages(prompt, chat)
-        if isinstance(prompt, str):
-            return self.tokenizer.encode(prompt)
-        # The template writes its own special tokens; message content is encoded as text.
-        return self.tokenizer.encode_chat(list(prompt), add_generation_prompt=True)
+        return self.tokenizer.encode_prompt(prompt, chat=chat)
+
+    def _generation(self, prompt: Any, params: SamplingParams) -> Generation[str]:
+        """Queue one request in the engine (checked now) and return its running generation."""
+        request = GenerateRequest(prompt, params, self._ADAPTER if self.adapter is not None else None)
+        with self._lock:
+            rid = self._llm.add(request)
+            self._pending[rid] = []
+        result = GenerationResult(prompt_tokens=0)
+        return Generation(self._texts(rid, result), result)
+
+    def _texts(self, rid: str, result: GenerationResult) -> Iterator[str]:
+        finished = False
+        try:
+            while not finished:
+                delta = self._next_delta(rid)
+                finished = delta.finished
+                if delta.error is not None:
+                    raise delta.error
+                result.prompt_tokens, result.completion_tokens = delta.prompt_tokens, delta.completion_tokens
+                if finished:
+                    result.finish_reason, result.stop_reason = delta.finish_reason, delta.stop_reason
+                    result.context_full = delta.context_full
+                if delta.text:
+                    yield delta.text
+        finally:
+            with self._lock:
+                self._pending.pop(rid, None)
+                if not finished:
+                    self._llm.abort(rid)  # left early: its cache blocks are freed
+
+    def _next_delta(self, rid: str) -> TextDelta:
+        """The next delta of `rid`, stepping the engine (for every running generation) until one comes."""
+        while True:
+            with self._lock:
+                waiting = self._pending[rid]
+                if waiting:
+                    return waiting.pop(0)
+                assert self._llm.has_unfinished(), f"request {rid} has no delta and the engine is idle"
+                for delta in self._llm.step():
+                    if delta.request_id in self._pending:
+                        self._pending[delta.request_id].append(delta)
 
 
 def load(
@@ -142,6 +187,7 @@ def load(
     dtype: DType | torch.dtype = "float32",
     device: str | torch.device = "cpu",
     threads: int | None = None,
+    kv_cache_bytes: int = EngineArgs.kv_cache_bytes,
 ) -> LoadedModel:
     """Load a checkpoint (HF directory, packed quadapt checkpoint or `.gguf` file) to generate from.
 
@@ -152,7 +198,8 @@ def load(
             activations; quantized weights stay packed.
         device: where the model lives.
         threads: CPU threads for torch (a process-wide setting, as `--threads` in the CLI);
-            None leaves torch's choice.
+            None: `default_threads()`, half the cores.
+        kv_cache_bytes: memory for the engine's KV cache; it bounds prompt + output tokens.
 
     Returns:
         A `LoadedModel`.
@@ -166,39 +213,35 @@ def load(
     """
     torch_dtype = resolve_dtype(dtype)
     check_threads(threads)
-    reader, tokenizer = open_with_tokenizer(path)
-    # Read and fit the adapter to the base's layout before the weights load, so a wrong adapter
-    # fails in a blink rather than after the whole model is in memory.
-    peft_adapter = None if adapter is None else load_adapter_for(adapter, BaseModules.of_checkpoint(reader))
-    if threads is not None:
-        torch.set_num_threads(threads)
-    model = load_model(reader, dtype=torch_dtype, device=device)
-    if peft_adapter is not None:
-        apply_adapter(model, peft_adapter)
+    adapters = {} if adapter is None else {LoadedModel._ADAPTER: str(adapter)}
+    args = EngineArgs(
+        model=str(path), adapters=adapters, dtype=str(torch_dtype).removeprefix("torch."), device=str(device),
+        threads=default_threads() if threads is None else threads, kv_cache_bytes=kv_cache_bytes,
+        max_loras=1 if adapters else 0,
+    )
+    try:
+        engine, tokenizer, checkpoint = build_engine(args)
+    except Exception as e:  # an adapter's error reads as it did before the engine: without the name
+        prefix = f"adapter {LoadedModel._ADAPTER}={adapter}: "
+        if adapter is not None and str(e).startswith(prefix):
+            raise type(e)(str(e)[len(prefix):]) from None
+        raise
     return LoadedModel(
-        model=model,
-        tokenizer=tokenizer,
-        path=reader.path,
+        LLM.from_engine(engine, tokenizer, checkpoint), checkpoint,
         adapter=None if adapter is None else Path(adapter).expanduser(),
     )
 
 
-def sampling_params(params: Any, settings: dict[str, Any]) -> Any:
-    """`params` if given, else SamplingParams from `LoadedModel.generate`'s sampling keywords and defaults (greedy)."""
-    if params is not None:
-        if settings:
-            raise InvalidParameterError(
-                f"pass sampling settings as params= or as keywords, not both (got {sorted(settings)})"
-            )
-        return params
-    unknown = sorted(set(settings) - _SETTINGS)
-    if unknown:
-        raise InvalidParameterError(
-            f"unknown sampling setting(s) {unknown}; the settings are {', '.join(sorted(_SETTINGS))}"
-        )
-    if settings.get("stop") is None:
-        settings = {k: v for k, v in settings.items() if k != "stop"}
-    return SamplingParams(**settings)
+def default_threads() -> int:
+    """The CPU threads `load` gives torch when not told: half the cores this process may use
+    (at least 1). With every core, torch's threads wait on one another at each op, and one
+    competing busy process stalls every step; with half, decoding stays near its best alone
+    and degrades gently beside another busy process (`docs/engine.md` has the measurements)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, cores // 2)
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -222,31 +265,3 @@ def open_with_tokenizer(path: str | Path) -> tuple[CheckpointReader, Tokenizer]:
 def check_threads(threads: object) -> None:
     if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
         raise InvalidParameterError(f"threads must be a positive integer or None, got {threads!r}")
-
-
-def text_or_messages(prompt: str | Sequence[Message], chat: bool | None) -> str | list[dict[str, Any]]:
-    """`prompt` as raw text or as checked chat messages (see `LoadedModel.generate` for `chat`)."""
-    if isinstance(prompt, str):
-        return [{"role": "user", "content": prompt}] if chat else prompt
-    if chat is False:
-        raise InvalidParameterError(
-            "chat=False but the prompt is a list of messages; messages need the chat template: "
-            "pass chat=None (or True), or pass the prompt as a string"
-        )
-    return [dict(m) for m in check_messages(prompt)]
-
-
-def check_messages(messages: object) -> list[Message]:
-    """`messages` as a list, after checking it is a non-empty list of role/content dicts."""
-    if not isinstance(messages, (list, tuple)) or not messages:
-        raise InvalidParameterError(
-            "prompt must be a string or a non-empty list of chat messages ({'role': ..., 'content': ...} "
-            f"dicts), got {messages!r:.200}"
-        )
-    for i, message in enumerate(messages):
-        if not isinstance(message, Mapping) or not isinstance(message.get("role"), str) or "content" not in message:
-            raise InvalidParameterError(
-                f"message {i} is {message!r:.200}; each message must be a dict with a string 'role' "
-                "('system', 'user', 'assistant', ...) and a 'content'"
-            )
-    return list(messages)

@@ -38,7 +38,7 @@ from .executor import Executor, TorchExecutor
 from .metrics import EngineStats, MetricsSnapshot
 from .model import CausalLM
 from .paged_cache import BlockAllocator, blocks_for_budget
-from .registry import AdapterRegistry
+from .registry import AdapterRegistry, LoRASlots, SlotWriter
 from .sampling import SamplingParams, sample_batch
 from .scheduler import Admission, Request, ScheduledRow, Scheduler, Status
 
@@ -80,6 +80,7 @@ class Engine:
         eos_token_ids: the model's end-of-sequence ids; they stop a request unless it ignores eos.
         config: batching limits.
         base: the base model's layout, to check adapters against (needed to serve adapters).
+        slots: what writes adapters into the slots; None: the executor.
     """
 
     def __init__(
@@ -89,18 +90,15 @@ class Engine:
         eos_token_ids: set[int],
         config: EngineConfig | None = None,
         base: BaseModules | None = None,
+        slots: SlotWriter | None = None,
     ) -> None:
         self.config = config or EngineConfig()
         self.executor = executor
         self.eos_token_ids = set(eos_token_ids)
         self.allocator = BlockAllocator(executor.num_blocks)
-        self.adapters: AdapterRegistry | None = None
-        admission = None
-        if executor.num_lora_slots:
-            if base is None:
-                raise InvalidParameterError("an engine with adapter slots needs the base model's layout (base=)")
-            self.adapters = AdapterRegistry(executor, base, self.config.max_lora_rank)
-            admission = Admission(acquire=self._acquire_slot, release=self._release_slot)
+        # Always a registry: with no slots it holds nothing and refuses to load (naming max_loras).
+        self.adapters = AdapterRegistry(slots if slots is not None else executor, base, self.config.max_lora_rank)
+        admission = Admission(acquire=self._acquire_slot, release=self._release_slot) if self.adapters.num_slots else None
         self.scheduler = Scheduler(
             self.allocator,
             executor.block_size,
@@ -151,7 +149,9 @@ class Engine:
             max_lora_rank=config.max_lora_rank,
             dequantize=dequantize,
         )
-        return cls(executor, eos_token_ids=eos_token_ids, config=config, base=base)
+        # The stacks the executor put on the model, found once for every slot write to come.
+        slots = LoRASlots(lora_modules(model), config.max_loras) if config.max_loras else None
+        return cls(executor, eos_token_ids=eos_token_ids, config=config, base=base, slots=slots)
 
     # -- requests -----------------------------------------------------------------------------
 
@@ -208,9 +208,10 @@ class Engine:
             raise InvalidParameterError(f"request id {request_id!r} is already in use; give each request its own")
         version = None
         if adapter is not None:
-            if self.adapters is None:
+            if not self.adapters.num_slots:
                 raise InvalidParameterError(
-                    f"request names adapter {adapter!r}, but this engine serves no adapters; start it with max_loras >= 1"
+                    f"request names adapter {adapter!r}, but this engine serves no adapters (max_loras=0); start it "
+                    "with max_loras >= 1 (--max-loras on the command line)"
                 )
             version = self.adapters.resolve(adapter)  # raises AdapterNotFoundError
         generator = torch.Generator(device=self.executor.device)
@@ -239,6 +240,10 @@ class Engine:
 
     def has_unfinished(self) -> bool:
         return bool(self.scheduler.waiting or self.scheduler.running)
+
+    def request_ids(self) -> list[str]:
+        """The ids of the unfinished requests, in the order they came."""
+        return list(self._requests)
 
     # -- the step -----------------------------------------------------------------------------
 
@@ -327,7 +332,7 @@ class Engine:
             for r in queue:
                 name = r.adapter.name if r.adapter is not None else ""
                 counts[name] = counts.get(name, 0) + 1
-        adapter_stats = self.adapters.stats if self.adapters is not None else None
+        adapter_stats = self.adapters.stats
         return MetricsSnapshot(
             waiting=len(self.scheduler.waiting),
             running=len(self.scheduler.running),
@@ -340,8 +345,8 @@ class Engine:
             preemptions=self.scheduler.num_preemptions,
             prompt_tokens=self.stats.prompt_tokens,
             generation_tokens=self.stats.generation_tokens,
-            adapter_slot_loads=adapter_stats.slot_loads if adapter_stats else 0,
-            adapter_evictions=adapter_stats.evictions if adapter_stats else 0,
+            adapter_slot_loads=adapter_stats.slot_loads,
+            adapter_evictions=adapter_stats.evictions,
             time_to_first_token_s=list(self.stats.ttft),
             inter_token_latency_s=list(self.stats.itl),
             decode_tokens_per_s=self.stats.decode_rate(),
@@ -351,11 +356,10 @@ class Engine:
     def _acquire_slot(self, request: Request) -> int | None:
         if request.adapter is None:
             return NO_SLOT
-        assert self.adapters is not None
         return self.adapters.acquire(request.adapter)
 
     def _release_slot(self, request: Request) -> None:
-        if request.adapter is not None and self.adapters is not None:
+        if request.adapter is not None:
             self.adapters.release(request.adapter)
 
     def _fail(self, request: Request, error: Exception) -> RequestOutput:
@@ -377,7 +381,7 @@ class Engine:
         failure = RequestFailedError(f"the engine step running this request failed ({type(error).__name__}); "
                                      "the server log has the details")
         outputs = [self._fail(request, failure) for request in list(self.scheduler.running)]
-        slots_in_use = self.adapters is not None and any(v.running for v in self.adapters.names())
+        slots_in_use = any(v.running for v in self.adapters.names())
         if self.allocator.num_used or slots_in_use:
             raise EngineDeadError(
                 f"after a failed step the engine still holds {self.allocator.num_used} cache block(s) with no request "
@@ -388,7 +392,7 @@ class Engine:
     def _finish(self, request: Request) -> None:
         self.scheduler.finish(request)
         del self._requests[request.request_id]
-        if request.adapter is not None and self.adapters is not None:
+        if request.adapter is not None:
             self.adapters.forget(request.adapter)
         if request.finish_reason not in ("abort", "error"):
             self.stats.requests_finished += 1

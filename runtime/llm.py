@@ -1,238 +1,185 @@
-"""Text around the engine: prompts and chat messages in, text out, for many requests at once.
+"""`quadapt.LLM`: a checkpoint behind the batching engine, many requests at once, synchronously.
 
-`OutputProcessor` turns the engine's token ids into text deltas, one `TextStream` per request,
-and ends a request at its first stop string (the engine sees ids only, so stop strings are
-settled here and the request is aborted in the engine). `LLM.generate` runs a list of requests
-to completion, synchronously; `AsyncLLM` steps the engine in a background thread and streams
-each request's deltas to an asyncio consumer, cancelling the request (its cache blocks freed
-before the engine's next step) when the consumer stops listening.
+`LLM("smollm2", adapters={...})` builds the engine through `EngineArgs`/`build_engine` (the one
+way every front door builds one); `LLM.from_engine(engine, tokenizer)` wraps an engine already
+built (the gRPC server does). `generate` runs a list of prompts to completion in the calling
+thread, each with its own adapter (or none) and sampling settings; `stream` yields their text
+deltas as the engine steps. Adapters load, unload and list here, also between calls.
 
-Tokenization and chat templates live here, at the edge; nothing in this file samples or
-schedules. A prompt is checked against the model's context before it is tokenized, by its
-length in characters, so that a huge prompt costs nothing to refuse; `AsyncLLM` tokenizes in a
-worker thread, and never makes its event loop wait for the engine.
+For asyncio and streaming beside other requests, `async_llm.AsyncLLM` steps the engine in a
+background thread. Requests, outputs and the text made from token ids live in `outputs.py`;
+this file owns no thread and holds no text logic of its own.
 """
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
-import contextlib
-import functools
 import itertools
-import logging
-import threading
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import fields
+from pathlib import Path
 from typing import Any
 
-from .engine import Engine, RequestOutput
-from .errors import ContextLengthError, EngineDeadError, InvalidParameterError, RequestFailedError, quote
+from .engine import Engine
+from .engine_args import EngineArgs, build_engine
+from .errors import InvalidParameterError
 from .metrics import MetricsSnapshot
-from .sampling import SamplingParams
-from .text_stream import TextStream
+from .outputs import Completion, GenerateRequest, OutputProcessor, TextDelta, completion_of, requests_of
+from .prompt import MAX_MESSAGES, Prompt  # noqa: F401 - re-exported for callers of this module
+from .registry import AdapterVersion
+from .sampling_params import SamplingParams
 from .tokenizer import Tokenizer
 
-logger = logging.getLogger(__name__)
+__all__ = ["LLM", "GenerateRequest", "TextDelta", "Completion", "AsyncLLM", "engine_args", "encode_prompt", "serve"]
 
-Prompt = str | list[dict[str, Any]]
-
-# The most chat messages one prompt may hold; a conversation longer than this is a client's bug or
-# an attack, and rendering it would cost seconds.
-MAX_MESSAGES = 1024
+_OPTIONS = tuple(f.name for f in fields(EngineArgs) if f.name != "model")
 
 
-@dataclass(frozen=True)
-class GenerateRequest:
-    """One request for `LLM.generate`.
+def engine_args(model: str | Path, options: Mapping[str, Any]) -> EngineArgs:
+    """`EngineArgs` for `model` from the keyword options of `LLM` and `AsyncLLM` (`EngineArgs`'
+    fields; `dtype` may also be a torch dtype, `device` a torch device).
 
-    Attributes:
-        prompt: raw text (the tokenizer's special tokens added), or chat messages
-            (`[{"role": ..., "content": ...}]`, rendered by the chat template).
-        params: sampling settings and stop conditions.
-        adapter: the name of a loaded adapter, or None for the base model.
-        request_id: a unique id; None makes one.
+    Raises:
+        InvalidParameterError: an unknown option, adapters that are not a name -> directory
+            mapping, or an option `EngineArgs` refuses.
     """
-
-    prompt: Prompt
-    params: SamplingParams = field(default_factory=SamplingParams)
-    adapter: str | None = None
-    request_id: str | None = None
-
-
-@dataclass(frozen=True)
-class TextDelta:
-    """New text of one request, and how it ended once it has.
-
-    Attributes:
-        request_id: the request.
-        text: text released this step ("" while held back, e.g. a possible stop string).
-        token_ids: tokens produced this step.
-        finished: the request is over.
-        finish_reason: "stop", "length", "abort" or "error" once finished.
-        stop_reason: the eos/stop token id or the stop string that ended it, else None.
-        prompt_tokens, completion_tokens: usage so far.
-        context_full: it ended because the model's context was full.
-        error: why it failed, with finish reason "error", else None.
-    """
-
-    request_id: str
-    text: str
-    token_ids: list[int]
-    finished: bool
-    finish_reason: str | None = None
-    stop_reason: int | str | None = None
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    context_full: bool = False
-    error: Exception | None = None
-
-
-@dataclass
-class Completion:
-    """A finished request: the whole text and how it ended (fields as in `TextDelta`)."""
-
-    request_id: str
-    text: str
-    token_ids: list[int]
-    finish_reason: str | None
-    stop_reason: int | str | None
-    prompt_tokens: int
-    completion_tokens: int
-    context_full: bool = False
-    error: str | None = None
+    unknown = sorted(set(options) - set(_OPTIONS))
+    if unknown:
+        raise InvalidParameterError(f"unknown engine option(s) {unknown}; the options are {', '.join(_OPTIONS)}")
+    options = dict(options)
+    adapters = options.pop("adapters", None)
+    if adapters is not None and not isinstance(adapters, Mapping):
+        raise InvalidParameterError(
+            f"adapters must map names to adapter directories, e.g. {{'fr': 'adapters/fr'}}; got {adapters!r:.200}"
+        )
+    if "dtype" in options and not isinstance(options["dtype"], str):
+        options["dtype"] = str(options["dtype"]).removeprefix("torch.")  # a torch.dtype
+    if "device" in options:
+        options["device"] = str(options["device"])
+    return EngineArgs(model=str(model), adapters=dict(adapters or {}), **options)
 
 
 def encode_prompt(tokenizer: Tokenizer, prompt: Prompt, max_tokens: int | None = None) -> list[int]:
-    """Token ids of a raw prompt (with the tokenizer's usual special tokens) or of chat messages
-    (through the chat template, which writes its own special tokens; message content is encoded
-    as text, so it cannot forge the template's markers).
-
-    Args:
-        tokenizer: the model's tokenizer.
-        prompt: raw text, or chat messages.
-        max_tokens: the model's context; a prompt whose characters cannot fit in it (at the
-            tokenizer's most characters per token) is refused before it is tokenized. None: no
-            check.
-
-    Raises:
-        InvalidParameterError: messages that are not a list of role/content objects (or more
-            than `MAX_MESSAGES`), or text that is not a string.
-        ContextLengthError: the prompt is too long for `max_tokens` by its characters alone.
-    """
-    if isinstance(prompt, str):
-        _check_chars(tokenizer, len(prompt), max_tokens, "the prompt")
-        return tokenizer.encode(prompt, add_special_tokens=True)
-    if isinstance(prompt, list) and prompt and all(
-        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in prompt
-    ):
-        if len(prompt) > MAX_MESSAGES:
-            raise InvalidParameterError(
-                f"messages holds {len(prompt)} messages, more than the {MAX_MESSAGES} allowed; shorten the conversation"
-            )
-        _check_chars(tokenizer, sum(len(m["role"]) + len(m["content"]) for m in prompt), max_tokens, "the messages")
-        return tokenizer.encode_chat(prompt, add_generation_prompt=True)
-    raise InvalidParameterError(
-        "a prompt is a string, or a non-empty list of messages like {'role': 'user', 'content': '...'}; "
-        f"got {quote(prompt)}"
-    )
-
-
-def _check_chars(tokenizer: Tokenizer, chars: int, max_tokens: int | None, what: str) -> None:
-    if max_tokens is None:
-        return
-    per_token = tokenizer.max_token_chars
-    if chars > max_tokens * per_token:
-        raise ContextLengthError(
-            f"{what} has {chars} characters; a token of this tokenizer covers at most {per_token}, so that is more "
-            f"than {chars // per_token} tokens, past the model's context of {max_tokens}; shorten it"
-        )
-
-
-class OutputProcessor:
-    """Per-request text streams over an engine's outputs; ends requests at their stop strings."""
-
-    def __init__(self, engine: Engine, tokenizer: Tokenizer) -> None:
-        self.engine = engine
-        self.tokenizer = tokenizer
-        self._streams: dict[str, TextStream] = {}
-
-    def add(self, request_id: str, params: SamplingParams) -> None:
-        self._streams[request_id] = TextStream(self.tokenizer, params.stop)
-
-    def discard(self, request_id: str) -> None:
-        self._streams.pop(request_id, None)
-
-    def process(self, outputs: Sequence[RequestOutput]) -> list[TextDelta]:
-        """Text deltas for one step's outputs; a request whose text completes a stop string is
-        aborted in the engine and reported finished with that string as its stop reason."""
-        deltas = []
-        for out in outputs:
-            stream = self._streams.get(out.request_id)
-            if stream is None:
-                continue
-            try:
-                deltas.append(self._delta(out, stream))
-            except Exception as e:  # noqa: BLE001 - one request's text failing ends that request alone
-                logger.error("request %s: its text could not be made: %r", out.request_id, e, exc_info=e)
-                if not out.finished:
-                    self.engine.abort(out.request_id)
-                self._streams.pop(out.request_id, None)
-                error = RequestFailedError(f"request {out.request_id} failed while its text was made "
-                                           f"({type(e).__name__}); the server log has the details")
-                deltas.append(TextDelta(out.request_id, "", [], True, "error", None, out.prompt_tokens,
-                                        out.completion_tokens, error=error))
-        return deltas
-
-    def _delta(self, out: RequestOutput, stream: TextStream) -> TextDelta:
-        """The text delta of one engine output; ends the request at a stop string."""
-        if out.error is not None:
-            del self._streams[out.request_id]
-            return TextDelta(out.request_id, "", [], True, "error", None, out.prompt_tokens, out.completion_tokens,
-                             error=out.error)
-        text, stop = "", None
-        for token in out.new_token_ids:
-            piece, stop = stream.feed(token)
-            text += piece
-            if stop is not None:
-                break
-        if stop is None and out.finished:
-            piece, stop = stream.finish()
-            text += piece
-        finished, reason, stop_reason = out.finished, out.finish_reason, out.stop_reason
-        if stop is not None:
-            if not out.finished:
-                self.engine.abort(out.request_id)
-            finished, reason, stop_reason = True, "stop", stop
-        if finished:
-            del self._streams[out.request_id]
-        return TextDelta(
-            out.request_id, text, list(out.new_token_ids), finished, reason, stop_reason,
-            out.prompt_tokens, out.completion_tokens, out.context_full and stop is None,
-        )
+    """`tokenizer.encode_prompt(prompt, max_tokens=max_tokens)`, for callers of the older name."""
+    return tokenizer.encode_prompt(prompt, max_tokens=max_tokens)
 
 
 class LLM:
-    """Many requests at once over one engine, synchronously.
+    """Many requests at once over one batching engine, synchronously; see the module docstring.
 
     Args:
-        engine: the engine (see `Engine.for_model`).
-        tokenizer: the model's tokenizer.
+        model: a checkpoint directory or `.gguf` file (it must carry a tokenizer).
+        **options: the engine's options, `EngineArgs`' fields: `adapters` (name -> PEFT adapter
+            directory, loaded at start), `dtype`, `device`, `threads`, `kv_cache_bytes`,
+            `block_size`, `max_num_seqs`, `max_num_batched_tokens`, `max_loras` (adapter slots;
+            0 serves the base model only), `max_lora_rank`; each with `EngineArgs`' default.
+
+    Raises:
+        CheckpointError, ConfigError, UnsupportedError: a checkpoint quadapt cannot serve.
+        AdapterError, UnsupportedError: a start-up adapter that is malformed or does not fit
+            (checked before the weights load).
+        InvalidParameterError: an unknown or out-of-range option.
+
+    Attributes:
+        engine: the engine; `engine.adapters` is its adapter registry.
+        tokenizer: the checkpoint's tokenizer and chat template.
+        path: the checkpoint it was loaded from (None when wrapped with `from_engine`).
     """
 
-    def __init__(self, engine: Engine, tokenizer: Tokenizer) -> None:
+    def __init__(self, model: str | Path, **options: Any) -> None:
+        engine, tokenizer, path = build_engine(engine_args(model, options))
+        self._attach(engine, tokenizer, path)
+
+    @classmethod
+    def from_engine(cls, engine: Engine, tokenizer: Tokenizer, path: Path | None = None) -> LLM:
+        """An `LLM` over an engine already built (by `build_engine`), with the model's tokenizer."""
+        llm = cls.__new__(cls)
+        llm._attach(engine, tokenizer, path)
+        return llm
+
+    def _attach(self, engine: Engine, tokenizer: Tokenizer, path: Path | None) -> None:
         self.engine = engine
         self.tokenizer = tokenizer
+        self.path = path
         self._outputs = OutputProcessor(engine, tokenizer)
         self._ids = itertools.count()
 
+    # -- requests -----------------------------------------------------------------------------
+
+    def generate(
+        self,
+        prompts: Any,
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        adapter: str | Sequence[str | None] | None = None,
+        chat: bool | None = None,
+        **settings: Any,
+    ) -> list[Completion]:
+        """Generate for every prompt at once, greedily unless told otherwise.
+
+        Args:
+            prompts: a list of prompts, each raw text (encoded with the tokenizer's special
+                tokens) or chat messages (`[{"role": ..., "content": ...}]`, through the chat
+                template); a lone string or conversation is a list of one. Or a list of
+                `GenerateRequest`s, which carry their own settings and adapter.
+            params: sampling settings for every prompt, or a list with one per prompt; instead
+                of `settings`.
+            adapter: the name of a loaded adapter for every prompt, or a list with one name (or
+                None, the base model) per prompt.
+            chat: None follows each prompt's type; True wraps every string as one user message
+                (as `quadapt generate --chat`); False with messages is an error.
+            **settings: sampling keywords for every prompt (`max_new_tokens`, `temperature`,
+                `top_k`, `top_p`, `repetition_penalty`, `seed`, `stop`, `ignore_eos`), with
+                `SamplingParams`' defaults.
+
+        Returns:
+            One `Completion` per prompt, in order: `.text` (what `quadapt.load(...).generate`
+            gives that prompt alone), `.finish_reason` ("stop", "length", or "error" with
+            `.error` saying why), `.context_full`, `.stop_reason`, `.prompt_tokens`,
+            `.completion_tokens`.
+
+        Raises:
+            InvalidParameterError: a malformed prompt, lists not aligned with the prompts, an
+                unknown keyword or a setting outside its range, or `params` with `settings`.
+            AdapterNotFoundError: an adapter name that is not loaded (never the base model instead).
+            ContextLengthError: a prompt that fills the model's context.
+            Nothing runs unless every request is valid.
+        """
+        ids = self._add_all(requests_of(prompts, params, adapter, chat, settings))
+        parts: dict[str, list[TextDelta]] = {rid: [] for rid in ids}
+        while self.engine.has_unfinished():
+            for delta in self.step():
+                if delta.request_id in parts:  # requests queued with `add` stream to their own caller
+                    parts[delta.request_id].append(delta)
+        return [completion_of(rid, parts[rid]) for rid in ids]
+
+    def stream(
+        self,
+        prompts: Any,
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        adapter: str | Sequence[str | None] | None = None,
+        chat: bool | None = None,
+        **settings: Any,
+    ) -> Iterator[TextDelta]:
+        """Queue the requests as `generate` does and yield their text deltas as the engine steps,
+        until all have finished.
+
+        Raises:
+            As `generate`, before any request runs.
+        """
+        self._add_all(requests_of(prompts, params, adapter, chat, settings))
+        while self.engine.has_unfinished():
+            yield from self.step()
+
     def add(self, request: GenerateRequest) -> str:
-        """Queue one request; returns its id.
+        """Queue one request; returns its id (its deltas come from `step`).
 
         Raises:
             InvalidParameterError, ContextLengthError, AdapterNotFoundError: see `Engine.add_request`.
         """
-        ids = encode_prompt(self.tokenizer, request.prompt, self.engine.executor.config.max_position_embeddings)
+        context = self.engine.executor.config.max_position_embeddings
+        ids = self.tokenizer.encode_prompt(request.prompt, max_tokens=context)
         rid = request.request_id if request.request_id is not None else f"gen-{next(self._ids)}"
         rid = self.engine.add_request(ids, request.params, adapter=request.adapter, request_id=rid)
         self._outputs.add(rid, request.params)
@@ -245,30 +192,10 @@ class LLM:
     def has_unfinished(self) -> bool:
         return self.engine.has_unfinished()
 
-    def stream(self, requests: Sequence[GenerateRequest]) -> Iterator[TextDelta]:
-        """Queue `requests` and yield text deltas as the engine steps, until all have finished.
-
-        Raises:
-            As `add`, before any request runs: every request is checked first.
-        """
-        self._add_all(requests)
-        while self.engine.has_unfinished():
-            yield from self.step()
-
-    def generate(self, requests: Sequence[GenerateRequest]) -> list[Completion]:
-        """Run `requests` to completion; returns one `Completion` each, in the order given (one
-        that failed in the engine has finish reason "error" and says why in `error`).
-
-        Raises:
-            As `add`, before any request runs.
-        """
-        ids = self._add_all(requests)
-        parts: dict[str, list[TextDelta]] = {rid: [] for rid in ids}
-        while self.engine.has_unfinished():
-            for delta in self.step():
-                if delta.request_id in parts:  # requests queued with `add` stream to their own caller
-                    parts[delta.request_id].append(delta)
-        return [_completion(rid, parts[rid]) for rid in ids]
+    def abort(self, request_id: str) -> bool:
+        """Cancel a request queued with `add`; its cache blocks are freed. False if unknown or finished."""
+        self._outputs.discard(request_id)
+        return self.engine.abort(request_id)
 
     def _add_all(self, requests: Sequence[GenerateRequest]) -> list[str]:
         """Queue every request, or none: one that fails takes back those queued before it."""
@@ -278,266 +205,77 @@ class LLM:
                 added.append(self.add(request))
         except Exception:
             for rid in added:
-                self.engine.abort(rid)
-                self._outputs.discard(rid)
+                self.abort(rid)
             raise
         return added
 
+    # -- adapters and metrics -----------------------------------------------------------------
 
-def _completion(rid: str, deltas: list[TextDelta]) -> Completion:
-    last = deltas[-1]
-    return Completion(
-        rid, "".join(d.text for d in deltas), [t for d in deltas for t in d.token_ids], last.finish_reason,
-        last.stop_reason, last.prompt_tokens, last.completion_tokens, last.context_full,
-        str(last.error) if last.error is not None else None,
-    )
-
-
-class AsyncLLM:
-    """The engine stepped by a background thread, each request streamed to an asyncio consumer.
-
-    Start it with `start()` (or `async with`), stop it with `shutdown()`. `stream(...)` is an
-    async iterator of a request's `TextDelta`s; leaving it early (break, cancellation, a client
-    gone) aborts the request, which frees its cache blocks before the next step. A request that
-    fails in the engine raises its error from the stream; the others go on. If the engine thread
-    itself stops on an error, every open stream raises, and the callbacks given to
-    `add_failure_callback` are called with that error (from the engine thread).
-
-    Nothing here blocks an event loop: the prompt is tokenized in a worker thread and aborts are
-    posted to the engine thread, not awaited.
-
-    Only the engine thread touches the engine while it runs. Adding, aborting and reading metrics
-    are commands it runs between two steps, in the order they came, so each waits at most one
-    step however busy the engine is (a lock taken around each step would be re-taken by the
-    engine thread at once, and a new request could wait for the running ones to finish).
-    """
-
-    def __init__(self, engine: Engine, tokenizer: Tokenizer) -> None:
-        self.engine = engine
-        self.tokenizer = tokenizer
-        self._outputs = OutputProcessor(engine, tokenizer)
-        self._lock = threading.Lock()  # guards the fields below; never held through a step
-        self._wake = threading.Condition(self._lock)
-        self._commands: list[tuple[Callable[[], Any], concurrent.futures.Future]] = []
-        self._running = False  # the engine thread steps the engine; commands go through it
-        self._stopping = False
-        self._failed: BaseException | None = None  # what stopped the engine thread, if it failed
-        self._thread: threading.Thread | None = None
-        # The engine thread's alone while it runs: where each request's deltas go.
-        self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
-        self._ids = itertools.count()
-        self._failure_callbacks: list[Callable[[BaseException], None]] = []
-
-    @property
-    def failed(self) -> BaseException | None:
-        """The error that stopped the engine thread, or None."""
-        return self._failed
-
-    def add_failure_callback(self, callback: Callable[[BaseException], None]) -> None:
-        """Call `callback(error)` if the engine thread stops on an error (from that thread)."""
-        self._failure_callbacks.append(callback)
-
-    def start(self) -> None:
-        with self._wake:
-            if self._thread is not None:
-                return
-            self._stopping, self._running, self._failed = False, True, None
-            self._thread = threading.Thread(target=self._loop, name="quadapt-engine", daemon=True)
-        self._thread.start()
-
-    def shutdown(self) -> None:
-        """Stop the engine thread (commands already queued run first); requests still running stay
-        in the engine, unstepped."""
-        with self._wake:
-            self._stopping = True
-            self._wake.notify()
-            thread = self._thread
-        if thread is not None and thread is not threading.current_thread():
-            thread.join()
-        with self._wake:
-            self._thread = None
-
-    async def __aenter__(self) -> AsyncLLM:
-        self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await asyncio.to_thread(self.shutdown)
-
-    async def stream(
-        self, prompt: Prompt, params: SamplingParams, *, adapter: str | None = None, request_id: str | None = None
-    ) -> AsyncIterator[TextDelta]:
-        """Generate for one request, yielding its text deltas; the last has `finished` True.
-
-        Raises:
-            InvalidParameterError, ContextLengthError, AdapterNotFoundError: before anything runs.
-            RequestFailedError: the request failed in the engine (the others go on).
-        """
-        context = self.engine.executor.config.max_position_embeddings
-        ids = await asyncio.to_thread(encode_prompt, self.tokenizer, prompt, context)
-        queue: asyncio.Queue = asyncio.Queue()
-        rid = request_id if request_id is not None else f"async-{next(self._ids)}"
-        added = self._submit(functools.partial(self._add, ids, params, adapter, rid, asyncio.get_running_loop(), queue))
-        try:
-            rid = await asyncio.wrap_future(added)
-        except asyncio.CancelledError:
-            self._submit(functools.partial(self._abort, rid))  # in case the add had begun: it runs first
-            raise
-        finished = False
-        try:
-            while True:
-                delta: TextDelta | BaseException = await queue.get()
-                if isinstance(delta, BaseException):  # the engine thread stopped (shut down, or failed)
-                    raise delta
-                finished = delta.finished
-                if delta.error is not None:
-                    raise delta.error
-                yield delta
-                if finished:
-                    return
-        finally:
-            if not finished:
-                # Posted, not awaited: the engine thread frees the blocks before its next step,
-                # and the loop never waits for the step in progress.
-                self.abort(rid, wait=False)
-
-    def abort(self, request_id: str, *, wait: bool = True) -> bool | None:
-        """Cancel a request; its blocks are freed before the engine's next step.
+    def load_adapter(self, name: str, path: str | Path, *, pinned: bool = False) -> AdapterVersion:
+        """Load (or reload with new weights) a PEFT adapter under `name`; requests already queued
+        keep the weights they started with.
 
         Args:
-            request_id: the request.
-            wait: wait for the abort to have run (up to the step in progress) and return whether
-                the request was still unfinished; False returns None at once, which is what
-                code on an event loop wants.
+            name: letters, digits and `._-/`, at most 128 characters.
+            path: the adapter directory.
+            pinned: keep it in a slot once it has one.
+
+        Returns:
+            Its current version (the same one when the weights are unchanged).
+
+        Raises:
+            InvalidParameterError: a bad name.
+            NoAdapterSlotsError: the model was started with `max_loras=0`.
+            AdapterError, UnsupportedError: the adapter is malformed, unsupported, made for
+                another base, or of a rank above `max_lora_rank`.
         """
-        future = self._submit(functools.partial(self._abort, request_id))
-        return future.result() if wait else None
+        return self.engine.adapters.load(name, path, pinned=pinned)
+
+    def unload_adapter(self, name: str) -> None:
+        """Forget the adapter `name`.
+
+        Raises:
+            AdapterNotFoundError: no adapter of that name.
+            AdapterInUseError: unfinished requests use it.
+        """
+        self.engine.adapters.unload(name)
+
+    def list_adapters(self) -> list[str]:
+        """The names of the loaded adapters, sorted."""
+        return [v.name for v in self.engine.adapters.names()]
 
     def metrics(self) -> MetricsSnapshot:
-        """The engine's metrics, read between steps (the engine thread changes its queues)."""
-        return self._submit(self.engine.metrics).result()
+        """The engine's queues, cache use, counters and latencies now (see `metrics.py`)."""
+        return self.engine.metrics()
 
-    def unload_adapter(self, name: str, *, wait: bool = True) -> concurrent.futures.Future | None:
-        """Unload an adapter between two steps, after every command posted before it (so an abort
-        posted for its last request has freed it).
+    def close(self) -> None:
+        """Cancel every request still queued (their cache blocks are freed); the model stays usable."""
+        for request_id in self.engine.request_ids():
+            self.abort(request_id)
 
-        Args:
-            name: the adapter.
-            wait: wait for it (up to the step in progress), raising its error; False returns the
-                future at once, for code on an event loop (`asyncio.wrap_future`).
+    def __enter__(self) -> LLM:
+        return self
 
-        Raises:
-            InvalidParameterError: this engine serves no adapters.
-            AdapterNotFoundError, AdapterInUseError: as `AdapterRegistry.unload`.
-        """
-        registry = self.engine.adapters
-        if registry is None:
-            raise InvalidParameterError("this engine serves no adapters; start it with max_loras >= 1")
-        future = self._submit(functools.partial(registry.unload, name))
-        return future.result() if wait else future
-
-    def load_adapter(self, name: str, path: str) -> None:
-        """Load (or reload) an adapter while requests run."""
-        if self.engine.adapters is None:
-            raise InvalidParameterError("this engine serves no adapters; start it with max_loras >= 1")
-        self.engine.adapters.load(name, path)  # the registry has its own lock; file reading happens outside ours
-
-    # -- on the engine thread (or the caller's, when none runs) -----------------------------
-
-    def _submit(self, command: Callable[[], Any]) -> concurrent.futures.Future:
-        """Run `command` on the engine thread between two steps; with no engine thread running,
-        run it here and now (nothing else steps the engine then)."""
-        future: concurrent.futures.Future = concurrent.futures.Future()
-        with self._wake:
-            if self._running and threading.current_thread() is not self._thread:
-                self._commands.append((command, future))
-                self._wake.notify()
-                return future
-            _run(command, future)  # under the lock: two callers without an engine thread take turns
-        return future
-
-    def _add(
-        self, ids: list[int], params: SamplingParams, adapter: str | None, rid: str,
-        loop: asyncio.AbstractEventLoop, queue: asyncio.Queue,
-    ) -> str:
-        if not self._running:
-            raise self._stopped_error()
-        rid = self.engine.add_request(ids, params, adapter=adapter, request_id=rid)
-        self._outputs.add(rid, params)
-        self._queues[rid] = (loop, queue)
-        return rid
-
-    def _abort(self, request_id: str) -> bool:
-        self._queues.pop(request_id, None)
-        self._outputs.discard(request_id)
-        return self.engine.abort(request_id)
-
-    def _loop(self) -> None:
-        try:
-            while self._turn():
-                pass
-        except BaseException as e:
-            logger.exception("the engine thread stopped after an error")
-            self._stop_running(failed=e)
-
-    def _turn(self) -> bool:
-        """Run the commands that came since the last step, then one step; False once stopping."""
-        with self._wake:
-            while not (self._stopping or self._commands or self.engine.has_unfinished()):
-                self._wake.wait()
-            stopping = self._stopping
-            if not stopping:
-                commands, self._commands = self._commands, []
-        if stopping:
-            self._stop_running(failed=None)
-            return False
-        for command, future in commands:
-            _run(command, future)
-        if self.engine.has_unfinished():
-            for delta in self._outputs.process(self.engine.step()):
-                target = self._queues.get(delta.request_id)
-                if delta.finished:
-                    self._queues.pop(delta.request_id, None)
-                if target is not None:
-                    loop, queue = target
-                    try:
-                        loop.call_soon_threadsafe(queue.put_nowait, delta)
-                    except RuntimeError:  # its event loop is closed: nobody listens any more
-                        self._abort(delta.request_id)
-        return True
-
-    def _stop_running(self, failed: BaseException | None) -> None:
-        """From here on callers run their commands themselves; those still queued run now, and
-        every open stream raises an error that says why it ends (never a silent wait)."""
-        with self._wake:
-            self._running, self._failed = False, failed
-            commands, self._commands = self._commands, []
-            for command, future in commands:
-                _run(command, future)
-            for loop, queue in self._queues.values():
-                with contextlib.suppress(RuntimeError):  # a closed loop has nobody to tell
-                    loop.call_soon_threadsafe(queue.put_nowait, self._stopped_error())
-            self._queues.clear()
-        if failed is not None:
-            for callback in self._failure_callbacks:
-                try:
-                    callback(failed)
-                except Exception:  # noqa: BLE001 - one listener's bug must not hide the failure from the others
-                    logger.exception("a failure callback of the engine thread raised")
-
-    def _stopped_error(self) -> Exception:
-        if self._failed is None:
-            return RuntimeError("this AsyncLLM is not running (never started, or shut down): start() it first, or use `async with`")
-        error = EngineDeadError(f"the engine stopped after an error ({self._failed!r}); see the log")
-        error.__cause__ = self._failed
-        return error
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
-def _run(command: Callable[[], Any], future: concurrent.futures.Future) -> None:
-    """Run a command into its future, unless its caller has already given up on it."""
-    if not future.set_running_or_notify_cancel():
-        return
-    try:
-        future.set_result(command())
-    except BaseException as e:  # the caller re-raises it
-        future.set_exception(e)
+def serve(path: str | Path, **options: Any) -> LLM:
+    """Deprecated: `quadapt.LLM(path, **options)`, which it returns (streaming is `quadapt.AsyncLLM`).
+    It goes in the next release."""
+    warnings.warn(
+        "quadapt.serve(...) is deprecated and goes in the next release; use quadapt.LLM(...), which takes the same "
+        "arguments (and quadapt.AsyncLLM(...) to stream)",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return LLM(path, **options)
+
+
+def __getattr__(name: str) -> Any:
+    # `AsyncLLM` moved to async_llm.py; imported on demand, since that module imports this one.
+    if name == "AsyncLLM":
+        from .async_llm import AsyncLLM
+
+        return AsyncLLM
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -15,9 +15,12 @@ A name or path from a client is untrusted: names must match `_NAME` in full, mes
 a client sent (bounded), and an adapter directory is checked for size, rank and fit from its
 safetensors header before any tensor is read.
 
+An engine always has a registry; one with no slots (`max_loras=0`) holds no adapter and refuses
+to load one (`NoAdapterSlotsError`, naming the option to raise).
+
 Thread safety: every public method takes one lock, so a server thread may load or unload while
-the engine's thread steps. The registry never runs the model; it only fills slots through the
-executor.
+the engine's thread steps. The registry never runs the model; it only fills slots, through the
+executor or through `LoRASlots` (a model's LoRA stacks, found once).
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ import torch
 from .checkpoints.peft import MAX_ADAPTER_BYTES, PeftAdapter
 from .checkpoints.peft_fit import BaseModules, check_adapter_fits, load_adapter_for
 from .errors import AdapterError, InvalidParameterError, quote
-from .lora import LoRAWeights
+from .lora import LoRALinear, LoRAWeights
 
 # Used with fullmatch: `$` alone would let a trailing newline through into logs.
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._\-/]{0,127}")
@@ -51,10 +54,47 @@ class AdapterInUseError(AdapterError):
     """An adapter cannot be unloaded while unfinished requests use it."""
 
 
+class NoAdapterSlotsError(InvalidParameterError):
+    """An adapter was loaded into an engine started with no adapter slots (`max_loras=0`)."""
+
+
 class SlotWriter(Protocol):
     num_lora_slots: int
 
     def write_adapter_slot(self, slot: int, modules: Mapping[str, LoRAWeights] | None) -> None: ...
+
+
+class LoRASlots:
+    """The slots of a model's LoRA stacks, found once (`adapters.lora_modules`), not on every write.
+
+    Args:
+        stacks: HF module name -> the LoRA stack on it.
+        num_lora_slots: the slots each stack holds.
+    """
+
+    def __init__(self, stacks: Mapping[str, LoRALinear], num_lora_slots: int) -> None:
+        self.stacks = dict(stacks)
+        self.num_lora_slots = num_lora_slots
+
+    def write_adapter_slot(self, slot: int, modules: Mapping[str, LoRAWeights] | None) -> None:
+        """Copy an adapter into `slot` of every stack, clearing the slot where it has no module
+        (None: clear it everywhere).
+
+        Raises:
+            AdapterError: the adapter has a module without a LoRA stack.
+        """
+        modules = modules or {}
+        missing = [name for name in modules if name not in self.stacks]
+        if missing:
+            raise AdapterError(
+                f"the adapter has LoRA weights for {', '.join(missing[:4])}, but the model has no LoRA slots there; "
+                "add slots for every module the served adapters target"
+            )
+        for name, stack in self.stacks.items():
+            if name in modules:
+                stack.set_slot(slot, modules[name])
+            else:
+                stack.clear_slot(slot)
 
 
 @dataclass(eq=False)
@@ -105,15 +145,18 @@ class AdapterRegistry:
     """Adapters by name over an executor's slots; see the module docstring.
 
     Args:
-        slots: what holds the slots (the executor).
-        base: the base model's module layout, to check adapters against.
+        slots: what holds the slots (the executor, or a model's `LoRASlots`); none with
+            `num_lora_slots` 0.
+        base: the base model's module layout, to check adapters against (None only without slots).
         max_rank: the largest rank a slot holds.
         max_bytes: the largest adapter weights file `load` reads from a directory.
     """
 
     def __init__(
-        self, slots: SlotWriter, base: BaseModules, max_rank: int, *, max_bytes: int = MAX_ADAPTER_BYTES
+        self, slots: SlotWriter, base: BaseModules | None, max_rank: int, *, max_bytes: int = MAX_ADAPTER_BYTES
     ) -> None:
+        if slots.num_lora_slots and base is None:
+            raise InvalidParameterError("a registry with adapter slots needs the base model's layout (base=)")
         self._slots = slots
         self._base = base
         self.max_rank = max_rank
@@ -137,7 +180,8 @@ class AdapterRegistry:
             The current version of `name` (the same one when the content is unchanged).
 
         Raises:
-            InvalidParameterError: a bad name, or no adapter slots to serve it.
+            InvalidParameterError: a bad name.
+            NoAdapterSlotsError: the engine has no adapter slots (`max_loras=0`).
             AdapterError, UnsupportedError: the adapter is malformed, unsupported, made for
                 another base, of a rank above the slots' `max_rank`, or a directory whose weights
                 file is above `max_bytes`; a directory is refused for size, rank or fit before
@@ -149,7 +193,11 @@ class AdapterRegistry:
                 "starting with a letter or digit"
             )
         if not self._occupant:
-            raise InvalidParameterError("this engine has no adapter slots; start it with at least one (max_loras >= 1)")
+            raise NoAdapterSlotsError(
+                f"cannot load adapter {quote(name)}: this model was started with max_loras=0 (no adapter slots), so it "
+                "serves the base model only; start it with max_loras >= 1 (--max-loras on the command line)"
+            )
+        assert self._base is not None
         if isinstance(source, PeftAdapter):
             check_adapter_fits(source, self._base, max_rank=self.max_rank)
             adapter = source
@@ -230,6 +278,11 @@ class AdapterRegistry:
             version.running -= 1
             self._touch(version.slot)
             self._drop_if_unused(version)
+
+    @property
+    def num_slots(self) -> int:
+        """How many adapters can be in slots at once (0: the base model only)."""
+        return len(self._occupant)
 
     def names(self) -> list[AdapterVersion]:
         """The current versions, by name."""

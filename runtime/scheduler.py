@@ -27,13 +27,16 @@ import enum
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..kernels import NO_SLOT
 from .paged_cache import BlockAllocator
 from .sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from .registry import AdapterVersion
 
 
 class Status(enum.Enum):
@@ -52,7 +55,7 @@ class Request:
         params: sampling settings and stop conditions.
         arrival: a counter giving the order of arrival (FCFS and preemption order).
         generator: the request's own random generator (seeded from `params.seed`).
-        adapter: the engine's handle on the request's adapter, or None for the base model.
+        adapter: the adapter version the request named (held until it ends), or None for the base model.
         lora_slot: the slot its adapter occupies while it runs, `NO_SLOT` for none.
         output_ids: the tokens produced, stop tokens excluded.
         completion_tokens: tokens sampled, counting a final stop token.
@@ -65,7 +68,7 @@ class Request:
     params: SamplingParams
     arrival: int
     generator: torch.Generator
-    adapter: Any = None
+    adapter: AdapterVersion | None = None
     lora_slot: int = NO_SLOT
     output_ids: list[int] = field(default_factory=list)
     completion_tokens: int = 0

@@ -15,7 +15,7 @@ import torch
 
 import quadapt
 from quadapt.cli import main
-from quadapt.runtime import api
+from quadapt.runtime import api, loader
 from quadapt.runtime.adapters import apply_adapter
 from quadapt.runtime.checkpoints import open_checkpoint
 from quadapt.runtime.errors import AdapterError, CheckpointError, InvalidParameterError
@@ -197,7 +197,7 @@ def test_a_wrong_adapter_fails_before_the_weights_load(chat_model, tmp_path, mon
     def no_loading(*args, **kwargs):
         raise AssertionError("the weights were loaded before the adapter was checked")
 
-    monkeypatch.setattr(api, "load_model", no_loading)
+    monkeypatch.setattr(loader, "load_model", no_loading)  # what build_engine calls after the adapter checks
     with pytest.raises(AdapterError, match="another base"):
         quadapt.load(chat_model, adapter=wrong)
     with pytest.raises(AdapterError, match="not a directory"):

@@ -1,5 +1,5 @@
-"""`quadapt.serve`: many prompts at once, each with its own adapter and sampling, give what
-`quadapt.load(path, adapter=...).generate(prompt)` gives each alone.
+"""`quadapt.LLM` and `quadapt.AsyncLLM`: many prompts at once, each with its own adapter and
+sampling, give what `quadapt.load(path, adapter=...).generate(prompt)` gives each alone.
 
 On a tiny random Llama with a ChatML tokenizer and two PEFT adapters of different ranks: a mixed
 list equals the one-at-a-time API per prompt, a seed reproduces its single-request output, the
@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 import quadapt
-from quadapt.runtime import batch_api
+from quadapt.runtime import async_llm, llm
 from quadapt.runtime.errors import AdapterError, ContextLengthError, InvalidParameterError
 from quadapt.runtime.registry import AdapterInUseError, AdapterNotFoundError
 from quadapt.runtime.sampling import SamplingParams
@@ -55,8 +55,17 @@ def adapters(base, tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def served(base, adapters):
-    with quadapt.serve(base, adapters=adapters, max_num_seqs=4, max_num_batched_tokens=32, kv_cache_bytes=KV) as model:
+    with quadapt.LLM(base, adapters=adapters, max_num_seqs=4, max_num_batched_tokens=32, kv_cache_bytes=KV) as model:
         yield model
+
+
+@pytest.fixture(scope="module")
+def streaming(base, adapters):
+    """The same engine settings behind `AsyncLLM`, its engine thread running."""
+    model = quadapt.AsyncLLM(base, adapters=adapters, max_num_seqs=4, max_num_batched_tokens=32, kv_cache_bytes=KV)
+    model.start()
+    yield model
+    model.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -66,16 +75,23 @@ def alone(base, adapters):
     return lambda adapter: models[adapter]
 
 
-def test_the_api_is_the_root_s(served):
-    assert quadapt.serve is batch_api.serve and quadapt.BatchModel is batch_api.BatchModel
-    assert quadapt.SamplingParams is SamplingParams and isinstance(served, quadapt.BatchModel)
-    assert {"serve", "BatchModel", "SamplingParams"} <= set(dir(quadapt))
+def test_the_api_is_the_root_s(served, streaming):
+    assert quadapt.LLM is llm.LLM and quadapt.AsyncLLM is async_llm.AsyncLLM and quadapt.serve is llm.serve
+    assert quadapt.SamplingParams is SamplingParams and isinstance(served, quadapt.LLM)
+    assert isinstance(streaming, quadapt.AsyncLLM)
+    assert {"LLM", "AsyncLLM", "serve", "SamplingParams"} <= set(dir(quadapt))
+
+
+def test_serve_is_a_deprecated_alias_of_llm(base):
+    with pytest.warns(DeprecationWarning, match=r"quadapt.serve\(...\) is deprecated .* use quadapt.LLM\(...\)"):
+        model = quadapt.serve(base, max_loras=0, kv_cache_bytes=KV)
+    assert isinstance(model, quadapt.LLM) and model.generate(["hi"], max_new_tokens=2)[0].completion_tokens == 2
 
 
 def test_defaults_follow_the_adapters(served):
     config = served.engine.config
     assert config.max_loras == 4 and config.max_lora_rank == 16  # max(4, 2 adapters); ranks 4 and 8 fit 16
-    assert served.adapters() == ["mlp", "qv"]
+    assert served.list_adapters() == ["mlp", "qv"]
 
 
 def test_a_mixed_batch_equals_each_prompt_alone(served, alone):
@@ -121,25 +137,27 @@ def test_per_request_params(served, alone):
 
 def test_load_use_and_unload_an_adapter(base, adapters, served, alone):
     served.load_adapter("late", adapters["qv"])
-    assert "late" in served.adapters()
+    assert "late" in served.list_adapters()
     (late,) = served.generate(["hello world"], adapter="late", **GREEDY)
     assert late.text == alone("qv").generate("hello world", **GREEDY)
     served.unload_adapter("late")
-    assert "late" not in served.adapters()
+    assert "late" not in served.list_adapters()
     with pytest.raises(AdapterNotFoundError, match="unknown adapter 'late'"):
         served.generate(["hello world"], adapter="late", **GREEDY)
 
 
-def test_stream_gives_generate_s_text(served, alone):
+def test_stream_gives_generate_s_text(streaming, served, alone):
     requests = [("hello world", "qv"), (HELLO, None), ("the sea", "mlp")]
 
     async def collect():
-        return await asyncio.gather(*(_join(served.stream(p, adapter=a, **GREEDY)) for p, a in requests))
+        return await asyncio.gather(*(_join(streaming.stream(p, adapter=a, **GREEDY)) for p, a in requests))
 
     got = asyncio.run(collect())
     assert [text for text, _ in got] == [alone(a).generate(p, **GREEDY) for p, a in requests]
     assert all(last.finished and last.finish_reason == "length" and last.completion_tokens == 10 for _, last in got)
     assert served.generate(["the sea"], adapter="mlp", **GREEDY)[0].text == got[2][0]  # generate after streams
+    (after,) = asyncio.run(streaming.generate(["the sea"], adapter="mlp", **GREEDY))
+    assert after.text == got[2][0]  # AsyncLLM.generate too
 
 
 async def _join(deltas) -> tuple[str, object]:
@@ -147,78 +165,94 @@ async def _join(deltas) -> tuple[str, object]:
     return "".join(d.text for d in parts), parts[-1]
 
 
-def test_leaving_a_stream_early_frees_its_cache(served, monkeypatch):
+def test_leaving_a_stream_early_frees_its_cache(streaming, monkeypatch):
     # 200 tokens of the tiny model go by in well under a second: slowed to ~20 ms a step, a request
     # is surely still running when the consumer, a busy machine's event loop, looks at the cache.
-    execute = served.engine.executor.execute
+    execute = streaming.engine.executor.execute
 
     def slow_execute(rows):
         time.sleep(0.02)
         return execute(rows)
 
-    monkeypatch.setattr(served.engine.executor, "execute", slow_execute)
+    monkeypatch.setattr(streaming.engine.executor, "execute", slow_execute)
 
     async def leave(closing: bool) -> tuple[int, int]:
-        deltas = served.stream("a long one", adapter="qv", max_new_tokens=200, ignore_eos=True)
+        deltas = streaming.stream("a long one", adapter="qv", max_new_tokens=200, ignore_eos=True)
         async with contextlib.aclosing(deltas) if closing else contextlib.nullcontext(deltas) as it:
             async for _ in it:
-                busy = served.metrics().kv_blocks_used
+                busy = streaming.metrics().kv_blocks_used
                 break
         if not closing:
             del deltas, it  # Python closes a generator no one holds from the event loop, a turn or two later
             for _ in range(5):
                 await asyncio.sleep(0)
-                if not served.metrics().kv_blocks_used:
+                if not streaming.metrics().kv_blocks_used:
                     break
-        return busy, served.metrics().kv_blocks_used
+        return busy, streaming.metrics().kv_blocks_used
 
     async def cancel() -> tuple[int, int]:
         started = asyncio.Event()
 
         async def consume():
-            async for _ in served.stream("a long one", max_new_tokens=200, ignore_eos=True):
+            async for _ in streaming.stream("a long one", max_new_tokens=200, ignore_eos=True):
                 started.set()
 
         task = asyncio.create_task(consume())
         await started.wait()
-        busy = served.metrics().kv_blocks_used
+        busy = streaming.metrics().kv_blocks_used
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
-        return busy, served.metrics().kv_blocks_used  # freed as the cancellation went through
+        return busy, streaming.metrics().kv_blocks_used  # freed as the cancellation went through
 
     for how in (lambda: leave(closing=True), lambda: leave(closing=False), cancel):
         busy, after = asyncio.run(how())
         assert busy > 0 and after == 0
-    snapshot = served.metrics()
+    snapshot = streaming.metrics()
     assert snapshot.requests_aborted >= 3 and snapshot.running == snapshot.waiting == 0
 
 
-def test_generate_refuses_while_a_stream_is_open(served):
+def test_generate_runs_beside_an_open_stream(streaming, base):
+    """One engine thread steps both: a generate while a stream is open finishes, batched with it."""
     async def main():
-        deltas = served.stream("hello world", max_new_tokens=50, ignore_eos=True)
+        deltas = streaming.stream("hello world", max_new_tokens=50, ignore_eos=True)
         async with contextlib.aclosing(deltas):
             await anext(deltas)
-            with pytest.raises(InvalidParameterError, match=r"1 stream\(s\) are open"):
-                served.generate(["hi"], max_new_tokens=1)
-            with pytest.raises(InvalidParameterError, match="open"):
-                served.close()
+            (done,) = await streaming.generate(["hi"], max_new_tokens=1)
+            assert done.completion_tokens == 1 and streaming.metrics().running == 1  # the stream still runs
 
     asyncio.run(main())
-    assert served.generate(["hi"], max_new_tokens=1)[0].completion_tokens == 1  # its turn once the stream closed
+    assert asyncio.run(streaming.generate(["hi"], max_new_tokens=1))[0].completion_tokens == 1
 
 
-def test_a_stream_started_during_generate_waits_its_turn(served, alone):
-    """generate in a thread, a stream meanwhile: one thread steps the engine at a time, both texts are right."""
+def test_shutting_down_ends_open_streams_with_a_clear_error(base):
+    model = quadapt.AsyncLLM(base, max_loras=0, kv_cache_bytes=KV)
+
+    async def main():
+        async with model:
+            deltas = model.stream("hello world", max_new_tokens=500, ignore_eos=True)
+            await anext(deltas)
+            await asyncio.to_thread(model.shutdown)
+            with pytest.raises(RuntimeError, match="not running"):
+                async for _ in deltas:
+                    pass
+
+    asyncio.run(main())
+
+
+def test_a_stream_started_during_generate_runs_beside_it(streaming, alone):
+    """generate from another thread's loop, a stream meanwhile: one engine thread steps both, both texts are right."""
     settings = {"max_new_tokens": 30, "ignore_eos": True}
     out: list = []
-    worker = threading.Thread(target=lambda: out.append(served.generate(["the sea"] * 4, adapter="qv", **settings)))
+    worker = threading.Thread(
+        target=lambda: out.append(asyncio.run(streaming.generate(["the sea"] * 4, adapter="qv", **settings)))
+    )
 
     async def main():
         worker.start()
-        while not served._generating.locked() and worker.is_alive():  # wait until generate holds the engine
+        while not streaming.metrics().running and worker.is_alive():  # wait until generate's requests run
             await asyncio.sleep(0.001)
-        return await _join(served.stream("hello world", adapter="mlp", **settings))
+        return await _join(streaming.stream("hello world", adapter="mlp", **settings))
 
     streamed, _ = asyncio.run(main())
     worker.join()
@@ -260,7 +294,9 @@ def test_mistakes_raise_before_anything_runs(served, kwargs, error, message):
     assert after.requests_finished == before and after.kv_blocks_used == 0 and not served.engine.has_unfinished()
 
 
-def test_stream_mistakes(served):
+def test_stream_mistakes(streaming):
+    served = streaming
+
     async def first(**kwargs):
         return await anext(served.stream("hi", **kwargs))
 
@@ -275,21 +311,22 @@ def test_stream_mistakes(served):
 
 def test_adapter_mistakes(base, adapters, served, tmp_path):
     with pytest.raises(AdapterError, match="rank 8, above the slots' max rank 4"):
-        quadapt.serve(base, adapters=adapters, max_lora_rank=4, kv_cache_bytes=KV)
+        quadapt.LLM(base, adapters=adapters, max_lora_rank=4, kv_cache_bytes=KV)
     only_base = re.escape("max_loras=0 serves the base model only, but adapters ['mlp', 'qv']")
     with pytest.raises(InvalidParameterError, match=only_base):
-        quadapt.serve(base, adapters=adapters, max_loras=0)
+        quadapt.LLM(base, adapters=adapters, max_loras=0)
     with pytest.raises(InvalidParameterError, match="adapters must map names to adapter directories"):
-        quadapt.serve(base, adapters=[adapters["qv"]])
+        quadapt.LLM(base, adapters=[adapters["qv"]])
     with pytest.raises(AdapterError, match="not a directory"):
-        quadapt.serve(base, adapters={"x": tmp_path / "none"})
+        quadapt.AsyncLLM(base, adapters={"x": tmp_path / "none"})
     with pytest.raises(InvalidParameterError, match="adapter name 'bad name' is not allowed"):
         served.load_adapter("bad name", adapters["qv"])
     with pytest.raises(AdapterNotFoundError, match="unknown adapter 'nope'"):
         served.unload_adapter("nope")
 
 
-def test_an_adapter_in_use_is_not_unloaded(served, adapters):
+def test_an_adapter_in_use_is_not_unloaded(streaming, adapters):
+    served = streaming
     served.load_adapter("busy", adapters["qv"])
 
     async def main():
@@ -304,8 +341,8 @@ def test_an_adapter_in_use_is_not_unloaded(served, adapters):
 
 
 def test_the_base_model_only(base):
-    with quadapt.serve(base, max_loras=0, kv_cache_bytes=KV) as model:
-        assert model.adapters() == [] and model.generate(["hi"], max_new_tokens=2)[0].completion_tokens == 2
+    with quadapt.LLM(base, max_loras=0, kv_cache_bytes=KV) as model:
+        assert model.list_adapters() == [] and model.generate(["hi"], max_new_tokens=2)[0].completion_tokens == 2
         with pytest.raises(InvalidParameterError, match="max_loras=0"):
             model.load_adapter("a", "somewhere")
         with pytest.raises(InvalidParameterError, match="serves no adapters"):
@@ -314,20 +351,22 @@ def test_the_base_model_only(base):
 
 def test_bad_serve_settings(base):
     with pytest.raises(InvalidParameterError, match="max_num_seqs must be a positive integer"):
-        quadapt.serve(base, max_num_seqs=0)
+        quadapt.LLM(base, max_num_seqs=0)
     with pytest.raises(InvalidParameterError, match="dtype must be one of"):
-        quadapt.serve(base, dtype="float64")
+        quadapt.LLM(base, dtype="float64")
     with pytest.raises(InvalidParameterError, match="threads must be a positive integer"):
-        quadapt.serve(base, threads=0)
+        quadapt.AsyncLLM(base, threads=0)
+    with pytest.raises(InvalidParameterError, match=r"unknown engine option\(s\) \['max_lora'\]"):
+        quadapt.LLM(base, max_lora=2)
 
 
 # ---- the README -----------------------------------------------------------------------------------
 
 
 def test_the_readme_batched_example_runs(base, adapters, capsys):
-    """The README's batched example (the ```py block with `quadapt.serve`) runs on the tiny model."""
+    """The README's batched example (the ```py block with `quadapt.LLM`) runs on the tiny model."""
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    (example,) = [b for b in re.findall(r"```py\n(.*?)```", readme, flags=re.DOTALL) if "quadapt.serve(" in b]
+    (example,) = [b for b in re.findall(r"```py\n(.*?)```", readme, flags=re.DOTALL) if "quadapt.LLM(" in b]
     theirs = ast.literal_eval(re.search(r"adapters=(\{.*?\})", example)[1])
     assert len(theirs) == 2 and example.count('"smollm2"') == 1
     code = example.replace('"smollm2"', repr(str(base)))
@@ -340,7 +379,7 @@ def test_the_readme_batched_example_runs(base, adapters, capsys):
 def test_import_quadapt_loads_no_torch():
     code = (
         "import sys, quadapt; assert 'torch' not in sys.modules, 'torch imported'; "
-        "assert {'serve', 'BatchModel', 'SamplingParams'} <= set(dir(quadapt)); "
+        "assert {'LLM', 'AsyncLLM', 'serve', 'SamplingParams'} <= set(dir(quadapt)); "
         "assert 'quadapt.runtime' not in sys.modules, 'runtime imported'"
     )
     done = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True)

@@ -18,7 +18,8 @@ import quadapt
 from quadapt import cli
 from quadapt.converters.onnx_export import export_onnx
 from quadapt.runtime.generate import generate_text
-from quadapt.runtime.llm import LLM, AsyncLLM, GenerateRequest
+from quadapt.runtime.async_llm import AsyncLLM
+from quadapt.runtime.llm import LLM, GenerateRequest
 from quadapt.runtime.loader import load_model
 from quadapt.runtime.sampling import SAMPLING_DEFAULTS, SamplingParams
 from quadapt.runtime.server import ServerConfig
@@ -56,9 +57,10 @@ def test_every_front_door_gives_the_same_greedy_text(checkpoint_and_export, tmp_
     assert expected.strip(), "an empty text would make the comparison vacuous"
     texts: dict[str, str] = {}
 
-    [done] = LLM(make_engine(checkpoint, {}, tokenizer), tokenizer).generate([GenerateRequest(PROMPT)])
+    [done] = LLM.from_engine(make_engine(checkpoint, {}, tokenizer), tokenizer).generate([GenerateRequest(PROMPT)])
     texts["LLM.generate"] = done.text
     texts["quadapt.load"] = quadapt.load(checkpoint).generate(PROMPT)
+    texts["quadapt.LLM"] = quadapt.LLM(checkpoint).generate(PROMPT)[0].text
 
     capsys.readouterr()
     assert cli.main(["generate", "--model", str(checkpoint), "--prompt", PROMPT]) == 0
@@ -70,7 +72,7 @@ def test_every_front_door_gives_the_same_greedy_text(checkpoint_and_export, tmp_
     texts["quadapt batch"] = json.loads(results.read_text())["text"]
 
     served = ServerThread(ServerConfig(model=str(checkpoint), port=0),
-                          AsyncLLM(make_engine(checkpoint, {}, tokenizer), tokenizer))
+                          AsyncLLM.from_engine(make_engine(checkpoint, {}, tokenizer), tokenizer))
     try:
         with served.client() as client:
             texts["gRPC Generate"] = client.generate(PROMPT).text

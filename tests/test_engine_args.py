@@ -46,17 +46,21 @@ def test_every_front_door_builds_its_engine_through_build_engine(base, adapter, 
 
     monkeypatch.setattr(Engine, "__init__", guarded)
 
-    with quadapt.serve(base, adapters={"qv": str(adapter)}, kv_cache_bytes=KV) as model:
-        assert model.generate(["hi"], max_new_tokens=2)[0].completion_tokens == 2
+    model = quadapt.LLM(base, adapters={"qv": str(adapter)}, kv_cache_bytes=KV)
+    assert model.generate(["hi"], max_new_tokens=2)[0].completion_tokens == 2
+    assert quadapt.AsyncLLM(base, adapters={"qv": str(adapter)}, kv_cache_bytes=KV).list_adapters() == ["qv"]
     load_llm(ServerConfig(model=str(base), adapters={"qv": str(adapter)}, kv_cache_bytes=KV))
     requests, results = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     requests.write_text(json.dumps({"id": "q", "prompt": "hi", "adapter": "qv", "max_new_tokens": 2}) + "\n")
     assert cli.main(["batch", "--model", str(base), "--adapter", f"qv={adapter}", "--kv-cache-memory", "2MiB",
                      "--input", str(requests), "--output", str(results)]) == 0
     assert json.loads(results.read_text())["usage"]["completion_tokens"] == 2
-    assert len(built) == 3
+    assert len(built) == 4
     # One set of defaults: each front door sized its slots the same way for one rank-8 adapter.
     assert {(e.config.max_loras, e.config.max_lora_rank) for e in built} == {(MIN_LORA_SLOTS, MIN_LORA_RANK)}
+    # quadapt.load runs its one adapter through the engine too, in the one slot it needs.
+    assert quadapt.load(base, adapter=adapter).generate("hi", max_new_tokens=2) is not None
+    assert len(built) == 5 and built[-1].config.max_loras == 1 and len(built[-1].adapters.names()) == 1
 
 
 def test_defaults_follow_the_adapters_and_explicit_limits_win(base, adapter):

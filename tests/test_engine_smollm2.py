@@ -14,7 +14,6 @@ from quadapt.runtime.adapters import apply_adapter
 from quadapt.runtime.checkpoints import open_checkpoint
 from quadapt.runtime.engine import Engine, EngineConfig
 from quadapt.runtime.generate import generate_ids
-from quadapt.runtime.llm import encode_prompt
 from quadapt.runtime.loader import load_model
 from quadapt.runtime.sampling import SamplingParams
 from quadapt.runtime.tokenizer import Tokenizer
@@ -59,7 +58,7 @@ def adapters(smollm2_gguf, tmp_path_factory):
 
 def test_mixed_batch_on_smollm2_equals_each_request_alone(smollm2_gguf, adapters):
     tokenizer = Tokenizer.from_files(open_checkpoint(smollm2_gguf).tokenizer_files())
-    prompts = [encode_prompt(tokenizer, [{"role": "user", "content": q}]) for q in QUESTIONS]
+    prompts = [tokenizer.encode_prompt([{"role": "user", "content": q}]) for q in QUESTIONS]
     assert max(len(p) for p in prompts) > 128
     params = SamplingParams(max_new_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True)
 

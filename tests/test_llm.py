@@ -16,7 +16,8 @@ from quadapt.runtime.checkpoints import open_checkpoint
 from quadapt.runtime.engine import Engine, EngineConfig
 from quadapt.runtime.errors import EngineDeadError, InvalidParameterError, RequestFailedError
 from quadapt.runtime.generate import generate_text
-from quadapt.runtime.llm import LLM, AsyncLLM, GenerateRequest, encode_prompt
+from quadapt.runtime.async_llm import AsyncLLM
+from quadapt.runtime.llm import LLM, GenerateRequest
 from quadapt.runtime.loader import load_model
 from quadapt.runtime.sampling import SamplingParams
 from quadapt.runtime.tokenizer import Tokenizer
@@ -56,7 +57,7 @@ def reference_text(base, adapter, tokenizer, prompt, params) -> tuple[str, str |
     model = load_model(base)
     if adapter is not None:
         apply_adapter(model, adapter)
-    generation = generate_text(model, tokenizer, encode_prompt(tokenizer, prompt), params)
+    generation = generate_text(model, tokenizer, tokenizer.encode_prompt(prompt), params)
     text = "".join(generation)
     return text, generation.result.stop_reason
 
@@ -73,7 +74,7 @@ def test_many_prompts_equal_the_reference_one_by_one(base, adapter, tokenizer):
         GenerateRequest("the quick brown", SamplingParams(max_new_tokens=9, temperature=0.8, seed=5, ignore_eos=True),
                         adapter="a", request_id="seeded"),
     ]
-    llm = LLM(make_engine(base, adapter), tokenizer)
+    llm = LLM.from_engine(make_engine(base, adapter), tokenizer)
     got = {c.request_id: c for c in llm.generate(requests)}
     assert [c.request_id for c in llm.generate(requests[:1])] == ["plain"]
     for r in requests:
@@ -85,7 +86,7 @@ def test_many_prompts_equal_the_reference_one_by_one(base, adapter, tokenizer):
 
 
 def test_bad_prompts_are_refused_before_anything_runs(base, tokenizer):
-    llm = LLM(make_engine(base), tokenizer)
+    llm = LLM.from_engine(make_engine(base), tokenizer)
     with pytest.raises(InvalidParameterError, match="list of messages"):
         llm.generate([GenerateRequest("fine"), GenerateRequest([{"role": "user"}])])
     assert not llm.engine.has_unfinished()  # the good request was taken back too
@@ -108,7 +109,7 @@ def test_async_streams_concurrently_and_cancellation_frees_blocks(base, adapter,
         return seen
 
     async def main():
-        async with AsyncLLM(engine, tokenizer) as llm:
+        async with AsyncLLM.from_engine(engine, tokenizer) as llm:
             texts = await asyncio.gather(collect(llm, "hello world"), collect(llm, "hello world", "a"), cancel_early(llm))
             return texts
 
@@ -125,7 +126,7 @@ def test_a_busy_engine_takes_new_requests_aborts_and_reads_within_one_step(base,
     a new request waiting until the running ones had finished). Each step notes the commands
     waiting when it starts and when it ends: none may be seen waiting in two steps."""
     engine = make_engine(base)
-    llm = AsyncLLM(engine, tokenizer)
+    llm = AsyncLLM.from_engine(engine, tokenizer)
     execute = engine.executor.execute
     waited: dict[object, set[int]] = {}  # a command's future -> the steps it was seen waiting in
     steps = 0
@@ -171,7 +172,7 @@ def test_a_failed_step_fails_its_requests_and_the_engine_goes_on(base, tokenizer
     params = SamplingParams(max_new_tokens=50, temperature=0.0, ignore_eos=True)
 
     async def main():
-        async with AsyncLLM(engine, tokenizer) as llm:
+        async with AsyncLLM.from_engine(engine, tokenizer) as llm:
             with pytest.raises(RequestFailedError, match=r"engine step running this request failed \(RuntimeError\)"):
                 async for _ in llm.stream("hello", params):
                     pass
@@ -190,7 +191,7 @@ def test_an_engine_thread_that_stops_ends_every_stream_with_the_error(base, toke
     seen: list[BaseException] = []
 
     async def main():
-        async with AsyncLLM(engine, tokenizer) as llm:
+        async with AsyncLLM.from_engine(engine, tokenizer) as llm:
             llm.add_failure_callback(seen.append)
             with pytest.raises(EngineDeadError, match=r"engine stopped after an error.*scheduler bug \(injected\)"):
                 async for _ in llm.stream("hello", params):
@@ -205,7 +206,7 @@ def test_an_engine_thread_that_stops_ends_every_stream_with_the_error(base, toke
 
 
 def test_streaming_before_start_is_refused(base, tokenizer):
-    llm = AsyncLLM(make_engine(base), tokenizer)
+    llm = AsyncLLM.from_engine(make_engine(base), tokenizer)
     params = SamplingParams(max_new_tokens=4, temperature=0.0)
     with pytest.raises(RuntimeError, match=r"not running .*start\(\) it first"):
         asyncio.run(anext(llm.stream("hello", params)))
@@ -214,7 +215,7 @@ def test_streaming_before_start_is_refused(base, tokenizer):
 
 def test_completions_come_in_the_order_given_with_some_ids_unset(base, tokenizer):
     greedy = SamplingParams(max_new_tokens=3, temperature=0.0, ignore_eos=True)
-    llm = LLM(make_engine(base), tokenizer)
+    llm = LLM.from_engine(make_engine(base), tokenizer)
     requests = [GenerateRequest("a b c d e f", greedy, request_id="named"), GenerateRequest("hi", greedy),
                 GenerateRequest("x", SamplingParams(max_new_tokens=1, temperature=0.0, ignore_eos=True))]
     completions = llm.generate(requests)
