@@ -11,13 +11,16 @@ from .options import model_options, prompt_options, prompt_of, run_options, samp
 
 logger = logging.getLogger(__name__)
 
+# What `quadapt.load` gives torch when not told (`runtime.api.default_threads`).
+_HALF_THE_CORES = "half the cores this process may use"
+
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     """Add `generate` and `eval-ppl` to `sub`."""
     gen = sub.add_parser(
         "generate",
         parents=[
-            model_options("checkpoint directory or .gguf file"), run_options(),
+            model_options("checkpoint directory or .gguf file"), run_options(_HALF_THE_CORES),
             prompt_options("the prompt text (the user message with --chat)"), sampling_options(),
         ],
         help="generate text from a prompt",
@@ -28,7 +31,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
     ppl = sub.add_parser(
         "eval-ppl",
-        parents=[model_options("checkpoint directory, .gguf file, or `quadapt export-onnx` directory"), run_options()],
+        parents=[
+            model_options("checkpoint directory, .gguf file, or `quadapt export-onnx` directory"),
+            run_options(f"{_HALF_THE_CORES}; onnxruntime's choice for an export"),
+        ],
         help="sliding-window perplexity of a model on a text file",
         description=(
             "Sliding-window perplexity on a text file. Prints two lines, the last `perplexity: <number>`; "
@@ -97,12 +103,17 @@ def _eval_ppl(args: argparse.Namespace) -> int:
 
     if (Path(args.model) / MANIFEST).is_file():
         return _eval_ppl_export(args, text)
-    from ..runtime.api import load
+    import torch
+
+    from ..runtime.api import default_threads, open_with_tokenizer
+    from ..runtime.loader import load_model
     from ..runtime.perplexity import perplexity
 
-    model = load(args.model, dtype=args.dtype, threads=args.threads)
-    ids = model.tokenizer.encode(text)
-    result = perplexity(model.model, ids, window=args.window, stride=args.stride, progress=True)
+    reader, tokenizer = open_with_tokenizer(args.model)  # the model alone: scoring needs no engine
+    torch.set_num_threads(args.threads or default_threads())
+    model = load_model(reader, dtype=getattr(torch, args.dtype))
+    ids = tokenizer.encode(text)
+    result = perplexity(model, ids, window=args.window, stride=args.stride, progress=True)
     print(f"tokens: {result.tokens} (window {result.window}, stride {result.stride})")
     print(f"perplexity: {result.perplexity:.4f}")
     return 0

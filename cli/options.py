@@ -122,8 +122,9 @@ def output_options(what: str = "directory to create") -> argparse.ArgumentParser
     return options
 
 
-def run_options() -> argparse.ArgumentParser:
-    """`--dtype` and `--threads`, as `EngineArgs` defaults them."""
+def run_options(threads_default: str = "torch's choice") -> argparse.ArgumentParser:
+    """`--dtype` and `--threads`, as `EngineArgs` defaults them; `threads_default` says what a
+    command does when `--threads` is not given."""
     options = argparse.ArgumentParser(add_help=False)
     options.add_argument(
         "--dtype", choices=DTYPES, default=_engine_default("dtype"),
@@ -131,7 +132,7 @@ def run_options() -> argparse.ArgumentParser:
     )
     options.add_argument(
         "--threads", type=positive_int, default=_engine_default("threads"), metavar="N",
-        help="CPU threads, >= 1 (default: torch's choice)",
+        help=f"CPU threads, >= 1 (default: {threads_default})",
     )
     return options
 

@@ -134,3 +134,24 @@ def test_client_refuses_a_port_or_host_that_names_no_server(capsys, argv, messag
         status = refused.code
     assert status == 2
     assert message in capsys.readouterr().err
+
+
+def test_serve_passes_the_http_flags_to_the_server(model, monkeypatch):
+    from quadapt.runtime import server as server_module
+
+    configs = []
+    monkeypatch.setattr(server_module, "serve", configs.append)
+    assert main(["serve", "--model", str(model), "--port", "0"]) == 0
+    assert main(["serve", "--model", str(model), "--port", "0", "--http-port", "8080", "--http-host", "0.0.0.0"]) == 0
+    assert [(c.http_port, c.http_host) for c in configs] == [(None, None), (8080, "0.0.0.0")]
+    assert configs[1].host == "127.0.0.1"  # --http-host does not widen the gRPC door
+
+
+@pytest.mark.parametrize("value", ["65536", "-1", "http"])
+def test_serve_refuses_an_http_port_outside_the_range(capsys, value):
+    with pytest.raises(SystemExit) as refused:
+        main(["serve", "--model", "m", "--http-port", value])
+    assert refused.value.code == 2
+    assert f"argument --http-port: must be a port number in 0-65535 (0: any free port), got {value!r}" in (
+        capsys.readouterr().err
+    )
