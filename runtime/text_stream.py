@@ -2,8 +2,9 @@
 
 `TextStream` takes a request's output token ids one at a time and returns text deltas whose
 concatenation is `tokenizer.decode(ids)` cut just before the first stop string, with the stop
-string that ended it. `StopStringMatcher` is its text-only half. The reference generator, the
-batching engine and the server each keep one `TextStream` per request.
+string that ended it. `StopStringMatcher` is its text-only half and `IncrementalDetokenizer` its
+token half (text deltas that never split a character). The reference generator, the batching
+engine, the server and the edge runtime each keep one `TextStream` per request.
 
 This is the text edge of generation, and it is all it is: it does not sample, count tokens,
 stop on token ids, or decide a finish reason; a caller that gets a stop string back stops the
@@ -12,7 +13,16 @@ request and reports it in its own terms.
 
 from __future__ import annotations
 
-from .tokenizer import Tokenizer
+from collections.abc import Iterable
+from typing import Protocol
+
+_REPLACEMENT_CHAR = "\ufffd"
+
+
+class Decoder(Protocol):
+    """What a stream needs of a tokenizer (`tokenizer.Tokenizer` is one): the text of ids."""
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str: ...
 
 
 class TextStream:
@@ -27,7 +37,7 @@ class TextStream:
         stop: the stop string that ended the stream, else None.
     """
 
-    def __init__(self, tokenizer: Tokenizer, stop: list[str], skip_special_tokens: bool = True) -> None:
+    def __init__(self, tokenizer: Decoder, stop: list[str], skip_special_tokens: bool = True) -> None:
         """Start an empty stream.
 
         Args:
@@ -36,7 +46,7 @@ class TextStream:
                 to appear (the longest, if several begin at one place). Empty strings are ignored.
             skip_special_tokens: leave special tokens (eos, `<|im_end|>`, ...) out of the text.
         """
-        self._detokenizer = tokenizer.stream(skip_special_tokens=skip_special_tokens)
+        self._detokenizer = IncrementalDetokenizer(tokenizer, skip_special_tokens=skip_special_tokens)
         self._matcher = StopStringMatcher(stop)
         self._ended = False
         self.stop: str | None = None
@@ -123,3 +133,40 @@ class StopStringMatcher:
                     longest = n
                     break
         return longest
+
+
+class IncrementalDetokenizer:
+    """Turns token ids, one at a time, into text deltas whose concatenation is `decode(all ids)`.
+
+    Each step decodes a short window (the tokens of the last emitted delta, then the new ones)
+    and emits the difference between the window's text with and without the new tokens, as
+    vLLM and TGI do: this keeps word-initial spaces right for tokenizers whose decoders strip
+    the first one. While the text ends in U+FFFD (a UTF-8 character whose bytes are split
+    across tokens) nothing is emitted; `finish()` flushes whatever is still held.
+    """
+
+    def __init__(self, tokenizer: Decoder, skip_special_tokens: bool = True) -> None:
+        self._tokenizer = tokenizer
+        self._skip_special_tokens = skip_special_tokens
+        self._ids: list[int] = []
+        # Invariant: ids[:read] are emitted; ids[prefix:read] are the last delta's tokens, the window's context.
+        self._prefix = 0
+        self._read = 0
+
+    def add(self, token_id: int) -> str:
+        """Add one token id; return the text it completes ("" while a character is incomplete)."""
+        self._ids.append(token_id)
+        return self._emit(final=False)
+
+    def finish(self) -> str:
+        """The text still held back at the end of the stream (an incomplete character decodes to U+FFFD)."""
+        return self._emit(final=True)
+
+    def _emit(self, final: bool) -> str:
+        decode = self._tokenizer.decode
+        context = decode(self._ids[self._prefix : self._read], skip_special_tokens=self._skip_special_tokens)
+        text = decode(self._ids[self._prefix :], skip_special_tokens=self._skip_special_tokens)
+        if len(text) <= len(context) or (text.endswith(_REPLACEMENT_CHAR) and not final):
+            return ""
+        self._prefix, self._read = self._read, len(self._ids)
+        return text[len(context) :]

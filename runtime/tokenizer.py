@@ -1,4 +1,4 @@
-"""Text in and out: a model's HF tokenizer, its chat template, and streaming detokenization.
+"""Text in and out: a model's HF tokenizer, its chat template, and prompts made into ids.
 
 `Tokenizer` wraps the `tokenizers` library on a checkpoint's `tokenizer.json`, reading
 `tokenizer_config.json` and `generation_config.json` the way transformers does, so `encode`,
@@ -6,7 +6,8 @@
 `encode_chat` turns a conversation into prompt ids by one rule (`chat_encoding.py`): what the
 messages say is text, so a special-token string in a message encodes as ordinary tokens and only
 the template writes control tokens; a conversation without such strings gets transformers' ids.
-`IncrementalDetokenizer` turns a stream of token ids into text deltas that never split a character.
+`encode_prompt` is the one way a prompt (text or chat messages, checked by `prompt.py`'s rules)
+becomes ids. Streaming detokenization is `text_stream.py`'s, over `decode`.
 
 This is the edge of the runtime: the engine sees token ids only. It deliberately does not pad,
 truncate (a `truncation` entry in tokenizer.json is dropped: a runtime never cuts a prompt
@@ -23,15 +24,15 @@ from typing import Any
 import tokenizers
 from tokenizers import AddedToken
 
-from .checkpoints import TokenizerFiles
+from .checkpoints.reader import TokenizerFiles, read_tokenizer_files
 from .chat_encoding import ChatEncoder
 from .chat_template import render_chat_template
 from .errors import CheckpointError, ConfigError, InvalidParameterError
+from .prompt import Prompt, check_prompt_size, text_or_messages
 
 # The named special tokens transformers passes to every chat template (its SPECIAL_TOKENS_ATTRIBUTES).
 _NAMED_SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 _ADDED_TOKEN_FLAGS = ("single_word", "lstrip", "rstrip", "normalized", "special")
-_REPLACEMENT_CHAR = "\ufffd"
 
 
 class Tokenizer:
@@ -107,8 +108,6 @@ class Tokenizer:
             CheckpointError: the directory or its tokenizer.json is missing, or a file is not valid JSON.
             ConfigError: the configs hold values of the wrong type.
         """
-        from .checkpoints.hf import read_tokenizer_files
-
         path = Path(path).expanduser()
         files = read_tokenizer_files(path)
         if files is None:
@@ -180,10 +179,6 @@ class Tokenizer:
                 text. Unlike transformers, the default is True: quadapt decodes model output.
         """
         return self._backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
-
-    def stream(self, skip_special_tokens: bool = True) -> IncrementalDetokenizer:
-        """A fresh incremental detokenizer for one output stream."""
-        return IncrementalDetokenizer(self, skip_special_tokens=skip_special_tokens)
 
     def apply_chat_template(
         self,
@@ -268,6 +263,36 @@ class Tokenizer:
                                                 **template_kwargs), "the rendered conversation")
             raise
 
+    def encode_prompt(
+        self, prompt: Prompt, *, chat: bool | None = None, max_tokens: int | None = None
+    ) -> list[int]:
+        """The ids a model is fed for a prompt: raw text with the tokenizer's usual special tokens
+        (BOS where the model has one), or chat messages through `encode_chat` with an assistant
+        header (message content is text, so it cannot forge the template's markers). Every front
+        door encodes prompts here; the rules are `prompt.py`'s.
+
+        Args:
+            prompt: raw text, or a non-empty list of `{"role": ..., "content": ...}` dicts.
+            chat: None follows the prompt's type; True wraps a string as one user message;
+                False with messages is an error.
+            max_tokens: the model's context; a prompt whose characters cannot fit in it (at
+                `max_token_chars` per token) is refused before it is tokenized or rendered.
+                None: no check.
+
+        Raises:
+            InvalidParameterError: a prompt that is neither a string nor a non-empty list of at
+                most `MAX_MESSAGES` role/content dicts, `chat=False` with messages, or text that
+                is not UTF-8.
+            ContextLengthError: the prompt is too long for `max_tokens` by its characters alone.
+            ConfigError: chat messages for a model without a chat template.
+        """
+        checked = text_or_messages(prompt, chat)
+        if max_tokens is not None:
+            check_prompt_size(checked, max_tokens, self.max_token_chars)
+        if isinstance(checked, str):
+            return self.encode(checked, add_special_tokens=True)
+        return self.encode_chat(checked, add_generation_prompt=True)
+
     def _template(self, chat_template: str | None) -> str:
         """`chat_template` if given, else the model's; a model without one is refused."""
         template = chat_template if chat_template is not None else self._chat_template
@@ -301,43 +326,6 @@ class Tokenizer:
                 present.add(content)
         self._backend.add_special_tokens([t for t in missing if t.special])
         self._backend.add_tokens([t for t in missing if not t.special])
-
-
-class IncrementalDetokenizer:
-    """Turns token ids, one at a time, into text deltas whose concatenation is `decode(all ids)`.
-
-    Each step decodes a short window (the tokens of the last emitted delta, then the new ones)
-    and emits the difference between the window's text with and without the new tokens, as
-    vLLM and TGI do: this keeps word-initial spaces right for tokenizers whose decoders strip
-    the first one. While the text ends in U+FFFD (a UTF-8 character whose bytes are split
-    across tokens) nothing is emitted; `finish()` flushes whatever is still held.
-    """
-
-    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True) -> None:
-        self._tokenizer = tokenizer
-        self._skip_special_tokens = skip_special_tokens
-        self._ids: list[int] = []
-        # Invariant: ids[:read] are emitted; ids[prefix:read] are the last delta's tokens, the window's context.
-        self._prefix = 0
-        self._read = 0
-
-    def add(self, token_id: int) -> str:
-        """Add one token id; return the text it completes ("" while a character is incomplete)."""
-        self._ids.append(token_id)
-        return self._emit(final=False)
-
-    def finish(self) -> str:
-        """The text still held back at the end of the stream (an incomplete character decodes to U+FFFD)."""
-        return self._emit(final=True)
-
-    def _emit(self, final: bool) -> str:
-        decode = self._tokenizer.decode
-        context = decode(self._ids[self._prefix : self._read], skip_special_tokens=self._skip_special_tokens)
-        text = decode(self._ids[self._prefix :], skip_special_tokens=self._skip_special_tokens)
-        if len(text) <= len(context) or (text.endswith(_REPLACEMENT_CHAR) and not final):
-            return ""
-        self._prefix, self._read = self._read, len(self._ids)
-        return text[len(context) :]
 
 
 def check_text(text: str, what: str = "the text") -> None:

@@ -16,6 +16,7 @@ from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
 from quadapt.runtime.checkpoints import TokenizerFiles
 from quadapt.runtime.errors import CheckpointError, ConfigError, InvalidParameterError
+from quadapt.runtime.text_stream import IncrementalDetokenizer
 from quadapt.runtime.tokenizer import Tokenizer
 
 SMOLLM2_TEMPLATE = (
@@ -297,7 +298,7 @@ def test_from_dir_errors(chatml_dir, tmp_path):
 
 
 def stream(tokenizer: Tokenizer, ids: list[int], skip_special_tokens: bool = True) -> list[str]:
-    detokenizer = tokenizer.stream(skip_special_tokens=skip_special_tokens)
+    detokenizer = IncrementalDetokenizer(tokenizer, skip_special_tokens=skip_special_tokens)
     deltas = [detokenizer.add(i) for i in ids]
     return deltas + [detokenizer.finish()]
 
@@ -327,7 +328,7 @@ def test_incremental_detokenizer_flushes_an_unfinished_character(chatml_dir):
     ours = Tokenizer.from_dir(chatml_dir)
     ids = ours.encode("ok 🦀", add_special_tokens=False)
     cut = ids[:-1]  # the crab's last byte is missing
-    detokenizer = ours.stream()
+    detokenizer = IncrementalDetokenizer(ours)
     deltas = [detokenizer.add(i) for i in cut]
     assert "".join(deltas) == "ok" or "".join(deltas) == "ok "
     assert "".join(deltas) + detokenizer.finish() == ours.decode(cut)

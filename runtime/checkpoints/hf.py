@@ -19,7 +19,7 @@ from safetensors import SafetensorError, safe_open
 
 from ..config import read_config_json, read_json_object
 from ..errors import CheckpointError
-from .reader import TokenizerFiles
+from .reader import TokenizerFiles, read_tokenizer_files
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -151,33 +151,3 @@ class HFCheckpoint:
         for name, file in self._weight_map.items():
             if name not in self._shards[self.path / file]:
                 raise CheckpointError(f"the index puts {name!r} in {file!r}, but that shard does not hold it")
-
-
-def read_tokenizer_files(path: Path) -> TokenizerFiles | None:
-    """The tokenizer files of an HF directory, or None when it has no `tokenizer.json`.
-
-    A `chat_template.jinja` beside them takes priority over tokenizer_config's template, as in
-    transformers.
-
-    Raises:
-        CheckpointError: a JSON file is not valid JSON or not an object.
-    """
-    tokenizer = path / "tokenizer.json"
-    if not tokenizer.is_file():
-        return None
-    tokenizer_config = _read_json_or_empty(path / "tokenizer_config.json")
-    template = path / "chat_template.jinja"
-    if template.is_file():
-        tokenizer_config["chat_template"] = template.read_text(encoding="utf-8")
-    return TokenizerFiles(
-        tokenizer_json=tokenizer.read_text(encoding="utf-8"),
-        tokenizer_config=tokenizer_config,
-        generation_config=_read_json_or_empty(path / "generation_config.json"),
-    )
-
-
-def _read_json_or_empty(path: Path) -> dict[str, Any]:
-    """The JSON object in `path`, or {} when the file does not exist."""
-    if not path.is_file():
-        return {}
-    return read_json_object(path, CheckpointError, "; restore the file from the model repo")

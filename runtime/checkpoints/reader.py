@@ -3,7 +3,9 @@
 A reader streams tensors under their Hugging Face names (`model.layers.0.self_attn.q_proj.weight`),
 so the loader and every converter see one naming, whatever the file format. It does not build
 models or quantize anything. Picking a reader for a path is `open_checkpoint` (the package's
-`__init__`).
+`__init__`). `read_tokenizer_files` reads the HF tokenizer files of a directory (a checkpoint's
+or an ONNX export's). This file imports no torch (only an annotation names it), so the tokenizer
+and the edge runtime reach it where torch is not installed.
 """
 
 from __future__ import annotations
@@ -12,9 +14,13 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-import torch
+from ..config import read_json_object
+from ..errors import CheckpointError
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass
@@ -63,3 +69,33 @@ _DERIVED_KEY = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
 def is_derived_key(name: str) -> bool:
     """Whether checkpoint entry `name` is derived state (`...rotary_emb.inv_freq`), not a weight."""
     return _DERIVED_KEY.search(name) is not None
+
+
+def read_tokenizer_files(path: Path) -> TokenizerFiles | None:
+    """The tokenizer files of an HF directory, or None when it has no `tokenizer.json`.
+
+    A `chat_template.jinja` beside them takes priority over tokenizer_config's template, as in
+    transformers.
+
+    Raises:
+        CheckpointError: a JSON file is not valid JSON or not an object.
+    """
+    tokenizer = path / "tokenizer.json"
+    if not tokenizer.is_file():
+        return None
+    tokenizer_config = _read_json_or_empty(path / "tokenizer_config.json")
+    template = path / "chat_template.jinja"
+    if template.is_file():
+        tokenizer_config["chat_template"] = template.read_text(encoding="utf-8")
+    return TokenizerFiles(
+        tokenizer_json=tokenizer.read_text(encoding="utf-8"),
+        tokenizer_config=tokenizer_config,
+        generation_config=_read_json_or_empty(path / "generation_config.json"),
+    )
+
+
+def _read_json_or_empty(path: Path) -> dict[str, Any]:
+    """The JSON object in `path`, or {} when the file does not exist."""
+    if not path.is_file():
+        return {}
+    return read_json_object(path, CheckpointError, "; restore the file from the model repo")
