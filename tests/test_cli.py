@@ -292,3 +292,12 @@ def test_shared_flags_read_the_same_everywhere(capsys):
         assert convert[flag] == merge[flag], flag
     fetch = options("fetch-default")
     assert fetch["--out"] == convert["--out"] and fetch["--overwrite"] == convert["--overwrite"]
+
+
+@pytest.mark.parametrize("command", [["run-onnx", "/no/such/export"], ["client", "generate"]])
+def test_every_prompt_flag_set_refuses_a_system_message_without_chat(capsys, command):
+    # The same --prompt/--chat/--system checks as generate's, before anything loads or dials.
+    status, out, err = run(capsys, *command, "--prompt", "x", "--system", "be brief")
+    assert (status, out) == (2, "")
+    assert err.startswith("quadapt: error: --system is the system message") and "add --chat" in err
+    assert err.count("\n") == 1
