@@ -159,12 +159,17 @@ class _API:
                     last = delta
             return text, last.finish_reason, last.prompt_tokens, last.completion_tokens
 
-        try:
-            async with asyncio.TaskGroup() as group:  # one prompt failing cancels the others
-                tasks = [group.create_task(one(p)) for p in parsed.prompts]
-        except BaseExceptionGroup as e:
-            raise e.exceptions[0] from None  # answered as that error alone
-        results = [t.result() for t in tasks]
+        async def every() -> list[tuple[str, str | None, int, int]]:
+            try:
+                async with asyncio.TaskGroup() as group:  # one prompt failing cancels the others
+                    tasks = [group.create_task(one(p)) for p in parsed.prompts]
+            except BaseExceptionGroup as e:
+                raise e.exceptions[0] from None  # answered as that error alone
+            return [t.result() for t in tasks]
+
+        results = await _unless_disconnected(request, every())
+        if results is None:
+            return Response(status_code=499)  # nobody to answer; the requests were cancelled
         total = usage(sum(r[2] for r in results), sum(r[3] for r in results))
         return JSONResponse(completion(chat, rid, created, parsed.model, [(r[0], r[1]) for r in results], total))
 
@@ -265,6 +270,27 @@ class _EventStream(StreamingResponse):
             with anyio.CancelScope(shield=True):
                 await self.body_iterator.aclose()
                 await self._stack.aclose()  # aborts the request unless it finished: its blocks are freed
+
+
+async def _unless_disconnected(request: Any, work: Awaitable[Any]) -> Any:
+    """`await work`, cancelled (returning None) if the client disconnects first, as gRPC cancels
+    an RPC whose client went away: its requests are aborted and their cache blocks freed."""
+    task = asyncio.ensure_future(work)
+
+    async def watch() -> None:
+        while (await request.receive())["type"] != "http.disconnect":  # the body is read: this waits
+            pass
+        task.cancel()
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        return await task
+    except asyncio.CancelledError:
+        if watcher.done() and not watcher.cancelled():
+            return None
+        raise
+    finally:
+        watcher.cancel()
 
 
 def _string(body: Any, key: str) -> str:

@@ -9,7 +9,9 @@ seen by both at once; a client that leaves mid-stream must leave no cache block 
 
 from __future__ import annotations
 
+import http.client
 import json
+import socket
 import time
 import urllib.error
 import urllib.request
@@ -212,6 +214,15 @@ def test_a_client_leaving_mid_stream_frees_its_cache(sdk, served, throttle):
     wait_until(lambda: engine_idle(served.server.llm.engine), timeout=5, what="the stream's blocks to be freed")
     assert time.monotonic() - started < 2
     assert "quadapt_kv_cache_blocks_used 0.0" in _scrape(served)  # what an operator reads back
+
+    # Unstreamed too: the request is cancelled when its client goes, not run to its end.
+    connection = http.client.HTTPConnection("127.0.0.1", served.server.http_port, timeout=10)
+    body = {"model": "b", "prompt": "the quick brown", "max_tokens": 100, "ignore_eos": True}
+    connection.request("POST", "/v1/completions", json.dumps(body), {"Authorization": f"Bearer {USER}"})
+    wait_until(lambda: served.server.llm.engine.has_unfinished(), what="the request to run")
+    connection.sock.shutdown(socket.SHUT_RDWR)
+    connection.close()
+    wait_until(lambda: engine_idle(served.server.llm.engine), timeout=2, what="the unstreamed request's blocks")
 
 
 def _scrape(served) -> str:
