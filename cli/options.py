@@ -192,10 +192,11 @@ def sampling_options(*, server_defaults: bool = False) -> argparse.ArgumentParse
 
     options = argparse.ArgumentParser(add_help=False)
     group = options.add_argument_group("sampling")
+    # A client checks it here, as the wire reads 0 as "not set" (the server's default); locally,
+    # SamplingParams refuses it with the flag's name.
     group.add_argument(
-        # A client checks it here: the wire reads 0 as "not set", which would give the server's default.
-        "--max-new-tokens", type=positive_int if server_defaults else int, default=default("max_new_tokens"), metavar="N",
-        help=shown("max_new_tokens", "most tokens to generate"),
+        "--max-new-tokens", type=positive_int if server_defaults else int, default=default("max_new_tokens"),
+        metavar="N", help=shown("max_new_tokens", "most tokens to generate"),
     )
     group.add_argument(
         "--temperature", type=float, default=default("temperature"), metavar="T",

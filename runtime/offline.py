@@ -28,7 +28,9 @@ logger = logging.getLogger(__name__)
 REQUEST_KEYS = ("id", "prompt", "messages", "adapter")
 # The sampling settings a line may give, with their defaults: SamplingParams' fields and defaults
 # (stop_token_ids is the library's only).
-LINE_DEFAULTS: dict[str, object] = {name: value for name, value in SAMPLING_DEFAULTS.items() if name != "stop_token_ids"}
+LINE_DEFAULTS: dict[str, object] = {
+    name: value for name, value in SAMPLING_DEFAULTS.items() if name != "stop_token_ids"
+}
 _JSON_TYPES = {dict: "an object", list: "an array", str: "a string", int: "a number", float: "a number", bool: "a boolean"}
 
 
