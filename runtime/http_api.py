@@ -98,7 +98,9 @@ class _API:
         async def endpoint(request: Any) -> Any:
             who = _who(request)
             try:
-                server.check_token([("authorization", request.headers.get("authorization", ""))], admin=admin)
+                # Starlette decodes headers as latin-1: give back the bytes sent, read as the tokens are (UTF-8).
+                header = request.headers.get("authorization", "").encode("latin-1").decode("utf-8", "replace")
+                server.check_token([("authorization", header)], admin=admin)
                 if not any_state:
                     server.check_serving()
                 body = await self._body(request) if request.method == "POST" else None
@@ -149,7 +151,7 @@ class _API:
         created = int(time.time())
         who = _who(request)
         if parsed.stream:
-            return await _stream(server, parsed, chat, rid, created, who)
+            return await _stream(server, request, parsed, chat, rid, created, who)
 
         async def one(prompt: Any) -> tuple[str, str | None, int, int]:
             text, last = "", None
@@ -206,7 +208,8 @@ class _API:
         return Response(encoder(self.server.metrics.registry), media_type=content_type)
 
 
-async def _stream(server: Any, parsed: ParsedRequest, chat: bool, rid: str, created: int, who: str) -> Any:
+async def _stream(server: Any, request: Any, parsed: ParsedRequest, chat: bool, rid: str, created: int,
+                  who: str) -> Any:
     """Admit the request and wait for its first delta, so that a refusal still gets its status;
     then stream the rest as Server-Sent Events."""
     stack = contextlib.AsyncExitStack()
@@ -214,10 +217,13 @@ async def _stream(server: Any, parsed: ParsedRequest, chat: bool, rid: str, crea
         generation = await stack.enter_async_context(
             server.generation(parsed.prompts[0], parsed.params, parsed.adapter, who=who))
         deltas = generation.__aiter__()
-        first = await deltas.__anext__()
+        first = await _unless_disconnected(request, deltas.__anext__())  # the prefill: seconds under load
     except BaseException:
         await stack.aclose()
         raise
+    if first is None:
+        await stack.aclose()
+        return Response(status_code=499)  # nobody to answer; the request was cancelled
 
     def event(data: Any) -> bytes:
         return b"data: " + json.dumps(data, separators=(",", ":")).encode() + b"\n\n"
@@ -241,6 +247,9 @@ async def _stream(server: Any, parsed: ParsedRequest, chat: bool, rid: str, crea
         except (QuadaptError, Refusal) as e:  # after the headers: the error goes in the stream
             status, type_, param, code = _describe(e)
             yield event(error_body(str(e), type_, param, code))
+        except Exception:
+            logger.exception("%s: the stream failed", who)
+            yield event(error_body("internal error while streaming; the server log has the details", "server_error"))
         yield b"data: [DONE]\n\n"
 
     return _EventStream(events(), stack)

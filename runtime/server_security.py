@@ -1,4 +1,4 @@
-"""What the gRPC server checks before it acts: bearer tokens, adapter paths, TLS credentials.
+"""What the server checks before it acts, on either door: bearer tokens, adapter paths, TLS credentials.
 
 - `authorize`: a request's `authorization: Bearer <token>` against the user and admin tokens,
   each compared in constant time (`hmac.compare_digest`); the admin token passes wherever the
@@ -39,11 +39,13 @@ def authorize(metadata: Sequence[tuple[str, Any]] | None, token: str | None, adm
     """Check a request's bearer token.
 
     Args:
-        metadata: the request's invocation metadata.
+        metadata: the request's invocation metadata (gRPC), or its `authorization` header as
+            `[("authorization", value)]` (HTTP).
         token: the user token every RPC needs; None: none needed.
         admin_token: the token admin RPCs need (and which passes everywhere); None: admin RPCs
             take `token`.
-        admin: the request is an admin RPC (LoadAdapter, UnloadAdapter).
+        admin: the request loads or unloads an adapter (LoadAdapter, UnloadAdapter, and their
+            HTTP routes).
 
     Raises:
         Refusal: UNAUTHENTICATED for a missing or wrong token; PERMISSION_DENIED for the user
@@ -59,11 +61,13 @@ def authorize(metadata: Sequence[tuple[str, Any]] | None, token: str | None, adm
         if is_admin:
             return
         if is_user:
-            raise Refusal(grpc.StatusCode.PERMISSION_DENIED, "LoadAdapter and UnloadAdapter need the admin token")
+            raise Refusal(grpc.StatusCode.PERMISSION_DENIED, "loading and unloading adapters (LoadAdapter, UnloadAdapter, "
+                                                             "/v1/load_lora_adapter, /v1/unload_lora_adapter) need the admin token")
         raise Refusal(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong admin token; send 'authorization: Bearer <token>'")
     if token is None or is_user or is_admin:
         return
-    raise Refusal(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong token; send metadata 'authorization: Bearer <token>'")
+    raise Refusal(grpc.StatusCode.UNAUTHENTICATED,
+                  "missing or wrong token; send 'authorization: Bearer <token>' (gRPC metadata, or an HTTP header)")
 
 
 def resolve_adapter_path(path: str, allowed: Sequence[Path]) -> Path:

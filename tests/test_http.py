@@ -21,6 +21,7 @@ import pytest
 from peft import LoraConfig
 
 from quadapt.runtime.async_llm import AsyncLLM
+from quadapt.runtime.client import ServerError
 from quadapt.runtime.server import ServerConfig
 
 from .test_adapters import make_peft_adapter
@@ -174,6 +175,33 @@ def test_errors_reach_the_sdk_as_its_types(sdk, served):
             urllib.request.urlopen(request, timeout=10)
         body = json.loads(e.value.read())
         assert e.value.code == status and set(body["error"]) == {"message", "type", "param", "code"}, (path, body)
+
+
+@pytest.mark.parametrize("fields", [
+    {"messages": [{"role": "user", "content": "x"}] * 1025},
+    {"messages": [{"role": "", "content": "x"}]},
+    {"stop": ["x"] * 17},
+    {"stop": ["x" * 257]},
+    {"temperature": -1.0},
+    {"top_p": 0.0},
+    {"repetition_penalty": 1000.0},
+    {"max_tokens": 0},
+    {"prompt": "x" * 10_000},
+], ids=lambda f: next(iter(f)))
+def test_a_hostile_request_is_refused_the_same_way_on_both_doors(fields, sdk, grpc_client):
+    """The same checks, in the same order, with the same message: both doors share them."""
+    grpc_fields = {("max_new_tokens" if k == "max_tokens" else k): v for k, v in fields.items()}
+    if "prompt" not in fields:
+        grpc_fields.setdefault("messages", HELLO)
+    with pytest.raises(ServerError) as by_grpc:
+        grpc_client.generate(**grpc_fields)
+    body = {"model": BASE_ID, "messages": HELLO, **fields}
+    if "prompt" in body:
+        body.pop("messages")
+    with pytest.raises(openai.BadRequestError) as by_http:
+        sdk.post("/completions" if "prompt" in body else "/chat/completions", body=body, cast_to=object)
+    assert by_grpc.value.code == "INVALID_ARGUMENT"
+    assert by_http.value.body["message"] == by_grpc.value.details
 
 
 def test_adapters_loaded_through_either_door_are_seen_by_both(sdk, admin, served, base, adapter_root):
