@@ -15,7 +15,6 @@ tokenizer) serve every front door.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -198,7 +197,7 @@ def load(
             activations; quantized weights stay packed.
         device: where the model lives.
         threads: CPU threads for torch (a process-wide setting, as `--threads` in the CLI);
-            None: `default_threads()`, half the cores.
+            None: `engine_args.default_threads()`, half the cores (see there why).
         kv_cache_bytes: memory for the engine's KV cache; it bounds prompt + output tokens.
 
     Returns:
@@ -216,7 +215,7 @@ def load(
     adapters = {} if adapter is None else {LoadedModel._ADAPTER: str(adapter)}
     args = EngineArgs(
         model=str(path), adapters=adapters, dtype=str(torch_dtype).removeprefix("torch."), device=str(device),
-        threads=default_threads() if threads is None else threads, kv_cache_bytes=kv_cache_bytes,
+        threads=threads, kv_cache_bytes=kv_cache_bytes,
         max_loras=1 if adapters else 0,
     )
     try:
@@ -230,18 +229,6 @@ def load(
         LLM.from_engine(engine, tokenizer, checkpoint), checkpoint,
         adapter=None if adapter is None else Path(adapter).expanduser(),
     )
-
-
-def default_threads() -> int:
-    """The CPU threads `load` gives torch when not told: half the cores this process may use
-    (at least 1). With every core, torch's threads wait on one another at each op, and one
-    competing busy process stalls every step; with half, decoding stays near its best alone
-    and degrades gently beside another busy process (`docs/engine.md` has the measurements)."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
-    return max(1, cores // 2)
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:

@@ -14,6 +14,7 @@ without loading torch for `--help`.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -65,7 +66,8 @@ class EngineArgs:
         adapters: PEFT adapter directories to load at start, by the name requests use.
         dtype: the weights' and activations' float type.
         device: "cpu", "cuda", ...
-        threads: CPU threads for torch (None: torch's choice).
+        threads: CPU threads for torch (a process-wide setting); None: `default_threads()`,
+            half the cores this process may use.
         kv_cache_bytes: memory for the paged KV cache; it sets how many blocks there are.
         block_size: positions per cache block.
         max_num_seqs: the most requests running at once.
@@ -107,6 +109,24 @@ class EngineArgs:
         EngineConfig(self.max_num_seqs, self.max_num_batched_tokens, self.max_loras or 0, self.max_lora_rank or 1)
 
 
+def default_threads() -> int:
+    """The CPU threads an engine gives torch when not told: half the cores this process may use,
+    at least 1.
+
+    torch's own choice (every core) collapses as soon as another process competes for the
+    cores: its threads meet at a barrier after every op, and one descheduled thread stalls the
+    rest. On a shared 2-core machine (load average near 9), 32 greedy tokens of SmolLM2-135M
+    through `quadapt.load` decoded at 5.7 tok/s with 1 thread and 1.1 with 2; beside one more
+    CPU-bound process, 2.6 and 0.8 (`docs/engine.md`). Half the cores keeps most of the speed of all of them when the
+    machine is idle and degrades gently when it is not.
+    """
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, cores // 2)
+
+
 def build_engine(args: EngineArgs) -> tuple[Engine, Tokenizer, Path]:
     """Load `args.model` behind a batching engine with its start-up adapters.
 
@@ -140,8 +160,7 @@ def build_engine(args: EngineArgs) -> tuple[Engine, Tokenizer, Path]:
         rank = max([MIN_LORA_RANK, *(a.max_rank for a in adapters.values())])
     slots = max(MIN_LORA_SLOTS, len(adapters)) if args.max_loras is None else args.max_loras
     config = EngineConfig(args.max_num_seqs, args.max_num_batched_tokens, slots, rank)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads if args.threads is not None else default_threads())
     model = load_model(reader, dtype=getattr(torch, args.dtype), device=args.device)
     try:
         engine = Engine.for_model(

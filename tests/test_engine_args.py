@@ -100,3 +100,23 @@ def test_engine_args_imports_without_torch():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/", timeout=120)
     assert result.returncode == 0, result.stderr
+
+
+def test_threads_default_to_half_the_cores(base, monkeypatch):
+    import os
+
+    import torch
+
+    from quadapt.runtime.engine_args import default_threads
+
+    assert default_threads() == max(1, len(os.sched_getaffinity(0)) // 2)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
+    assert default_threads() == 8
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
+    assert default_threads() == 1
+    before = torch.get_num_threads()
+    try:
+        build_engine(EngineArgs(model=str(base), kv_cache_bytes=KV))
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
