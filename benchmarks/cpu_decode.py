@@ -179,10 +179,10 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
 
-    from quadapt.runtime.edge.text import EdgeTokenizer
+    from quadapt.runtime.tokenizer import Tokenizer
 
     models = build(args)
-    tokenizer = EdgeTokenizer(models["quadapt edge int4"])
+    tokenizer = Tokenizer.from_dir(models["quadapt edge int4"])
     chat = tokenizer.encode(CHAT, add_special_tokens=False)
     long_prompt = tokenizer.encode((DATA / "coriolanus_eval.txt").read_text())[: args.prefill_tokens]
     assert len(long_prompt) == args.prefill_tokens, len(long_prompt)

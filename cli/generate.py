@@ -126,7 +126,7 @@ def _eval_ppl_export(args: argparse.Namespace, text: str) -> int:
     try:
         from ..runtime.edge.model import EdgeModel
         from ..runtime.edge.perplexity import perplexity, window_and_stride
-        from ..runtime.edge.text import EdgeTokenizer
+        from ..runtime.tokenizer import Tokenizer
     except ImportError as error:
         raise QuadaptError(
             f"{args.model!r} is an ONNX export, and scoring it needs onnxruntime ({error}); "
@@ -137,7 +137,7 @@ def _eval_ppl_export(args: argparse.Namespace, text: str) -> int:
             f"--dtype {args.dtype} does not apply to an ONNX export, which computes as it was exported; drop --dtype"
         )
     model = EdgeModel(args.model, threads=args.threads)
-    ids = EdgeTokenizer(args.model).encode(text)
+    ids = Tokenizer.from_dir(args.model).encode(text)
     value = perplexity(model, ids, window=args.window, stride=args.stride)
     window, stride = window_and_stride(model, args.window, args.stride)
     print(f"tokens: {len(ids) - 1} (window {window}, stride {stride})")

@@ -84,15 +84,15 @@ def _export_onnx(args: argparse.Namespace) -> int:
 def _run_onnx(args: argparse.Namespace) -> int:
     from ..runtime.edge.generate import generate_text
     from ..runtime.edge.model import EdgeModel
-    from ..runtime.edge.sampling import SamplingParams
-    from ..runtime.edge.text import EdgeTokenizer
+    from ..runtime.sampling_params import SamplingParams
+    from ..runtime.tokenizer import Tokenizer
 
     prompt = prompt_of(args)  # every check on what was typed runs before the model loads
     params = SamplingParams(**sampling_settings(args))
     model = EdgeModel(args.model, threads=args.threads)
     model.adapter_inputs(args.adapter)  # an unknown adapter fails before any work
-    tokenizer = EdgeTokenizer(model.manifest.path)
-    ids = tokenizer.encode(prompt) if isinstance(prompt, str) else tokenizer.encode_chat(prompt)
+    tokenizer = Tokenizer.from_dir(model.manifest.path)
+    ids = tokenizer.encode_prompt(prompt)
     for delta in generate_text(model, tokenizer, ids, params, args.adapter):
         sys.stdout.write(delta)
         sys.stdout.flush()

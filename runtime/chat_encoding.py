@@ -25,7 +25,7 @@ Known limit: a template that builds a control token around a string (Phi-3's
 `'<|' + role + '|>'`) writes the token its role names; roles are the API's to restrict.
 
 This module is torch-free (the edge runtime shares it). It does not choose the template
-(`tokenizer.py` and `edge/text.py` do) and does not render it (`chat_template.py` does).
+(`tokenizer.py` does) and does not render it (`chat_template.py` does).
 """
 
 from __future__ import annotations

@@ -5,7 +5,8 @@ until eos, a stop token, `max_new_tokens` or the model's context. It sees token 
 `generate_text` runs those ids through a `TextStream` (text_stream.py), which does the text
 work: incremental detokenization and stop strings. Both return a `Generation`, an iterator whose
 `result` tells the caller, once the iterator is exhausted, why it finished and how many tokens
-it used.
+it used. The loop, its stop checks and the result types are `generation.py`'s, torch-free and
+shared with the edge runtime; this file adds the torch model, its cache and torch sampling.
 
 This is the yardstick for the batching engine, which must produce the same tokens for the same
 seed; it does not batch, schedule, or share a cache between requests, and it holds no text
@@ -15,21 +16,17 @@ logic of its own.
 from __future__ import annotations
 
 from collections.abc import Generator, Iterator
-from dataclasses import dataclass
-from typing import Generic, Literal, Protocol, TypeVar
+from typing import Protocol
 
 import torch
 from torch import nn
 
 from .config import ModelConfig
-from .errors import ContextLengthError, InvalidParameterError
+from .errors import InvalidParameterError
+from .generation import Generation, GenerationResult, check_prompt_ids, decode_loop, text_loop
 from .kv_cache import KVCache
 from .sampling import SamplingParams, sample
-from .text_stream import TextStream
 from .tokenizer import Tokenizer
-
-FinishReason = Literal["stop", "length"]
-T = TypeVar("T")
 
 
 class LanguageModel(Protocol):
@@ -42,51 +39,6 @@ class LanguageModel(Protocol):
     def __call__(self, input_ids: torch.Tensor, cache: KVCache | None = None, *, logits_to_keep: int = 0) -> torch.Tensor: ...
 
     def parameters(self) -> Iterator[nn.Parameter]: ...
-
-
-@dataclass
-class GenerationResult:
-    """How a generation went; filled in while it runs.
-
-    Attributes:
-        prompt_tokens: tokens in the prompt.
-        completion_tokens: tokens sampled, counting a final eos or stop token (which is never
-            output), as OpenAI-style usage counts them.
-        finish_reason: "stop" (eos, a stop token or a stop string) or "length"
-            (`max_new_tokens` or the model's context); None until the output is exhausted, and
-            stays None if the caller stops early.
-        stop_reason: the eos/stop token id or the stop string that ended it, else None.
-        context_full: True when it finished with "length" because the prompt and output filled
-            the model's context before `max_new_tokens` was reached, so the output is shorter
-            than asked; False otherwise (including when both limits fall on the same token).
-    """
-
-    prompt_tokens: int
-    completion_tokens: int = 0
-    finish_reason: FinishReason | None = None
-    stop_reason: int | str | None = None
-    context_full: bool = False
-
-
-class Generation(Iterator[T], Generic[T]):
-    """A running generation: iterate it for the output, read `result` for how it ended.
-
-    Iterating runs the model; `close()` (or dropping it) ends generation early and frees the cache.
-    """
-
-    def __init__(self, outputs: Generator[T, None, None], result: GenerationResult) -> None:
-        self._outputs = outputs
-        self.result = result
-
-    def __iter__(self) -> Generation[T]:
-        return self
-
-    def __next__(self) -> T:
-        return next(self._outputs)
-
-    def close(self) -> None:
-        """Stop generating; `result` keeps what was counted so far."""
-        self._outputs.close()
 
 
 def generate_ids(
@@ -117,29 +69,13 @@ def generate_ids(
         ContextLengthError: the prompt leaves no room in the context for even one new token.
     """
     config = model.config
-    context = config.max_position_embeddings
-    prompt = [int(t) for t in prompt_ids]
-    if not prompt:
-        raise InvalidParameterError(
-            "prompt_ids is empty; the model needs at least one token to condition on (e.g. the BOS token)"
-        )
-    bad = [t for t in prompt if not 0 <= t < config.vocab_size]
-    if bad:
-        raise InvalidParameterError(
-            f"prompt ids {bad[:5]} are outside the model's vocabulary [0, {config.vocab_size}); "
-            "encode the prompt with this model's tokenizer"
-        )
-    if len(prompt) >= context:
-        raise ContextLengthError(
-            f"the prompt has {len(prompt)} tokens but the model's context is {context}, which leaves no room "
-            f"for output; shorten the prompt to at most {context - 1} tokens"
-        )
+    prompt = check_prompt_ids(prompt_ids, config.vocab_size, config.max_position_embeddings)
     weight = _first_float_parameter(model)
     result = GenerationResult(prompt_tokens=len(prompt))
-    return Generation(_decode_loop(model, weight, prompt, params, set(eos_token_ids), result), result)
+    return Generation(_torch_loop(model, weight, prompt, params, set(eos_token_ids), result), result)
 
 
-def _decode_loop(
+def _torch_loop(
     model: LanguageModel,
     weight: torch.Tensor,
     prompt: list[int],
@@ -147,6 +83,7 @@ def _decode_loop(
     eos_token_ids: set[int],
     result: GenerationResult,
 ) -> Generator[int, None, None]:
+    """`decode_loop` over a `KVCache` and torch sampling; the cache is allocated on the first step."""
     config = model.config
     context = config.max_position_embeddings
     device = weight.device  # the cache takes the model's float dtype and device
@@ -162,27 +99,17 @@ def _decode_loop(
         generator.seed()
     else:
         generator.manual_seed(params.seed)
-    stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else eos_token_ids)
-    seen = list(prompt)  # what the repetition penalty looks at: prompt and output
-    step_ids = torch.tensor([prompt], dtype=torch.long, device=device)  # [1, T]
-    while True:
-        # Per step, not around the loop: a mode held across `yield` would leak into the caller.
-        with torch.inference_mode():
-            logits = model(step_ids, cache=cache, logits_to_keep=1)[0, -1]  # [V]
-            token = sample(logits, params, generator, seen)
-        result.completion_tokens += 1
-        if token in stop_ids:
-            result.finish_reason, result.stop_reason = "stop", token
-            return
-        yield token
-        seen.append(token)
-        if result.completion_tokens >= params.max_new_tokens:
-            result.finish_reason = "length"
-            return
-        if len(seen) >= context:
-            result.finish_reason, result.context_full = "length", True
-            return
-        step_ids = torch.tensor([[token]], dtype=torch.long, device=device)
+
+    # Per step, not around the loop: a mode held across `yield` would leak into the caller.
+    @torch.inference_mode()
+    def forward(ids: list[int]) -> torch.Tensor:
+        return model(torch.tensor([ids], dtype=torch.long, device=device), cache=cache, logits_to_keep=1)[0, -1]
+
+    @torch.inference_mode()
+    def pick(logits: torch.Tensor, seen: list[int]) -> int:
+        return sample(logits, params, generator, seen)
+
+    yield from decode_loop(forward, pick, prompt, params, eos_token_ids, result, context)
 
 
 def _first_float_parameter(model: LanguageModel) -> torch.Tensor:
@@ -221,28 +148,4 @@ def generate_text(
         InvalidParameterError, ContextLengthError: as `generate_ids`.
     """
     ids = generate_ids(model, prompt_ids, params, tokenizer.eos_token_ids)
-    return Generation(_text_loop(ids, TextStream(tokenizer, params.stop)), ids.result)
-
-
-def _text_loop(ids: Generation[int], stream: TextStream) -> Generator[str, None, None]:
-    try:
-        for token in ids:
-            text, stop = stream.feed(token)
-            if text:
-                yield text
-            if stop is not None:
-                _stopped_at(ids.result, stop)
-                return
-        text, stop = stream.finish()
-        if text:
-            yield text
-        if stop is not None:
-            _stopped_at(ids.result, stop)
-    finally:
-        ids.close()
-
-
-def _stopped_at(result: GenerationResult, stop: str) -> None:
-    # A stop string completed by the last token cuts the output, so even if the id loop had
-    # already ended on a length limit, the text ended at the stop string and nothing was lost.
-    result.finish_reason, result.stop_reason, result.context_full = "stop", stop, False
+    return text_loop(ids, tokenizer, params.stop)

@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 import tokenizers
 
-from quadapt.runtime.edge.text import EdgeTokenizer
 from quadapt.runtime.errors import InvalidParameterError
 from quadapt.runtime.tokenizer import Tokenizer
 
@@ -104,9 +103,10 @@ def test_normal_content_encodes_as_before_and_as_transformers(ours, chatml_dir, 
 
 
 def test_edge_tokenizer_gives_the_same_ids(ours, chatml_dir):
-    edge = EdgeTokenizer(chatml_dir)
+    edge = Tokenizer.from_dir(chatml_dir)  # as the edge runtime reads an export's folder
     for messages in (EVIL, HARMLESS, EDGES, *MESSAGES):
         assert edge.encode_chat(messages) == ours.encode_chat(messages)
+        assert edge.encode_prompt(messages) == ours.encode_chat(messages)
     with pytest.raises(InvalidParameterError, match="cannot be kept as plain text"):
         edge._chat.encode(SPLIT_TEMPLATE, EVIL, True)
 

@@ -25,7 +25,6 @@ from quadapt.runtime.adapters import apply_adapter
 from quadapt.runtime.edge import sampling as edge_sampling
 from quadapt.runtime.edge.generate import generate_ids, generate_text
 from quadapt.runtime.edge.model import EdgeModel
-from quadapt.runtime.edge.text import EdgeTokenizer
 from quadapt.runtime.errors import (
     AdapterError,
     CheckpointError,
@@ -35,6 +34,7 @@ from quadapt.runtime.errors import (
 from quadapt.runtime.generate import generate_ids as torch_generate_ids
 from quadapt.runtime.generate import generate_text as torch_generate_text
 from quadapt.runtime.loader import load_model
+from quadapt.runtime.sampling_params import SamplingParams
 from quadapt.runtime.tokenizer import Tokenizer
 
 from .test_adapters import make_peft_adapter
@@ -84,14 +84,14 @@ def torch_greedy(checkpoint: Path, ids: list[int], adapter: Path | None = None) 
 
 def test_greedy_equals_torch_runtime_with_and_without_adapters(tiny):
     checkpoint, export, adapters = tiny
-    model, tokenizer = EdgeModel(export), EdgeTokenizer(export)
+    model, tokenizer = EdgeModel(export), Tokenizer.from_dir(export)
     ids = tokenizer.encode("the sea is calm tonight")
     for name in (None, "a", "b", None):
         expected = torch_greedy(checkpoint, ids, adapters.get(name))
-        actual = list(generate_ids(model, ids, edge_sampling.SamplingParams(**GREEDY), tokenizer.eos_token_ids, name))
+        actual = list(generate_ids(model, ids, SamplingParams(**GREEDY), tokenizer.eos_token_ids, name))
         assert len(actual) == 40 and actual == expected, name
     # Negative control: the adapters change the output.
-    outputs = {name: list(generate_ids(model, ids, edge_sampling.SamplingParams(**GREEDY), set(), name)) for name in (None, "a", "b")}
+    outputs = {name: list(generate_ids(model, ids, SamplingParams(**GREEDY), set(), name)) for name in (None, "a", "b")}
     assert outputs[None] != outputs["a"] and outputs[None] != outputs["b"]
 
 
@@ -123,7 +123,7 @@ def test_switching_adapters_reloads_nothing(tiny, monkeypatch):
     monkeypatch.setattr(ort.AdapterFormat, "read_adapter", staticmethod(counting_read))
     model = EdgeModel(export)
     assert (len(sessions), len(adapters)) == (1, 2)
-    params = edge_sampling.SamplingParams(temperature=0, max_new_tokens=4)
+    params = SamplingParams(temperature=0, max_new_tokens=4)
     for name in ("a", "b", None, "b", "a"):
         list(generate_ids(model, [5, 6, 7], params, set(), name))
     assert (len(sessions), len(adapters)) == (1, 2)
@@ -137,16 +137,16 @@ def test_text_and_stop_strings_equal_torch_runtime(tiny):
     stop = full[len(full) // 2 : len(full) // 2 + 2]
     for stops in ([], [stop]):
         expected = torch_generate_text(load_model(checkpoint), tokenizer, ids, torch_sampling.SamplingParams(**GREEDY, stop=stops))
-        actual = generate_text(EdgeModel(export), EdgeTokenizer(export), ids, edge_sampling.SamplingParams(**GREEDY, stop=stops))
+        actual = generate_text(EdgeModel(export), Tokenizer.from_dir(export), ids, SamplingParams(**GREEDY, stop=stops))
         assert "".join(actual) == "".join(expected)
         assert (actual.result.finish_reason, actual.result.stop_reason, actual.result.completion_tokens) == (
             expected.result.finish_reason, expected.result.stop_reason, expected.result.completion_tokens,
         )
 
 
-def test_edge_tokenizer_equals_runtime_tokenizer(tiny):
+def test_export_tokenizer_equals_checkpoint_tokenizer(tiny):
     checkpoint, export, _ = tiny
-    ours, edge = Tokenizer.from_dir(checkpoint), EdgeTokenizer(export)
+    ours, edge = Tokenizer.from_dir(checkpoint), Tokenizer.from_dir(export)
     text = "Hello <|im_start|>the sea, café! <|im_end|>"
     assert edge.encode(text) == ours.encode(text)
     ids = ours.encode(text)
@@ -169,17 +169,17 @@ def test_numpy_sampling_equals_torch_sampling():
         np.testing.assert_array_equal(
             np.isinf(edge_sampling.apply_top_p(logits, p)), np.isinf(torch_sampling.apply_top_p(t, p).numpy())
         )
-    greedy = edge_sampling.SamplingParams(temperature=0, repetition_penalty=1.3)
+    greedy = SamplingParams(temperature=0, repetition_penalty=1.3)
     assert edge_sampling.sample(logits, greedy, rng, prev) == torch_sampling.sample(
         t, torch_sampling.SamplingParams(temperature=0, repetition_penalty=1.3), torch.Generator(), prev
     )
     # Sampled: only the kept tokens are ever drawn, and a seed reproduces the draws.
-    params = edge_sampling.SamplingParams(temperature=0.8, top_k=5, seed=3)
+    params = SamplingParams(temperature=0.8, top_k=5, seed=3)
     draws = [edge_sampling.sample(logits, params, np.random.default_rng(3)) for _ in range(3)]
     kept = set(np.argsort(logits)[-5:].tolist())
     assert len(set(draws)) == 1 and draws[0] in kept
     with pytest.raises(InvalidParameterError, match="top_p"):
-        edge_sampling.SamplingParams(top_p=0)
+        SamplingParams(top_p=0)
 
 
 def test_clear_errors(tiny, tmp_path):
@@ -188,9 +188,9 @@ def test_clear_errors(tiny, tmp_path):
         EdgeModel(checkpoint)
     model = EdgeModel(export)
     with pytest.raises(InvalidParameterError, match="unknown adapter 'c'.*a, b"):
-        list(generate_ids(model, [1, 2], edge_sampling.SamplingParams(max_new_tokens=2), set(), "c"))
+        list(generate_ids(model, [1, 2], SamplingParams(max_new_tokens=2), set(), "c"))
     with pytest.raises(ContextLengthError, match="shorten the prompt"):
-        generate_ids(model, [1] * 256, edge_sampling.SamplingParams(max_new_tokens=2), set())
+        generate_ids(model, [1] * 256, SamplingParams(max_new_tokens=2), set())
     # An adapter file of another base (other shapes), put into this export.
     hf_dir = make_base(tmp_path / "other", intermediate_size=96)
     foreign = make_peft_adapter(hf_dir, tmp_path / "foreign", r=2, target_modules=["down_proj"])
@@ -209,11 +209,11 @@ def test_clear_errors(tiny, tmp_path):
 
 def test_cli_runs_export_and_reports_errors(tiny, capsys):
     checkpoint, export, _ = tiny
-    tokenizer = EdgeTokenizer(export)
+    tokenizer = Tokenizer.from_dir(export)
     status = main(["run-onnx", str(export), "--prompt", "the sea", "--max-new-tokens", "8", "--ignore-eos", "--adapter", "a"])
     out = capsys.readouterr().out
     model = EdgeModel(export)
-    expected = "".join(generate_text(model, tokenizer, tokenizer.encode("the sea"), edge_sampling.SamplingParams(temperature=0, max_new_tokens=8, ignore_eos=True), "a"))
+    expected = "".join(generate_text(model, tokenizer, tokenizer.encode("the sea"), SamplingParams(temperature=0, max_new_tokens=8, ignore_eos=True), "a"))
     assert status == 0 and out == expected + "\n"
     assert main(["run-onnx", str(export), "--prompt", "x", "--adapter", "nope"]) == 2
     assert "unknown adapter 'nope'" in capsys.readouterr().err
@@ -263,7 +263,7 @@ def test_smollm2_int4_greedy_equals_torch_runtime(smollm2_int4, tmp_path):
     ids = tokenizer.encode(tokenizer.apply_chat_template(messages), add_special_tokens=False)
     params = {"temperature": 0, "max_new_tokens": 32, "ignore_eos": True}
     expected = list(torch_generate_ids(load_model(smollm2_int4), ids, torch_sampling.SamplingParams(**params), set()))
-    actual = list(generate_ids(EdgeModel(export), ids, edge_sampling.SamplingParams(**params), set()))
+    actual = list(generate_ids(EdgeModel(export), ids, SamplingParams(**params), set()))
     assert actual == expected
 
 

@@ -56,10 +56,10 @@ def test_export_runs_without_torch(tiny, tmp_path):  # noqa: F811
     # The same text as the edge runtime here (where torch is installed but unused).
     from quadapt.runtime.edge.generate import generate_text
     from quadapt.runtime.edge.model import EdgeModel
-    from quadapt.runtime.edge.sampling import SamplingParams
-    from quadapt.runtime.edge.text import EdgeTokenizer
+    from quadapt.runtime.sampling_params import SamplingParams
+    from quadapt.runtime.tokenizer import Tokenizer
 
-    tokenizer = EdgeTokenizer(export)
+    tokenizer = Tokenizer.from_dir(export)
     ids = tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": "the sea"}]), add_special_tokens=False)
     expected = "".join(generate_text(EdgeModel(export), tokenizer, ids, SamplingParams(temperature=0, max_new_tokens=6, ignore_eos=True), "b"))
     assert done.stdout == expected + "\n"

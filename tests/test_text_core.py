@@ -20,6 +20,7 @@ TEXT_CORE = [
     "quadapt.runtime.chat_encoding",
     "quadapt.runtime.text_stream",
     "quadapt.runtime.sampling_params",
+    "quadapt.runtime.generation",
     "quadapt.runtime.checkpoints",
     "quadapt.runtime.checkpoints.reader",
     "quadapt.runtime.checkpoints.gguf_tokenizer",

@@ -1,10 +1,12 @@
 """The torch-free edge runtime: ONNX exports (`quadapt export-onnx`) run by onnxruntime alone.
 
 `model.EdgeModel` opens an export (one session, its adapters, KV buffers bound in place),
-`text.EdgeTokenizer` its tokenizer and chat template, `generate.generate_text` / `generate_ids`
-the reference generator's loop, `sampling` its processors in numpy, `perplexity` its scoring.
-Every module here imports only numpy, onnxruntime, tokenizers, jinja2 and torch-free quadapt
-modules (errors, chat_template, chat_encoding); `command.py` is `quadapt run-onnx`. Nothing here exports a model.
+`generate.generate_text` / `generate_ids` run the reference generator's shared loop
+(`runtime.generation`) over it, `sampling` holds the processors in numpy over the shared
+`SamplingParams`, `perplexity` its scoring. The text is the runtime's own torch-free core: read an
+export's tokenizer with `runtime.tokenizer.Tokenizer.from_dir(export)` and its prompts with
+`encode_prompt`. Every module here imports only numpy, onnxruntime, tokenizers, jinja2 and
+torch-free quadapt modules. Nothing here exports a model.
 This file imports nothing, so its names can be read where onnxruntime is not installed.
 """
 

@@ -1,56 +1,25 @@
-"""Generation at the edge: the reference generator's loop and stop conditions over an `EdgeModel`.
+"""Generation at the edge: the reference generator's loop (`runtime.generation`) over an `EdgeModel`.
 
 `generate_ids` prefills the prompt, then feeds back one sampled token per step until eos, a stop
-token, `max_new_tokens` or the context, exactly as `runtime.generate.generate_ids` does (the same
-order of checks, the same counting); `generate_text` streams the output as text cut at stop
-strings. Both return a `Generation` whose `result` says how it ended. Greedy steps touch no
-random generator and copy nothing but the token id; sampling works on the logits view in numpy.
+token, `max_new_tokens` or the context: the loop, its stop checks and its counting are the ones
+`runtime.generate.generate_ids` runs, shared, so the two stop on the same token; `generate_text`
+streams the output as text cut at stop strings through the shared `TextStream`. Both return a
+`Generation` whose `result` says how it ended. Greedy steps touch no random generator and copy
+nothing but the token id; sampling works on the logits view in numpy (`sampling.py`).
 
-This is the edge's generator and only that: no batching, no server, no torch.
+This file only binds the onnxruntime sequence and the numpy sampler to that loop: no batching,
+no server, no torch.
 """
 
 from __future__ import annotations
 
-from collections.abc import Generator, Iterator
-from dataclasses import dataclass
-from typing import Generic, Literal, TypeVar
-
 import numpy as np
 
-from ..errors import ContextLengthError
-from .model import EdgeModel
-from .sampling import SamplingParams, sample
-from .text import EdgeTokenizer, OutputText
-
-T = TypeVar("T")
-
-
-@dataclass
-class GenerationResult:
-    """How a generation went (the fields of `runtime.generate.GenerationResult`)."""
-
-    prompt_tokens: int
-    completion_tokens: int = 0
-    finish_reason: Literal["stop", "length"] | None = None
-    stop_reason: int | str | None = None
-    context_full: bool = False
-
-
-class Generation(Iterator[T], Generic[T]):
-    """A running generation: iterate it for the output, read `result` for how it ended."""
-
-    def __init__(self, outputs: Generator[T, None, None], result: GenerationResult) -> None:
-        self._outputs, self.result = outputs, result
-
-    def __iter__(self) -> Generation[T]:
-        return self
-
-    def __next__(self) -> T:
-        return next(self._outputs)
-
-    def close(self) -> None:
-        """Stop generating early."""
-        self._outputs.close()
+from ..generation import Generation, GenerationResult, check_prompt_ids, decode_loop, text_loop
+from ..sampling_params import SamplingParams
+from ..tokenizer import Tokenizer
+from .model import EdgeModel, Sequence
+from .sampling import sample
 
 
 def generate_ids(
@@ -76,45 +45,34 @@ def generate_ids(
         InvalidParameterError: an empty prompt, an id outside the vocabulary, an unknown adapter.
         ContextLengthError: the prompt leaves no room for one new token.
     """
-    context = model.manifest.context_length
-    prompt = [int(t) for t in prompt_ids]
-    if len(prompt) >= context:
-        raise ContextLengthError(
-            f"the prompt has {len(prompt)} tokens but the model's context is {context}, which leaves no room "
-            f"for output; shorten the prompt to at most {context - 1} tokens"
-        )
+    manifest = model.manifest
+    context = manifest.context_length
+    prompt = check_prompt_ids(prompt_ids, manifest.vocab_size, context)
+    model.adapter_inputs(adapter)  # an unknown adapter fails here, not at the first step
     # The last sampled token is never fed back, so prompt + max_new_tokens - 1 positions suffice.
-    sequence = model.start(prompt, min(len(prompt) + params.max_new_tokens - 1, context), adapter)
-    result = GenerationResult(prompt_tokens=len(prompt))
-    return Generation(_decode_loop(sequence, prompt, params, set(eos_token_ids), result, context), result)
+    capacity = min(len(prompt) + params.max_new_tokens - 1, context)
+    sequence: Sequence | None = None
 
+    def forward(ids: list[int]) -> np.ndarray:
+        nonlocal sequence
+        if sequence is None:  # the prompt: opening the sequence prefills it
+            sequence = model.start(ids, capacity, adapter)
+            return sequence.logits
+        return sequence.step(ids[0])
 
-def _decode_loop(sequence, prompt: list[int], params: SamplingParams, eos: set[int], result: GenerationResult, context: int):
     rng = np.random.default_rng(params.seed)
-    stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else eos)
     plain_greedy = params.greedy and params.repetition_penalty == 1.0
-    seen = list(prompt)
-    logits = sequence.logits
-    while True:
-        token = int(np.argmax(logits)) if plain_greedy else sample(logits, params, rng, seen)
-        result.completion_tokens += 1
-        if token in stop_ids:
-            result.finish_reason, result.stop_reason = "stop", token
-            return
-        yield token
-        seen.append(token)
-        if result.completion_tokens >= params.max_new_tokens:
-            result.finish_reason = "length"
-            return
-        if len(seen) >= context:
-            result.finish_reason, result.context_full = "length", True
-            return
-        logits = sequence.step(token)
+
+    def pick(logits: np.ndarray, seen: list[int]) -> int:
+        return int(np.argmax(logits)) if plain_greedy else sample(logits, params, rng, seen)
+
+    result = GenerationResult(prompt_tokens=len(prompt))
+    return Generation(decode_loop(forward, pick, prompt, params, set(eos_token_ids), result, context), result)
 
 
 def generate_text(
     model: EdgeModel,
-    tokenizer: EdgeTokenizer,
+    tokenizer: Tokenizer,
     prompt_ids: list[int],
     params: SamplingParams,
     adapter: str | None = None,
@@ -122,26 +80,16 @@ def generate_text(
     """Generate after `prompt_ids` and stream the output as text deltas, cut before the first of
     `params.stop` (a stop string that ends it shows as finish_reason "stop" with that string).
 
+    Args:
+        model: the exported model.
+        tokenizer: the export's tokenizer (`Tokenizer.from_dir` on the export's folder); its
+            `eos_token_ids` stop generation.
+        prompt_ids: the prompt's ids (`tokenizer.encode_prompt`).
+        params: sampling settings and stop conditions.
+        adapter: one of the export's adapters, or None for the base model.
+
     Raises:
         InvalidParameterError, ContextLengthError: as `generate_ids`.
     """
     ids = generate_ids(model, prompt_ids, params, tokenizer.eos_token_ids, adapter)
-    return Generation(_text_loop(ids, OutputText(tokenizer, params.stop)), ids.result)
-
-
-def _text_loop(ids: Generation[int], text: OutputText) -> Generator[str, None, None]:
-    try:
-        for token in ids:
-            delta = text.feed(token)
-            if delta:
-                yield delta
-            if text.stop is not None:
-                ids.result.finish_reason, ids.result.stop_reason, ids.result.context_full = "stop", text.stop, False
-                return
-        delta = text.finish()
-        if delta:
-            yield delta
-        if text.stop is not None:
-            ids.result.finish_reason, ids.result.stop_reason, ids.result.context_full = "stop", text.stop, False
-    finally:
-        ids.close()
+    return text_loop(ids, tokenizer, params.stop)

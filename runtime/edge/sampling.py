@@ -1,6 +1,6 @@
 """Sampling in numpy: the same settings, processors and order as `runtime/sampling.py`, without torch.
 
-`SamplingParams` is the torch runtime's own (`runtime/sampling_params.py`, torch-free); the
+`SamplingParams` is the runtime's one (`runtime/sampling_params.py`, torch-free); the
 processors (repetition penalty, temperature, top-k, top-p) compute what their torch namesakes do
 (a test holds them to it). Greedy is the argmax, first on ties, as there. Draws come from a
 numpy `Generator` seeded per request, so a seed reproduces the edge runtime's own output; it does
