@@ -1,96 +1,113 @@
-"""Decode speed of quadapt's reference generator beside transformers' `generate`, measured in one run.
+"""`quadapt generate` on a quantized checkpoint against the float one, as a user runs it.
 
-Both run SmolLM2-135M-Instruct from the same GGUF (dequantized to fp32), greedy, batch 1, on the
-same prompt, with eos ignored so each produces exactly the tokens asked for. Decode tokens/s is
-measured as (N - 1) / (time for N new tokens - time for 1 new token), so the prompt's prefill
-cancels out; each figure is the median of several runs.
+Each run is one `quadapt generate` subprocess: the same prompt, greedy, `--new-tokens` new
+tokens with eos ignored. Its decode speed is the tokens after the first over the time between
+the first and the last text it printed (so loading and the prompt's prefill cancel out); its
+wall time is the whole command's. The float and the quantized checkpoint alternate (float first
+in odd rounds, quantized first in even ones) so both see the same machine, and each figure is
+the median of `--runs` runs. Then the same beside a CPU-bound process this script starts (one
+core burnt in a busy loop), and the ratio quantized / float side by side:
 
-    python benchmarks/generate.py [--new-tokens 128] [--runs 5] [--threads 2]
+    python benchmarks/generate.py --float-model DIR --model DIR [--new-tokens 32] [--runs 5] [--threads N]
 
-Needs the `dev` extra (transformers). Not a test: it prints a table.
+Build the two checkpoints as the README says (`quadapt fetch-default --out smollm2`, then
+`quadapt convert --model smollm2 --out smollm2-int4 --scheme int4 --group-size 32`). Not a
+test: it prints a table.
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing
+import os
+import shutil
 import statistics
+import subprocess
+import sys
 import time
+from pathlib import Path
 
-import torch
-
-PROMPT = "<|im_start|>user\nWrite a short story about a lighthouse keeper.<|im_end|>\n<|im_start|>assistant\n"
+PROMPT = "The history of the lighthouse keeper and the long winter by the northern sea"
 
 
-def time_quadapt(model, prompt_ids: list[int], n: int) -> float:
-    from quadapt.runtime.generate import generate_ids
-    from quadapt.runtime.sampling import SamplingParams
+def quadapt_command() -> list[str]:
+    """How to run `quadapt`: the console script beside this interpreter, else `python -m quadapt.cli`."""
+    script = Path(sys.executable).with_name("quadapt")
+    if script.exists():
+        return [str(script)]
+    found = shutil.which("quadapt")
+    return [found] if found else [sys.executable, "-m", "quadapt.cli"]
 
-    params = SamplingParams(max_new_tokens=n, temperature=0.0, ignore_eos=True)
+
+def run_once(model: Path, new_tokens: int, threads: int | None) -> tuple[float, float]:
+    """One `quadapt generate`: (decode tokens/s, wall seconds)."""
+    argv = [*quadapt_command(), "generate", "--model", str(model), "--prompt", PROMPT,
+            "--max-new-tokens", str(new_tokens), "--ignore-eos"]
+    if threads is not None:
+        argv += ["--threads", str(threads)]
     start = time.perf_counter()
-    produced = sum(1 for _ in generate_ids(model, prompt_ids, params, eos_token_ids=set()))
-    elapsed = time.perf_counter() - start
-    assert produced == n, f"quadapt produced {produced} tokens, asked for {n}"
-    return elapsed
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd="/")
+    assert proc.stdout is not None
+    first = last = None
+    while os.read(proc.stdout.fileno(), 4096):
+        now = time.perf_counter()
+        first = now if first is None else first
+        last = now
+    _, err = proc.communicate()
+    wall = time.perf_counter() - start
+    if proc.returncode != 0 or first is None or last is None or last == first:
+        raise SystemExit(f"quadapt generate on {model} failed or printed too little (exit {proc.returncode}):\n"
+                         f"{err.decode(errors='replace')[-2000:]}")
+    # The first text comes with the first token; each later one adds at least one token.
+    return (new_tokens - 1) / (last - first), wall
 
 
-def time_transformers(model, prompt_ids: list[int], n: int) -> float:
-    ids = torch.tensor([prompt_ids])
-    start = time.perf_counter()
-    out = model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
-    elapsed = time.perf_counter() - start
-    assert out.shape[1] - ids.shape[1] == n
-    return elapsed
+def _burn(stop) -> None:
+    while not stop.is_set():
+        pass
 
 
-def decode_rate(timer, model, prompt_ids: list[int], n: int, runs: int) -> tuple[float, float]:
-    """Median decode tokens/s and median prefill+first-token seconds over `runs` runs."""
-    timer(model, prompt_ids, 2)  # warm-up
-    rates, firsts = [], []
-    for _ in range(runs):
-        first = timer(model, prompt_ids, 1)
-        full = timer(model, prompt_ids, n)
-        rates.append((n - 1) / (full - first))
-        firsts.append(first)
-    return statistics.median(rates), statistics.median(firsts)
+def measure(float_dir: Path, quant_dir: Path, new_tokens: int, runs: int, threads: int | None) -> dict[str, list]:
+    """`runs` rounds, the two checkpoints in alternating order: their (tok/s, wall) lists."""
+    got: dict[str, list] = {"float": [], "quant": []}
+    for i in range(runs):
+        order = [("float", float_dir), ("quant", quant_dir)]
+        for name, path in order if i % 2 == 0 else order[::-1]:
+            got[name].append(run_once(path, new_tokens, threads))
+    return got
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--float-model", type=Path, required=True, help="the float checkpoint")
+    parser.add_argument("--model", type=Path, required=True, help="the quantized checkpoint")
+    parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=None, help="pass --threads N (default: quadapt's)")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
 
-    from transformers import AutoModelForCausalLM
+    settings = {}
+    settings["alone"] = measure(args.float_model, args.model, args.new_tokens, args.runs, args.threads)
+    stop = multiprocessing.Event()
+    burner = multiprocessing.Process(target=_burn, args=(stop,), daemon=True)
+    burner.start()
+    try:
+        time.sleep(0.2)  # let the burner take its core
+        settings["beside a busy process"] = measure(args.float_model, args.model, args.new_tokens, args.runs,
+                                                    args.threads)
+    finally:
+        stop.set()
+        burner.join()
 
-    from quadapt.converters.fetch import default_gguf
-    from quadapt.runtime.checkpoints.gguf import GGUFCheckpoint
-    from quadapt.runtime.loader import load_model
-    from quadapt.runtime.tokenizer import Tokenizer
-
-    gguf = default_gguf()
-    reader = GGUFCheckpoint(gguf)
-    tokenizer = Tokenizer.from_files(reader.tokenizer_files())
-    prompt_ids = tokenizer.encode(PROMPT, add_special_tokens=False)
-    ours = load_model(reader)
-    theirs = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
-
-    rows = []
-    with torch.inference_mode():
-        for name, timer, model in (
-            ("transformers generate (fp32)", time_transformers, theirs),
-            ("quadapt reference generate (fp32)", time_quadapt, ours),
-        ):
-            rate, first = decode_rate(timer, model, prompt_ids, args.new_tokens, args.runs)
-            rows.append((name, rate, first))
-
-    base = rows[0][1]
-    print(f"SmolLM2-135M-Instruct, greedy, batch 1, prompt {len(prompt_ids)} tokens, "
-          f"{args.new_tokens} new tokens, {args.threads} threads, median of {args.runs} runs")
-    print(f"{'path':<36} {'decode tok/s':>12} {'vs transformers':>16} {'first token s':>14}")
-    for name, rate, first in rows:
-        print(f"{name:<36} {rate:>12.1f} {rate / base:>15.2f}x {first:>14.3f}")
+    print(f"quadapt generate, {args.new_tokens} new tokens, greedy, median of {args.runs} runs "
+          f"(threads: {args.threads or 'default'}; {os.cpu_count()} cores)")
+    print(f"{'setting':<24}{'float tok/s':>12}{'quant tok/s':>12}{'quant/float':>12}{'float wall s':>14}"
+          f"{'quant wall s':>14}")
+    for setting, got in settings.items():
+        rate = {k: statistics.median(r for r, _ in v) for k, v in got.items()}
+        wall = {k: statistics.median(w for _, w in v) for k, v in got.items()}
+        print(f"{setting:<24}{rate['float']:>12.2f}{rate['quant']:>12.2f}{rate['quant'] / rate['float']:>11.2f}x"
+              f"{wall['float']:>14.1f}{wall['quant']:>14.1f}")
 
 
 if __name__ == "__main__":

@@ -25,12 +25,12 @@ from .engine_args import EngineArgs, build_engine
 from .errors import InvalidParameterError
 from .metrics import MetricsSnapshot
 from .outputs import Completion, GenerateRequest, OutputProcessor, TextDelta, completion_of, requests_of
-from .prompt import MAX_MESSAGES, Prompt  # noqa: F401 - re-exported for callers of this module
+from .prompt import Prompt
 from .registry import AdapterVersion
 from .sampling_params import SamplingParams
 from .tokenizer import Tokenizer
 
-__all__ = ["LLM", "GenerateRequest", "TextDelta", "Completion", "AsyncLLM", "engine_args", "encode_prompt", "serve"]
+__all__ = ["LLM", "GenerateRequest", "TextDelta", "Completion", "engine_args", "encode_prompt", "serve"]
 
 _OPTIONS = tuple(f.name for f in fields(EngineArgs) if f.name != "model")
 
@@ -273,7 +273,8 @@ def serve(path: str | Path, **options: Any) -> LLM:
 
 
 def __getattr__(name: str) -> Any:
-    # `AsyncLLM` moved to async_llm.py; imported on demand, since that module imports this one.
+    # `AsyncLLM` moved to async_llm.py; the old import path still finds it (imported on demand,
+    # since that module imports this one) until its callers import it from there.
     if name == "AsyncLLM":
         from .async_llm import AsyncLLM
 

@@ -122,6 +122,43 @@ def test_stream_yields_the_same_text_and_a_result(loaded):
     assert deltas.result.prompt_tokens == len(loaded.encode_prompt(HELLO))
 
 
+def test_generate_runs_the_engine_not_the_reference(loaded, monkeypatch):
+    """The fast path: the engine's executor (weights dequantized once), never the reference generator."""
+    from quadapt.runtime import generate
+
+    def reference(*args, **kwargs):
+        raise AssertionError("quadapt.load(...).generate ran the reference generator")
+
+    expected = by_hand(loaded.path, HELLO, chat=True, **GREEDY)
+    monkeypatch.setattr(generate, "generate_text", reference)
+    monkeypatch.setattr(generate, "generate_ids", reference)
+    assert loaded.generate(HELLO, **GREEDY) == expected
+    assert loaded.model is loaded._llm.engine.executor.model
+
+
+def test_generations_interleave_and_one_left_early_frees_its_cache(loaded):
+    settings = {"max_new_tokens": 8, "ignore_eos": True}
+    first, second = loaded.generate("hello", stream=True, **settings), loaded.generate(HELLO, stream=True, **settings)
+    texts = {"hello": "", "chat": ""}
+    streams = {"hello": first, "chat": second}
+    while streams:  # in turn: each takes its own deltas, and the engine steps both
+        for name, stream in list(streams.items()):
+            piece = next(stream, None)
+            if piece is None:
+                del streams[name]
+            else:
+                texts[name] += piece
+    assert texts == {"hello": loaded.generate("hello", **settings), "chat": loaded.generate(HELLO, **settings)}
+    assert first.result.completion_tokens == second.result.completion_tokens == 8
+    left = loaded.generate("hello", stream=True, max_new_tokens=50, ignore_eos=True)
+    next(left)
+    engine = loaded._llm.engine
+    assert engine.allocator.num_used > 0
+    left.close()
+    assert engine.allocator.num_used == 0 and not engine.has_unfinished()
+    assert left.result.finish_reason is None  # it stopped early: no finish reason
+
+
 def test_a_context_cut_is_logged(loaded, caplog):
     context = loaded.model.config.max_position_embeddings
     room = context - len(loaded.encode_prompt("hi"))
