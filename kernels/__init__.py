@@ -9,6 +9,9 @@ otherwise. The environment variable `QUADAPT_KERNELS` overrides that choice:
   slow but exact: how the kernels are tested without a GPU);
 - `reference`: always the torch reference.
 
+`lora_linear` has no Triton kernel: its layout (a float base weight stored above the A stack) is
+the CPU's (`runtime/lora.py`), so under `triton` it runs the reference.
+
 The runtime resolves the backend once, when it loads a model (`resolve_backend`), and passes it
 to every op (`backend=`); an op called without one resolves it from the environment on each call.
 
@@ -32,7 +35,7 @@ from .reference import NO_SLOT
 
 __all__ = [
     "BACKENDS", "NO_SLOT", "Backend", "KernelBackendError", "add_lora", "backend_setting", "dequant_nf4",
-    "dequant_packed_int", "qmatmul_nf4", "qmatmul_packed_int", "reference", "resolve_backend", "use_triton",
+    "dequant_packed_int", "lora_linear", "qmatmul_nf4", "qmatmul_packed_int", "reference", "resolve_backend", "use_triton",
 ]
 
 Backend = Literal["triton", "cpu", "reference"]
@@ -44,7 +47,7 @@ _KERNEL_MODULES = {
     "dequant_nf4": "dequant",
     "add_lora": "lora",
 }
-_CPU_OPS = {"add_lora"}  # the ops `kernels.cpu` implements
+_CPU_OPS = {"add_lora", "lora_linear"}  # the ops `kernels.cpu` implements
 
 
 class KernelBackendError(ValueError):
@@ -118,7 +121,7 @@ def _kernel_module(op: str) -> ModuleType:
 def _dispatch(op: str, device: torch.device, backend: Backend | None, *args: Any, **kwargs: Any) -> Any:
     if backend is None:
         backend = resolve_backend(device)
-    if backend == "triton":
+    if backend == "triton" and op in _KERNEL_MODULES:
         impl = getattr(_kernel_module(op), op)
     elif backend == "cpu" and op in _CPU_OPS:
         impl = getattr(importlib.import_module(".cpu", __name__), op)
@@ -160,3 +163,8 @@ def dequant_nf4(weight_packed, absmax, *, shape, blocksize, dtype, backend=None)
 def add_lora(y, x, lora_a, lora_b, token_slots, *, backend=None):
     """y + (x @ A[s].T) @ B[s].T per row, s its slot, `NO_SLOT` for none (`reference.add_lora`)."""
     return _dispatch("add_lora", x.device, backend, y, x, lora_a, lora_b, token_slots)
+
+
+def lora_linear(x, weight_and_a, bias, lora_b, token_slots, *, backend=None):
+    """x @ W.T + bias plus each row's LoRA, W stored above the A stack (`reference.lora_linear`)."""
+    return _dispatch("lora_linear", x.device, backend, x, weight_and_a, bias, lora_b, token_slots)

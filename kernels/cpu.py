@@ -1,4 +1,4 @@
-"""CPU implementations of the ops where a torch formulation beats the reference's: `add_lora`.
+"""CPU implementations of the ops where a torch formulation beats the reference's: `add_lora`, `lora_linear`.
 
 The reference `add_lora` loops over the slots present in a batch, gathering each slot's rows;
 on a CPU each of those small ops pays a parallel region's start and end. Here every slot's LoRA
@@ -8,6 +8,10 @@ mask[m] is 1 on the R columns of token m's slot and 0 elsewhere (a token with `N
 all zeros). The zeros are exact, so the sum is the token's own slot's LoRA; only the order of
 floating-point additions differs from the reference. `LoRALinear` stores B as [out, S, R] so
 that B_all is a view, not a copy. Same name and signature as `kernels.reference.add_lora`.
+
+`lora_linear` takes the base weight and every slot's A stored as one matrix [out + S*R, in]
+(`LoRALinear.fuse_shrink`): one GEMM gives both the base output and every slot's shrink. On a
+small batch each matmul pays a parallel region's start and end, and this saves one per projection.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import functools
 import torch
 
 from . import reference
+from .reference import NO_SLOT
 
 
 def add_lora(
@@ -42,6 +47,33 @@ def add_lora(
         return reference.add_lora(y, x, lora_a, lora_b, token_slots)
     S, R, K = lora_a.shape
     return expand_lora(y, torch.nn.functional.linear(x, lora_a.reshape(S * R, K)), lora_b, token_slots)
+
+
+def lora_linear(
+    x: torch.Tensor,
+    weight_and_a: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_b: torch.Tensor,
+    token_slots: int | torch.Tensor,
+) -> torch.Tensor:
+    """x @ W.T + bias plus each row's LoRA, W stored above every slot's A; see the module docstring
+    and `kernels.reference.lora_linear` (same signature).
+
+    Returns:
+        A new tensor [M, out].
+    """
+    S, N, R = lora_b.shape
+    if isinstance(token_slots, int):  # one slot for every row: its A alone, not the whole stack
+        y = torch.nn.functional.linear(x, weight_and_a[:N], bias)
+        if token_slots == NO_SLOT:
+            return y
+        a = weight_and_a[N + token_slots * R: N + (token_slots + 1) * R]  # [R, in]
+        return torch.addmm(y, x @ a.T, lora_b[token_slots].T)
+    full = torch.nn.functional.linear(x, weight_and_a)  # [M, out + S*R]: base output, then every shrink
+    y = full[:, :N]
+    if bias is not None:
+        y = y + bias
+    return expand_lora(y, full[:, N:], lora_b, token_slots)
 
 
 def expand_lora(y: torch.Tensor, shrunk: torch.Tensor, lora_b: torch.Tensor, token_slots: torch.Tensor) -> torch.Tensor:

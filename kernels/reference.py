@@ -12,6 +12,9 @@ implements under the same name and signature; `kernels/__init__.py` picks betwee
   high nibble; `absmax` float32, one per `blocksize` consecutive weights of the flattened
   matrix. W = NF4[q] * absmax, in float32, then cast; this is bitsandbytes' own arithmetic.
 
+The LoRA ops (`add_lora`, and `lora_linear` for a base weight stored above the A stack) are the
+same kind of definition for the slot stacks of `runtime/lora.py`.
+
 It does not read checkpoints, know tensor names, quantize, or pick between kernels.
 """
 
@@ -198,3 +201,27 @@ def add_lora(
         rows = token_slots == slot
         out[rows] += (x[rows] @ lora_a[slot].T) @ lora_b[slot].T
     return out
+
+
+def lora_linear(
+    x: torch.Tensor,
+    weight_and_a: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_b: torch.Tensor,
+    token_slots: int | torch.Tensor,
+) -> torch.Tensor:
+    """x @ W.T + bias plus each row's LoRA, for a float weight W stored above every slot's A.
+
+    Args:
+        x: input [M, in], in the weight's dtype.
+        weight_and_a: [out + S*R, in]: W's rows, then A [S, R, in] flattened to [S*R, in].
+        bias: [out] or None.
+        lora_b: B stack [S, out, R], scales already folded in.
+        token_slots: one slot for every row (an int), or an int64 tensor [M].
+
+    Returns:
+        A new tensor [M, out]: `add_lora(x @ W.T + bias, x, A, B, token_slots)`.
+    """
+    S, N, R = lora_b.shape
+    a = weight_and_a[N:].view(S, R, weight_and_a.shape[1])
+    return add_lora(F.linear(x, weight_and_a[:N], bias), x, a, lora_b, token_slots)

@@ -1,17 +1,18 @@
 """Putting LoRA adapters on a loaded model: slot stacks on its projections, adapters copied into slots.
 
-`add_lora_slots` wraps chosen linear modules (float `nn.Linear` or quantized modules alike) in
-`LoRALinear` stacks sharing one `SlotMapping`; `load_into_slot` copies an adapter into one slot of
-every stack (and clears that slot where the adapter has no module); `apply_adapter` does both for
-the single-adapter case (`quadapt generate --adapter`): one slot, every token uses it.
+`add_lora_slots` wraps chosen linear modules (float `nn.Linear`, stacked q/k/v or gate/up, or
+quantized modules alike) in `LoRALinear` stacks sharing one `SlotMapping`; `load_into_slot`
+copies an adapter into one slot of every stack (and clears that slot where the adapter has no
+module); `apply_adapter` does both for the single-adapter case (`quadapt generate --adapter`):
+one slot, every token uses it.
 
-This is not yet the serving registry (loading and unloading while serving, LRU over a host cache,
-pinning, reference counts): that builds on these three functions.
+The serving registry (runtime/registry.py) builds on these: it lists the slots once
+(`lora_modules`) and writes adapters into them while the engine runs.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from pathlib import Path
 
 import torch
@@ -20,23 +21,45 @@ from torch import nn
 from .checkpoints.peft import PeftAdapter
 from .checkpoints.peft_fit import BaseModules, check_adapter_fits, load_adapter_for
 from .errors import AdapterError
-from .lora import LoRALinear, LoRAWeights, SlotMapping, is_linear_like
+from .lora import LoRALinear, LoRASection, LoRAWeights, SlotMapping, is_linear_like
 
 
-def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
-    """The model's LoRA stacks, by the name of the module they replaced; a fused stack
-    (`fused.FusedLoRALinear`) gives one entry per targeted section, by the section's own name."""
-    from .fused import FusedLoRALinear
+def lora_modules(model: nn.Module) -> dict[str, LoRALinear | LoRASection]:
+    """Where each adapter module loads: HF module name -> an object with `set_slot(slot, weights)`
+    and `clear_slot(slot)`. A one-section stack is listed as itself, by the name of the module it
+    wrapped; a stack on stacked projections (q/k/v) gives one `LoRASection` per targeted section,
+    by the section's own name (`model.layers.0.self_attn.k_proj`).
 
-    stacks = {}
+    The objects live as long as their stacks, so a caller may list them once and keep the result
+    (the registry does) instead of walking the model on every slot write.
+    """
+    stacks: dict[str, LoRALinear | LoRASection] = {}
     for name, module in model.named_modules():
-        if isinstance(module, LoRALinear):
+        if not isinstance(module, LoRALinear):
+            continue
+        if len(module.section_names) == 1:
             stacks[name] = module
-        elif isinstance(module, FusedLoRALinear):
-            parent = name.rpartition(".")[0]
-            for section, stack in module.section_stacks().items():
-                stacks[f"{parent}.{section}" if parent else section] = stack
+            continue
+        parent = name.rpartition(".")[0]
+        for section, handle in module.sections.items():
+            stacks[f"{parent}.{section}" if parent else section] = handle
     return stacks
+
+
+def projection_names(model: nn.Module, targets: Collection[str]) -> list[str]:
+    """HF names of the decoder-layer projections whose short names are in `targets`, a stacked
+    module's sections included (`model.layers.0.self_attn.k_proj` of a fused `qkv_proj`)."""
+    names = []
+    for name, module in model.named_modules():
+        if not name.startswith("model.layers."):
+            continue
+        parent, _, short = name.rpartition(".")
+        sections = getattr(module, "section_names", None)
+        if sections is not None and not isinstance(module, LoRALinear):
+            names.extend(f"{parent}.{section}" for section in sections if section in targets)
+        elif short in targets and is_linear_like(module):
+            names.append(name)
+    return names
 
 
 def add_lora_slots(
@@ -44,8 +67,10 @@ def add_lora_slots(
 ) -> SlotMapping:
     """Wrap each named linear module of `model` in a `LoRALinear` stack of `num_slots` empty slots.
 
-    The stacks' buffers take the dtype and device of the model's first float parameter (the
-    embedding in a `CausalLM`), i.e. the activations'.
+    A name may be a section of a stacked module (`...self_attn.k_proj` of a fused `qkv_proj`): the
+    stacked module gets one stack whose sections are the named ones. The stacks' buffers take the
+    dtype and device of the model's first float parameter (the embedding in a `CausalLM`), i.e.
+    the activations'.
 
     Args:
         model: the model, modified in place.
@@ -68,25 +93,48 @@ def add_lora_slots(
     reference = next((p for p in model.parameters() if p.is_floating_point()), None)
     dtype = reference.dtype if reference is not None else torch.float32
     device = reference.device if reference is not None else torch.device("cpu")
-    bases = {}
+    bases: dict[str, tuple[nn.Module, set[str] | None]] = {}
     for name in module_names:  # check every name before changing the model
-        try:
-            base = model.get_submodule(name)
-        except AttributeError:
-            raise AdapterError(f"the model has no module {name!r} to put LoRA slots on") from None
-        if not is_linear_like(base):
-            raise AdapterError(
-                f"module {name!r} is a {type(base).__name__}, not a linear layer with in_features/out_features; "
-                "LoRA slots go on linear projections only"
-            )
-        bases[name] = base
+        wrapped, base, section = _slot_base(model, name)
+        if section is None:
+            bases[wrapped] = (base, None)
+        else:
+            bases.setdefault(wrapped, (base, set()))[1].add(section)
     mapping = SlotMapping(num_slots, max_tokens).to(device)
-    for name, base in bases.items():
+    backend = getattr(model, "kernel_backend", None)  # resolved by the loader
+    for name, (base, sections) in bases.items():
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        backend = getattr(model, "kernel_backend", None)  # resolved by the loader
-        setattr(parent, child, LoRALinear(base, mapping, max_rank, dtype=dtype, device=device, backend=backend))
+        stack = LoRALinear(base, mapping, max_rank, dtype=dtype, device=device, backend=backend, targets=sections)
+        setattr(parent, child, stack)
     return mapping
+
+
+def _slot_base(model: nn.Module, name: str) -> tuple[str, nn.Module, str | None]:
+    """(name of the module to wrap, that module, the section `name` is in it or None) for the
+    projection `name`.
+
+    Raises:
+        AdapterError: no such module, or not a linear-like one.
+    """
+    try:
+        base = model.get_submodule(name)
+    except AttributeError:
+        parent_name, _, short = name.rpartition(".")
+        try:
+            parent = model.get_submodule(parent_name) if parent_name else model
+        except AttributeError:
+            parent = None
+        for child, module in (parent.named_children() if parent is not None else ()):
+            if short in getattr(module, "section_names", ()):
+                return f"{parent_name}.{child}" if parent_name else child, module, short
+        raise AdapterError(f"the model has no module {name!r} to put LoRA slots on") from None
+    if not is_linear_like(base):
+        raise AdapterError(
+            f"module {name!r} is a {type(base).__name__}, not a linear layer with in_features/out_features; "
+            "LoRA slots go on linear projections only"
+        )
+    return name, base, None
 
 
 def load_into_slot(model: nn.Module, adapter: Mapping[str, LoRAWeights], slot: int) -> None:

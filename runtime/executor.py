@@ -23,10 +23,10 @@ import torch
 from torch import nn
 
 from ..kernels import NO_SLOT
-from .adapters import add_lora_slots, lora_modules
+from .adapters import add_lora_slots, lora_modules, projection_names
 from .batch import RowSpec, build_batch
 from .config import ModelConfig
-from .fused import FusedLinear, FusedLoRALinear, fuse_projections
+from .fused import fuse_projections
 from .lora import LoRALinear, LoRAWeights, SlotMapping
 from .model import CausalLM
 from .paged_cache import PagedKVCache
@@ -96,19 +96,14 @@ class TorchExecutor:
         self.num_lora_slots = num_lora_slots
         self.mapping: SlotMapping | None = None
         if num_lora_slots:
-            targets = tuple(lora_targets)
-            names = [n for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in targets and n.startswith("model.layers.")]
+            names = projection_names(model, tuple(lora_targets))
             self.mapping = add_lora_slots(
                 model, names, num_slots=num_lora_slots, max_rank=max_lora_rank, max_tokens=max_num_batched_tokens
             )
-            for stack in lora_modules(model).values():
-                if isinstance(stack, LoRALinear) and stack.kernel_backend == "cpu" and isinstance(stack.base, nn.Linear):
-                    stack.fuse_shrink()  # one GEMM for the base and the shrink (runtime/lora.py)
-            for name, module in list(model.named_modules()):
-                if isinstance(module, FusedLinear) and set(module.section_names) & set(targets):
-                    parent, _, child = name.rpartition(".")
-                    stack = FusedLoRALinear(module, self.mapping, max_lora_rank, targets)
-                    setattr(model.get_submodule(parent), child, stack)
+            if backend == "cpu":
+                for stack in (m for m in model.modules() if isinstance(m, LoRALinear)):
+                    if isinstance(getattr(stack.base, "weight", None), nn.Parameter):
+                        stack.fuse_shrink()  # one GEMM for the base and the shrink (kernels.lora_linear)
 
     def execute(self, rows: Sequence[RowSpec]) -> torch.Tensor:
         batch = build_batch(rows, self.block_size, self.device)

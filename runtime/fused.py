@@ -6,13 +6,8 @@ replaces a model's float `q_proj`, `k_proj`, `v_proj` by one `qkv_proj` and `gat
 one `gate_up_proj` (`FusedLinear`: the weights stacked by rows, the output the sections side by side);
 `Attention` and `MLP` split the output back. The values are those of the separate projections.
 
-`FusedLoRALinear` adds LoRA slots to such a module with the layout of `LoRALinear.fuse_shrink`: the
-base weight's rows and then every slot's A in one matrix, so one GEMM gives the base output and every
-slot's shrink. A slot's A holds each section's factors one after the other (rank R per section), and
-its B is block-diagonal: section k's output rows read section k's R columns only, so a section's LoRA
-never leaks into another's output. Each section is addressed by its own HF name through
-`section_stacks` (`model.layers.0.self_attn.k_proj`), so adapters load into it as into a
-`LoRALinear`.
+LoRA slots go on such a module as on any linear: one `lora.LoRALinear` with a section per
+projection, each loaded by its own HF name (`model.layers.0.self_attn.k_proj`).
 
 This is the CPU executor's layout, chosen at start (runtime/executor.py). Quantized modules are not
 fused: on a GPU their kernels read packed weights and already run one launch per projection.
@@ -25,10 +20,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from ..kernels import NO_SLOT
-from ..kernels import cpu as cpu_kernels
 from .errors import InvalidParameterError
-from .lora import LoRAWeights, SlotMapping, check_slot_fits, copy_into_slot
 
 # The fused module's name in its parent, and the projections it replaces, in output order.
 FUSED_GROUPS = {
@@ -85,105 +77,3 @@ def fuse_projections(model: nn.Module) -> int:
                 delattr(parent, m)
             fused += 1
     return fused
-
-
-class FusedLoRALinear(nn.Module):
-    """A `FusedLinear` plus LoRA slots per section; see the module docstring.
-
-    Args:
-        base: the fused projections.
-        mapping: the model's shared `SlotMapping`.
-        max_rank: the largest rank a section's adapter may have.
-        targets: the sections that take adapters (the others keep zero factors and no name).
-    """
-
-    def __init__(self, base: FusedLinear, mapping: SlotMapping, max_rank: int, targets: Sequence[str]) -> None:
-        super().__init__()
-        if max_rank < 1:
-            raise InvalidParameterError(f"max_rank must be a positive integer, got {max_rank}")
-        self.mapping = mapping
-        self.max_rank = max_rank
-        self.in_features, self.out_features = base.in_features, base.out_features
-        self.section_names, self.section_sizes = base.section_names, base.section_sizes
-        self.targets = tuple(t for t in base.section_names if t in targets)
-        S, R = mapping.num_slots, max_rank * len(self.section_names)
-        weight = base.weight
-        with torch.no_grad():
-            fused = torch.cat([weight, weight.new_zeros(S * R, self.in_features)])  # [out + S*R, in]
-        self.register_buffer("weight", fused)
-        self.bias = base.bias
-        # [out, S, R] seen as [S, out, R], as in `LoRALinear`: the expand reads B_all without a copy.
-        self.register_buffer("lora_b", weight.new_zeros(self.out_features, S, R).permute(1, 0, 2))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        slots = self.mapping.token_slots(x.shape[:-1])
-        if isinstance(slots, int) and slots == NO_SLOT:
-            return nn.functional.linear(x, self.weight[: self.out_features], self.bias)
-        x2 = x.reshape(-1, self.in_features)  # [..., in] -> [N, in]
-        if isinstance(slots, int):  # one slot for every token: its factors alone
-            R = self.lora_b.shape[2]
-            a = self.weight[self.out_features + slots * R: self.out_features + (slots + 1) * R]  # [R, in]
-            y = nn.functional.linear(x2, self.weight[: self.out_features], self.bias)
-            return torch.addmm(y, x2 @ a.T, self.lora_b[slots].T).view(*x.shape[:-1], self.out_features)
-        full = nn.functional.linear(x2, self.weight)  # [N, out + S*R]: base output, then every shrink
-        y = full[:, : self.out_features]
-        if self.bias is not None:
-            y = y + self.bias
-        return cpu_kernels.expand_lora(y, full[:, self.out_features:], self.lora_b, slots).view(
-            *x.shape[:-1], self.out_features
-        )
-
-    def section_stacks(self) -> dict[str, _Section]:
-        """The targeted sections by their own short names (`k_proj`), each with `set_slot` and
-        `clear_slot` as a `LoRALinear` has."""
-        return {name: _Section(self, self.section_names.index(name)) for name in self.targets}
-
-    def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, sections={dict(zip(self.section_names, self.section_sizes))}, "
-                f"slots={self.mapping.num_slots}, max_rank={self.max_rank}")
-
-
-class _Section:
-    """One section of a `FusedLoRALinear`, loaded and cleared like a `LoRALinear`."""
-
-    def __init__(self, stack: FusedLoRALinear, index: int) -> None:
-        self.stack, self.index = stack, index
-        self.in_features = stack.in_features
-        self.out_features = stack.section_sizes[index]
-        self.max_rank = stack.max_rank
-        self._rows = slice(sum(stack.section_sizes[:index]), sum(stack.section_sizes[: index + 1]))
-
-    def _a(self, slot: int) -> torch.Tensor:
-        """This section's A block of `slot`: [max_rank, in], a view of the fused weight."""
-        s = self.stack
-        start = s.out_features + (slot * len(s.section_names) + self.index) * s.max_rank
-        return s.weight[start: start + s.max_rank]
-
-    def _b(self, slot: int) -> torch.Tensor:
-        """This section's B block of `slot`: [out_section, max_rank], a view of `lora_b`."""
-        R = self.stack.max_rank
-        return self.stack.lora_b[slot, self._rows, self.index * R: (self.index + 1) * R]
-
-    def set_slot(self, slot: int, weights: LoRAWeights) -> None:
-        """Copy one adapter's factors for this section into `slot`, as `LoRALinear.set_slot` does.
-
-        Raises:
-            InvalidParameterError: the slot is out of range, the rank exceeds `max_rank`, or the
-                factors' shapes do not fit this section.
-        """
-        self._check_slot(slot)
-        check_slot_fits(weights, max_rank=self.max_rank, in_features=self.in_features, out_features=self.out_features)
-        copy_into_slot(self._a(slot), self._b(slot), weights)
-
-    def clear_slot(self, slot: int) -> None:
-        """Zero this section's factors in `slot`."""
-        self._check_slot(slot)
-        with torch.no_grad():
-            self._a(slot).zero_()
-            self._b(slot).zero_()
-
-    def _check_slot(self, slot: int) -> None:
-        if not 0 <= slot < self.stack.mapping.num_slots:
-            raise InvalidParameterError(
-                f"LoRA slot {slot} is out of range; slots are 0..{self.stack.mapping.num_slots - 1}"
-            )

@@ -10,12 +10,15 @@ The slots are two buffers created once, `lora_a` [S, R, in] and `lora_b` [S, out
 largest rank the stack accepts. An adapter of rank r < R is zero-padded, which adds exact zeros,
 and its scale (alpha/r, or alpha/sqrt(r) for rsLoRA) is folded into B when it is copied in, so the
 computation has no per-adapter scalar. This is vLLM's slot layout (`lora_a_stacked` /
-`lora_b_stacked`): a later batching engine serves many adapters in one batch by giving each token
-its slot; `kernels.add_lora` computes it (Triton on a GPU, the torch reference elsewhere).
+`lora_b_stacked`): the engine serves many adapters in one batch by giving each token its slot;
+`kernels.add_lora` computes it (Triton on a GPU, the torch reference elsewhere).
+
+A base that stacks several projections (q/k/v in one `fused.FusedLinear`) gets one stack with a
+section per projection, as vLLM's packed modules: each section loads by its own HF name
+(`LoRASection`), and its LoRA reaches its own output rows only.
 
 On a CPU, `fuse_shrink` keeps a float base weight and every slot's A in one [out + S*R, in]
-matrix, so one GEMM gives both the base output and every slot's x @ A.T: on a small batch each
-matmul pays a parallel region's start and end, and this saves one per projection.
+matrix, so one GEMM gives both the base output and every slot's x @ A.T (`kernels.lora_linear`).
 
 Every `LoRALinear` of a model shares one `SlotMapping`, the per-token slot choice for the
 current forward pass, so the model's forward signature does not change.
@@ -27,6 +30,7 @@ modules of a model get slots, or manage which adapter sits in which slot (runtim
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import torch
@@ -34,7 +38,6 @@ from torch import nn
 
 from .. import kernels
 from ..kernels import NO_SLOT  # a token with this slot gets the base output only
-from ..kernels import cpu as cpu_kernels
 from .errors import AdapterError, InvalidParameterError
 
 
@@ -187,15 +190,24 @@ def copy_into_slot(a: torch.Tensor, b: torch.Tensor, weights: LoRAWeights) -> No
 
 
 class LoRALinear(nn.Module):
-    """A base linear-like module plus a stack of LoRA slots.
+    """A base linear-like module plus a stack of LoRA slots, in one or more output sections.
+
+    A base whose output is several projections side by side (`fused.FusedLinear`: q, k and v)
+    has one section per projection: a slot's A holds each section's factors one after the other
+    (rank R each), and its B is block-diagonal, so section k's output rows read section k's R
+    columns only and a section's LoRA never leaks into another's output. Each section loads by
+    its own HF name through `sections` (see `adapters.lora_modules`). A plain base has one section.
 
     Args:
-        base: the module to wrap; needs `in_features`, `out_features` and `forward(x)`.
+        base: the module to wrap; needs `in_features`, `out_features` and `forward(x)`; a base with
+            `section_names` and `section_sizes` (a `FusedLinear`) gets one section each.
         mapping: the model's shared `SlotMapping` (its `num_slots` sizes the stack).
-        max_rank: the largest rank a slot holds.
+        max_rank: the largest rank a section's adapter may have.
         dtype: dtype of the slot buffers; should be the activations' dtype.
         device: where the slot buffers live.
         backend: the kernel backend (`kernels.resolve_backend`); None resolves it on each call.
+        targets: the short names of the sections that take adapters; None for all. The others
+            keep zero factors and get no entry in `sections`.
     """
 
     def __init__(
@@ -207,6 +219,7 @@ class LoRALinear(nn.Module):
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
         backend: kernels.Backend | None = None,
+        targets: Collection[str] | None = None,
     ) -> None:
         super().__init__()
         if max_rank < 1:
@@ -214,11 +227,13 @@ class LoRALinear(nn.Module):
         self.base = base
         self.in_features: int = base.in_features
         self.out_features: int = base.out_features
+        self.section_names: tuple[str, ...] = tuple(getattr(base, "section_names", ("",)))
+        self.section_sizes: tuple[int, ...] = tuple(getattr(base, "section_sizes", (self.out_features,)))
         self.mapping = mapping
         self.max_rank = max_rank
         self.kernel_backend = backend
         # Zero slots are exact no-ops, so a fresh stack changes nothing.
-        S, R = mapping.num_slots, max_rank
+        S, R = mapping.num_slots, max_rank * len(self.section_names)
         self.register_buffer("lora_a", torch.zeros(S, R, self.in_features, dtype=dtype, device=device))
         # Stored [out, S, R] and seen as [S, out, R]: the CPU op reads every slot's B as one
         # [out, S*R] matrix without a copy, and the Triton kernel takes the strides as they are.
@@ -226,19 +241,23 @@ class LoRALinear(nn.Module):
         self.register_buffer("lora_b", b.permute(1, 0, 2))
         # [out + S*R, in] once `fuse_shrink` ran: the base weight's rows, then `lora_a`'s.
         self.fused_weight: torch.Tensor | None = None
+        chosen = [i for i, name in enumerate(self.section_names) if targets is None or name in targets]
+        self.sections: dict[str, LoRASection] = {self.section_names[i]: LoRASection(self, i) for i in chosen}
 
     def fuse_shrink(self) -> None:
         """Store the base weight and `lora_a` as the two halves of one matrix (see the module
-        docstring); the CPU backend then computes the base output and the shrink in one GEMM.
-        Both keep their names, values and shapes, so `set_slot` and a state dict work unchanged.
+        docstring); the CPU backend then computes the base output and the shrink in one GEMM
+        (`kernels.lora_linear`). Both keep their names, values and shapes, so `set_slot` and a
+        state dict work unchanged.
 
         Raises:
-            InvalidParameterError: the base is not a float `nn.Linear` of the slots' dtype and
-                device, or the kernel backend is not "cpu".
+            InvalidParameterError: the base is not a float linear (`nn.Linear` or `FusedLinear`) of
+                the slots' dtype and device, or the kernel backend is not "cpu".
         """
         base = self.base
-        if self.kernel_backend != "cpu" or not isinstance(base, nn.Linear) or base.weight.dtype != self.lora_a.dtype \
-                or base.weight.device != self.lora_a.device:
+        weight = getattr(base, "weight", None)
+        if self.kernel_backend != "cpu" or not isinstance(weight, nn.Parameter) or weight.dtype != self.lora_a.dtype \
+                or weight.device != self.lora_a.device:
             raise InvalidParameterError(
                 "fuse_shrink needs a float nn.Linear base of the LoRA slots' dtype and device and the 'cpu' kernel "
                 f"backend; got {type(base).__name__} on backend {self.kernel_backend!r}"
@@ -247,24 +266,22 @@ class LoRALinear(nn.Module):
             return
         S, R, K = self.lora_a.shape
         with torch.no_grad():
-            fused = torch.cat([base.weight.detach(), self.lora_a.reshape(S * R, K)])  # [out + S*R, in]
+            fused = torch.cat([weight.detach(), self.lora_a.reshape(S * R, K)])  # [out + S*R, in]
         base.weight = nn.Parameter(fused[: self.out_features], requires_grad=False)
         self.lora_a = fused[self.out_features:].view(S, R, K)  # still the registered buffer
         self.fused_weight = fused
 
     def set_slot(self, slot: int, weights: LoRAWeights) -> None:
-        """Copy one adapter's factors into `slot`: scale folded into B, rank zero-padded to `max_rank`.
+        """Copy one adapter's factors into `slot` of a one-section stack (`LoRASection.set_slot`).
 
         Raises:
-            InvalidParameterError: the slot is out of range, the rank exceeds `max_rank`, or the
-                factors' shapes do not fit this module.
+            InvalidParameterError: the stack has several sections, the slot is out of range, the
+                rank exceeds `max_rank`, or the factors' shapes do not fit this module.
         """
-        self._check_slot(slot)
-        check_slot_fits(weights, max_rank=self.max_rank, in_features=self.in_features, out_features=self.out_features)
-        copy_into_slot(self.lora_a[slot], self.lora_b[slot], weights)
+        self._only_section().set_slot(slot, weights)
 
     def clear_slot(self, slot: int) -> None:
-        """Zero `slot`, so tokens that select it get the base output."""
+        """Zero `slot` in every section, so tokens that select it get the base output."""
         self._check_slot(slot)
         with torch.no_grad():
             self.lora_a[slot].zero_()
@@ -272,28 +289,68 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         slots = self.mapping.token_slots(x.shape[:-1])
-        if self.fused_weight is not None and isinstance(slots, torch.Tensor):
-            x2 = x.reshape(-1, self.in_features)  # [..., in] -> [N, in]
-            return self._fused_forward(x2, slots).view(*x.shape[:-1], self.out_features)
+        x2 = x.reshape(-1, self.in_features)  # [..., in] -> [N, in]; the ops work on rows
+        if self.fused_weight is not None:
+            out = kernels.lora_linear(
+                x2.to(self.fused_weight.dtype), self.fused_weight, self.base.bias, self.lora_b, slots,
+                backend=self.kernel_backend,
+            )
+            return out.view(*x.shape[:-1], self.out_features)
         y = self.base(x)
         if isinstance(slots, int) and slots == NO_SLOT:
             return y
-        # [..., in] -> [N, in]; the ops work on rows.
-        x2, y2 = x.reshape(-1, self.in_features), y.reshape(-1, self.out_features)
+        y2 = y.reshape(-1, self.out_features)
         out = kernels.add_lora(y2, x2.to(self.lora_a.dtype), self.lora_a, self.lora_b, slots, backend=self.kernel_backend)
         return out.to(y.dtype).view(y.shape)
 
-    def _fused_forward(self, x2: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-        """base(x) plus each token's LoRA through the fused weight: x2 [N, in] -> [N, out]."""
-        full = nn.functional.linear(x2.to(self.fused_weight.dtype), self.fused_weight)  # [N, out + S*R]
-        y2 = full[:, : self.out_features]
-        if self.base.bias is not None:
-            y2 = y2 + self.base.bias
-        return cpu_kernels.expand_lora(y2, full[:, self.out_features:], self.lora_b, slots)
+    def _only_section(self) -> LoRASection:
+        if len(self.section_names) != 1:
+            raise InvalidParameterError(
+                f"this LoRA stack has sections {', '.join(self.section_names)}; load each through `sections[name]`"
+            )
+        return LoRASection(self, 0)
 
     def _check_slot(self, slot: int) -> None:
         if not 0 <= slot < self.mapping.num_slots:
             raise InvalidParameterError(f"LoRA slot {slot} is out of range; slots are 0..{self.mapping.num_slots - 1}")
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, slots={self.mapping.num_slots}, max_rank={self.max_rank}"
+        sections = "" if len(self.section_names) == 1 else f", sections={dict(zip(self.section_names, self.section_sizes))}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}{sections}, "
+                f"slots={self.mapping.num_slots}, max_rank={self.max_rank}")
+
+
+class LoRASection:
+    """One output section of a `LoRALinear` (the k of a stacked q/k/v), loaded and cleared alone.
+
+    `adapters.lora_modules` lists these by the section's HF name; they are made once per stack,
+    so a caller may keep them for the stack's life.
+    """
+
+    def __init__(self, stack: LoRALinear, index: int) -> None:
+        self.stack, self.index = stack, index
+        self.in_features = stack.in_features
+        self.out_features = stack.section_sizes[index]
+        self.max_rank = stack.max_rank
+        start = sum(stack.section_sizes[:index])
+        self._rows = slice(start, start + self.out_features)
+        self._cols = slice(index * stack.max_rank, (index + 1) * stack.max_rank)
+
+    def set_slot(self, slot: int, weights: LoRAWeights) -> None:
+        """Copy one adapter's factors for this section into `slot`: scale folded into B, rank
+        zero-padded to `max_rank`.
+
+        Raises:
+            InvalidParameterError: the slot is out of range, the rank exceeds `max_rank`, or the
+                factors' shapes do not fit this section.
+        """
+        self.stack._check_slot(slot)
+        check_slot_fits(weights, max_rank=self.max_rank, in_features=self.in_features, out_features=self.out_features)
+        copy_into_slot(self.stack.lora_a[slot, self._cols], self.stack.lora_b[slot, self._rows, self._cols], weights)
+
+    def clear_slot(self, slot: int) -> None:
+        """Zero this section's factors in `slot`."""
+        self.stack._check_slot(slot)
+        with torch.no_grad():
+            self.stack.lora_a[slot, self._cols].zero_()
+            self.stack.lora_b[slot, self._rows, self._cols].zero_()

@@ -11,8 +11,8 @@ from torch import nn
 
 from quadapt.runtime.adapters import add_lora_slots, load_into_slot, lora_modules
 from quadapt.runtime.errors import InvalidParameterError
-from quadapt.runtime.fused import FusedLinear, FusedLoRALinear, fuse_projections
-from quadapt.runtime.lora import NO_SLOT, SlotMapping
+from quadapt.runtime.fused import FusedLinear, fuse_projections
+from quadapt.runtime.lora import NO_SLOT, LoRALinear, SlotMapping
 
 from .conftest import assert_close
 from .test_lora import TARGETS, make_model, model_adapter, random_lora
@@ -45,7 +45,7 @@ def test_fused_lora_sections_equal_separate_stacks_in_a_mixed_batch():
     for name, module in list(fused.named_modules()):
         if isinstance(module, FusedLinear):
             parent, _, child = name.rpartition(".")
-            setattr(fused.get_submodule(parent), child, FusedLoRALinear(module, mapping, 4, TARGETS))
+            setattr(fused.get_submodule(parent), child, LoRALinear(module, mapping, 4, targets=TARGETS))
     assert sorted(lora_modules(fused)) == sorted(names)  # every section by its own HF name
 
     for slot, adapter in enumerate(adapters):
@@ -66,9 +66,9 @@ def test_a_section_adapter_reaches_its_own_output_only():
     q, k, v = nn.Linear(16, 12), nn.Linear(16, 6), nn.Linear(16, 6)
     base = FusedLinear([("q_proj", q), ("k_proj", k), ("v_proj", v)])
     mapping = SlotMapping(2)
-    stack = FusedLoRALinear(base, mapping, max_rank=4, targets=TARGETS)
+    stack = LoRALinear(base, mapping, max_rank=4, targets=TARGETS)
     w = random_lora(6, 16, 3)
-    stack.section_stacks()["k_proj"].set_slot(1, w)
+    stack.sections["k_proj"].set_slot(1, w)
     x = torch.randn(3, 16)
     mapping.set(torch.tensor([1, 0, NO_SLOT]))
     out_q, out_k, out_v = stack(x).split((12, 6, 6), dim=-1)
@@ -78,14 +78,14 @@ def test_a_section_adapter_reaches_its_own_output_only():
     assert_close(out_k[1:], k(x[1:]))  # slot 0 is empty, and the third row has none
     assert not torch.allclose(out_k[0], k(x[0]))  # negative control: the adapter does change k
 
-    stack.section_stacks()["k_proj"].clear_slot(1)
+    stack.sections["k_proj"].clear_slot(1)
     assert_close(stack(x), base(x))
     with pytest.raises(InvalidParameterError, match="rank 5 exceeds"):
-        stack.section_stacks()["q_proj"].set_slot(0, random_lora(12, 16, 5))
+        stack.sections["q_proj"].set_slot(0, random_lora(12, 16, 5))
     with pytest.raises(InvalidParameterError, match="do not fit"):
-        stack.section_stacks()["q_proj"].set_slot(0, random_lora(6, 16, 2))
+        stack.sections["q_proj"].set_slot(0, random_lora(6, 16, 2))
     with pytest.raises(InvalidParameterError, match="out of range"):
-        stack.section_stacks()["v_proj"].set_slot(2, random_lora(6, 16, 2))
+        stack.sections["v_proj"].set_slot(2, random_lora(6, 16, 2))
 
 
 def test_only_float_linears_fuse():
@@ -104,8 +104,8 @@ def test_the_cpu_engine_serves_through_fused_stacks(tmp_path):
     engine = Engine.for_model(load_model(make_base(tmp_path)), eos_token_ids={2},
                               config=EngineConfig(max_loras=2, max_lora_rank=4), kv_cache_bytes=2**20)
     layer = engine.executor.model.model.layers[0]
-    assert isinstance(layer.self_attn.qkv_proj, FusedLoRALinear)
-    assert isinstance(layer.mlp.gate_up_proj, FusedLoRALinear)
+    for stack in (layer.self_attn.qkv_proj, layer.mlp.gate_up_proj):
+        assert isinstance(stack, LoRALinear) and isinstance(stack.base, FusedLinear) and stack.fused_weight is not None
     assert layer.self_attn.o_proj.fused_weight is not None
 
 
@@ -114,10 +114,10 @@ def test_one_slot_for_every_token_equals_the_per_token_form():
     torch.manual_seed(1)
     base = FusedLinear([("gate_proj", nn.Linear(16, 10)), ("up_proj", nn.Linear(16, 10))])
     mapping = SlotMapping(3)
-    stack = FusedLoRALinear(base, mapping, max_rank=4, targets=TARGETS)
+    stack = LoRALinear(base, mapping, max_rank=4, targets=TARGETS)
     for slot in range(3):
-        stack.section_stacks()["gate_proj"].set_slot(slot, random_lora(10, 16, 3))
-        stack.section_stacks()["up_proj"].set_slot(slot, random_lora(10, 16, 4))
+        stack.sections["gate_proj"].set_slot(slot, random_lora(10, 16, 3))
+        stack.sections["up_proj"].set_slot(slot, random_lora(10, 16, 4))
     x = torch.randn(2, 5, 16)
     mapping.set(torch.full((10,), 2))
     per_token = stack(x)

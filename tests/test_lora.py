@@ -257,6 +257,32 @@ def test_cpu_add_lora_equals_the_reference(dtype, stored_out_first):
     assert_close(cpu.add_lora(y, x, a, b, 2), reference.add_lora(y, x, a, b, 2), dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+def test_cpu_lora_linear_equals_the_reference(dtype, bias):
+    """`lora_linear` (base weight stored above the A stack, one GEMM for both on CPU) against its
+    reference, per token, for one slot, and for none; the reference is the base linear plus
+    `add_lora`, so a wrong split of the stored matrix shows."""
+    from quadapt import kernels
+    from quadapt.kernels import cpu, reference
+
+    g = torch.Generator().manual_seed(4)
+    M, K, N, S, R = 11, 40, 27, 3, 6
+    x = torch.randn(M, K, generator=g).to(dtype)
+    weight_and_a = torch.randn(N + S * R, K, generator=g).to(dtype)
+    b = torch.randn(N, S, R, generator=g).to(dtype).permute(1, 0, 2)
+    bias_ = torch.randn(N, generator=g).to(dtype) if bias else None
+    base = torch.nn.functional.linear(x, weight_and_a[:N], bias_)
+    slots = torch.tensor([0, -1, 2, 2, 1, -1, 0, 1, 2, 0, -1])
+    expected = reference.lora_linear(x, weight_and_a, bias_, b, slots)
+    assert_close(expected, reference.add_lora(base, x, weight_and_a[N:].view(S, R, K), b, slots), dtype)
+    assert_close(cpu.lora_linear(x, weight_and_a, bias_, b, slots), expected, dtype)
+    assert_close(kernels.lora_linear(x, weight_and_a, bias_, b, slots, backend="cpu"), expected, dtype)
+    assert torch.equal(cpu.lora_linear(x, weight_and_a, bias_, b, -1), base)
+    assert_close(cpu.lora_linear(x, weight_and_a, bias_, b, 1), reference.lora_linear(x, weight_and_a, bias_, b, 1), dtype)
+    assert not torch.allclose(expected.float(), base.float())  # negative control: the slots do add
+
+
 def test_fused_shrink_equals_the_unfused_layer():
     """`fuse_shrink` (base weight and every slot's A in one matrix, one GEMM for both) gives the
     unfused layer's output, with a bias, for a mixed batch, a batch without slots and a slot
