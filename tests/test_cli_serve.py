@@ -82,14 +82,14 @@ def test_serve_and_client_from_the_shell(capsys, model, adapter, tmp_path):
 
 
 def test_client_takes_the_port_as_serve_names_it(capsys, model):
-    from quadapt.runtime.llm import AsyncLLM
+    from quadapt.runtime.async_llm import AsyncLLM
     from quadapt.runtime.server import ServerConfig
     from quadapt.runtime.tokenizer import Tokenizer
 
     from .test_server import ServerThread, make_engine
 
     tokenizer = Tokenizer.from_dir(model)
-    served = ServerThread(ServerConfig(model=str(model), port=0), AsyncLLM(make_engine(model, {}, tokenizer), tokenizer))
+    served = ServerThread(ServerConfig(model=str(model), port=0), AsyncLLM.from_engine(make_engine(model, {}, tokenizer), tokenizer))
     try:
         capsys.readouterr()
         assert main(["client", "--port", str(served.server.port), "info"]) == 0

@@ -100,17 +100,13 @@ def greedy_answers(model_dir: str, prompts: Sequence[str], *, adapter: str | Non
                    max_new_tokens: int = MAX_ANSWER_TOKENS, batch: int = 32, threads: int | None = None) -> list[str]:
     """Greedy answers of the model at `model_dir` (with `adapter`, a PEFT directory, if given) to
     each question, as one chat turn, through the batching engine."""
-    from quadapt.runtime.api import load
-    from quadapt.runtime.engine import Engine, EngineConfig
     from quadapt.runtime.llm import LLM, GenerateRequest
     from quadapt.runtime.sampling import SamplingParams
 
-    loaded = load(model_dir, threads=threads)
-    config = EngineConfig(max_num_seqs=batch, max_num_batched_tokens=1024, max_loras=1 if adapter else 0)
-    engine = Engine.for_model(loaded.model, eos_token_ids=loaded.tokenizer.eos_token_ids, config=config)
-    if adapter:
-        engine.adapters.load("demo", adapter)
-    llm = LLM(engine, loaded.tokenizer)
+    llm = LLM(
+        model_dir, adapters={"demo": str(adapter)} if adapter else {}, threads=threads, max_num_seqs=batch,
+        max_num_batched_tokens=1024, max_loras=1 if adapter else 0,
+    )
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
     answers: list[str] = []
     for start in range(0, len(prompts), 2 * batch):
