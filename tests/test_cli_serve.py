@@ -89,7 +89,8 @@ def test_client_takes_the_port_as_serve_names_it(capsys, model):
     from .test_server import ServerThread, make_engine
 
     tokenizer = Tokenizer.from_dir(model)
-    served = ServerThread(ServerConfig(model=str(model), port=0), AsyncLLM.from_engine(make_engine(model, {}, tokenizer), tokenizer))
+    llm = AsyncLLM.from_engine(make_engine(model, {}, tokenizer), tokenizer)
+    served = ServerThread(ServerConfig(model=str(model), port=0), llm)
     try:
         capsys.readouterr()
         assert main(["client", "--port", str(served.server.port), "info"]) == 0
