@@ -27,6 +27,7 @@ import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -72,10 +73,12 @@ class LayerResult:
             Names absent here are written as read.
         restored: checkpoint name -> the float weight the next layers must see (a dequantized
             linear, a rescaled norm), in the layer's own parameter shape.
+        entries: quantized linear -> its manifest entry (`manifest.py`), for the conversion's report.
     """
 
     tensors: dict[str, list[tuple[str, torch.Tensor]]]
     restored: dict[str, torch.Tensor]
+    entries: dict[str, dict[str, Any]]
 
 
 # quantize_layer(layer prefix, {name: weight as stored}, {member: LayerStats}) -> LayerResult

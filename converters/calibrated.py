@@ -1,6 +1,7 @@
 """The calibrated methods on one decoder layer, each result checked against plain rounding on held-out inputs.
 
-`layer_quantizer(plan)` returns the `calibrate.QuantizeLayerFn` of the plan's method:
+`gptq_layer` and `awq_layer` quantize one decoder layer by the plan's method (`LAYER_METHODS` maps
+the method's name to its function; bound to the plan, each is a `calibrate.QuantizeLayerFn`):
 
 - `gptq`: per linear, the candidates are round-to-nearest (min-max), the MSE range search
   (`quantize.quantize_int(mse=True)`), AWQ's clipping search on the calibration Hessian
@@ -20,22 +21,22 @@
   each linear gets AWQ's clipping search (`awq.search_clip`) on its group ranges, kept
   when its held-out error beats min-max's.
 
-Each choice is recorded in the manifest entry of the linear (`choice`, and the held-out error
-relative to round-to-nearest's, `heldout_error_vs_minmax`; for AWQ's scaled groups also the
-group's, `group_heldout_error_vs_minmax`, the one its shared scales guarantee below 1). It does
-not gather the statistics (`calibrate.py`) or write files (`convert.py`).
+Each choice is recorded in the manifest entry of the linear, returned in `LayerResult.entries`
+(`choice`, and the held-out error relative to round-to-nearest's, `heldout_error_vs_minmax`; for
+AWQ's scaled groups also the group's, `group_heldout_error_vs_minmax`, the one its shared scales
+guarantee below 1). It does not gather the statistics (`calibrate.py`), keep the conversion's
+report or write files (`convert.py`).
 """
 
 from __future__ import annotations
 
 import logging
-from collections import Counter
 from typing import Any, NamedTuple
 
 import torch
 
 from .awq import scaled_error, search_clip, search_scales
-from .calibrate import INPUT_GROUPS, LayerResult, LayerStats, QuantizeLayerFn
+from .calibrate import INPUT_GROUPS, LayerResult, LayerStats
 from .formats import packed_int_tensors
 from .gptq import GPTQ_PERCDAMP_GRID, gptq_quantize, output_error
 from .manifest import int_entry
@@ -69,155 +70,171 @@ class AwqInput(NamedTuple):
     unscaled: str | None
 
 
-def layer_quantizer(plan: Plan) -> QuantizeLayerFn:
-    """The per-layer quantization of a plan calibrated with `gptq` or `awq`.
+def gptq_layer(plan: Plan, prefix: str, weights: dict[str, torch.Tensor], stats: dict[str, LayerStats]) -> LayerResult:
+    """GPTQ's candidates for each quantized linear of one decoder layer; the best on held-out inputs is kept.
 
     Args:
-        plan: the conversion's plan; its `report` receives each linear's manifest entry and, under
-            `_calibration`, a count of the choices made.
+        plan: the conversion's plan (`calibration` "gptq").
+        prefix: the layer's name prefix, `model.layers.3.`.
+        weights: the layer's tensors as stored, by checkpoint name.
+        stats: the layer's input statistics, by member name (`self_attn.q_proj`).
 
     Returns:
-        The callback `calibrate.calibrated_layers` calls per decoder layer.
+        The packed tensors and restored weights of the layer's quantized linears, and their
+        manifest entries.
     """
-    choices: Counter[str] = Counter()
-    plan.report.setdefault("_calibration", {})["choices"] = choices
-
-    def rtn(w: torch.Tensor) -> IntQuantized:
-        return quantize_int(
-            w, num_bits=plan.num_bits, group_size=plan.group_size, symmetric=plan.symmetric, scale_dtype=scale_dtype(w)
+    tensors, restored, entries = {}, {}, {}
+    for member, pair in stats.items():
+        module = prefix + member
+        if module not in plan.quantized:
+            continue
+        weight = weights[module + ".weight"]
+        check = _check_hessian(pair)
+        # Round-to-nearest first (a tie keeps it), then the range searches; GPTQ keeps the
+        # clipped ranges (the MSE search's for q/k) and only chooses the integers within them.
+        mse = quantize_int(
+            weight, num_bits=plan.num_bits, group_size=plan.group_size, symmetric=plan.symmetric, mse=True,
+            scale_dtype=scale_dtype(weight),
         )
-
-    def record(module: str, weight: torch.Tensor, q: IntQuantized, label: str, choice: str, relative: float) -> None:
-        entry: dict[str, Any] = int_entry(weight, q, label)
-        entry |= {"choice": choice, "heldout_error_vs_minmax": round(relative, 4)}
-        plan.report[module] = entry
-        choices[choice] += 1
-
-    def gptq_layer(prefix: str, weights: dict[str, torch.Tensor], stats: dict[str, LayerStats]) -> LayerResult:
-        tensors, restored = {}, {}
-        for member, pair in stats.items():
-            module = prefix + member
-            if module not in plan.quantized:
-                continue
-            weight = weights[module + ".weight"]
-            check = _check_hessian(pair)
-            # Round-to-nearest first (a tie keeps it), then the range searches; GPTQ keeps the
-            # clipped ranges (the MSE search's for q/k) and only chooses the integers within them.
-            mse = quantize_int(
-                weight, num_bits=plan.num_bits, group_size=plan.group_size, symmetric=plan.symmetric, mse=True,
-                scale_dtype=scale_dtype(weight),
+        candidates = {"minmax": _rtn(plan, weight), "mse": mse}
+        ranges = mse
+        if not module.endswith(_GPTQ_MSE_RANGES):
+            ranges = candidates["clip"] = search_clip(
+                weight, pair.fit.value().float(), num_bits=plan.num_bits, group_size=plan.group_size,
+                symmetric=plan.symmetric, scale_dtype=scale_dtype(weight),
             )
-            candidates = {"minmax": rtn(weight), "mse": mse}
-            ranges = mse
-            if not module.endswith(_GPTQ_MSE_RANGES):
-                ranges = candidates["clip"] = search_clip(
-                    weight, pair.fit.value().float(), num_bits=plan.num_bits, group_size=plan.group_size,
-                    symmetric=plan.symmetric, scale_dtype=scale_dtype(weight),
-                )
-            for damp in GPTQ_PERCDAMP_GRID:
-                candidates[f"gptq damping {damp:g}"] = gptq_quantize(
-                    weight, pair.fit.value(), num_bits=plan.num_bits, group_size=plan.group_size,
-                    symmetric=plan.symmetric, scale_dtype=scale_dtype(weight), percdamp=damp, actorder=plan.actorder,
-                    ranges=(ranges.scale, ranges.zero_point),
-                )
-            dequantized = {name: q.dequantize().float() for name, q in candidates.items()}
-            errors = {name: output_error(weight, d, check) for name, d in dequantized.items()}
-            choice = min(errors, key=errors.__getitem__)
-            q = candidates[choice]
-            label = "gptq" if choice.startswith("gptq") else choice
-            record(module, weight, q, label, choice, errors[choice] / max(errors["minmax"], 1e-30))
-            tensors[module + ".weight"] = packed_int_tensors(module, q)
-            restored[module + ".weight"] = dequantized[choice]
-        return LayerResult(tensors, restored)
+        for damp in GPTQ_PERCDAMP_GRID:
+            candidates[f"gptq damping {damp:g}"] = gptq_quantize(
+                weight, pair.fit.value(), num_bits=plan.num_bits, group_size=plan.group_size,
+                symmetric=plan.symmetric, scale_dtype=scale_dtype(weight), percdamp=damp, actorder=plan.actorder,
+                ranges=(ranges.scale, ranges.zero_point),
+            )
+        dequantized = {name: q.dequantize().float() for name, q in candidates.items()}
+        errors = {name: output_error(weight, d, check) for name, d in dequantized.items()}
+        choice = min(errors, key=errors.__getitem__)
+        q = candidates[choice]
+        label = "gptq" if choice.startswith("gptq") else choice
+        entries[module] = _entry(weight, q, label, choice, errors[choice] / max(errors["minmax"], 1e-30))
+        tensors[module + ".weight"] = packed_int_tensors(module, q)
+        restored[module + ".weight"] = dequantized[choice]
+    return LayerResult(tensors, restored, entries)
+
+
+def awq_layer(plan: Plan, prefix: str, weights: dict[str, torch.Tensor], stats: dict[str, LayerStats]) -> LayerResult:
+    """AWQ on one decoder layer: the input groups' scales, folded, then each linear rounded.
+
+    Args:
+        plan: the conversion's plan (`calibration` "awq").
+        prefix, weights, stats: as `gptq_layer` takes them.
+
+    Returns:
+        The packed tensors of the layer's quantized linears and any float weight the scales
+        rescaled, the weights the next layers must see, and the quantized linears' manifest entries.
+    """
+    folded, inputs = _awq_scales(plan, prefix, weights, stats)
+    tensors, restored, entries = {}, {}, {}
+    # scaled input group -> held-out errors summed over its linears: (stored, unscaled min-max)
+    group_errors: dict[str, list[float]] = {}
+    for name, w in folded.items():
+        module = name.removesuffix(".weight")
+        if name.endswith(".weight") and module in plan.quantized:
+            given = inputs[name]
+            q, entries[module], stored, plain = _awq_round(plan, w.to(weights[name].dtype), weights[name], given)
+            if given.unscaled is None:
+                totals = group_errors.setdefault(given.source, [0.0, 0.0])
+                totals[0] += stored
+                totals[1] += plain
+            tensors[name] = packed_int_tensors(module, q)
+            restored[name] = q.dequantize().float()
+        elif not torch.equal(w, weights[name].float()):  # a rescaled norm or float linear
+            tensors[name] = [(name, w.to(weights[name].dtype))]
+            restored[name] = w
+    # One scale serves the whole group, so the guarantee is the group's: one of its linears may
+    # be worse than its own min-max while the group's sum is better.
+    for name, given in inputs.items():
+        if given.unscaled is None and name.removesuffix(".weight") in entries:
+            stored, plain = group_errors[given.source]
+            entries[name.removesuffix(".weight")]["group_heldout_error_vs_minmax"] = round(stored / max(plain, 1e-30), 4)
+    return LayerResult(tensors, restored, entries)
+
+
+# The calibrated methods by name; `functools.partial(LAYER_METHODS[name], plan)` is a `calibrate.QuantizeLayerFn`.
+LAYER_METHODS = {"gptq": gptq_layer, "awq": awq_layer}
+
+
+def _rtn(plan: Plan, w: torch.Tensor) -> IntQuantized:
+    """Round-to-nearest (min-max) with the plan's scheme."""
+    return quantize_int(
+        w, num_bits=plan.num_bits, group_size=plan.group_size, symmetric=plan.symmetric, scale_dtype=scale_dtype(w)
+    )
+
+
+def _entry(weight: torch.Tensor, q: IntQuantized, label: str, choice: str, relative: float) -> dict[str, Any]:
+    """A calibrated linear's manifest entry: `int_entry`, the choice and its held-out error relative to min-max's."""
+    return int_entry(weight, q, label) | {"choice": choice, "heldout_error_vs_minmax": round(relative, 4)}
+
+
+def _awq_scales(
+    plan: Plan, prefix: str, weights: dict[str, torch.Tensor], stats: dict[str, LayerStats]
+) -> tuple[dict[str, torch.Tensor], dict[str, AwqInput]]:
+    """Search each input group's scales, keep them where they beat no scaling on held-out
+    inputs, and fold them. Returns the float32 weights with the scales folded in, and per
+    quantized linear its `AwqInput`."""
 
     def round_fn(w: torch.Tensor) -> torch.Tensor:
-        return rtn(w).dequantize().float()
+        return _rtn(plan, w).dequantize().float()
 
-    def awq_scales(
-        prefix: str, weights: dict[str, torch.Tensor], stats: dict[str, LayerStats]
-    ) -> tuple[dict[str, torch.Tensor], dict[str, AwqInput]]:
-        """Search each input group's scales, keep them where they beat no scaling on held-out
-        inputs, and fold them. Returns the float32 weights with the scales folded in, and per
-        quantized linear its `AwqInput`."""
-        folded = {name: w.float() for name, w in weights.items()}
-        inputs: dict[str, AwqInput] = {}
-        for members, source in INPUT_GROUPS:
-            if source not in stats:
-                continue
-            names = [prefix + m + ".weight" for m in members]
-            pair = stats[source]
-            fold = _AWQ_FOLD[source]
-            s, unscaled = torch.ones(pair.fit.hessian.shape[0]), None
-            if fold is None or not all(prefix + m in plan.quantized for m in members):
-                unscaled = "input not scalable"
+    folded = {name: w.float() for name, w in weights.items()}
+    inputs: dict[str, AwqInput] = {}
+    for members, source in INPUT_GROUPS:
+        if source not in stats:
+            continue
+        names = [prefix + m + ".weight" for m in members]
+        pair = stats[source]
+        fold = _AWQ_FOLD[source]
+        s, unscaled = torch.ones(pair.fit.hessian.shape[0]), None
+        if fold is None or not all(prefix + m in plan.quantized for m in members):
+            unscaled = "input not scalable"
+        else:
+            group = [weights[name].float() for name in names]
+            found, _ = search_scales(group, pair.fit.mean_abs(), pair.fit.value(), round_fn, plan.group_size)
+            check = _check_hessian(pair)
+            if scaled_error(group, found, check, round_fn) < scaled_error(group, s, check, round_fn):
+                s = found
+                _fold(folded, prefix, fold, names, s)
             else:
-                group = [weights[name].float() for name in names]
-                found, _ = search_scales(group, pair.fit.mean_abs(), pair.fit.value(), round_fn, plan.group_size)
-                check = _check_hessian(pair)
-                if scaled_error(group, found, check, round_fn) < scaled_error(group, s, check, round_fn):
-                    s = found
-                    _fold(folded, prefix, fold, names, s)
-                else:
-                    unscaled = "scaling was worse on held-out inputs"
-            for name in names:
-                inputs[name] = AwqInput(source, pair, s, unscaled)
-        return folded, inputs
+                unscaled = "scaling was worse on held-out inputs"
+        for name in names:
+            inputs[name] = AwqInput(source, pair, s, unscaled)
+    return folded, inputs
 
-    def awq_round(
-        module: str, w: torch.Tensor, original: torch.Tensor, given: AwqInput
-    ) -> tuple[IntQuantized, float, float]:
-        """Round one folded linear by min-max or by the clipping search, whichever has the lower
-        output error on held-out inputs, and record its manifest entry. Returns (the rounding,
-        its error, the error of min-max on the unscaled `original`)."""
-        # The input as the folded weight sees it is x / s: its Hessian is H / (s s^T).
-        inverse = torch.outer(given.s, given.s)
-        check = _check_hessian(given.pair).float() / inverse
-        candidates = {
-            "minmax": rtn(w),
-            "clip": search_clip(
-                w, given.pair.fit.value().float() / inverse, num_bits=plan.num_bits, group_size=plan.group_size,
-                symmetric=plan.symmetric, scale_dtype=scale_dtype(w),
-            ),
-        }
-        errors = {key: output_error(w, q.dequantize(), check) for key, q in candidates.items()}
-        key = min(errors, key=errors.__getitem__)  # a tie keeps min-max
-        unscaled = given.unscaled
-        choice = ("awq" if unscaled is None else f"minmax ({unscaled})") + (" + clip" if key == "clip" else "")
-        plain = errors["minmax"]  # unscaled, w is the original weight
-        if unscaled is None:
-            plain = output_error(original, rtn(original).dequantize(), _check_hessian(given.pair))
-        label = "awq" if unscaled is None or key == "clip" else "minmax"
-        record(module, w, candidates[key], label, choice, errors[key] / max(plain, 1e-30))
-        return candidates[key], errors[key], plain
 
-    def awq_layer(prefix: str, weights: dict[str, torch.Tensor], stats: dict[str, LayerStats]) -> LayerResult:
-        folded, inputs = awq_scales(prefix, weights, stats)
-        tensors, restored = {}, {}
-        # scaled input group -> held-out errors summed over its linears: (stored, unscaled min-max)
-        group_errors: dict[str, list[float]] = {}
-        for name, w in folded.items():
-            module = name.removesuffix(".weight")
-            if name.endswith(".weight") and module in plan.quantized:
-                given = inputs[name]
-                q, stored, plain = awq_round(module, w.to(weights[name].dtype), weights[name], given)
-                if given.unscaled is None:
-                    totals = group_errors.setdefault(given.source, [0.0, 0.0])
-                    totals[0] += stored
-                    totals[1] += plain
-                tensors[name] = packed_int_tensors(module, q)
-                restored[name] = q.dequantize().float()
-            elif not torch.equal(w, weights[name].float()):  # a rescaled norm or float linear
-                tensors[name] = [(name, w.to(weights[name].dtype))]
-                restored[name] = w
-        # One scale serves the whole group, so the guarantee is the group's: one of its linears may
-        # be worse than its own min-max while the group's sum is better.
-        for name, given in inputs.items():
-            if given.unscaled is None and name.removesuffix(".weight") in plan.report:
-                stored, plain = group_errors[given.source]
-                plan.report[name.removesuffix(".weight")]["group_heldout_error_vs_minmax"] = round(stored / max(plain, 1e-30), 4)
-        return LayerResult(tensors, restored)
-
-    return gptq_layer if plan.calibration == "gptq" else awq_layer
+def _awq_round(
+    plan: Plan, w: torch.Tensor, original: torch.Tensor, given: AwqInput
+) -> tuple[IntQuantized, dict[str, Any], float, float]:
+    """Round one folded linear by min-max or by the clipping search, whichever has the lower
+    output error on held-out inputs. Returns (the rounding, its manifest entry, its error, the
+    error of min-max on the unscaled `original`)."""
+    # The input as the folded weight sees it is x / s: its Hessian is H / (s s^T).
+    inverse = torch.outer(given.s, given.s)
+    check = _check_hessian(given.pair).float() / inverse
+    candidates = {
+        "minmax": _rtn(plan, w),
+        "clip": search_clip(
+            w, given.pair.fit.value().float() / inverse, num_bits=plan.num_bits, group_size=plan.group_size,
+            symmetric=plan.symmetric, scale_dtype=scale_dtype(w),
+        ),
+    }
+    errors = {key: output_error(w, q.dequantize(), check) for key, q in candidates.items()}
+    key = min(errors, key=errors.__getitem__)  # a tie keeps min-max
+    unscaled = given.unscaled
+    choice = ("awq" if unscaled is None else f"minmax ({unscaled})") + (" + clip" if key == "clip" else "")
+    plain = errors["minmax"]  # unscaled, w is the original weight
+    if unscaled is None:
+        plain = output_error(original, _rtn(plan, original).dequantize(), _check_hessian(given.pair))
+    label = "awq" if unscaled is None or key == "clip" else "minmax"
+    entry = _entry(w, candidates[key], label, choice, errors[key] / max(plain, 1e-30))
+    return candidates[key], entry, errors[key], plain
 
 
 def _fold(folded: dict[str, torch.Tensor], prefix: str, fold: tuple[str, str], names: list[str], s: torch.Tensor) -> None:

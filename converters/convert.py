@@ -22,8 +22,11 @@ and transformers pick a name target over the `Linear` class target, and transfor
 load path is then exact). The head is calibrated by min-max (`mse` leaves symmetric 8-bit to
 min-max too); GPTQ and AWQ calibrate the decoder layers only.
 
-Every option is checked before any work (`plan.py`, which also says what is refused and why). It
-does not requantize quantized checkpoints (that compounds the error): convert the float model.
+Every option is checked before any work (`plan.py`, which also says what is refused and why); the
+plan is then fixed, and what the conversion does is recorded as it streams in a
+`manifest.ConversionReport`, written out as the manifest. `quantize_linear` is the one rounding of
+a linear, shared with quantizing a loaded model in memory (`in_memory.py`). It does not requantize
+quantized checkpoints (that compounds the error): convert the float model.
 """
 
 from __future__ import annotations
@@ -37,21 +40,21 @@ import torch
 from ..runtime.checkpoints import CheckpointReader, as_reader, is_derived_key
 from ..runtime.config import ModelConfig
 from ..runtime.errors import CheckpointError
-from .formats import nf4_tensors, packed_int_tensors
-from .manifest import MANIFEST_FILE, int_entry, manifest_files, nf4_entry, quantization_config
+from .formats import quantized_tensors
+from .manifest import MANIFEST_FILE, ConversionReport, int_entry, manifest_files, nf4_entry, quantization_config
 from .plan import (
-    CALIBRATIONS, HEAD, HEAD_PRECISIONS, SCHEMES, Calibration, HeadPrecision, Plan, Scheme, check_choices,
-    check_disk_space, check_names, plan_conversion, refuse_quantized_source,
+    CALIBRATED, CALIBRATIONS, HEAD, HEAD_PRECISIONS, SCHEMES, Calibration, HeadPrecision, Plan, Scheme,
+    check_choices, check_disk_space, check_names, plan_conversion, refuse_quantized_source,
 )
 from .calibration_set import DEFAULT_CALIBRATION_TOKENS
 from .progress import progress
-from .quantize import quantize_int, quantize_nf4, scale_dtype
+from .quantize import IntQuantized, NF4Quantized, quantize_int, quantize_nf4, scale_dtype
 from .writer import check_output_dir, scratch_dir, write_checkpoint
 
 # Re-exported: callers import the choices and the manifest's name from here.
 __all__ = [
     "CALIBRATIONS", "HEAD_PRECISIONS", "MANIFEST_FILE", "SCHEMES", "Calibration", "HeadPrecision", "Scheme",
-    "convert_checkpoint",
+    "check_finite", "convert_checkpoint", "quantize_linear",
 ]
 
 logger = logging.getLogger(__name__)
@@ -121,25 +124,55 @@ def convert_checkpoint(
     check_disk_space(out_dir, config, plan, config_dict)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    report = ConversionReport()  # filled as the tensors stream; the manifest is written from it at the end
     with scratch_dir(out_dir) as scratch:  # where GPTQ may spill the source: on the disk that was checked
-        if calibration in ("gptq", "awq"):
-            tensors = _calibrated_stream(reader, names, config, plan, calib_text, calib_tokens, Path(scratch))
+        if calibration in CALIBRATED:
+            tensors = _calibrated_stream(reader, names, config, plan, report, calib_text, calib_tokens, Path(scratch))
         else:
             source_tensors = progress(reader.tensors(), total=len(reader.keys()), label=f"converting to {scheme}")
-            tensors = _rtn_stream(source_tensors, plan)
+            tensors = _rtn_stream(source_tensors, plan, report)
         write_checkpoint(
             out_dir,
             {**config_dict, "quantization_config": quantization_config(plan, config_dict)},
             tensors,
             reader.tokenizer_files(),
             overwrite=overwrite,
-            extra_files=lambda: manifest_files(plan),
+            extra_files=lambda: manifest_files(plan, report),
             **({} if max_shard_bytes is None else {"max_shard_bytes": max_shard_bytes}),
         )
     return out_dir
 
 
-def _check_finite(name: str, tensor: torch.Tensor, source: str) -> None:
+def quantize_linear(plan: Plan, module: str, weight: torch.Tensor) -> IntQuantized | NF4Quantized:
+    """Round-to-nearest (or MSE-searched) quantization of one planned linear, as the checkpoint stores it.
+
+    Args:
+        plan: the plan; its calibration is `minmax` or `mse` (GPTQ and AWQ quantize whole layers,
+            `calibrated.py`, and leave only an int8 head to this).
+        module: a linear of `plan.quantized`, quantized with the scheme, or the head under
+            `lm_head="int8"`: int8 per output row, symmetric, min-max (which `mse` keeps at 8 bits).
+        weight: its float weight [N, K].
+
+    Returns:
+        The quantized weight; `formats.quantized_tensors` lays it out for the checkpoint.
+    """
+    mse = plan.calibration == "mse"
+    if module == HEAD:
+        return quantize_int(weight, num_bits=8, group_size=None, symmetric=True, mse=mse, scale_dtype=scale_dtype(weight))
+    if plan.scheme == "nf4":
+        return quantize_nf4(weight)
+    return quantize_int(
+        weight, num_bits=plan.num_bits, group_size=plan.group_size, symmetric=plan.symmetric, mse=mse,
+        scale_dtype=scale_dtype(weight),
+    )
+
+
+def check_finite(name: str, tensor: torch.Tensor, source: str) -> None:
+    """Refuse a float tensor holding NaN or Inf, which no quantization can represent.
+
+    Raises:
+        CheckpointError: naming the tensor, the count of bad values and where it comes from.
+    """
     if not tensor.is_floating_point():
         return
     # In slices, so the check's boolean temporaries stay small beside a large tensor.
@@ -152,56 +185,44 @@ def _check_finite(name: str, tensor: torch.Tensor, source: str) -> None:
     )
 
 
-def _rtn_stream(source: Iterable[tuple[str, torch.Tensor]], plan: Plan) -> Iterator[tuple[str, torch.Tensor]]:
+def _rtn_stream(
+    source: Iterable[tuple[str, torch.Tensor]], plan: Plan, report: ConversionReport
+) -> Iterator[tuple[str, torch.Tensor]]:
     """Round-to-nearest (or MSE-searched) quantization, one tensor at a time."""
     for name, tensor in source:
         if is_derived_key(name):
             continue
-        _check_finite(name, tensor, plan.source)
+        check_finite(name, tensor, plan.source)
         module = name.removesuffix(".weight")
         if name.endswith(".weight") and module in plan.quantized:
-            yield from _quantize_linear(plan, module, tensor)
+            yield from _quantized(plan, report, module, tensor)
         elif name == f"{HEAD}.weight" and plan.lm_head == "int8":
-            yield from _quantize_head(plan, tensor)
+            yield from _quantized(plan, report, HEAD, tensor)
         else:
             yield name, tensor
 
 
-def _quantize_linear(plan: Plan, module: str, weight: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
-    """RTN / MSE quantization of one linear; records how it went."""
-    if plan.scheme == "nf4":
-        nf4 = quantize_nf4(weight)
-        plan.report[module] = nf4_entry(weight, nf4)
-        return nf4_tensors(module, nf4)
-    quantized = quantize_int(
-        weight, num_bits=plan.num_bits, group_size=plan.group_size, symmetric=plan.symmetric,
-        mse=plan.calibration == "mse", scale_dtype=scale_dtype(weight),
-    )
-    plan.report[module] = int_entry(weight, quantized, plan.calibration)
-    return packed_int_tensors(module, quantized)
-
-
-def _quantize_head(plan: Plan, weight: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
-    """The output head as int8 per output row, symmetric (W8A16): min-max (which `mse` keeps at 8 bits)."""
-    calibration = "mse" if plan.calibration == "mse" else "minmax"  # GPTQ and AWQ leave the head to min-max
-    quantized = quantize_int(
-        weight, num_bits=8, group_size=None, symmetric=True, mse=calibration == "mse", scale_dtype=scale_dtype(weight)
-    )
-    plan.report[HEAD] = int_entry(weight, quantized, calibration)
-    return packed_int_tensors(HEAD, quantized)
+def _quantized(plan: Plan, report: ConversionReport, module: str, weight: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+    """One linear (or the int8 head) quantized by `quantize_linear`: its tensors; its entry goes to the report."""
+    quantized = quantize_linear(plan, module, weight)
+    if isinstance(quantized, NF4Quantized):
+        report.linears[module] = nf4_entry(weight, quantized)
+    else:
+        report.linears[module] = int_entry(weight, quantized, "mse" if plan.calibration == "mse" else "minmax")
+    return quantized_tensors(module, quantized)
 
 
 def _calibrated_stream(
-    reader: CheckpointReader, names: list[str], config: ModelConfig, plan: Plan,
+    reader: CheckpointReader, names: list[str], config: ModelConfig, plan: Plan, report: ConversionReport,
     calib_text: str | Path | Sequence[str | Path] | None, calib_tokens: int, scratch: Path,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """GPTQ or activation-aware scaling, layer by layer over a random-access view of the source."""
     from ..runtime.tokenizer import Tokenizer
     from .calibrate import (
-        CALIBRATION_SEQUENCE_LENGTH, TensorStore, calibrated_layers, calibration_sequences, check_token_count,
-        split_heldout,
+        CALIBRATION_SEQUENCE_LENGTH, LayerResult, LayerStats, TensorStore, calibrated_layers, calibration_sequences,
+        check_token_count, split_heldout,
     )
-    from .calibrated import layer_quantizer
+    from .calibrated import LAYER_METHODS
     from .gptq import GPTQ_PERCDAMP_GRID
 
     tokenizer = Tokenizer.from_files(reader.tokenizer_files())
@@ -210,17 +231,22 @@ def _calibrated_stream(
     fit, heldout = split_heldout(sequences)
     fit_tokens, heldout_tokens = (sum(s.shape[1] for s in part) for part in (fit, heldout))
     check_token_count(fit_tokens, max(k for _, k in plan.quantized.values()), plan.calibration)
-    quantize_layer = layer_quantizer(plan)
-    plan.report["_calibration"] |= {
+    report.calibration = {
         "texts": [str(t) for t in _as_list(calib_text)], "tokens": fit_tokens + heldout_tokens,
         "fit_tokens": fit_tokens, "heldout_tokens": heldout_tokens, "sequence_length": length,
         **({"percdamp_grid": list(GPTQ_PERCDAMP_GRID)} if plan.calibration == "gptq" else {}),
     }
     logger.info("%s: %d calibration tokens (%d held out for the checks)", plan.calibration, fit_tokens + heldout_tokens, heldout_tokens)
     store = TensorStore(reader, scratch / "spill")
+    method = LAYER_METHODS[plan.calibration]
+
+    def quantize_layer(prefix: str, weights: dict[str, torch.Tensor], stats: dict[str, LayerStats]) -> LayerResult:
+        result = method(plan, prefix, weights, stats)
+        report.linears.update(result.entries)
+        return result
 
     def check(name: str, tensor: torch.Tensor) -> None:
-        _check_finite(name, tensor, plan.source)
+        check_finite(name, tensor, plan.source)
 
     layers = calibrated_layers(
         store, names, config, fit, heldout, set(plan.quantized), quantize_layer, check, plan.calibration,
@@ -228,10 +254,10 @@ def _calibrated_stream(
     )
     for name, tensor in layers:
         if name == f"{HEAD}.weight" and plan.lm_head == "int8":
-            yield from _quantize_head(plan, tensor)  # the methods calibrate decoder layers; the head is RTN
+            yield from _quantized(plan, report, HEAD, tensor)  # the methods calibrate decoder layers; the head is RTN
         else:
             yield name, tensor
-    logger.info("%s: choices %s", plan.calibration, dict(plan.report["_calibration"]["choices"]))
+    logger.info("%s: choices %s", plan.calibration, dict(report.choices))
 
 
 def _as_list(calib_text: str | Path | Sequence[str | Path] | None) -> list[str | Path]:

@@ -60,6 +60,13 @@ def packed_int_tensors(prefix: str, quantized: IntQuantized) -> list[tuple[str, 
     return tensors
 
 
+def quantized_tensors(prefix: str, quantized: IntQuantized | NF4Quantized) -> list[tuple[str, torch.Tensor]]:
+    """The checkpoint tensors of one quantized linear: `nf4_tensors` or `packed_int_tensors`."""
+    if isinstance(quantized, NF4Quantized):
+        return nf4_tensors(prefix, quantized)
+    return packed_int_tensors(prefix, quantized)
+
+
 def compressed_tensors_config(
     *,
     num_bits: int,

@@ -3,8 +3,9 @@
 `quantization_config` is the block of `config.json` that transformers and vLLM read to load the
 output (compressed-tensors, or bitsandbytes for nf4). The manifest is quadapt's own record: the
 scheme, group size and calibration, how each linear was quantized (with its SQNR against the float
-weight) and what stayed float and why. The conversion fills `Plan.report` with `int_entry` and
-`nf4_entry` as it streams; `manifest` reads it once the tensors are written.
+weight) and what stayed float and why. The plan says what is to happen; the conversion records
+what happened in a `ConversionReport` (`int_entry` and `nf4_entry` per linear, as it streams, and
+the calibration's data), and `manifest` reads both once the tensors are written.
 
 It does not decide what is quantized (`plan.py`) or quantize (`convert.py`, `quantize.py`).
 """
@@ -12,6 +13,8 @@ It does not decide what is quantized (`plan.py`) or quantize (`convert.py`, `qua
 from __future__ import annotations
 
 import json
+from collections import Counter
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -22,6 +25,26 @@ from .plan import EMBEDDING, HEAD, Plan, float_dtype_name
 from .quantize import IntQuantized, NF4Quantized, sqnr_db
 
 MANIFEST_FILE = "quadapt_manifest.json"
+
+
+@dataclass
+class ConversionReport:
+    """What a conversion did, filled in as it streams; the manifest's record of it.
+
+    Attributes:
+        linears: quantized linear -> its manifest entry (`int_entry`, `nf4_entry`; GPTQ and AWQ
+            add their choice and held-out errors), in the order they were quantized.
+        calibration: for GPTQ and AWQ, the calibration data: texts, token counts, sequence
+            length and (GPTQ) the damping grid.
+    """
+
+    linears: dict[str, dict[str, Any]] = field(default_factory=dict)
+    calibration: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def choices(self) -> Counter[str]:
+        """How often GPTQ or AWQ chose each candidate, in the order first chosen."""
+        return Counter(entry["choice"] for entry in self.linears.values() if "choice" in entry)
 
 
 def int_entry(weight: torch.Tensor, quantized: IntQuantized, calibration: str) -> dict[str, Any]:
@@ -62,8 +85,8 @@ def quantization_config(plan: Plan, config_dict: dict[str, Any]) -> dict[str, An
     )
 
 
-def manifest(plan: Plan) -> dict[str, Any]:
-    """The contents of `quadapt_manifest.json`, from a plan whose report the conversion has filled.
+def manifest(plan: Plan, report: ConversionReport) -> dict[str, Any]:
+    """The contents of `quadapt_manifest.json`: the plan, and the report the conversion has filled.
 
     Returns:
         A JSON-ready dict: version, source, scheme, format, group size, calibration, head
@@ -77,7 +100,7 @@ def manifest(plan: Plan) -> dict[str, Any]:
 
         calibration |= {"blocksize": GPTQ_BLOCKSIZE, "actorder": "weight" if plan.actorder else None}
     if plan.calibration in ("gptq", "awq"):
-        calibration |= {key: dict(v) if isinstance(v, dict) else v for key, v in plan.report.get("_calibration", {}).items()}
+        calibration |= {"choices": dict(report.choices), **report.calibration}
     quantized = [*plan.quantized, *([HEAD] if plan.lm_head == "int8" else [])]
     return {
         "quadapt_version": version("quadapt"),
@@ -87,11 +110,11 @@ def manifest(plan: Plan) -> dict[str, Any]:
         "group_size": plan.group_size,
         "calibration": calibration,
         "lm_head": plan.lm_head,
-        "quantized": {name: plan.report[name] for name in quantized},
+        "quantized": {name: report.linears[name] for name in quantized},
         "kept_float": dict(plan.kept),
     }
 
 
-def manifest_files(plan: Plan) -> dict[str, str]:
+def manifest_files(plan: Plan, report: ConversionReport) -> dict[str, str]:
     """The manifest as the writer's `extra_files` take it: file name -> text."""
-    return {MANIFEST_FILE: json.dumps(manifest(plan), indent=2) + "\n"}
+    return {MANIFEST_FILE: json.dumps(manifest(plan, report), indent=2) + "\n"}

@@ -26,9 +26,10 @@ It does not read weights, quantize or write: `convert.py` streams, `manifest.py`
 from __future__ import annotations
 
 import shutil
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Literal, get_args
 
 import torch
@@ -53,9 +54,9 @@ EMBEDDING = "model.embed_tokens"
 HEAD = "lm_head"
 
 
-@dataclass
+@dataclass(frozen=True)
 class Plan:
-    """The validated options and, per module, what happens to it.
+    """The validated options and, per module, what happens to it; fixed once planned.
 
     Attributes:
         scheme, group_size, calibration, actorder, lm_head: the checked options (`group_size` is
@@ -63,8 +64,9 @@ class Plan:
         quantized: linear -> (N, K), quantized with the scheme; an int8 head is apart (`lm_head`).
         kept: module -> why it stays float.
         source: the source checkpoint's path, for messages and the manifest.
-        report: linear -> how it was quantized (filled in as the conversion streams; see
-            `manifest.py`), and `_calibration` for the calibration data of GPTQ and AWQ.
+
+    What the conversion did (each linear's result, the calibration's data) is not part of the
+    plan: the conversion records it in a `manifest.ConversionReport`.
     """
 
     scheme: str
@@ -72,10 +74,14 @@ class Plan:
     calibration: str
     actorder: bool
     lm_head: str
-    quantized: dict[str, tuple[int, int]]
-    kept: dict[str, str]
+    quantized: Mapping[str, tuple[int, int]]
+    kept: Mapping[str, str]
     source: str
-    report: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        # Read-only views, so the plan cannot change under the conversion that follows it.
+        object.__setattr__(self, "quantized", MappingProxyType(dict(self.quantized)))
+        object.__setattr__(self, "kept", MappingProxyType(dict(self.kept)))
 
     @property
     def num_bits(self) -> int:
@@ -127,7 +133,7 @@ def plan_conversion(
             `convert_checkpoint` takes them.
 
     Returns:
-        The plan, with an empty report.
+        The plan.
 
     Raises:
         InvalidParameterError: a bad group size, a `keep` entry that matches nothing or leaves nothing
@@ -136,38 +142,9 @@ def plan_conversion(
             calibration tokens, an int8 head the scheme's format cannot hold.
         UnsupportedError: an int8 head tied to the embedding.
     """
-    with torch.device("meta"):
-        model = CausalLM(config)
-    linears = {name: (m.out_features, m.in_features) for name, m in model.named_modules() if isinstance(m, nn.Linear)}
-    kept = {EMBEDDING: "embedding: stays float (transformers cannot load a quantized embedding)"}
-    if lm_head == "int8":
-        _check_int8_head(reader, config, scheme, keep)
-    elif config.tie_word_embeddings:
-        kept[HEAD] = "output head: tied to the embedding, stays float"
-    else:
-        kept[HEAD] = "output head: stays float (default; --lm-head int8 quantizes it)"
-    del linears[HEAD]
-    for entry in keep:
-        matched = [name for name in linears if _keep_matches(name, entry)]
-        if not matched and not _keep_matches(HEAD, entry) and not _keep_matches(EMBEDDING, entry):
-            raise InvalidParameterError(
-                f"--keep {entry!r} matches no linear module; give a module name ({next(iter(linears))}), a suffix "
-                "(down_proj) or a prefix (model.layers.0)"
-            )
-        for name in matched:
-            kept[name] = f"--keep {entry}"
-    quantized = {name: shape for name, shape in linears.items() if name not in kept}
-    if not quantized:
-        raise InvalidParameterError("--keep leaves no linear to quantize; remove some --keep entries")
-
-    group_size = _group_size(scheme, group_size, quantized)
-    if calibration == "mse" and scheme == "nf4":
-        raise InvalidParameterError(
-            "calibration 'mse' does not apply to nf4: its block scale is the block's absmax by format; use minmax"
-        )
+    quantized, kept, group_size = plan_linears(config, scheme, group_size, keep, lm_head, str(reader.path))
+    check_calibration(scheme, calibration)
     if calibration in CALIBRATED:
-        if scheme == "nf4":
-            raise InvalidParameterError(f"calibration {calibration!r} is for int4/int8 schemes; nf4 uses minmax")
         if reader.tokenizer_files() is None:
             raise InvalidParameterError(
                 f"{reader.path} carries no tokenizer, which calibration {calibration!r} needs to read its calibration text"
@@ -188,7 +165,68 @@ def plan_conversion(
     return Plan(scheme, group_size, calibration, actorder, lm_head, quantized, kept, str(reader.path))
 
 
-def _check_int8_head(reader: CheckpointReader, config: ModelConfig, scheme: str, keep: Sequence[str]) -> None:
+def plan_linears(
+    config: ModelConfig, scheme: str, group_size: int | None, keep: Sequence[str], lm_head: str, source: str
+) -> tuple[dict[str, tuple[int, int]], dict[str, str], int | None]:
+    """Decide per linear of a model whether it is quantized, and with which group size.
+
+    The part of the plan that depends on the model's shape alone, so that quantizing a model in
+    memory (`in_memory.py`) follows the same rules as converting its checkpoint.
+
+    Args:
+        config: the model config.
+        scheme, group_size, keep, lm_head: as `convert_checkpoint` takes them (checked choices).
+        source: where the model comes from, for messages.
+
+    Returns:
+        (linear -> (N, K) to quantize with the scheme, module -> why it stays float, the group size).
+
+    Raises:
+        InvalidParameterError: a bad group size, a `keep` entry that matches nothing or leaves
+            nothing to quantize, an int8 head the scheme's format cannot hold.
+        UnsupportedError: an int8 head tied to the embedding.
+    """
+    with torch.device("meta"):
+        model = CausalLM(config)
+    linears = {name: (m.out_features, m.in_features) for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    kept = {EMBEDDING: "embedding: stays float (transformers cannot load a quantized embedding)"}
+    if lm_head == "int8":
+        _check_int8_head(source, config, scheme, keep)
+    elif config.tie_word_embeddings:
+        kept[HEAD] = "output head: tied to the embedding, stays float"
+    else:
+        kept[HEAD] = "output head: stays float (default; --lm-head int8 quantizes it)"
+    del linears[HEAD]
+    for entry in keep:
+        matched = [name for name in linears if _keep_matches(name, entry)]
+        if not matched and not _keep_matches(HEAD, entry) and not _keep_matches(EMBEDDING, entry):
+            raise InvalidParameterError(
+                f"--keep {entry!r} matches no linear module; give a module name ({next(iter(linears))}), a suffix "
+                "(down_proj) or a prefix (model.layers.0)"
+            )
+        for name in matched:
+            kept[name] = f"--keep {entry}"
+    quantized = {name: shape for name, shape in linears.items() if name not in kept}
+    if not quantized:
+        raise InvalidParameterError("--keep leaves no linear to quantize; remove some --keep entries")
+    return quantized, kept, _group_size(scheme, group_size, quantized)
+
+
+def check_calibration(scheme: str, calibration: str) -> None:
+    """Refuse a calibration that does not apply to the scheme (`mse`, `gptq` and `awq` with nf4).
+
+    Raises:
+        InvalidParameterError: naming the calibration to use instead.
+    """
+    if calibration == "mse" and scheme == "nf4":
+        raise InvalidParameterError(
+            "calibration 'mse' does not apply to nf4: its block scale is the block's absmax by format; use minmax"
+        )
+    if calibration in CALIBRATED and scheme == "nf4":
+        raise InvalidParameterError(f"calibration {calibration!r} is for int4/int8 schemes; nf4 uses minmax")
+
+
+def _check_int8_head(source: str, config: ModelConfig, scheme: str, keep: Sequence[str]) -> None:
     """Refuse an int8 head the output format, or transformers reading it, cannot express."""
     if scheme == "nf4":
         raise InvalidParameterError(
@@ -204,7 +242,7 @@ def _check_int8_head(reader: CheckpointReader, config: ModelConfig, scheme: str,
         )
     if config.tie_word_embeddings:
         raise UnsupportedError(
-            f"--lm-head int8: {reader.path} ties the output head to the embedding (tie_word_embeddings), so an int8 "
+            f"--lm-head int8: {source} ties the output head to the embedding (tie_word_embeddings), so an int8 "
             "head is an int8 embedding, which transformers cannot load from compressed-tensors; keep --lm-head float"
         )
     if any(_keep_matches(HEAD, entry) for entry in keep):

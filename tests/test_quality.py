@@ -19,7 +19,7 @@ import torch
 
 from quadapt.converters.awq import search_clip
 from quadapt.converters.calibrate import LayerStats
-from quadapt.converters.calibrated import layer_quantizer
+from quadapt.converters.calibrated import gptq_layer
 from quadapt.converters.convert import MANIFEST_FILE, convert_checkpoint
 from quadapt.converters.gptq import HessianAccumulator, gptq_quantize, output_error
 from quadapt.converters.plan import Plan
@@ -92,8 +92,8 @@ def test_gptq_overfitted_to_its_inputs_is_replaced_by_rounding():
     assert output_error(w, overfit.dequantize(), heldout.value()) > output_error(w, rtn.dequantize(), heldout.value())
 
     plan = _plan("gptq")
-    result = layer_quantizer(plan)("model.layers.0.", {"model.layers.0.mlp.down_proj.weight": w}, {"mlp.down_proj": LayerStats(fit, heldout)})
-    choice = plan.report["model.layers.0.mlp.down_proj"]["choice"]
+    result = gptq_layer(plan, "model.layers.0.", {"model.layers.0.mlp.down_proj.weight": w}, {"mlp.down_proj": LayerStats(fit, heldout)})
+    choice = result.entries["model.layers.0.mlp.down_proj"]["choice"]
     assert choice in ("minmax", "mse")  # a rounding, not the overfitted GPTQ
     rounded = rtn if choice == "minmax" else quantize_int(w, num_bits=4, group_size=32, symmetric=True, mse=True)
     assert torch.equal(result.restored["model.layers.0.mlp.down_proj.weight"], rounded.dequantize())
@@ -102,8 +102,8 @@ def test_gptq_overfitted_to_its_inputs_is_replaced_by_rounding():
     same = HessianAccumulator(128)
     same.add(torch.randn(4096, 6) @ torch.randn(6, 128))
     plan = _plan("gptq")
-    result = layer_quantizer(plan)("model.layers.0.", {"model.layers.0.mlp.down_proj.weight": w}, {"mlp.down_proj": LayerStats(fit, fit)})
-    assert plan.report["model.layers.0.mlp.down_proj"]["choice"].startswith("gptq")
+    result = gptq_layer(plan, "model.layers.0.", {"model.layers.0.mlp.down_proj.weight": w}, {"mlp.down_proj": LayerStats(fit, fit)})
+    assert result.entries["model.layers.0.mlp.down_proj"]["choice"].startswith("gptq")
     # within the clipping search's ranges: (q - 0) * s with the clipped scales
     clipped = search_clip(w, fit.value().float(), num_bits=4, group_size=32, symmetric=True, scale_dtype=torch.float32)
     stored = result.tensors["model.layers.0.mlp.down_proj.weight"]
