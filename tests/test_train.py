@@ -27,7 +27,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def float_dir(tmp_path_factory):
-    _, path = save_hf_model(tmp_path_factory.mktemp("train"), "llama", vocab_size=256)
+    # Input sizes 64 and 128: int4 in memory takes convert's group size, which must divide them all.
+    _, path = save_hf_model(tmp_path_factory.mktemp("train"), "llama", vocab_size=256, intermediate_size=128)
     return path
 
 
@@ -192,6 +193,25 @@ def test_training_forward_equals_the_inference_forward(float_dir):
     ids = torch.randint(0, 256, (2, 9))
     with torch.no_grad():
         assert_close(model.lm_head(hidden_states(model, ids)), model(ids))
+
+
+def test_the_int4_base_is_what_convert_writes(tmp_path):
+    """The base quantized in memory holds the packed tensors of `quadapt convert`'s checkpoint, group
+    size included: the largest of 128, 64, 32 that divides every input size (here 128)."""
+    from quadapt.converters.convert import convert_checkpoint
+    from quadapt.runtime.errors import InvalidParameterError
+    from quadapt.runtime.quant import PackedIntLinear
+
+    _, path = save_hf_model(tmp_path, "llama", vocab_size=256, hidden_size=128, intermediate_size=256)
+    model, _ = quantized_model(path, "int4")
+    converted = load_model(convert_checkpoint(path, tmp_path / "int4", "int4"))
+    assert {m.group_size for m in model.modules() if isinstance(m, PackedIntLinear)} == {128}
+    expected = converted.state_dict()
+    assert all(torch.equal(value, expected[key]) for key, value in model.state_dict().items())
+
+    _, odd = save_hf_model(tmp_path / "odd", "llama", vocab_size=256)  # input sizes 64 and 112
+    with pytest.raises(InvalidParameterError, match=r"--quantize int4: no int4 group size .* or use --quantize nf4"):
+        quantized_model(odd, "int4")
 
 
 def test_learning_rate_warms_up_then_decays_to_zero():

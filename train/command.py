@@ -125,9 +125,9 @@ def fit_adapter(
 
 
 def quantize_in_memory(model: Any, scheme: str) -> dict[str, Any]:
-    """Replace each decoder-layer linear of a float `model` by its NF4 or int4 (symmetric, group
-    64, or the largest power of two below that divides the input size) quantization, made as
-    `quadapt convert` makes it; the output head stays float.
+    """Replace each decoder-layer linear of a float `model` by its NF4 or int4 (symmetric) quantization,
+    by `quadapt convert`'s rules (`converters.in_memory`): int4's group size is the largest of 128,
+    64, 32 that divides every linear's input size. The output head stays float.
 
     Args:
         model: a runtime `CausalLM` with float linears, modified in place.
@@ -135,47 +135,17 @@ def quantize_in_memory(model: Any, scheme: str) -> dict[str, Any]:
 
     Returns:
         HF module name -> the float weight it replaced (for `--init loftq`).
+
+    Raises:
+        InvalidParameterError: no int4 group size fits the model, naming what to do instead.
     """
-    import torch
-    from torch import nn
+    from ..converters.in_memory import quantize_model
+    from ..runtime.errors import InvalidParameterError
 
-    from ..converters.formats import pack_int32
-    from ..converters.quantize import quantize_int, quantize_nf4
-    from ..runtime.quant import NF4Linear, PackedIntLinear
-
-    floats = {}
-    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.startswith("model.layers.")]
-    for name in names:
-        linear = model.get_submodule(name)
-        w = linear.weight.detach()
-        shape = dict(in_features=linear.in_features, out_features=linear.out_features, bias=linear.bias is not None)
-        with torch.device("meta"):
-            if scheme == "nf4":
-                module = NF4Linear(**shape, dtype=w.dtype)
-            else:
-                group = _group_size(linear.in_features)
-                module = PackedIntLinear(**shape, num_bits=4, group_size=group, symmetric=True, scale_dtype=w.dtype)
-        if scheme == "nf4":
-            q = quantize_nf4(w)
-            module._buffers["weight_packed"] = q.packed.reshape(-1).to(w.device)
-            module._buffers["absmax"] = q.float_absmax().to(w.device)
-        else:
-            q = quantize_int(w, num_bits=4, group_size=group, symmetric=True, scale_dtype=w.dtype)
-            module._buffers["weight_packed"] = pack_int32(q.q, 4).to(w.device)
-            module._buffers["weight_scale"] = q.scale.to(w.device)
-        if linear.bias is not None:
-            module.bias = nn.Parameter(linear.bias.detach(), requires_grad=False)
-        module.kernel_backend = getattr(model, "kernel_backend", None)
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, module)
-        floats[name] = w
-    return floats
-
-
-def _group_size(in_features: int) -> int | None:
-    """The int4 group size for `in_features`: 64, else the largest power of two that divides it
-    (at least 8), else None (one scale per output channel)."""
-    for size in (64, 32, 16, 8):
-        if in_features % size == 0:
-            return size
-    return None
+    try:
+        return quantize_model(model, scheme=scheme)
+    except InvalidParameterError as e:
+        raise InvalidParameterError(
+            f"--quantize {scheme}: {e}. quadapt train takes no --keep: quantize with `quadapt convert` and pass its "
+            "output as --model, or use --quantize nf4"
+        ) from None
