@@ -115,9 +115,10 @@ def merge_adapter(
     """
     check_output_dir(out_dir, overwrite=overwrite)
     if convert_options and scheme is None:
+        given = ", ".join(_option_names(name) for name in sorted(convert_options))
         raise InvalidParameterError(
-            f"quantization options {', '.join(sorted(convert_options))} apply only with a quantization scheme; "
-            "add --scheme (scheme=...) or drop them"
+            f"quantization options {given} apply only with a quantization scheme; add --scheme (scheme=... from "
+            "Python) or drop them"
         )
     reader = as_reader(model)
     refuse_quantized_base(reader)  # before reading the adapter: the base is the likelier mistake
@@ -129,3 +130,12 @@ def merge_adapter(
 
         return convert_checkpoint(merged, out_dir, scheme, overwrite=overwrite, **convert_options)
     return write_checkpoint(out_dir, merged.config_dict(), merged.tensors(), merged.tokenizer_files(), overwrite=overwrite)
+
+
+# The `convert_checkpoint` options that `quadapt merge-adapter` also takes, as the kebab-case flags of their names.
+_FLAGS = ("group_size", "calibration", "calib_text", "calib_tokens", "keep", "actorder", "lm_head")
+
+
+def _option_names(name: str) -> str:
+    """An option as the CLI and Python name it (`--group-size / group_size`); a Python-only one by its keyword."""
+    return f"--{name.replace('_', '-')} / {name}" if name in _FLAGS else name

@@ -58,8 +58,8 @@ def check_output_dir(out_dir: str | Path, *, overwrite: bool) -> Path:
         raise QuadaptError(f"output path {str(out_dir)!r} is an existing file, not a directory; choose another path")
     if out_dir.exists() and not overwrite:
         raise QuadaptError(
-            f"output directory {str(out_dir)!r} already exists; pass --overwrite (overwrite=True) to replace it, "
-            "or choose another path"
+            f"output directory {str(out_dir)!r} already exists; pass --overwrite to replace it (overwrite=True from "
+            "Python), or choose another path"
         )
     return out_dir
 

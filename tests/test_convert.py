@@ -324,6 +324,19 @@ def test_overwrite(source, tmp_path, capsys):
     assert load_model(out).model.layers[0].mlp.up_proj.num_bits == 4
 
 
+def test_messages_name_the_flag_first_and_the_python_keyword_second(source, tmp_path):
+    from quadapt.converters.merge import merge_adapter
+
+    out = convert_checkpoint(source, tmp_path / "out", "int8")
+    with pytest.raises(QuadaptError, match=r"pass --overwrite to replace it \(overwrite=True from Python\)"):
+        convert_checkpoint(source, out, "int4")
+    with pytest.raises(InvalidParameterError, match=(
+        r"quantization options --calib-tokens / calib_tokens, --group-size / group_size apply only with a "
+        r"quantization scheme; add --scheme \(scheme=... from Python\)"
+    )):
+        merge_adapter(source, tmp_path / "adapter", tmp_path / "merged", group_size=32, calib_tokens=2048)
+
+
 def with_tensor(source: Path, tmp_path: Path, name: str, value: float) -> Path:
     """A copy of `source` whose tensor `name` holds `value` at one position."""
     path = tmp_path / "damaged"

@@ -159,6 +159,20 @@ def test_an_interrupted_run_resumed_follows_the_uninterrupted_one(float_dir, tmp
         assert_close(resumed_params[name], value, msg=name)
 
 
+def test_resuming_another_runs_state_names_what_differs_by_flag(float_dir, tmp_path):
+    from quadapt.runtime.errors import InvalidParameterError
+
+    model, _ = quantized_model(float_dir)
+    modules = add_lora(model, ["q_proj"], rank=2, alpha=4)
+    data = examples(4)
+    train(model, modules, data, TrainConfig(steps=2, lr=1e-2, batch_size=2), pad_id=0, out_dir=tmp_path)
+    with pytest.raises(InvalidParameterError, match=r"another run \(--lr \(lr\) was 0.01, now 0.02\); resume with"):
+        train(model, modules, data, TrainConfig(steps=2, lr=2e-2, batch_size=2), pad_id=0, out_dir=tmp_path, resume=True)
+    with pytest.raises(InvalidParameterError, match=r"training examples were 4, now 3"):
+        train(model, modules, data[:3], TrainConfig(steps=2, lr=1e-2, batch_size=2), pad_id=0, out_dir=tmp_path,
+              resume=True)
+
+
 def test_loftq_start_lowers_the_quantized_models_perplexity(tmp_path):
     # Larger weights than the default init: a peaked model, whose quantization error shows.
     _, path = save_hf_model(tmp_path, "llama", vocab_size=256, initializer_range=0.2)

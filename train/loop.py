@@ -263,15 +263,33 @@ def _save(out: Path, params: Mapping[str, torch.nn.Parameter], optimizer: torch.
     save_state(out, tensors, run | {"step": step})
 
 
+# What a saved run records besides its `TrainConfig`, in words.
+_RUN_FACTS = {"total_steps": "steps in all", "examples": "training examples", "world": "processes"}
+
+
+def _run_differences(saved: dict, run: dict) -> list[str]:
+    """How the saved run differs from this one: settings by flag (and `TrainConfig` field), then the rest."""
+    differences = []
+    saved_config = saved.get("config") or {}
+    for name, value in run["config"].items():
+        if saved_config.get(name) != value:
+            flag = "--no-checkpointing" if name == "checkpointing" else "--" + name.replace("_", "-")
+            differences.append(f"{flag} ({name}) was {saved_config.get(name)!r}, now {value!r}")
+    for key, what in _RUN_FACTS.items():
+        if saved.get(key) != run[key]:
+            differences.append(f"{what} were {saved.get(key)!r}, now {run[key]!r}")
+    return differences
+
+
 def _restore(out: Path, params: Mapping[str, torch.nn.Parameter], optimizer: torch.optim.Optimizer,
              run: dict, result: TrainResult) -> int:
     tensors, info = load_state(out)
-    for key in ("total_steps", "config", "examples", "world"):
-        if info.get(key) != run[key]:
-            raise InvalidParameterError(
-                f"--resume: the state in {str(out)!r} was saved by a run with {key}={info.get(key)!r}, this run has "
-                f"{run[key]!r}; resume with the same settings and data, or start afresh in another directory"
-            )
+    differences = _run_differences(info, run)
+    if differences:
+        raise InvalidParameterError(
+            f"--resume: the state in {str(out)!r} was saved by another run ({'; '.join(differences)}); resume with "
+            "the same settings and data, or start afresh in another directory"
+        )
     with torch.no_grad():
         for n, p in params.items():
             saved = tensors.get(f"param.{n}")
