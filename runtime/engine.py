@@ -98,7 +98,9 @@ class Engine:
         self.allocator = BlockAllocator(executor.num_blocks)
         # Always a registry: with no slots it holds nothing and refuses to load (naming max_loras).
         self.adapters = AdapterRegistry(slots if slots is not None else executor, base, self.config.max_lora_rank)
-        admission = Admission(acquire=self._acquire_slot, release=self._release_slot) if self.adapters.num_slots else None
+        admission = None
+        if self.adapters.num_slots:
+            admission = Admission(acquire=self._acquire_slot, release=self._release_slot)
         self.scheduler = Scheduler(
             self.allocator,
             executor.block_size,

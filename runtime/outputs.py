@@ -218,7 +218,9 @@ def requests_of(
     ):
         prompts = [prompts]
     if not isinstance(prompts, (list, tuple)):
-        raise InvalidParameterError(f"prompts must be a list of prompts (strings or message lists), got {prompts!r:.200}")
+        raise InvalidParameterError(
+            f"prompts must be a list of prompts (strings or message lists), got {prompts!r:.200}"
+        )
     n = len(prompts)
     names = per_prompt("adapter", adapter, n, "an adapter name or None", is_adapter_name)
     sampling = per_prompt("params", sampling_params(params, settings), n, "a SamplingParams", is_params)
