@@ -111,6 +111,28 @@ def test_gptq_overfitted_to_its_inputs_is_replaced_by_rounding():
     assert torch.equal(scale, clipped.scale) and not torch.equal(scale, rtn.scale)
 
 
+def test_the_plan_is_fixed_and_a_layer_reports_through_its_result():
+    """A layer function leaves the plan as it was: its manifest entries come back in its result."""
+    import dataclasses
+
+    from quadapt.converters.calibrated import awq_layer
+
+    plan = Plan("int4", 32, "awq", False, "float", {"model.layers.0.self_attn.o_proj": (64, 128)}, {}, "test")
+    torch.manual_seed(0)
+    w = torch.randn(64, 128)
+    fit, heldout = HessianAccumulator(128), HessianAccumulator(128)
+    fit.add(torch.randn(2048, 128))
+    heldout.add(torch.randn(256, 128))
+    weights = {"model.layers.0.self_attn.o_proj.weight": w}
+    result = awq_layer(plan, "model.layers.0.", weights, {"self_attn.o_proj": LayerStats(fit, heldout)})
+    assert list(result.entries) == ["model.layers.0.self_attn.o_proj"]  # o_proj's input is the attention's
+    assert result.entries["model.layers.0.self_attn.o_proj"]["choice"].startswith("minmax (input not scalable)")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        plan.scheme = "int8"
+    with pytest.raises(TypeError):
+        plan.quantized["model.layers.0.mlp.up_proj"] = (128, 64)
+
+
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_awq_clip_search_lowers_each_groups_output_error(symmetric):
     """A large weight column on a nearly idle input: clipping it costs little, and the rest of its
