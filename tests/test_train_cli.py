@@ -126,3 +126,15 @@ def test_user_errors(chat_model, tmp_path, capsys):
         status = main(["train", "--model", str(path), "--data", str(data), "--steps", "1", *extra])
         err = capsys.readouterr().err
         assert status == 2 and message in err and "Traceback" not in err, err
+
+
+def test_int4_in_memory_follows_converts_group_size_rule(chat_model, tmp_path, capsys):
+    """Input sizes 64 and 112: no int4 group size of convert's (128, 64, 32) divides both, so a float
+    base is refused as convert refuses it, in one line naming what to do; nf4 takes any shape."""
+    _, path = chat_model
+    data = write_jsonl(tmp_path / "d.jsonl", chat_rows(4))
+    status = main(["train", "--model", str(path), "--data", str(data), "--out", str(tmp_path / "int4"), "--steps", "1",
+                   "--quantize", "int4"])
+    err = capsys.readouterr().err
+    assert status == 2 and err.startswith("quadapt: error: --quantize int4: no int4 group size") and err.count("\n") == 1
+    assert "or use --quantize nf4" in err and not (tmp_path / "int4").exists()
