@@ -54,8 +54,8 @@ def projection_names(model: nn.Module, targets: Collection[str]) -> list[str]:
         if not name.startswith("model.layers."):
             continue
         parent, _, short = name.rpartition(".")
-        sections = getattr(module, "section_names", None)
-        if sections is not None and not isinstance(module, LoRALinear):
+        sections = getattr(module, "section_names", ())
+        if sections and not isinstance(module, LoRALinear):
             names.extend(f"{parent}.{section}" for section in sections if section in targets)
         elif short in targets and is_linear_like(module):
             names.append(name)

@@ -6,12 +6,9 @@ adapter slots that live beside its model (`write_adapter_slot`), so the registry
 without knowing how they are stored.
 
 `TorchExecutor` runs `CausalLM` with a `PagedKVCache`: Triton kernels on CUDA, the torch
-references elsewhere (see `kernels`). On CPU it dequantizes packed linear layers once, at start,
-into float `nn.Linear`s of the compute dtype (`dequantize=True`, the default there): the
-reference dequant-matmul unpacks the whole weight on every call, which makes a quantized model
-slower than the float one (see `docs/engine.md`). The
-price is memory: the weights take the float model's size. The results are unchanged, since the reference computes exactly
-`x @ dequantize(W).T`. A later ONNX executor runs packed weights on CPU through the same interface.
+references elsewhere (see `kernels`), on the layout `loader.serving_layout` gives the model (packed
+weights dequantized once on CPU, q/k/v and gate/up stacked), with LoRA slots on its projections. A
+later ONNX executor runs packed weights on CPU through the same interface.
 """
 
 from __future__ import annotations
@@ -26,11 +23,10 @@ from ..kernels import NO_SLOT
 from .adapters import add_lora_slots, lora_modules, projection_names
 from .batch import RowSpec, build_batch
 from .config import ModelConfig
-from .fused import fuse_projections
+from .loader import serving_layout
 from .lora import LoRALinear, LoRAWeights, SlotMapping
 from .model import CausalLM
 from .paged_cache import PagedKVCache
-from .quant import NF4Linear, PackedIntLinear
 
 # The projections a served adapter may target: every linear of a decoder layer.
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -65,7 +61,7 @@ class TorchExecutor:
         num_lora_slots: adapter slots beside the model (0: no adapters served).
         max_lora_rank: the largest adapter rank a slot holds.
         lora_targets: the short names of the projections that get slots.
-        dequantize: dequantize packed linears once at start; None = on CPU only.
+        dequantize: see `loader.serving_layout` (None: dequantize packed linears on CPU only).
     """
 
     def __init__(
@@ -85,11 +81,8 @@ class TorchExecutor:
         self.config = model.config
         self.device = weight.device
         self.dtype = weight.dtype
-        if dequantize if dequantize is not None else self.device.type == "cpu":
-            dequantize_linears(model)
+        serving_layout(model, dequantize=dequantize)
         backend = getattr(model, "kernel_backend", None)
-        if backend == "cpu":
-            fuse_projections(model)  # q/k/v and gate/up in one matmul each (runtime/fused.py)
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.cache = PagedKVCache(model.config, num_blocks, block_size, dtype=self.dtype, device=self.device)
@@ -128,18 +121,3 @@ class TorchExecutor:
         from .adapters import load_into_slot
 
         load_into_slot(self.model, modules, slot)
-
-
-def dequantize_linears(model: nn.Module) -> int:
-    """Replace every packed linear of `model` by an `nn.Linear` holding its dequantized weight in
-    the model's float dtype. Returns how many were replaced."""
-    dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
-    packed = [(n, m) for n, m in model.named_modules() if isinstance(m, (PackedIntLinear, NF4Linear))]
-    for name, module in packed:
-        linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
-        linear.weight = nn.Parameter(module.dequantize().to(dtype), requires_grad=False)
-        if module.bias is not None:
-            linear.bias = nn.Parameter(module.bias.detach().to(dtype), requires_grad=False)
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, linear)
-    return len(packed)

@@ -1,16 +1,18 @@
 """Projections that read the same input, run as one matmul: q/k/v of attention, gate/up of the MLP.
 
-On a CPU a small batch's matmul costs little arithmetic and one parallel region's start and end;
-three projections of one input in one matmul pay for one region instead of three. `fuse_projections`
-replaces a model's float `q_proj`, `k_proj`, `v_proj` by one `qkv_proj` and `gate_proj`, `up_proj` by
-one `gate_up_proj` (`FusedLinear`: the weights stacked by rows, the output the sections side by side);
-`Attention` and `MLP` split the output back. The values are those of the separate projections.
+A small batch's matmul costs little arithmetic and one parallel region's start (CPU) or one
+kernel launch (GPU); three projections of one input in one matmul pay for one instead of three.
+`fuse_projections` replaces a model's `q_proj`, `k_proj`, `v_proj` by one `qkv_proj` and
+`gate_proj`, `up_proj` by one `gate_up_proj`, whatever their format: float layers become a
+`FusedLinear` (the weights stacked by rows, the output the sections side by side), packed ones a
+packed module of the stacked rows (gpt-fast's `wqkv`, vLLM's stacked parameters). `Attention` and
+`MLP` split the output back. The values are those of the separate projections.
 
 LoRA slots go on such a module as on any linear: one `lora.LoRALinear` with a section per
 projection, each loaded by its own HF name (`model.layers.0.self_attn.k_proj`).
 
-This is the CPU executor's layout, chosen at start (runtime/executor.py). Quantized modules are not
-fused: on a GPU their kernels read packed weights and already run one launch per projection.
+This is the engine's layout (`loader.serving_layout`); the reference generator and training keep
+the checkpoint's separate projections.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import torch
 from torch import nn
 
 from .errors import InvalidParameterError
+from .quant import NF4Linear, PackedIntLinear
 
 # The fused module's name in its parent, and the projections it replaces, in output order.
 FUSED_GROUPS = {
@@ -47,7 +50,7 @@ class FusedLinear(nn.Module):
                     f"cannot fuse {name} ({type(linear).__name__}): fused projections are float nn.Linear layers "
                     "with one input size, one dtype, and a bias on all or none"
                 )
-        self.section_names = tuple(name for name, _ in linears)
+        self.section_names: tuple[str, ...] = tuple(name for name, _ in linears)
         self.section_sizes = tuple(linear.out_features for _, linear in linears)
         self.in_features = first.in_features
         self.out_features = sum(self.section_sizes)
@@ -64,15 +67,22 @@ class FusedLinear(nn.Module):
 
 
 def fuse_projections(model: nn.Module) -> int:
-    """Replace each group of `FUSED_GROUPS` whose members are all float `nn.Linear` layers by one
-    `FusedLinear` under the group's name. Returns how many groups were fused."""
+    """Replace each group of `FUSED_GROUPS` whose members share one weight format by one module
+    under the group's name: a `FusedLinear` for float `nn.Linear` layers, a stacked packed module
+    (`PackedIntLinear.stack`, `NF4Linear.stack`) for quantized ones. A group whose members cannot
+    stack (mixed formats, an NF4 weight not a whole number of blocks) keeps its projections.
+    Returns how many groups were fused."""
     fused = 0
     for parent in list(model.modules()):
         for group, members in FUSED_GROUPS.items():
-            linears = [getattr(parent, m, None) for m in members]
-            if not all(type(lin) is nn.Linear for lin in linears):
+            modules = [(m, getattr(parent, m, None)) for m in members]
+            kind = type(modules[0][1])
+            if kind not in (nn.Linear, PackedIntLinear, NF4Linear) or any(type(m) is not kind for _, m in modules):
                 continue
-            setattr(parent, group, FusedLinear(list(zip(members, linears))))
+            stacked = FusedLinear(modules) if kind is nn.Linear else kind.stack(modules)
+            if stacked is None:
+                continue
+            setattr(parent, group, stacked)
             for m in members:
                 delattr(parent, m)
             fused += 1

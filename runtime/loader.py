@@ -10,6 +10,9 @@ bitsandbytes NF4) gets quantized modules (`runtime.quant`) in place of the linea
 built on the meta device like the rest; their tensors are checked and turned into buffers by
 `runtime.checkpoints.quantized`, under the same strict key accounting.
 
+`serving_layout` turns a loaded model into the engine's layout, chosen by its device: packed
+weights dequantized once on CPU, q/k/v and gate/up stacked in every weight format.
+
 The kernel backend (`QUADAPT_KERNELS`) is resolved here, once, for the load device, and every
 module that calls a kernel keeps it: a bad setting is refused before any weight is read.
 """
@@ -27,6 +30,7 @@ from .checkpoints import CheckpointReader, as_reader, is_derived_key
 from .checkpoints.quantized import PackedIntSpec, check_linear_shape, checkpoint_keys, module_buffers, quantized_linears
 from .config import ModelConfig
 from .errors import CheckpointError, UnsupportedError
+from .fused import fuse_projections
 from .model import CausalLM
 from .quant import NF4Linear, PackedIntLinear
 
@@ -98,6 +102,46 @@ def load_model(
         model.lm_head.weight = model.model.embed_tokens.weight
     _bind_kernel_backend(model, backend)
     return model.eval().requires_grad_(False)
+
+
+def serving_layout(model: CausalLM, *, dequantize: bool | None = None) -> CausalLM:
+    """Lay a loaded model out as the engine runs it, by its device: packed linears dequantized
+    once into float `nn.Linear`s of the model's dtype (`dequantize`; None: on CPU only), then q/k/v
+    and gate/up stacked into one module each, whatever the weight format (`fused.fuse_projections`).
+
+    On CPU the reference dequant-matmul unpacks the whole weight on every call, which makes a
+    quantized model slower than the float one (see `docs/engine.md`); dequantized once, it runs
+    the float model's matmuls at the float model's memory. The results are unchanged, since the
+    reference computes exactly `x @ dequantize(W).T`. On a GPU the packed weights stay packed and
+    their kernels read them.
+
+    Args:
+        model: a model from `load_model`, without LoRA slots; modified in place.
+        dequantize: dequantize packed linears; None = when the model lives on the CPU.
+
+    Returns:
+        `model`.
+    """
+    device = next(p for p in model.parameters() if p.is_floating_point()).device
+    if dequantize if dequantize is not None else device.type == "cpu":
+        dequantize_linears(model)
+    fuse_projections(model)
+    return model
+
+
+def dequantize_linears(model: nn.Module) -> int:
+    """Replace every packed linear of `model` by an `nn.Linear` holding its dequantized weight in
+    the model's float dtype. Returns how many were replaced."""
+    dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
+    packed = [(n, m) for n, m in model.named_modules() if isinstance(m, (PackedIntLinear, NF4Linear))]
+    for name, module in packed:
+        linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
+        linear.weight = nn.Parameter(module.dequantize().to(dtype), requires_grad=False)
+        if module.bias is not None:
+            linear.bias = nn.Parameter(module.bias.detach().to(dtype), requires_grad=False)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, linear)
+    return len(packed)
 
 
 def _bind_kernel_backend(model: CausalLM, backend: kernels.Backend) -> None:

@@ -200,7 +200,8 @@ class LoRALinear(nn.Module):
 
     Args:
         base: the module to wrap; needs `in_features`, `out_features` and `forward(x)`; a base with
-            `section_names` and `section_sizes` (a `FusedLinear`) gets one section each.
+            `section_names` and `section_sizes` (a `FusedLinear`, a stacked packed module) gets one
+            section each.
         mapping: the model's shared `SlotMapping` (its `num_slots` sizes the stack).
         max_rank: the largest rank a section's adapter may have.
         dtype: dtype of the slot buffers; should be the activations' dtype.
@@ -227,8 +228,8 @@ class LoRALinear(nn.Module):
         self.base = base
         self.in_features: int = base.in_features
         self.out_features: int = base.out_features
-        self.section_names: tuple[str, ...] = tuple(getattr(base, "section_names", ("",)))
-        self.section_sizes: tuple[int, ...] = tuple(getattr(base, "section_sizes", (self.out_features,)))
+        self.section_names: tuple[str, ...] = tuple(getattr(base, "section_names", ())) or ("",)
+        self.section_sizes: tuple[int, ...] = tuple(getattr(base, "section_sizes", ())) or (self.out_features,)
         self.mapping = mapping
         self.max_rank = max_rank
         self.kernel_backend = backend

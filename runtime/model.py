@@ -2,7 +2,7 @@
 
 Parameter names equal Hugging Face's (`model.layers.0.self_attn.q_proj.weight`), so loading an HF
 checkpoint is the identity map, and RoPE uses HF's rotate-half layout. This file holds no I/O,
-no quantization and no sampling: the loader swaps the linear layers, and generation lives in
+no quantization and no sampling: the loader swaps and stacks the linear layers, and generation lives in
 `generate.py` and `engine.py`.
 
 Two ways in, one model: `forward(input_ids [B, T], cache)` places rows of equal length after a
@@ -95,7 +95,8 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(hidden, kv_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(q_dim, hidden, bias=config.attention_bias)
         self.q_dim, self.kv_dim = q_dim, kv_dim
-        # q, k and v in one matmul once `fused.fuse_projections` has replaced the three (CPU serving).
+        # q, k and v in one matmul once `fused.fuse_projections` has replaced the three (the
+        # engine's layout, `loader.serving_layout`).
         self.qkv_proj: nn.Module | None = None
 
     def forward(

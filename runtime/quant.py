@@ -8,12 +8,17 @@ of the same name and signature on CUDA), run by the backend in `kernel_backend`:
 loader, or None to resolve it from the environment on each call. `weight_format` names what the
 weight is, for reports.
 
+Projections that read one input (q, k and v) stack into one module of their format (`stack`):
+the rows of the packed weights one after the other, `section_names` and `section_sizes` naming
+each projection's rows, as `fused.FusedLinear` does for float weights.
+
 They do not quantize, read checkpoints or know tensor names on disk: the loader fills their
 buffers, and the converters produce them.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
@@ -66,6 +71,8 @@ class PackedIntLinear(nn.Module):
         groups = 1 if group_size is None else in_features // group_size
         self.kernel_backend: Backend | None = None
         self.in_features, self.out_features = in_features, out_features
+        self.section_names: tuple[str, ...] = ()  # set by `stack`: the projections whose rows these are
+        self.section_sizes: tuple[int, ...] = ()
         self.num_bits, self.group_size, self.symmetric = num_bits, group_size, symmetric
         words = -(-in_features * num_bits // 32)
         self.register_buffer("weight_packed", torch.empty(out_features, words, dtype=torch.int32))
@@ -77,6 +84,24 @@ class PackedIntLinear(nn.Module):
     @property
     def weight_format(self) -> WeightFormat:
         return "int4" if self.num_bits == 4 else "int8"
+
+    @classmethod
+    def stack(cls, modules: Sequence[tuple[str, PackedIntLinear]]) -> PackedIntLinear | None:
+        """One module whose rows are those of `modules` in order (each a section), or None when
+        they differ in input size, bits, grouping, symmetry, scale dtype, bias or backend."""
+        first = modules[0][1]
+        spec = _int_spec(first)
+        if not all(type(m) is cls and _int_spec(m) == spec for _, m in modules):
+            return None
+        sizes = tuple(m.out_features for _, m in modules)
+        with torch.device("meta"):  # every buffer is replaced below
+            module = cls(first.in_features, sum(sizes), num_bits=first.num_bits, group_size=first.group_size,
+                         symmetric=first.symmetric, bias=first.bias is not None, scale_dtype=first.weight_scale.dtype)
+        for key in ("weight_packed", "weight_scale", "weight_zero_point"):
+            parts = [getattr(m, key) for _, m in modules]
+            module._buffers[key] = None if parts[0] is None else torch.cat(parts)
+        _stack_common(module, modules, sizes)
+        return module
 
     def dequantize(self) -> torch.Tensor:
         """The float weight [N, K] the packed buffers stand for, in the scales' dtype."""
@@ -128,6 +153,8 @@ class NF4Linear(nn.Module):
         """
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
+        self.section_names: tuple[str, ...] = ()  # set by `stack`, as `PackedIntLinear`'s
+        self.section_sizes: tuple[int, ...] = ()
         self.blocksize, self.dtype = blocksize, dtype
         self.kernel_backend: Backend | None = None
         n = in_features * out_features
@@ -138,6 +165,25 @@ class NF4Linear(nn.Module):
     @property
     def weight_format(self) -> WeightFormat:
         return "nf4"
+
+    @classmethod
+    def stack(cls, modules: Sequence[tuple[str, NF4Linear]]) -> NF4Linear | None:
+        """One module whose rows are those of `modules` in order (each a section), or None when
+        they differ in input size, block size, dtype, bias or backend, or a projection's weight
+        count is not a whole number of blocks (its last block would straddle the next one's rows)."""
+        first = modules[0][1]
+        spec = (first.in_features, first.blocksize, first.dtype, first.bias is None, first.kernel_backend)
+        if not all(type(m) is cls and (m.in_features, m.blocksize, m.dtype, m.bias is None, m.kernel_backend) == spec
+                   and (m.in_features * m.out_features) % m.blocksize == 0 for _, m in modules):
+            return None
+        sizes = tuple(m.out_features for _, m in modules)
+        with torch.device("meta"):  # every buffer is replaced below
+            module = cls(first.in_features, sum(sizes), bias=first.bias is not None, blocksize=first.blocksize,
+                         dtype=first.dtype)
+        for key in ("weight_packed", "absmax"):  # flat over the matrix: rows in order, blocks whole
+            module._buffers[key] = torch.cat([getattr(m, key).reshape(-1) for _, m in modules])
+        _stack_common(module, modules, sizes)
+        return module
 
     def dequantize(self) -> torch.Tensor:
         """The float weight [N, K] the packed buffers stand for, in `self.dtype`."""
@@ -161,3 +207,17 @@ class NF4Linear(nn.Module):
 
 
 QuantLinear = PackedIntLinear | NF4Linear
+
+
+def _int_spec(m: PackedIntLinear) -> tuple:
+    zero = m.weight_zero_point is None
+    return (m.in_features, m.num_bits, m.group_size, m.symmetric, zero, m.weight_scale.dtype, m.bias is None,
+            m.kernel_backend)
+
+
+def _stack_common(module: QuantLinear, modules: Sequence[tuple[str, QuantLinear]], sizes: tuple[int, ...]) -> None:
+    """The stacked module's bias, sections, backend and device, shared by both formats."""
+    if modules[0][1].bias is not None:
+        module.bias = nn.Parameter(torch.cat([m.bias.detach() for _, m in modules]), requires_grad=False)
+    module.section_names, module.section_sizes = tuple(name for name, _ in modules), sizes
+    module.kernel_backend = modules[0][1].kernel_backend

@@ -124,3 +124,59 @@ def test_one_slot_for_every_token_equals_the_per_token_form():
     mapping.set(2)
     assert_close(stack(x), per_token)
     assert not torch.allclose(per_token, base(x), atol=1e-3)  # negative control: slot 2 is not empty
+
+
+def packed(linear: nn.Linear, scheme: str) -> nn.Module:
+    """`linear` quantized to a packed module of `scheme` (int4 asymmetric grouped, int8 per channel, nf4)."""
+    from quadapt.converters.formats import pack_int32
+    from quadapt.converters.quantize import quantize_int, quantize_nf4
+    from quadapt.runtime.quant import NF4Linear, PackedIntLinear
+
+    w, shape = linear.weight.detach(), dict(in_features=linear.in_features, out_features=linear.out_features, bias=True)
+    if scheme == "nf4":
+        module, q = NF4Linear(**shape), quantize_nf4(w)
+        module._buffers.update(weight_packed=q.packed.reshape(-1), absmax=q.float_absmax())
+    else:
+        bits, group, symmetric = (4, 16, False) if scheme == "int4" else (8, None, True)
+        module = PackedIntLinear(**shape, num_bits=bits, group_size=group, symmetric=symmetric)
+        q = quantize_int(w, num_bits=bits, group_size=group, symmetric=symmetric, scale_dtype=w.dtype)
+        module._buffers.update(weight_packed=pack_int32(q.q, bits), weight_scale=q.scale, weight_zero_point=q.zero_point)
+    module.bias = nn.Parameter(torch.randn(linear.out_features) * 0.1, requires_grad=False)
+    return module
+
+
+@pytest.mark.parametrize("scheme", ["int4", "int8", "nf4"])
+def test_packed_projections_stack_in_their_format(scheme):
+    """q/k/v and gate/up of packed weights stack into one packed module of their format whose
+    output is the separate modules' side by side; LoRA sections on it load by HF name."""
+    model = make_model()
+    for name, m in list(model.named_modules()):
+        if name.startswith("model.layers.") and isinstance(m, nn.Linear):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, packed(m, scheme))
+    stacked = copy.deepcopy(model)
+    assert fuse_projections(stacked) == 2 * model.config.num_hidden_layers
+    attn = stacked.model.layers[0].self_attn
+    assert type(attn.qkv_proj) is type(model.model.layers[0].self_attn.q_proj)
+    assert attn.qkv_proj.section_names == ("q_proj", "k_proj", "v_proj")
+    ids = torch.randint(0, model.config.vocab_size, (2, 7))
+    assert_close(stacked(ids), model(ids))
+
+    adapter = model_adapter(model, rank=4, seed=3)
+    names = [n for n, _ in model.named_modules() if n.rsplit(".", 1)[-1] in TARGETS]
+    mappings = [add_lora_slots(m, names, num_slots=1, max_rank=4) for m in (model, stacked)]
+    assert sorted(lora_modules(stacked)) == sorted(names)
+    for m, mapping in zip((model, stacked), mappings):
+        load_into_slot(m, adapter, 0)
+        mapping.set(0)
+    assert_close(stacked(ids), model(ids))
+
+
+def test_nf4_projections_that_split_a_block_stay_apart():
+    """An NF4 weight whose size is not a whole number of 64-weight blocks would share its last
+    block with the next projection's rows: such a group keeps its separate modules."""
+    torch.manual_seed(0)
+    parent = nn.Module()
+    parent.gate_proj, parent.up_proj = packed(nn.Linear(24, 10), "nf4"), packed(nn.Linear(24, 10), "nf4")  # 240 weights
+    assert fuse_projections(parent) == 0
+    assert hasattr(parent, "gate_proj") and not hasattr(parent, "gate_up_proj")

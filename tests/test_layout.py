@@ -115,3 +115,20 @@ def test_greedy_tokens_are_the_previous_layouts_and_the_reference_generators(che
         if name == "a":
             apply_adapter(model, adapter)
         assert tokens == list(generate_ids(model, PROMPTS[key], PARAMS, eos_token_ids={2})), rid
+
+
+@pytest.mark.parametrize("fmt", ["int4", "nf4"])
+def test_stacked_packed_weights_through_the_triton_kernels(checkpoints, fmt, monkeypatch):
+    """The GPU's layout: packed weights kept packed, q/k/v and gate/up stacked into one packed
+    module each, LoRA sections on them, all through the Triton kernels (the interpreter on CPU).
+    The tokens are the reference generator's on the separate projections."""
+    pytest.importorskip("triton")
+    paths, adapter = checkpoints
+    monkeypatch.setenv("QUADAPT_KERNELS", "triton")
+    config = EngineConfig(max_num_seqs=4, max_num_batched_tokens=16, max_loras=1, max_lora_rank=8)
+    engine = Engine.for_model(load_model(paths[fmt]), eos_token_ids={2}, config=config, kv_cache_bytes=2**20,
+                              block_size=4, dequantize=False)
+    engine.adapters.load("a", adapter)
+    qkv = engine.executor.model.model.layers[0].self_attn.qkv_proj
+    assert type(qkv.base).__name__ == ("NF4Linear" if fmt == "nf4" else "PackedIntLinear") and qkv.kernel_backend == "triton"
+    assert greedy(engine) == PREVIOUS[fmt]
