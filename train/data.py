@@ -96,7 +96,7 @@ def split_examples(examples: Sequence[Example], eval_fraction: float, seed: int)
         InvalidParameterError: a fraction outside [0, 0.5].
     """
     if not 0.0 <= eval_fraction <= 0.5:
-        raise InvalidParameterError(f"the eval fraction must be in [0, 0.5], got {eval_fraction}")
+        raise InvalidParameterError(f"--eval-fraction (eval_fraction) must be in [0, 0.5], got {eval_fraction}")
     order = list(range(len(examples)))
     random.Random(seed).shuffle(order)
     n_eval = 0 if eval_fraction == 0 or len(examples) < 2 else max(1, round(eval_fraction * len(examples)))
