@@ -8,8 +8,8 @@ float one. The reference generator (`generate.py::generate_text`) stays the yard
 hold this path to. One adapter for the model's lifetime; many requests with their own adapters
 are `llm.LLM`'s.
 
-The helpers at the end of this file (checking dtypes and threads, opening a checkpoint with its
-tokenizer) serve every front door.
+The helpers at the end of this file (checking dtypes and threads) serve every front door;
+opening a checkpoint with its tokenizer and the default thread count are `engine_args.py`'s.
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ from typing import Any, Literal
 
 import torch
 
-from .checkpoints import CheckpointReader, open_checkpoint
 from .engine_args import EngineArgs, build_engine
-from .errors import CheckpointError, InvalidParameterError
+from .engine_args import default_threads, open_with_tokenizer  # noqa: F401 - re-exported for the CLI
+from .errors import InvalidParameterError
 from .generate import Generation, GenerationResult
 from .llm import LLM
 from .model import CausalLM
@@ -237,16 +237,6 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if isinstance(dtype, str) and dtype in _DTYPES:
         return _DTYPES[dtype]
     raise InvalidParameterError(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
-
-
-def open_with_tokenizer(path: str | Path) -> tuple[CheckpointReader, Tokenizer]:
-    reader = open_checkpoint(path)
-    files = reader.tokenizer_files()
-    if files is None:
-        raise CheckpointError(
-            f"{str(path)!r} carries no tokenizer (tokenizer.json); copy the model's tokenizer files beside its weights"
-        )
-    return reader, Tokenizer.from_files(files)
 
 
 def check_threads(threads: object) -> None:

@@ -25,9 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from .engine import Engine
-from .engine_args import build_engine
+from .engine_args import args_from_options, build_engine
 from .errors import EngineDeadError, InvalidParameterError
-from .llm import engine_args
 from .metrics import MetricsSnapshot
 from .outputs import (
     Completion, OutputProcessor, TextDelta, completion_of, is_adapter_name, is_params, requests_of, sampling_params,
@@ -67,7 +66,7 @@ class AsyncLLM:
     """
 
     def __init__(self, model: str | Path, **options: Any) -> None:
-        engine, tokenizer, path = build_engine(engine_args(model, options))
+        engine, tokenizer, path = build_engine(args_from_options(model, options))
         self._attach(engine, tokenizer, path)
 
     @classmethod

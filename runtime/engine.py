@@ -32,7 +32,7 @@ from ..kernels import NO_SLOT
 from .adapters import lora_modules
 from .batch import RowSpec
 from .checkpoints.peft_fit import BaseModules
-from .engine_args import DEFAULT_KV_CACHE_BYTES, EngineConfig
+from .engine_config import DEFAULT_KV_CACHE_BYTES, EngineConfig
 from .errors import ContextLengthError, EngineDeadError, InvalidParameterError, RequestFailedError
 from .executor import Executor, TorchExecutor
 from .metrics import EngineStats, MetricsSnapshot

@@ -15,46 +15,22 @@ without loading torch for `--help`.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from .errors import InvalidParameterError, QuadaptError, quote
+from .engine_config import DEFAULT_KV_CACHE_BYTES, EngineConfig
+from .errors import CheckpointError, InvalidParameterError, QuadaptError, quote
 
 if TYPE_CHECKING:
+    from .checkpoints import CheckpointReader
     from .engine import Engine
     from .tokenizer import Tokenizer
 
 _DTYPES = ("float32", "bfloat16", "float16")
-DEFAULT_KV_CACHE_BYTES = 512 * 2**20  # the paged KV cache's memory unless told
 # The least the slots get when the start-up adapters ask for less: room to load more later.
 MIN_LORA_SLOTS, MIN_LORA_RANK = 4, 16
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    """How the engine batches.
-
-    Attributes:
-        max_num_seqs: the most requests running at once.
-        max_num_batched_tokens: the most tokens one step feeds (prompt chunks and decode tokens);
-            a longer prompt is prefilled in chunks.
-        max_loras: adapter slots (distinct adapters in one batch); 0 serves the base model only.
-        max_lora_rank: the largest adapter rank a slot holds.
-    """
-
-    max_num_seqs: int = 16
-    max_num_batched_tokens: int = 512
-    max_loras: int = 4
-    max_lora_rank: int = 16
-
-    def __post_init__(self) -> None:
-        for name in ("max_num_seqs", "max_num_batched_tokens", "max_lora_rank"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise InvalidParameterError(f"{name} must be a positive integer, got {value!r}")
-        if not isinstance(self.max_loras, int) or self.max_loras < 0:
-            raise InvalidParameterError(f"max_loras must be an integer >= 0, got {self.max_loras!r}")
 
 
 @dataclass(frozen=True)
@@ -109,6 +85,49 @@ class EngineArgs:
         EngineConfig(self.max_num_seqs, self.max_num_batched_tokens, self.max_loras or 0, self.max_lora_rank or 1)
 
 
+def args_from_options(model: str | Path, options: Mapping[str, Any]) -> EngineArgs:
+    """`EngineArgs` for `model` from keyword options (`LLM(model, **options)`, `AsyncLLM`'s):
+    `EngineArgs`' fields, where `dtype` may also be a torch dtype and `device` a torch device.
+
+    Raises:
+        InvalidParameterError: an unknown option, adapters that are not a name -> directory
+            mapping, or an option `EngineArgs` refuses.
+    """
+    known = [f.name for f in fields(EngineArgs) if f.name != "model"]
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise InvalidParameterError(f"unknown engine option(s) {unknown}; the options are {', '.join(known)}")
+    options = dict(options)
+    adapters = options.pop("adapters", None)
+    if adapters is not None and not isinstance(adapters, Mapping):
+        raise InvalidParameterError(
+            f"adapters must map names to adapter directories, e.g. {{'fr': 'adapters/fr'}}; got {adapters!r:.200}"
+        )
+    if "dtype" in options and not isinstance(options["dtype"], str):
+        options["dtype"] = str(options["dtype"]).removeprefix("torch.")  # a torch.dtype
+    if "device" in options:
+        options["device"] = str(options["device"])
+    return EngineArgs(model=str(model), adapters=dict(adapters or {}), **options)
+
+
+def open_with_tokenizer(path: str | Path) -> tuple[CheckpointReader, Tokenizer]:
+    """Open a checkpoint and read its tokenizer (the model's weights are not read).
+
+    Raises:
+        CheckpointError: `path` is not a checkpoint, or carries no tokenizer.
+    """
+    from .checkpoints import open_checkpoint
+    from .tokenizer import Tokenizer
+
+    reader = open_checkpoint(path)
+    files = reader.tokenizer_files()
+    if files is None:
+        raise CheckpointError(
+            f"{str(path)!r} carries no tokenizer (tokenizer.json); copy the model's tokenizer files beside its weights"
+        )
+    return reader, Tokenizer.from_files(files)
+
+
 def default_threads() -> int:
     """The CPU threads an engine gives torch when not told: half the cores this process may use,
     at least 1.
@@ -142,7 +161,6 @@ def build_engine(args: EngineArgs) -> tuple[Engine, Tokenizer, Path]:
     """
     import torch
 
-    from .api import open_with_tokenizer
     from .checkpoints.peft_fit import BaseModules, load_adapter_for
     from .engine import Engine
     from .loader import load_model

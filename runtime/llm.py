@@ -15,14 +15,12 @@ from __future__ import annotations
 
 import itertools
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import fields
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from .engine import Engine
-from .engine_args import EngineArgs, build_engine
-from .errors import InvalidParameterError
+from .engine_args import args_from_options, build_engine
 from .metrics import MetricsSnapshot
 from .outputs import Completion, GenerateRequest, OutputProcessor, TextDelta, completion_of, requests_of
 from .prompt import Prompt
@@ -30,34 +28,7 @@ from .registry import AdapterVersion
 from .sampling_params import SamplingParams
 from .tokenizer import Tokenizer
 
-__all__ = ["LLM", "GenerateRequest", "TextDelta", "Completion", "engine_args", "encode_prompt", "serve"]
-
-_OPTIONS = tuple(f.name for f in fields(EngineArgs) if f.name != "model")
-
-
-def engine_args(model: str | Path, options: Mapping[str, Any]) -> EngineArgs:
-    """`EngineArgs` for `model` from the keyword options of `LLM` and `AsyncLLM` (`EngineArgs`'
-    fields; `dtype` may also be a torch dtype, `device` a torch device).
-
-    Raises:
-        InvalidParameterError: an unknown option, adapters that are not a name -> directory
-            mapping, or an option `EngineArgs` refuses.
-    """
-    unknown = sorted(set(options) - set(_OPTIONS))
-    if unknown:
-        raise InvalidParameterError(f"unknown engine option(s) {unknown}; the options are {', '.join(_OPTIONS)}")
-    options = dict(options)
-    adapters = options.pop("adapters", None)
-    if adapters is not None and not isinstance(adapters, Mapping):
-        raise InvalidParameterError(
-            f"adapters must map names to adapter directories, e.g. {{'fr': 'adapters/fr'}}; got {adapters!r:.200}"
-        )
-    if "dtype" in options and not isinstance(options["dtype"], str):
-        options["dtype"] = str(options["dtype"]).removeprefix("torch.")  # a torch.dtype
-    if "device" in options:
-        options["device"] = str(options["device"])
-    return EngineArgs(model=str(model), adapters=dict(adapters or {}), **options)
-
+__all__ = ["LLM", "GenerateRequest", "TextDelta", "Completion", "encode_prompt", "serve"]
 
 def encode_prompt(tokenizer: Tokenizer, prompt: Prompt, max_tokens: int | None = None) -> list[int]:
     """`tokenizer.encode_prompt(prompt, max_tokens=max_tokens)`, for callers of the older name."""
@@ -87,7 +58,7 @@ class LLM:
     """
 
     def __init__(self, model: str | Path, **options: Any) -> None:
-        engine, tokenizer, path = build_engine(engine_args(model, options))
+        engine, tokenizer, path = build_engine(args_from_options(model, options))
         self._attach(engine, tokenizer, path)
 
     @classmethod
