@@ -21,19 +21,19 @@ from torch import nn
 from .checkpoints.peft import PeftAdapter
 from .checkpoints.peft_fit import BaseModules, check_adapter_fits, load_adapter_for
 from .errors import AdapterError
-from .lora import LoRALinear, LoRASection, LoRAWeights, SlotMapping, is_linear_like
+from .lora import LoRALinear, LoRAWeights, SlotMapping, SlotTarget, is_linear_like
 
 
-def lora_modules(model: nn.Module) -> dict[str, LoRALinear | LoRASection]:
-    """Where each adapter module loads: HF module name -> an object with `set_slot(slot, weights)`
-    and `clear_slot(slot)`. A one-section stack is listed as itself, by the name of the module it
+def lora_modules(model: nn.Module) -> dict[str, SlotTarget]:
+    """Where each adapter module loads: HF module name -> its `SlotTarget` (`set_slot(slot, weights)`,
+    `clear_slot(slot)`). A one-section stack is listed as itself, by the name of the module it
     wrapped; a stack on stacked projections (q/k/v) gives one `LoRASection` per targeted section,
     by the section's own name (`model.layers.0.self_attn.k_proj`).
 
     The objects live as long as their stacks, so a caller may list them once and keep the result
     (the registry does) instead of walking the model on every slot write.
     """
-    stacks: dict[str, LoRALinear | LoRASection] = {}
+    stacks: dict[str, SlotTarget] = {}
     for name, module in model.named_modules():
         if not isinstance(module, LoRALinear):
             continue

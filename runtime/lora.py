@@ -32,6 +32,7 @@ from __future__ import annotations
 import math
 from collections.abc import Collection
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -187,6 +188,19 @@ def copy_into_slot(a: torch.Tensor, b: torch.Tensor, weights: LoRAWeights) -> No
         b.zero_()
         a[:r].copy_(weights.a)
         b[:, :r].copy_(weights.b.float() * weights.scale)
+
+
+class SlotTarget(Protocol):
+    """Where one adapter module's factors load (`adapters.lora_modules`): a one-section
+    `LoRALinear`, or one `LoRASection` of a stacked one."""
+
+    in_features: int
+    out_features: int
+    max_rank: int
+
+    def set_slot(self, slot: int, weights: LoRAWeights) -> None: ...
+
+    def clear_slot(self, slot: int) -> None: ...
 
 
 class LoRALinear(nn.Module):

@@ -12,10 +12,11 @@ from peft import LoraConfig
 from quadapt.runtime.adapters import apply_adapter, lora_modules
 from quadapt.runtime.engine import Engine, EngineConfig
 from quadapt.runtime.generate import generate_ids
-from quadapt.runtime.loader import load_model
+from quadapt.runtime.loader import load_model, serving_layout
 from quadapt.runtime.lora import LoRALinear
 from quadapt.runtime.sampling import SamplingParams
 
+from .conftest import assert_close
 from .test_adapters import make_base, make_peft_adapter
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -102,6 +103,21 @@ def test_adapters_load_by_their_hf_names_into_the_sections(checkpoints):
     qkv = engine.executor.model.model.layers[1].self_attn.qkv_proj
     assert isinstance(qkv, LoRALinear) and qkv.section_names == ("q_proj", "k_proj", "v_proj")
     assert stacks["model.layers.1.self_attn.k_proj"] is qkv.sections["k_proj"]
+
+
+@pytest.mark.parametrize("fmt", ["float", "nf4"])
+def test_apply_adapter_on_the_stacked_layout_equals_the_checkpoints(checkpoints, fmt):
+    """A PEFT adapter applied by its HF module names to the stacked layout (sections of q/k/v and
+    gate/up) gives the logits it gives on the checkpoint's separate projections."""
+    paths, adapter = checkpoints
+    plain, stacked = load_model(paths[fmt]), serving_layout(load_model(paths[fmt]))
+    assert not hasattr(stacked.model.layers[0].self_attn, "q_proj")
+    for model in (plain, stacked):
+        apply_adapter(model, adapter)
+    ids = torch.tensor([PROMPTS["0"]])
+    with torch.no_grad():
+        assert_close(stacked(ids), plain(ids))
+        assert not torch.allclose(plain(ids), load_model(paths[fmt])(ids))  # negative control: the adapter acts
 
 
 @pytest.mark.parametrize("fmt", FORMATS)

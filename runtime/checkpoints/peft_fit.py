@@ -51,10 +51,18 @@ class BaseModules:
 
     @classmethod
     def of_model(cls, model: nn.Module, label: str = "the base model") -> BaseModules:
-        """The layout of a built model (float or quantized linear modules alike)."""
+        """The layout of a built model (float or quantized linear modules alike); a stacked module
+        (`qkv_proj` of `fused.fuse_projections`) stands for its sections, by their HF names."""
         names, linear = [], {}
         for name, module in model.named_modules():
             if not name:
+                continue
+            sections = getattr(module, "section_names", ())
+            if sections and is_linear_like(module):
+                parent = name.rpartition(".")[0]
+                for section, size in zip(sections, module.section_sizes):
+                    names.append(f"{parent}.{section}" if parent else section)
+                    linear[names[-1]] = (size, module.in_features)
                 continue
             names.append(name)
             if is_linear_like(module):
