@@ -12,6 +12,7 @@ import json
 import os
 import re
 import signal
+import ssl
 import subprocess
 import sys
 import threading
@@ -42,7 +43,7 @@ def test_https_with_the_grpc_certificate(base, tokenizer, certs):
     try:
         url = f"https://localhost:{served.server.http_port}/v1"
         with openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=30,
-                           http_client=openai.DefaultHttpxClient(verify=certs.ca_pem)) as client:
+                           http_client=openai.DefaultHttpxClient(verify=ssl.create_default_context(cafile=certs.ca_pem))) as client:
             done = client.completions.create(model="", prompt="over TLS", **NEW)
             assert done.usage.completion_tokens == 8
         with openai.OpenAI(base_url=url.replace("https", "http"), api_key="none", max_retries=0, timeout=10) as plain:
