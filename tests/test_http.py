@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import logging
 import socket
 import time
 import urllib.error
@@ -188,8 +189,10 @@ def test_errors_reach_the_sdk_as_its_types(sdk, served):
     {"max_tokens": 0},
     {"prompt": "x" * 10_000},
 ], ids=lambda f: next(iter(f)))
-def test_a_hostile_request_is_refused_the_same_way_on_both_doors(fields, sdk, grpc_client):
-    """The same checks, in the same order, with the same message: both doors share them."""
+def test_a_hostile_request_is_refused_the_same_way_on_both_doors(fields, sdk, grpc_client, served, caplog):
+    """The same checks, in the same order, with the same message, and one refusal log line each."""
+    caplog.set_level(logging.INFO, logger="quadapt")
+    served.server._refusal_window = (0.0, 0, 0)  # the earlier tests' refusals must not rate-limit these two
     grpc_fields = {("max_new_tokens" if k == "max_tokens" else k): v for k, v in fields.items()}
     if "prompt" not in fields:
         grpc_fields.setdefault("messages", HELLO)
@@ -202,6 +205,8 @@ def test_a_hostile_request_is_refused_the_same_way_on_both_doors(fields, sdk, gr
         sdk.post("/completions" if "prompt" in body else "/chat/completions", body=body, cast_to=object)
     assert by_grpc.value.code == "INVALID_ARGUMENT"
     assert by_http.value.body["message"] == by_grpc.value.details
+    refusals = [r.getMessage() for r in caplog.records if " refused (INVALID_ARGUMENT)" in r.getMessage()]
+    assert [line.split()[0] for line in refusals] == ["Generate", "chat" if "messages" in body else "completions"]
 
 
 def test_adapters_loaded_through_either_door_are_seen_by_both(sdk, admin, served, base, adapter_root):
