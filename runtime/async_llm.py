@@ -229,9 +229,10 @@ class AsyncLLM:
             for r in requests:
                 opened.append(await self._open(r.prompt, r.params, r.adapter, r.request_id))
             return list(await asyncio.gather(*(_completion(rid, queue) for rid, queue in opened)))
-        finally:
+        except BaseException:  # a request refused, the caller cancelled, or the engine thread stopped
             for rid, _ in opened:
-                self.abort(rid, wait=False)  # those still running, when this call ends early
+                self.abort(rid, wait=False)  # posted: those still unfinished are freed before the next step
+            raise
 
     def load_adapter(self, name: str, path: str | Path, *, pinned: bool = False) -> AdapterVersion:
         """Load (or reload) an adapter while requests run; as `LLM.load_adapter`. It blocks while

@@ -294,6 +294,14 @@ def test_mistakes_raise_before_anything_runs(served, kwargs, error, message):
     assert after.requests_finished == before and after.kv_blocks_used == 0 and not served.engine.has_unfinished()
 
 
+def test_async_generate_takes_back_what_it_queued_when_one_is_refused(streaming):
+    with pytest.raises(AdapterNotFoundError, match="unknown adapter 'nope'"):
+        asyncio.run(streaming.generate(["hello world", "the sea"], adapter=["qv", "nope"], max_new_tokens=50,
+                                       ignore_eos=True))
+    snapshot = streaming.metrics()  # runs after the posted abort of the first request
+    assert snapshot.kv_blocks_used == 0 and snapshot.running == snapshot.waiting == 0
+
+
 def test_stream_mistakes(streaming):
     served = streaming
 
