@@ -24,7 +24,7 @@ import pytest
 import quadapt
 from quadapt.runtime import async_llm, llm
 from quadapt.runtime.errors import AdapterError, ContextLengthError, InvalidParameterError
-from quadapt.runtime.registry import AdapterInUseError, AdapterNotFoundError
+from quadapt.runtime.registry import AdapterInUseError, AdapterNotFoundError, NoAdapterSlotsError
 from quadapt.runtime.sampling import SamplingParams
 
 from .test_adapters import make_base, make_peft_adapter
@@ -355,6 +355,12 @@ def test_the_base_model_only(base):
             model.load_adapter("a", "somewhere")
         with pytest.raises(InvalidParameterError, match="serves no adapters"):
             model.generate(["hi"], adapter="a", max_new_tokens=2)
+        # The registry is there, empty: refusing names the option to raise, before any file is read.
+        assert model.engine.adapters.num_slots == 0
+        with pytest.raises(NoAdapterSlotsError, match=r"cannot load adapter 'a'.*max_loras >= 1 \(--max-loras"):
+            model.load_adapter("a", "somewhere")
+        with pytest.raises(NoAdapterSlotsError, match="max_loras=0"):
+            quadapt.AsyncLLM.from_engine(model.engine, model.tokenizer).load_adapter("a", "somewhere")
 
 
 def test_bad_serve_settings(base):
