@@ -14,8 +14,8 @@ state (no block held, no adapter slot in use) and goes on with the waiting ones.
 check fails does `step` raise `EngineDeadError`: the engine cannot go on.
 
 The engine sees token ids only: prompts come in as ids and tokens go out as ids, with no text,
-no stop strings and no chat templates (`llm.py` puts text around it). It is not thread-safe;
-`llm.AsyncLLM` drives it from one thread.
+no stop strings and no chat templates (`llm.py` and `async_llm.py` put text around it). It is
+not thread-safe; `async_llm.AsyncLLM` drives it from one thread.
 """
 
 from __future__ import annotations

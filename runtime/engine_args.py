@@ -1,15 +1,16 @@
 """One way to build an engine: `EngineArgs` says what to load and how to batch, `build_engine` builds it.
 
-Every front door that runs the batching engine (`quadapt batch`, `quadapt serve` and the gRPC
-server's `load_llm`, `quadapt.serve`) fills an `EngineArgs` and calls `build_engine`, so each
-default is written once, here: the slots default to one per start-up adapter and at least 4,
-their rank to the largest start-up adapter's and at least 16. The order reports a bad adapter
+Every front door that runs the batching engine (`quadapt generate`, `batch` and `serve`, the
+gRPC server's `load_llm`, `quadapt.load`, `quadapt.LLM`, `quadapt.AsyncLLM`) fills an
+`EngineArgs` and calls `build_engine`, so each default is written once, here: the slots default
+to one per start-up adapter and at least 4, their rank to the largest start-up adapter's and at
+least 16, the threads to half the cores (`default_threads`). The order reports a bad adapter
 before the weights load: the checkpoint's layout and tokenizer are read first, then the
 adapters (checked against that layout), then the weights.
 
-This file builds; it does not run the engine or hold text (`llm.py` does). It imports no torch
-(`build_engine` does, when called), so the CLI derives its flags' defaults from `EngineArgs`
-without loading torch for `--help`.
+This file builds; it does not run the engine or hold text (`llm.py`, `async_llm.py` do). It
+imports no torch (`build_engine` does, when called), so the CLI derives its flags' defaults from
+`EngineArgs` without loading torch for `--help`.
 """
 
 from __future__ import annotations
