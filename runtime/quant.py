@@ -216,7 +216,7 @@ def _int_spec(m: PackedIntLinear) -> tuple:
 
 
 def _stack_common(module: QuantLinear, modules: Sequence[tuple[str, QuantLinear]], sizes: tuple[int, ...]) -> None:
-    """The stacked module's bias, sections, backend and device, shared by both formats."""
+    """Give the stacked `module` its bias, section names and sizes, and kernel backend (both formats)."""
     if modules[0][1].bias is not None:
         module.bias = nn.Parameter(torch.cat([m.bias.detach() for _, m in modules]), requires_grad=False)
     module.section_names, module.section_sizes = tuple(name for name, _ in modules), sizes
