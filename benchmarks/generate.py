@@ -108,6 +108,10 @@ def main() -> None:
         wall = {k: statistics.median(w for _, w in v) for k, v in got.items()}
         print(f"{setting:<24}{rate['float']:>12.2f}{rate['quant']:>12.2f}{rate['quant'] / rate['float']:>11.2f}x"
               f"{wall['float']:>14.1f}{wall['quant']:>14.1f}")
+    print("each run's decode tok/s, float | quant (the spread says how busy the machine was):")
+    for setting, got in settings.items():
+        runs = {k: " ".join(f"{r:.2f}" for r, _ in v) for k, v in got.items()}
+        print(f"  {setting}: {runs['float']} | {runs['quant']}")
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ import torch
 from .checkpoints.peft import MAX_ADAPTER_BYTES, PeftAdapter
 from .checkpoints.peft_fit import BaseModules, check_adapter_fits, load_adapter_for
 from .errors import AdapterError, InvalidParameterError, quote
-from .lora import LoRALinear, LoRAWeights
+from .lora import LoRAWeights, SlotTarget
 
 # Used with fullmatch: `$` alone would let a trailing newline through into logs.
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._\-/]{0,127}")
@@ -68,11 +68,11 @@ class LoRASlots:
     """The slots of a model's LoRA stacks, found once (`adapters.lora_modules`), not on every write.
 
     Args:
-        stacks: HF module name -> the LoRA stack on it.
+        stacks: HF module name -> where its factors load (a stack, or a section of a stacked one).
         num_lora_slots: the slots each stack holds.
     """
 
-    def __init__(self, stacks: Mapping[str, LoRALinear], num_lora_slots: int) -> None:
+    def __init__(self, stacks: Mapping[str, SlotTarget], num_lora_slots: int) -> None:
         self.stacks = dict(stacks)
         self.num_lora_slots = num_lora_slots
 
