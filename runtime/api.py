@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -25,7 +25,7 @@ import torch
 from .engine_args import EngineArgs, build_engine
 from .engine_args import default_threads, open_with_tokenizer  # noqa: F401 - re-exported for the CLI
 from .errors import InvalidParameterError
-from .generate import Generation, GenerationResult
+from .generation import Generation, GenerationResult
 from .llm import LLM
 from .model import CausalLM
 from .outputs import GenerateRequest, TextDelta
@@ -144,9 +144,9 @@ class LoadedModel:
             rid = self._llm.add(request)
             self._pending[rid] = []
         result = GenerationResult(prompt_tokens=0)
-        return Generation(self._texts(rid, result), result)
+        return _EngineGeneration(self._texts(rid, result), result, lambda: self._cancel(rid))
 
-    def _texts(self, rid: str, result: GenerationResult) -> Iterator[str]:
+    def _texts(self, rid: str, result: GenerationResult) -> Generator[str, None, None]:
         finished = False
         try:
             while not finished:
@@ -161,10 +161,13 @@ class LoadedModel:
                 if delta.text:
                     yield delta.text
         finally:
-            with self._lock:
-                self._pending.pop(rid, None)
-                if not finished:
-                    self._llm.abort(rid)  # left early: its cache blocks are freed
+            self._cancel(rid)
+
+    def _cancel(self, rid: str) -> None:
+        """Forget a generation; if its request is still in the engine, abort it (its cache blocks are freed)."""
+        with self._lock:
+            if self._pending.pop(rid, None) is not None:
+                self._llm.abort(rid)  # False, and nothing done, once it finished
 
     def _next_delta(self, rid: str) -> TextDelta:
         """The next delta of `rid`, stepping the engine (for every running generation) until one comes."""
@@ -177,6 +180,21 @@ class LoadedModel:
                 for delta in self._llm.step():
                     if delta.request_id in self._pending:
                         self._pending[delta.request_id].append(delta)
+
+
+class _EngineGeneration(Generation[str]):
+    """A `Generation` whose `close()` also cancels a request not yet iterated (a generator that
+    never started runs no `finally`)."""
+
+    def __init__(
+        self, outputs: Generator[str, None, None], result: GenerationResult, cancel: Callable[[], None]
+    ) -> None:
+        super().__init__(outputs, result)
+        self._cancel = cancel
+
+    def close(self) -> None:
+        super().close()
+        self._cancel()
 
 
 def load(

@@ -157,6 +157,10 @@ def test_generations_interleave_and_one_left_early_frees_its_cache(loaded):
     left.close()
     assert engine.allocator.num_used == 0 and not engine.has_unfinished()
     assert left.result.finish_reason is None  # it stopped early: no finish reason
+    untouched = loaded.generate("hello", stream=True, max_new_tokens=50, ignore_eos=True)
+    assert engine.has_unfinished()
+    untouched.close()  # never iterated: closing it still cancels its request
+    assert not engine.has_unfinished() and engine.allocator.num_used == 0
 
 
 def test_a_context_cut_is_logged(loaded, caplog):
