@@ -203,7 +203,7 @@ class Engine:
             raise InvalidParameterError(
                 f"the request may grow to {longest} tokens, more than the whole KV cache holds "
                 f"({self.allocator.num_blocks * self.executor.block_size} positions); lower max_new_tokens or give the "
-                "engine a larger KV cache budget"
+                "engine a larger KV cache budget (kv_cache_bytes; --kv-cache-memory on the command line)"
             )
         request_id = f"req-{next(self._ids)}" if request_id is None else str(request_id)
         if request_id in self._requests:
