@@ -61,6 +61,8 @@ def test_every_front_door_builds_its_engine_through_build_engine(base, adapter, 
     # quadapt.load runs its one adapter through the engine too, in the one slot it needs.
     assert quadapt.load(base, adapter=adapter).generate("hi", max_new_tokens=2) is not None
     assert len(built) == 5 and built[-1].config.max_loras == 1 and len(built[-1].adapters.names()) == 1
+    assert cli.main(["generate", "--model", str(base), "--prompt", "hi", "--max-new-tokens", "2"]) == 0
+    assert len(built) == 6 and built[-1].config.max_loras == 0  # quadapt generate, through quadapt.load
 
 
 def test_defaults_follow_the_adapters_and_explicit_limits_win(base, adapter):
