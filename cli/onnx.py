@@ -10,7 +10,9 @@ import argparse
 import logging
 import sys
 
-from .options import adapter_spec, named_adapters, positive_int, prompt_of, prompt_options, sampling_options, sampling_settings
+from .options import (
+    adapter_spec, named_adapters, positive_int, prompt_of, prompt_options, sampling_options, sampling_settings,
+)
 
 logger = logging.getLogger(__name__)
 

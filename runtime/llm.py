@@ -23,16 +23,11 @@ from .engine import Engine
 from .engine_args import args_from_options, build_engine
 from .metrics import MetricsSnapshot
 from .outputs import Completion, GenerateRequest, OutputProcessor, TextDelta, completion_of, requests_of
-from .prompt import Prompt
 from .registry import AdapterVersion
 from .sampling_params import SamplingParams
 from .tokenizer import Tokenizer
 
-__all__ = ["LLM", "GenerateRequest", "TextDelta", "Completion", "encode_prompt", "serve"]
-
-def encode_prompt(tokenizer: Tokenizer, prompt: Prompt, max_tokens: int | None = None) -> list[int]:
-    """`tokenizer.encode_prompt(prompt, max_tokens=max_tokens)`, for callers of the older name."""
-    return tokenizer.encode_prompt(prompt, max_tokens=max_tokens)
+__all__ = ["LLM", "GenerateRequest", "TextDelta", "Completion", "serve"]
 
 
 class LLM:
@@ -242,12 +237,3 @@ def serve(path: str | Path, **options: Any) -> LLM:
     )
     return LLM(path, **options)
 
-
-def __getattr__(name: str) -> Any:
-    # `AsyncLLM` moved to async_llm.py; the old import path still finds it (imported on demand,
-    # since that module imports this one) until its callers import it from there.
-    if name == "AsyncLLM":
-        from .async_llm import AsyncLLM
-
-        return AsyncLLM
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

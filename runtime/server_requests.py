@@ -21,7 +21,7 @@ from .errors import (
     QuadaptError, RequestFailedError, UnsupportedError,
 )
 from .prompt import MAX_MESSAGES, Prompt
-from .registry import AdapterInUseError, AdapterNotFoundError
+from .registry import AdapterInUseError, AdapterNotFoundError, NoAdapterSlotsError
 from .sampling import SamplingParams
 
 # A QuadaptError's status code, by type; the first match wins (subclasses first).
@@ -31,6 +31,7 @@ _CODES: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (AdapterNotFoundError, grpc.StatusCode.NOT_FOUND),
     (AdapterInUseError, grpc.StatusCode.FAILED_PRECONDITION),
     (ContextLengthError, grpc.StatusCode.INVALID_ARGUMENT),
+    (NoAdapterSlotsError, grpc.StatusCode.FAILED_PRECONDITION),  # the server's configuration, not the request
     (InvalidParameterError, grpc.StatusCode.INVALID_ARGUMENT),
     # An adapter file that is corrupt, unsupported or made for another base.
     (AdapterError, grpc.StatusCode.FAILED_PRECONDITION),

@@ -22,7 +22,8 @@ from peft import LoraConfig
 
 from quadapt.runtime.client import Client, ServerError
 from quadapt.runtime.engine import Engine, EngineConfig
-from quadapt.runtime.llm import LLM, AsyncLLM, GenerateRequest, encode_prompt
+from quadapt.runtime.async_llm import AsyncLLM
+from quadapt.runtime.llm import LLM, GenerateRequest
 from quadapt.runtime.loader import load_model
 from quadapt.runtime.sampling import SamplingParams
 from quadapt.runtime.server import ServerConfig, start
@@ -181,7 +182,7 @@ def test_unary_and_stream_agree_and_equal_the_engine_alone(client, base, adapter
         assert [c.finished for c in chunks] == [False] * (len(chunks) - 1) + [True]
         last = chunks[-1]
         assert (last.finish_reason, last.completion_tokens) == ("length", settings["max_new_tokens"])
-        assert last.prompt_tokens == unary.prompt_tokens == len(encode_prompt(tokenizer, prompt))
+        assert last.prompt_tokens == unary.prompt_tokens == len(tokenizer.encode_prompt(prompt))
         assert len({c.request_id for c in chunks}) == 1 and chunks[0].request_id != unary.request_id
     # The adapters change the output, so the equalities above are not vacuous.
     outputs = {a: client.generate("the quick brown", adapter=a, **GREEDY).token_ids for a in (None, "a", "b")}
@@ -284,7 +285,7 @@ def test_load_and_unload_adapters_while_streams_run(served, client, adapters, th
 
 def test_tokenize_list_and_server_info(client, tokenizer):
     assert client.tokenize("hello world") == tokenizer.encode("hello world")
-    assert client.tokenize(messages=HELLO) == encode_prompt(tokenizer, HELLO)
+    assert client.tokenize(messages=HELLO) == tokenizer.encode_prompt(HELLO)
     info = client.server_info()
     assert (info.max_context_tokens, info.vocab_size, info.max_queue, info.max_loras) == (256, 512, 3, 2)
     assert info.chat_template and info.max_message_bytes == 64 * 2**10

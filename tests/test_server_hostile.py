@@ -23,7 +23,7 @@ import pytest
 
 from quadapt.protos.quadapt.v1 import generation_pb2 as pb
 from quadapt.protos.quadapt.v1 import generation_pb2_grpc as pb_grpc
-from quadapt.runtime.llm import AsyncLLM
+from quadapt.runtime.async_llm import AsyncLLM
 from quadapt.runtime.server import ServerConfig
 
 from .conftest import fails_on_call

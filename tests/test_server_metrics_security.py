@@ -16,7 +16,7 @@ import pytest
 
 from quadapt.cli import main
 from quadapt.runtime.errors import InvalidParameterError
-from quadapt.runtime.llm import AsyncLLM
+from quadapt.runtime.async_llm import AsyncLLM
 from quadapt.runtime.server import ServerConfig, read_secret
 
 from .test_server import ServerThread, base, make_engine, tokenizer  # noqa: F401 - fixtures

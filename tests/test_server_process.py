@@ -27,7 +27,7 @@ from peft import LoraConfig
 from quadapt.protos import generate as protos
 from quadapt.runtime.client import Client, ServerError
 from quadapt.runtime.errors import CheckpointError
-from quadapt.runtime.llm import AsyncLLM
+from quadapt.runtime.async_llm import AsyncLLM
 from quadapt.runtime.server import ServerConfig, serve
 from quadapt.runtime.tokenizer import Tokenizer
 

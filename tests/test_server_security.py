@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from quadapt.runtime.client import Client, ServerError
 from quadapt.runtime.errors import InvalidParameterError
-from quadapt.runtime.llm import AsyncLLM
+from quadapt.runtime.async_llm import AsyncLLM
 from quadapt.runtime.server import ServerConfig, read_secret
 from quadapt.runtime.server_security import Refusal, authorize
 from quadapt.runtime.tokenizer import Tokenizer
