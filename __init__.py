@@ -15,7 +15,7 @@ batched with every other. Both load, unload and list adapters while they run::
 
 `serve` is a deprecated alias of `LLM` (it warns, and goes in the next release).
 
-They live in `runtime/api.py`, `runtime/llm.py` and `runtime/async_llm.py` and are imported on
+They live in `runtime/api/load.py`, `runtime/api/llm.py` and `runtime/api/async_llm.py` and are imported on
 first use, so importing this package loads nothing heavy (no torch). The parts are subpackages:
 `runtime` (checkpoint readers, model, loader, engine, generation), `converters` (quantized
 checkpoints and adapters out), `kernels`, `protos`, `train`.
@@ -31,15 +31,15 @@ __version__ = _version("quadapt")  # one source: pyproject.toml
 __all__ = ["LLM", "AsyncLLM", "LoadedModel", "SamplingParams", "__version__", "load", "serve"]
 
 if TYPE_CHECKING:
-    from .runtime.api import LoadedModel, load
-    from .runtime.async_llm import AsyncLLM
-    from .runtime.llm import LLM, serve
-    from .runtime.sampling_params import SamplingParams
+    from .runtime.api.load import LoadedModel, load
+    from .runtime.api.async_llm import AsyncLLM
+    from .runtime.api.llm import LLM, serve
+    from .runtime.text.sampling_params import SamplingParams
 
 # Public name -> the module that defines it.
 _LAZY = {
-    "load": "api", "LoadedModel": "api", "LLM": "llm", "AsyncLLM": "async_llm", "serve": "llm",
-    "SamplingParams": "sampling_params",
+    "load": "api.load", "LoadedModel": "api.load", "LLM": "api.llm", "AsyncLLM": "api.async_llm", "serve": "api.llm",
+    "SamplingParams": "text.sampling_params",
 }
 
 

@@ -41,8 +41,8 @@ _BASELINE = f"""
 import sys, torch
 import quadapt.converters.convert, quadapt.runtime.checkpoints.gguf, quadapt.runtime.checkpoints.hf
 from quadapt.runtime.checkpoints import open_checkpoint
-from quadapt.runtime.config import ModelConfig
-from quadapt.runtime.model import CausalLM
+from quadapt.runtime.model.config import ModelConfig
+from quadapt.runtime.model.model import CausalLM
 with torch.device("meta"):  # torch initialises itself on first module build (~75 MB), weights or not
     CausalLM(ModelConfig.from_dict(open_checkpoint(sys.argv[1]).config_dict()))
 {_PEAK}
@@ -79,8 +79,8 @@ def largest_tensor_bytes(model: str) -> tuple[str, int]:
     import torch
 
     from quadapt.runtime.checkpoints import open_checkpoint
-    from quadapt.runtime.config import ModelConfig
-    from quadapt.runtime.model import CausalLM
+    from quadapt.runtime.model.config import ModelConfig
+    from quadapt.runtime.model.model import CausalLM
 
     reader = open_checkpoint(model)
     config = reader.config_dict()

@@ -179,7 +179,7 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
 
-    from quadapt.runtime.tokenizer import Tokenizer
+    from quadapt.runtime.text.tokenizer import Tokenizer
 
     models = build(args)
     tokenizer = Tokenizer.from_dir(models["quadapt edge int4"])
@@ -232,8 +232,8 @@ def print_perplexity(args: argparse.Namespace, export: Path, tokenizer) -> None:
     """Perplexity on coriolanus_eval.txt of the int4 export and of the torch runtime on its checkpoint."""
     import torch
     from quadapt.runtime.edge.perplexity import perplexity as edge_perplexity
-    from quadapt.runtime.loader import load_model
-    from quadapt.runtime.perplexity import perplexity
+    from quadapt.runtime.checkpoints.loader import load_model
+    from quadapt.runtime.api.perplexity import perplexity
 
     torch.set_num_threads(args.threads)
     ids = tokenizer.encode((DATA / "coriolanus_eval.txt").read_text())

@@ -67,9 +67,9 @@ def make_adapters(model_dir: Path, out: Path, count: int) -> list[Path]:
 
 def quadapt_rate(model_dir: Path, adapters: list[Path], prompts, n_adapters: int, new_tokens: int, model=None) -> float:
     """Decode tokens/s of the engine on `prompts`, adapters round robin (none when n_adapters is 0)."""
-    from quadapt.runtime.engine import Engine, EngineConfig
-    from quadapt.runtime.loader import load_model
-    from quadapt.runtime.sampling import SamplingParams
+    from quadapt.runtime.engine.engine import Engine, EngineConfig
+    from quadapt.runtime.checkpoints.loader import load_model
+    from quadapt.runtime.engine.sampling import SamplingParams
 
     config = EngineConfig(max_num_seqs=max(16, len(prompts)), max_num_batched_tokens=1024, max_loras=max(n_adapters, 1),
                           max_lora_rank=16)
@@ -142,9 +142,9 @@ def _burn(stop) -> None:
 
 def reference_rate(model_dir: Path, prompt: list[int], new_tokens: int) -> float:
     """Decode tokens/s of the reference generator (which dequantizes a packed weight on every call)."""
-    from quadapt.runtime.generate import generate_ids
-    from quadapt.runtime.loader import load_model
-    from quadapt.runtime.sampling import SamplingParams
+    from quadapt.runtime.api.generate import generate_ids
+    from quadapt.runtime.checkpoints.loader import load_model
+    from quadapt.runtime.engine.sampling import SamplingParams
 
     model = load_model(model_dir)
 
@@ -159,8 +159,8 @@ def reference_rate(model_dir: Path, prompt: list[int], new_tokens: int) -> float
 
 
 def _engine(model_dir: Path):
-    from quadapt.runtime.engine import Engine, EngineConfig
-    from quadapt.runtime.loader import load_model
+    from quadapt.runtime.engine.engine import Engine, EngineConfig
+    from quadapt.runtime.checkpoints.loader import load_model
 
     return Engine.for_model(load_model(model_dir), eos_token_ids=set(), config=EngineConfig(max_loras=1),
                             kv_cache_bytes=64 * 2**20)
@@ -170,7 +170,7 @@ def alternate_decode(engines: dict[str, object], prompt: list[int], new_tokens: 
     """One request on each engine, their steps taken in turn (the order flipping every step), so
     that a slow or fast spell of the machine falls on every engine alike. Returns each engine's
     (decode tokens, decode seconds), counting the steps after its request's first token."""
-    from quadapt.runtime.sampling import SamplingParams
+    from quadapt.runtime.engine.sampling import SamplingParams
 
     params = SamplingParams(max_new_tokens=new_tokens, temperature=0.0, ignore_eos=True)
     for engine in engines.values():
@@ -257,7 +257,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from quadapt.runtime.checkpoints import open_checkpoint
-    from quadapt.runtime.tokenizer import Tokenizer
+    from quadapt.runtime.text.tokenizer import Tokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)

@@ -55,7 +55,7 @@ class Tally:
 
 
 def client_loop(address: str, adapters: list[str | None], index: int, stop_at: float, new_tokens: int, tally: Tally) -> None:
-    from quadapt.runtime.client import Client
+    from quadapt.runtime.serving.client import Client
 
     turn = index
     with Client(address, timeout=300) as client:
@@ -186,7 +186,7 @@ def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str, str |
 
 def wait_until_serving(address: str, seconds: float = 300.0) -> None:
     """The server listens before its model is loaded: wait for its health to say SERVING."""
-    from quadapt.runtime.client import Client, ServerError
+    from quadapt.runtime.serving.client import Client, ServerError
 
     deadline = time.monotonic() + seconds
     with Client(address, timeout=10) as client:

@@ -63,9 +63,9 @@ def evaluate(model: Path | str, texts: list[Path], max_tokens: int | None = None
     """Perplexity of the model on each text (window 1024, stride 512: eval-ppl's defaults), on
     its first `max_tokens` tokens when given."""
     from quadapt.runtime.checkpoints import open_checkpoint
-    from quadapt.runtime.loader import load_model
-    from quadapt.runtime.perplexity import perplexity
-    from quadapt.runtime.tokenizer import Tokenizer
+    from quadapt.runtime.checkpoints.loader import load_model
+    from quadapt.runtime.api.perplexity import perplexity
+    from quadapt.runtime.text.tokenizer import Tokenizer
 
     reader = open_checkpoint(model)
     tokenizer = Tokenizer.from_files(reader.tokenizer_files())

@@ -22,8 +22,8 @@ PROMPT = "<|im_start|>user\nWrite a short story about a lighthouse keeper.<|im_e
 
 
 def time_quadapt(model, prompt_ids: list[int], n: int) -> float:
-    from quadapt.runtime.generate import generate_ids
-    from quadapt.runtime.sampling import SamplingParams
+    from quadapt.runtime.api.generate import generate_ids
+    from quadapt.runtime.engine.sampling import SamplingParams
 
     params = SamplingParams(max_new_tokens=n, temperature=0.0, ignore_eos=True)
     start = time.perf_counter()
@@ -66,8 +66,8 @@ def main() -> None:
 
     from quadapt.converters.fetch import default_gguf
     from quadapt.runtime.checkpoints.gguf import GGUFCheckpoint
-    from quadapt.runtime.loader import load_model
-    from quadapt.runtime.tokenizer import Tokenizer
+    from quadapt.runtime.checkpoints.loader import load_model
+    from quadapt.runtime.text.tokenizer import Tokenizer
 
     gguf = default_gguf()
     reader = GGUFCheckpoint(gguf)

@@ -39,7 +39,7 @@ def make_batch(vocab: int, batch: int, length: int, seed: int = 0) -> tuple[torc
 
 
 def quadapt_side(model_dir: str, rank: int, alpha: float):
-    from quadapt.runtime.loader import load_model
+    from quadapt.runtime.checkpoints.loader import load_model
     from quadapt.train.command import quantize_in_memory
     from quadapt.train.forward import completion_loss
     from quadapt.train.lora import add_lora, lora_parameters

@@ -1,4 +1,4 @@
-"""`quadapt batch`: a JSONL file of requests through the batching engine (`runtime/offline.py`)."""
+"""`quadapt batch`: a JSONL file of requests through the batching engine (`runtime/api/offline.py`)."""
 
 from __future__ import annotations
 
@@ -50,10 +50,10 @@ def _batch(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from ..runtime.checkpoints.peft import read_peft_header
-    from ..runtime.engine_args import EngineArgs, build_engine
+    from ..runtime.engine.args import EngineArgs, build_engine
     from ..runtime.errors import InvalidParameterError, QuadaptError
-    from ..runtime.llm import LLM
-    from ..runtime.offline import run_jsonl
+    from ..runtime.api.llm import LLM
+    from ..runtime.api.offline import run_jsonl
 
     # Every check on what was typed (flags, files, adapters) runs before the model loads.
     adapters = named_adapters(args.adapter)

@@ -49,9 +49,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from ..runtime.api import load
-    from ..runtime.sampling import SamplingParams
-    from ..runtime.tokenizer import check_text
+    from ..runtime.api.load import load
+    from ..runtime.engine.sampling import SamplingParams
+    from ..runtime.text.tokenizer import check_text
 
     # Every check on what was typed runs before the model loads.
     prompt = prompt_of(args)
@@ -105,9 +105,9 @@ def _eval_ppl(args: argparse.Namespace) -> int:
         return _eval_ppl_export(args, text)
     import torch
 
-    from ..runtime.api import default_threads, open_with_tokenizer
-    from ..runtime.loader import load_model
-    from ..runtime.perplexity import perplexity
+    from ..runtime.api.load import default_threads, open_with_tokenizer
+    from ..runtime.checkpoints.loader import load_model
+    from ..runtime.api.perplexity import perplexity
 
     reader, tokenizer = open_with_tokenizer(args.model)  # the model alone: scoring needs no engine
     torch.set_num_threads(args.threads or default_threads())
@@ -126,7 +126,7 @@ def _eval_ppl_export(args: argparse.Namespace, text: str) -> int:
     try:
         from ..runtime.edge.model import EdgeModel
         from ..runtime.edge.perplexity import perplexity, window_and_stride
-        from ..runtime.tokenizer import Tokenizer
+        from ..runtime.text.tokenizer import Tokenizer
     except ImportError as error:
         raise QuadaptError(
             f"{args.model!r} is an ONNX export, and scoring it needs onnxruntime ({error}); "

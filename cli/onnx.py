@@ -86,8 +86,8 @@ def _export_onnx(args: argparse.Namespace) -> int:
 def _run_onnx(args: argparse.Namespace) -> int:
     from ..runtime.edge.generate import generate_text
     from ..runtime.edge.model import EdgeModel
-    from ..runtime.sampling_params import SamplingParams
-    from ..runtime.tokenizer import Tokenizer
+    from ..runtime.text.sampling_params import SamplingParams
+    from ..runtime.text.tokenizer import Tokenizer
 
     prompt = prompt_of(args)  # every check on what was typed runs before the model loads
     params = SamplingParams(**sampling_settings(args))

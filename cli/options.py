@@ -14,9 +14,9 @@ import dataclasses
 import re
 from collections.abc import Sequence
 
-from ..runtime.engine_args import EngineArgs  # torch-free
+from ..runtime.engine.args import EngineArgs  # torch-free
 from ..runtime.errors import InvalidParameterError
-from ..runtime.sampling_params import SAMPLING_DEFAULTS  # torch-free
+from ..runtime.text.sampling_params import SAMPLING_DEFAULTS  # torch-free
 
 DTYPES = ("float32", "bfloat16", "float16")
 _SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}

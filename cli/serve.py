@@ -117,7 +117,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from ..runtime.server import ServerConfig, read_secret, serve
+    from ..runtime.serving.server import ServerConfig, read_secret, serve
 
     config = ServerConfig(
         host=args.host, port=args.port, adapter_dirs=tuple(args.adapter_dir), max_queue=args.max_queue,
@@ -135,9 +135,9 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _client(args: argparse.Namespace) -> int:
-    from ..runtime.client import Client
+    from ..runtime.serving.client import Client
     from ..runtime.errors import InvalidParameterError
-    from ..runtime.server import read_secret
+    from ..runtime.serving.server import read_secret
 
     if args.address is not None and args.host is not None:
         raise InvalidParameterError("--address names the host already; give --address HOST:PORT, or --host and --port")
@@ -185,7 +185,7 @@ def _wait_until_serving(client, seconds: float, address: str) -> None:
     """Poll the server's health until it says SERVING (it loads the model at start), for up to `seconds`."""
     import time
 
-    from ..runtime.client import ServerError
+    from ..runtime.serving.client import ServerError
     from ..runtime.errors import QuadaptError
 
     deadline = time.monotonic() + seconds

@@ -31,10 +31,10 @@ from typing import Any
 
 import torch
 
-from ..runtime.config import ModelConfig
+from ..runtime.model.config import ModelConfig
 from ..runtime.errors import InvalidParameterError
-from ..runtime.model import CausalLM, DecoderLayer
-from ..runtime.tokenizer import Tokenizer
+from ..runtime.model.model import CausalLM, DecoderLayer
+from ..runtime.text.tokenizer import Tokenizer
 from ..runtime.checkpoints import CheckpointReader
 from .calibration_set import (
     DEFAULT_CALIBRATION_NAME, DEFAULT_CALIBRATION_TOKENS, MIN_TOKENS_PER_INPUT, default_calibration_texts,

@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 
 from ..runtime.checkpoints import CheckpointReader, as_reader, is_derived_key
-from ..runtime.config import ModelConfig
+from ..runtime.model.config import ModelConfig
 from ..runtime.errors import CheckpointError
 from .formats import quantized_tensors
 from .manifest import MANIFEST_FILE, ConversionReport, int_entry, manifest_files, nf4_entry, quantization_config
@@ -217,7 +217,7 @@ def _calibrated_stream(
     calib_text: str | Path | Sequence[str | Path] | None, calib_tokens: int, scratch: Path,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """GPTQ or activation-aware scaling, layer by layer over a random-access view of the source."""
-    from ..runtime.tokenizer import Tokenizer
+    from ..runtime.text.tokenizer import Tokenizer
     from .calibrate import (
         CALIBRATION_SEQUENCE_LENGTH, LayerResult, LayerStats, TensorStore, calibrated_layers, calibration_sequences,
         check_token_count, split_heldout,

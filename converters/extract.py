@@ -26,9 +26,9 @@ from pathlib import Path
 
 import torch
 
-from ..runtime.config import ModelConfig
+from ..runtime.model.config import ModelConfig
 from ..runtime.errors import AdapterError, CheckpointError
-from ..runtime.lora import LoRAWeights
+from ..runtime.model.lora import LoRAWeights
 from ..runtime.checkpoints import CheckpointReader, as_reader
 from ..runtime.checkpoints.peft import PeftAdapter
 from ..runtime.checkpoints.peft_fit import BaseModules

@@ -24,8 +24,8 @@ from torch import nn
 
 from ..runtime.checkpoints.quantized import NF4Spec, PackedIntSpec, module_buffers
 from ..runtime.errors import InvalidParameterError, UnsupportedError
-from ..runtime.model import CausalLM
-from ..runtime.quant import NF4Linear, PackedIntLinear
+from ..runtime.model.model import CausalLM
+from ..runtime.model.quant import NF4Linear, PackedIntLinear
 from .convert import check_finite, quantize_linear
 from .formats import quantized_tensors
 from .plan import (

@@ -28,11 +28,11 @@ from torch import nn
 from ..runtime.checkpoints import open_checkpoint
 from ..runtime.checkpoints.peft import PeftAdapter
 from ..runtime.checkpoints.peft_fit import BaseModules, load_adapter_for
-from ..runtime.config import ModelConfig
+from ..runtime.model.config import ModelConfig
 from ..runtime.edge import MANIFEST
 from ..runtime.errors import InvalidParameterError, UnsupportedError
-from ..runtime.loader import load_model
-from ..runtime.model import CausalLM, rope_inv_freq
+from ..runtime.checkpoints.loader import load_model
+from ..runtime.model.model import CausalLM, rope_inv_freq
 from .onnx_graph import (
     ACCURACY_LEVELS,
     DecoderWeights,

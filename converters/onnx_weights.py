@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ..kernels.reference import unpack_int32
-from ..runtime.quant import NF4Linear, PackedIntLinear
+from ..runtime.model.quant import NF4Linear, PackedIntLinear
 from .quantize import quantize_int
 
 

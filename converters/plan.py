@@ -36,9 +36,9 @@ import torch
 from torch import nn
 
 from ..runtime.checkpoints import CheckpointReader, is_derived_key
-from ..runtime.config import ModelConfig
+from ..runtime.model.config import ModelConfig
 from ..runtime.errors import CheckpointError, InvalidParameterError, QuadaptError, UnsupportedError
-from ..runtime.model import CausalLM
+from ..runtime.model.model import CausalLM
 from .calibration_set import DEFAULT_CALIBRATION_TOKENS
 
 Scheme = Literal["int4", "int4-asym", "int8", "nf4"]

@@ -10,7 +10,7 @@ otherwise. The environment variable `QUADAPT_KERNELS` overrides that choice:
 - `reference`: always the torch reference.
 
 `lora_linear` has no Triton kernel: its layout (a float base weight stored above the A stack) is
-the CPU's (`runtime/lora.py`), so under `triton` it runs the reference.
+the CPU's (`runtime/model/lora.py`), so under `triton` it runs the reference.
 
 The runtime resolves the backend once, when it loads a model (`resolve_backend`), and passes it
 to every op (`backend=`); an op called without one resolves it from the environment on each call.

@@ -13,7 +13,7 @@ implements under the same name and signature; `kernels/__init__.py` picks betwee
   matrix. W = NF4[q] * absmax, in float32, then cast; this is bitsandbytes' own arithmetic.
 
 The LoRA ops (`add_lora`, and `lora_linear` for a base weight stored above the A stack) are the
-same kind of definition for the slot stacks of `runtime/lora.py`.
+same kind of definition for the slot stacks of `runtime/model/lora.py`.
 
 It does not read checkpoints, know tensor names, quantize, or pick between kernels.
 """

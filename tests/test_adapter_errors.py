@@ -18,9 +18,9 @@ from safetensors.torch import save_file
 from quadapt.converters.adapters import convert_adapter
 from quadapt.converters.merge import merge_adapter
 from quadapt.runtime.checkpoints.peft import read_peft_adapter
-from quadapt.runtime.adapters import apply_adapter
+from quadapt.runtime.checkpoints.adapters import apply_adapter
 from quadapt.runtime.errors import AdapterError, UnsupportedError
-from quadapt.runtime.loader import load_model
+from quadapt.runtime.checkpoints.loader import load_model
 
 from .test_adapters import CONFIGS, VOCAB, make_base, make_peft_adapter
 from .test_model import save_hf_model

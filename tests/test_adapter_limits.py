@@ -16,8 +16,8 @@ from quadapt.runtime.checkpoints import open_checkpoint
 from quadapt.runtime.checkpoints.peft import ADAPTER_WEIGHTS, read_peft_adapter, read_peft_header
 from quadapt.runtime.checkpoints.peft_fit import BaseModules, load_adapter_for
 from quadapt.runtime.errors import AdapterError, InvalidParameterError
-from quadapt.runtime.registry import AdapterNotFoundError, AdapterRegistry
-from quadapt.runtime.sampling import SamplingParams
+from quadapt.runtime.engine.registry import AdapterNotFoundError, AdapterRegistry
+from quadapt.runtime.engine.sampling import SamplingParams
 
 from .test_adapters import VOCAB, make_base, make_peft_adapter
 from .test_engine import GREEDY, make_engine, prompts, reference, run

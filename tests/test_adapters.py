@@ -22,9 +22,9 @@ from quadapt.converters.convert import convert_checkpoint
 from quadapt.converters.extract import REPORT_FILE, extract_adapter
 from quadapt.converters.merge import merge_adapter
 from quadapt.runtime.checkpoints.peft import read_peft_adapter
-from quadapt.runtime.adapters import apply_adapter
+from quadapt.runtime.checkpoints.adapters import apply_adapter
 from quadapt.runtime.errors import AdapterError, QuadaptError
-from quadapt.runtime.loader import load_model
+from quadapt.runtime.checkpoints.loader import load_model
 
 from .conftest import assert_close
 from .test_model import save_hf_model
@@ -318,7 +318,7 @@ def test_cli_errors_are_one_line(base, tmp_path, capsys, argv, message):
 
 
 def test_cli_generate_with_adapter(base, capsys, tmp_path):
-    from quadapt.runtime.tokenizer import Tokenizer
+    from quadapt.runtime.text.tokenizer import Tokenizer
 
     adapter = make_peft_adapter(base, tmp_path / "peft", **CONFIGS["mlp"])
     status, out, err = run(capsys, "generate", "--model", base, "--prompt", "the sea", "--max-new-tokens", 8,

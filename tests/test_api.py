@@ -15,14 +15,15 @@ import torch
 
 import quadapt
 from quadapt.cli import main
-from quadapt.runtime import api, loader
-from quadapt.runtime.adapters import apply_adapter
+from quadapt.runtime.api import load as api
+from quadapt.runtime.checkpoints import loader
+from quadapt.runtime.checkpoints.adapters import apply_adapter
 from quadapt.runtime.checkpoints import open_checkpoint
 from quadapt.runtime.errors import AdapterError, CheckpointError, InvalidParameterError
-from quadapt.runtime.generate import generate_text
-from quadapt.runtime.loader import load_model
-from quadapt.runtime.sampling import SamplingParams
-from quadapt.runtime.tokenizer import Tokenizer
+from quadapt.runtime.api.generate import generate_text
+from quadapt.runtime.checkpoints.loader import load_model
+from quadapt.runtime.engine.sampling import SamplingParams
+from quadapt.runtime.text.tokenizer import Tokenizer
 
 from .test_adapters import make_peft_adapter
 from .test_model import save_hf_model
@@ -124,7 +125,7 @@ def test_stream_yields_the_same_text_and_a_result(loaded):
 
 def test_generate_runs_the_engine_not_the_reference(loaded, monkeypatch):
     """The fast path: the engine's executor (weights dequantized once), never the reference generator."""
-    from quadapt.runtime import generate
+    from quadapt.runtime.api import generate
 
     def reference(*args, **kwargs):
         raise AssertionError("quadapt.load(...).generate ran the reference generator")
@@ -166,10 +167,10 @@ def test_generations_interleave_and_one_left_early_frees_its_cache(loaded):
 def test_a_context_cut_is_logged(loaded, caplog):
     context = loaded.model.config.max_position_embeddings
     room = context - len(loaded.encode_prompt("hi"))
-    with caplog.at_level("WARNING", logger="quadapt.runtime.api"):
+    with caplog.at_level("WARNING", logger="quadapt.runtime.api.load"):
         loaded.generate("hi", max_new_tokens=room, ignore_eos=True)
     assert not caplog.records  # negative control: both limits on the same token, nothing was cut
-    with caplog.at_level("WARNING", logger="quadapt.runtime.api"):
+    with caplog.at_level("WARNING", logger="quadapt.runtime.api.load"):
         loaded.generate("hi", max_new_tokens=context + 10, ignore_eos=True)
     assert f"context of {context} tokens" in caplog.text
 

@@ -22,10 +22,10 @@ from pathlib import Path
 import pytest
 
 import quadapt
-from quadapt.runtime import async_llm, llm
+from quadapt.runtime.api import async_llm, llm
 from quadapt.runtime.errors import AdapterError, ContextLengthError, InvalidParameterError
-from quadapt.runtime.registry import AdapterInUseError, AdapterNotFoundError, NoAdapterSlotsError
-from quadapt.runtime.sampling import SamplingParams
+from quadapt.runtime.engine.registry import AdapterInUseError, AdapterNotFoundError, NoAdapterSlotsError
+from quadapt.runtime.engine.sampling import SamplingParams
 
 from .test_adapters import make_base, make_peft_adapter
 

@@ -1,4 +1,4 @@
-"""runtime/attention.py against SDPA over K and V repeated for GQA (the textbook form)."""
+"""runtime/model/attention.py against SDPA over K and V repeated for GQA (the textbook form)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from quadapt.runtime.attention import causal_attention, expand_kv, masked_attention
+from quadapt.runtime.model.attention import causal_attention, expand_kv, masked_attention
 
 from .conftest import assert_close
 

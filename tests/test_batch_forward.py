@@ -9,12 +9,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from quadapt.runtime.batch import RowSpec, build_batch
-from quadapt.runtime.config import ModelConfig
+from quadapt.runtime.model.batch import RowSpec, build_batch
+from quadapt.runtime.model.config import ModelConfig
 from quadapt.runtime.errors import InvalidParameterError
-from quadapt.runtime.kv_cache import KVCache
-from quadapt.runtime.model import CausalLM
-from quadapt.runtime.paged_cache import BlockAllocator, PagedKVCache, blocks_for_budget, bytes_per_block
+from quadapt.runtime.model.kv_cache import KVCache
+from quadapt.runtime.model.model import CausalLM
+from quadapt.runtime.engine.paged_cache import BlockAllocator, PagedKVCache, blocks_for_budget, bytes_per_block
 
 from .conftest import assert_close, tiny_llama_config
 

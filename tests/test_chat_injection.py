@@ -17,7 +17,7 @@ import pytest
 import tokenizers
 
 from quadapt.runtime.errors import InvalidParameterError
-from quadapt.runtime.tokenizer import Tokenizer
+from quadapt.runtime.text.tokenizer import Tokenizer
 
 from .test_tokenizer import MESSAGES, build_chatml_dir, build_llama_dir, hf_tokenizer
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from quadapt.runtime.config import ModelConfig
+from quadapt.runtime.model.config import ModelConfig
 from quadapt.runtime.errors import CheckpointError, ConfigError, UnsupportedError
-from quadapt.runtime.loader import load_model
+from quadapt.runtime.checkpoints.loader import load_model
 
 from .conftest import tiny_llama_config
 from .test_model import save_hf_model
@@ -174,7 +174,7 @@ def test_a_group_size_that_does_not_divide_a_layer_is_a_clear_error(tmp_path):
 
 
 def test_packed_linear_refuses_a_non_dividing_group_size():
-    from quadapt.runtime.quant import PackedIntLinear
+    from quadapt.runtime.model.quant import PackedIntLinear
 
     with pytest.raises(ValueError, match="group_size 48 does not divide in_features 64"):
         PackedIntLinear(64, 32, num_bits=4, group_size=48, symmetric=True, bias=False)

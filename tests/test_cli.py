@@ -12,8 +12,8 @@ import torch
 from quadapt import __version__
 from quadapt.cli import main
 from quadapt.runtime.errors import InvalidParameterError
-from quadapt.runtime.loader import load_model
-from quadapt.runtime.tokenizer import Tokenizer
+from quadapt.runtime.checkpoints.loader import load_model
+from quadapt.runtime.text.tokenizer import Tokenizer
 
 from .test_model import save_hf_model
 from .test_tokenizer import build_chatml_dir
@@ -125,7 +125,7 @@ def test_engine_flags_default_to_engine_args():
     from dataclasses import fields
 
     from quadapt.cli import build_parser
-    from quadapt.runtime.engine_args import EngineArgs
+    from quadapt.runtime.engine.args import EngineArgs
 
     defaults = {f.name: f.default for f in fields(EngineArgs)}
     for command in (["batch", "--model", "m", "--input", "i"], ["serve", "--model", "m"]):

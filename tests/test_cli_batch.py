@@ -10,8 +10,8 @@ import re
 import pytest
 from peft import LoraConfig
 from quadapt.cli import main
-from quadapt.runtime.llm import LLM
-from quadapt.runtime.tokenizer import Tokenizer
+from quadapt.runtime.api.llm import LLM
+from quadapt.runtime.text.tokenizer import Tokenizer
 
 from .test_adapters import make_base, make_peft_adapter
 from .test_cli import run

@@ -82,9 +82,9 @@ def test_serve_and_client_from_the_shell(capsys, model, adapter, tmp_path):
 
 
 def test_client_takes_the_port_as_serve_names_it(capsys, model):
-    from quadapt.runtime.async_llm import AsyncLLM
-    from quadapt.runtime.server import ServerConfig
-    from quadapt.runtime.tokenizer import Tokenizer
+    from quadapt.runtime.api.async_llm import AsyncLLM
+    from quadapt.runtime.serving.server import ServerConfig
+    from quadapt.runtime.text.tokenizer import Tokenizer
 
     from .test_server import ServerThread, make_engine
 
@@ -138,7 +138,7 @@ def test_client_refuses_a_port_or_host_that_names_no_server(capsys, argv, messag
 
 
 def test_serve_passes_the_http_flags_to_the_server(model, monkeypatch):
-    from quadapt.runtime import server as server_module
+    from quadapt.runtime.serving import server as server_module
 
     configs = []
     monkeypatch.setattr(server_module, "serve", configs.append)

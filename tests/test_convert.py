@@ -20,11 +20,11 @@ from quadapt.cli import main
 from quadapt.converters.convert import MANIFEST_FILE, convert_checkpoint
 from quadapt.runtime.checkpoints.hf import HFCheckpoint
 from quadapt.runtime.errors import CheckpointError, InvalidParameterError, QuadaptError, UnsupportedError
-from quadapt.runtime.generate import generate_ids
-from quadapt.runtime.loader import load_model
-from quadapt.runtime.quant import NF4Linear, PackedIntLinear
-from quadapt.runtime.sampling import SamplingParams
-from quadapt.runtime.tokenizer import Tokenizer
+from quadapt.runtime.api.generate import generate_ids
+from quadapt.runtime.checkpoints.loader import load_model
+from quadapt.runtime.model.quant import NF4Linear, PackedIntLinear
+from quadapt.runtime.engine.sampling import SamplingParams
+from quadapt.runtime.text.tokenizer import Tokenizer
 
 from .test_model import save_hf_model
 from .test_tokenizer import build_chatml_dir
@@ -490,7 +490,7 @@ def test_smollm2_nf4_greedy_text_equals_transformers(capsys, smollm2_gguf, tmp_p
 
 @pytest.mark.real_model
 def test_smollm2_gptq_perplexity_beats_round_to_nearest(smollm2_gguf, smollm2_int4, tmp_path):
-    from quadapt.runtime.perplexity import perplexity
+    from quadapt.runtime.api.perplexity import perplexity
 
     gptq = convert_checkpoint(smollm2_gguf, tmp_path / "gptq", "int4", calibration="gptq", calib_text=CALIB_TEXT)
     ids = Tokenizer.from_dir(gptq).encode(EVAL_TEXT.read_text())[:1024]

@@ -17,13 +17,13 @@ import pytest
 import quadapt
 from quadapt import cli
 from quadapt.converters.onnx_export import export_onnx
-from quadapt.runtime.generate import generate_text
-from quadapt.runtime.async_llm import AsyncLLM
-from quadapt.runtime.llm import LLM, GenerateRequest
-from quadapt.runtime.loader import load_model
-from quadapt.runtime.sampling import SAMPLING_DEFAULTS, SamplingParams
-from quadapt.runtime.server import ServerConfig
-from quadapt.runtime.tokenizer import Tokenizer
+from quadapt.runtime.api.generate import generate_text
+from quadapt.runtime.api.async_llm import AsyncLLM
+from quadapt.runtime.api.llm import LLM, GenerateRequest
+from quadapt.runtime.checkpoints.loader import load_model
+from quadapt.runtime.engine.sampling import SAMPLING_DEFAULTS, SamplingParams
+from quadapt.runtime.serving.server import ServerConfig
+from quadapt.runtime.text.tokenizer import Tokenizer
 
 from .test_edge import make_base
 from .test_formats import convert_checkpoint

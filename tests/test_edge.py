@@ -20,8 +20,8 @@ import torch
 from quadapt.cli import main
 from quadapt.converters.convert import convert_checkpoint
 from quadapt.converters.onnx_export import export_onnx
-from quadapt.runtime import sampling as torch_sampling
-from quadapt.runtime.adapters import apply_adapter
+from quadapt.runtime.engine import sampling as torch_sampling
+from quadapt.runtime.checkpoints.adapters import apply_adapter
 from quadapt.runtime.edge import sampling as edge_sampling
 from quadapt.runtime.edge.generate import generate_ids, generate_text
 from quadapt.runtime.edge.model import EdgeModel
@@ -31,11 +31,11 @@ from quadapt.runtime.errors import (
     ContextLengthError,
     InvalidParameterError,
 )
-from quadapt.runtime.generate import generate_ids as torch_generate_ids
-from quadapt.runtime.generate import generate_text as torch_generate_text
-from quadapt.runtime.loader import load_model
-from quadapt.runtime.sampling_params import SamplingParams
-from quadapt.runtime.tokenizer import Tokenizer
+from quadapt.runtime.api.generate import generate_ids as torch_generate_ids
+from quadapt.runtime.api.generate import generate_text as torch_generate_text
+from quadapt.runtime.checkpoints.loader import load_model
+from quadapt.runtime.text.sampling_params import SamplingParams
+from quadapt.runtime.text.tokenizer import Tokenizer
 
 from .test_adapters import make_peft_adapter
 from .test_model import save_hf_model

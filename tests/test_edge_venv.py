@@ -56,8 +56,8 @@ def test_export_runs_without_torch(tiny, tmp_path):  # noqa: F811
     # The same text as the edge runtime here (where torch is installed but unused).
     from quadapt.runtime.edge.generate import generate_text
     from quadapt.runtime.edge.model import EdgeModel
-    from quadapt.runtime.sampling_params import SamplingParams
-    from quadapt.runtime.tokenizer import Tokenizer
+    from quadapt.runtime.text.sampling_params import SamplingParams
+    from quadapt.runtime.text.tokenizer import Tokenizer
 
     tokenizer = Tokenizer.from_dir(export)
     ids = tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": "the sea"}]), add_special_tokens=False)

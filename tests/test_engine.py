@@ -13,13 +13,13 @@ import pytest
 import torch
 from peft import LoraConfig
 
-from quadapt.runtime.adapters import apply_adapter
-from quadapt.runtime.engine import Engine, EngineConfig
+from quadapt.runtime.checkpoints.adapters import apply_adapter
+from quadapt.runtime.engine.engine import Engine, EngineConfig
 from quadapt.runtime.errors import AdapterError, ContextLengthError, InvalidParameterError
-from quadapt.runtime.generate import generate_ids
-from quadapt.runtime.loader import load_model
-from quadapt.runtime.registry import AdapterInUseError, AdapterNotFoundError
-from quadapt.runtime.sampling import SamplingParams
+from quadapt.runtime.api.generate import generate_ids
+from quadapt.runtime.checkpoints.loader import load_model
+from quadapt.runtime.engine.registry import AdapterInUseError, AdapterNotFoundError
+from quadapt.runtime.engine.sampling import SamplingParams
 
 from .test_adapters import VOCAB, make_base, make_peft_adapter
 
@@ -137,7 +137,7 @@ def test_requests_join_mid_flight_and_cancel_frees_blocks(base, adapters):
 
 def test_tiny_kv_budget_preempts_and_every_request_completes(base, adapters):
     # 12 blocks of 4 positions: three requests of up to 4 blocks each fit, eight do not.
-    from quadapt.runtime.paged_cache import bytes_per_block
+    from quadapt.runtime.engine.paged_cache import bytes_per_block
 
     model = load_model(base)
     per_block = bytes_per_block(model.config, 4, torch.float32)

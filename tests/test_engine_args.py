@@ -13,10 +13,10 @@ from peft import LoraConfig
 
 import quadapt
 from quadapt import cli
-from quadapt.runtime.engine import Engine
-from quadapt.runtime.engine_args import MIN_LORA_RANK, MIN_LORA_SLOTS, EngineArgs, build_engine
+from quadapt.runtime.engine.engine import Engine
+from quadapt.runtime.engine.args import MIN_LORA_RANK, MIN_LORA_SLOTS, EngineArgs, build_engine
 from quadapt.runtime.errors import AdapterError, InvalidParameterError
-from quadapt.runtime.server_config import ServerConfig, load_llm
+from quadapt.runtime.serving.config import ServerConfig, load_llm
 
 from .test_adapters import make_base, make_peft_adapter
 
@@ -95,7 +95,7 @@ def test_engine_args_imports_without_torch():
     code = (
         "import sys; sys.modules['torch'] = None\n"
         "from dataclasses import fields\n"
-        "from quadapt.runtime.engine_args import EngineArgs, EngineConfig, build_engine\n"
+        "from quadapt.runtime.engine.args import EngineArgs, EngineConfig, build_engine\n"
         "assert {f.name for f in fields(EngineArgs)} >= {'model', 'threads', 'max_loras'}\n"
         "assert EngineConfig().max_num_seqs == EngineArgs('m').max_num_seqs\n"
         "assert not any(m == 'torch' or m.startswith('torch.') for m in sys.modules if sys.modules[m] is not None)\n"
@@ -109,7 +109,7 @@ def test_threads_default_to_half_the_cores(base, monkeypatch):
 
     import torch
 
-    from quadapt.runtime.engine_args import default_threads
+    from quadapt.runtime.engine.args import default_threads
 
     assert default_threads() == max(1, len(os.sched_getaffinity(0)) // 2)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))

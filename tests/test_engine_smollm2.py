@@ -10,13 +10,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from quadapt.runtime.adapters import apply_adapter
+from quadapt.runtime.checkpoints.adapters import apply_adapter
 from quadapt.runtime.checkpoints import open_checkpoint
-from quadapt.runtime.engine import Engine, EngineConfig
-from quadapt.runtime.generate import generate_ids
-from quadapt.runtime.loader import load_model
-from quadapt.runtime.sampling import SamplingParams
-from quadapt.runtime.tokenizer import Tokenizer
+from quadapt.runtime.engine.engine import Engine, EngineConfig
+from quadapt.runtime.api.generate import generate_ids
+from quadapt.runtime.checkpoints.loader import load_model
+from quadapt.runtime.engine.sampling import SamplingParams
+from quadapt.runtime.text.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.real_model
 

@@ -16,10 +16,10 @@ from safetensors.torch import load_file, save_file
 
 from quadapt.converters.convert import convert_checkpoint
 from quadapt.runtime.errors import CheckpointError, InvalidParameterError, UnsupportedError
-from quadapt.runtime.generate import generate_ids
-from quadapt.runtime.loader import load_model
-from quadapt.runtime.quant import NF4Linear, PackedIntLinear
-from quadapt.runtime.sampling import SamplingParams
+from quadapt.runtime.api.generate import generate_ids
+from quadapt.runtime.checkpoints.loader import load_model
+from quadapt.runtime.model.quant import NF4Linear, PackedIntLinear
+from quadapt.runtime.engine.sampling import SamplingParams
 
 from .test_model import save_hf_model
 from .test_tokenizer import build_chatml_dir

@@ -1,4 +1,4 @@
-"""Fused projections (runtime/fused.py): q/k/v and gate/up in one matmul, with per-section LoRA
+"""Fused projections (runtime/model/fused.py): q/k/v and gate/up in one matmul, with per-section LoRA
 slots, give the separate projections' outputs; a section's adapter reaches its own output only."""
 
 from __future__ import annotations
@@ -9,10 +9,10 @@ import pytest
 import torch
 from torch import nn
 
-from quadapt.runtime.adapters import add_lora_slots, load_into_slot, lora_modules
+from quadapt.runtime.checkpoints.adapters import add_lora_slots, load_into_slot, lora_modules
 from quadapt.runtime.errors import InvalidParameterError
-from quadapt.runtime.fused import FusedLinear, fuse_projections
-from quadapt.runtime.lora import NO_SLOT, LoRALinear, SlotMapping
+from quadapt.runtime.model.fused import FusedLinear, fuse_projections
+from quadapt.runtime.model.lora import NO_SLOT, LoRALinear, SlotMapping
 
 from .conftest import assert_close
 from .test_lora import TARGETS, make_model, model_adapter, random_lora
@@ -96,8 +96,8 @@ def test_only_float_linears_fuse():
 def test_the_cpu_engine_serves_through_fused_stacks(tmp_path):
     """The engine's CPU executor uses this layout, so the engine's batch-invariance tests
     (tests/test_engine.py) check it against the reference generator."""
-    from quadapt.runtime.engine import Engine, EngineConfig
-    from quadapt.runtime.loader import load_model
+    from quadapt.runtime.engine.engine import Engine, EngineConfig
+    from quadapt.runtime.checkpoints.loader import load_model
 
     from .test_adapters import make_base
 
@@ -130,7 +130,7 @@ def packed(linear: nn.Linear, scheme: str) -> nn.Module:
     """`linear` quantized to a packed module of `scheme` (int4 asymmetric grouped, int8 per channel, nf4)."""
     from quadapt.converters.formats import pack_int32
     from quadapt.converters.quantize import quantize_int, quantize_nf4
-    from quadapt.runtime.quant import NF4Linear, PackedIntLinear
+    from quadapt.runtime.model.quant import NF4Linear, PackedIntLinear
 
     w, shape = linear.weight.detach(), dict(in_features=linear.in_features, out_features=linear.out_features, bias=True)
     if scheme == "nf4":

@@ -11,12 +11,12 @@ import pytest
 import torch
 
 from quadapt.runtime.checkpoints import TokenizerFiles
-from quadapt.runtime.config import ModelConfig
+from quadapt.runtime.model.config import ModelConfig
 from quadapt.runtime.errors import ContextLengthError, InvalidParameterError, QuadaptError
-from quadapt.runtime.generate import generate_ids, generate_text
-from quadapt.runtime.model import CausalLM
-from quadapt.runtime.sampling import SamplingParams
-from quadapt.runtime.tokenizer import Tokenizer
+from quadapt.runtime.api.generate import generate_ids, generate_text
+from quadapt.runtime.model.model import CausalLM
+from quadapt.runtime.engine.sampling import SamplingParams
+from quadapt.runtime.text.tokenizer import Tokenizer
 
 from .conftest import tiny_llama_config
 from .test_tokenizer import build_chatml_dir

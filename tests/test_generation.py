@@ -9,8 +9,8 @@ from __future__ import annotations
 import pytest
 
 from quadapt.runtime.errors import ContextLengthError, InvalidParameterError
-from quadapt.runtime.generation import Generation, GenerationResult, check_prompt_ids, decode_loop, text_loop
-from quadapt.runtime.sampling_params import SamplingParams
+from quadapt.runtime.text.generation import Generation, GenerationResult, check_prompt_ids, decode_loop, text_loop
+from quadapt.runtime.text.sampling_params import SamplingParams
 
 
 class Scripted:

@@ -14,7 +14,7 @@ import pytest
 
 from quadapt.runtime.checkpoints import open_checkpoint
 from quadapt.runtime.checkpoints.gguf import GGUFCheckpoint
-from quadapt.runtime.config import ModelConfig
+from quadapt.runtime.model.config import ModelConfig
 from quadapt.runtime.errors import UnsupportedError
 
 from .conftest import tiny_llama_config

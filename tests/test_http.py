@@ -21,9 +21,9 @@ import openai
 import pytest
 from peft import LoraConfig
 
-from quadapt.runtime.async_llm import AsyncLLM
-from quadapt.runtime.client import ServerError
-from quadapt.runtime.server import ServerConfig
+from quadapt.runtime.api.async_llm import AsyncLLM
+from quadapt.runtime.serving.client import ServerError
+from quadapt.runtime.serving.server import ServerConfig
 
 from .test_adapters import make_peft_adapter
 from .test_server import (  # noqa: F401 - the server tests' fixtures

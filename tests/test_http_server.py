@@ -22,9 +22,9 @@ import urllib.request
 import openai
 import pytest
 
-from quadapt.runtime.async_llm import AsyncLLM
+from quadapt.runtime.api.async_llm import AsyncLLM
 from quadapt.runtime.errors import InvalidParameterError
-from quadapt.runtime.server import ServerConfig
+from quadapt.runtime.serving.server import ServerConfig
 
 from .test_server import HELLO, ServerThread, Throttle, make_engine, wait_until
 from .test_server_security import base, certs, tokenizer  # noqa: F401 - fixtures
@@ -103,7 +103,7 @@ def test_http_start_up_errors_are_clear(base, tokenizer):
 
 
 async def _start(config: ServerConfig) -> None:
-    from quadapt.runtime.server import start
+    from quadapt.runtime.serving.server import start
 
     await start(config, llm=lambda: None)
 

@@ -14,8 +14,8 @@ from safetensors.torch import load_file, save_file
 from quadapt.converters.convert import convert_checkpoint
 from quadapt.converters.in_memory import quantize_model
 from quadapt.runtime.errors import CheckpointError, InvalidParameterError, UnsupportedError
-from quadapt.runtime.loader import load_model
-from quadapt.runtime.quant import NF4Linear, PackedIntLinear
+from quadapt.runtime.checkpoints.loader import load_model
+from quadapt.runtime.model.quant import NF4Linear, PackedIntLinear
 
 from .test_model import save_hf_model
 

@@ -167,7 +167,7 @@ def test_auto_picks_the_reference_on_cpu(monkeypatch):
 
 
 def _lora_layer(device: str, num_slots: int = 4):
-    from quadapt.runtime.lora import LoRALinear, LoRAWeights, SlotMapping
+    from quadapt.runtime.model.lora import LoRALinear, LoRAWeights, SlotMapping
 
     base = torch.nn.Linear(48, 40, device=device)
     mapping = SlotMapping(num_slots)

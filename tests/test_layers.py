@@ -2,6 +2,15 @@
 
     kernels  <-  runtime  <-  (converters, train)  <-  cli and the public API (`quadapt/__init__.py`)
 
+Inside `runtime`, the rooms (its sub-packages) are layered too, on `runtime/errors.py` and
+`runtime/files.py`, which every room may use:
+
+    model  <-  checkpoints  <-  text  <-  edge
+    (model, checkpoints, text)  <-  engine  <-  api  <-  serving
+
+`text` and `edge` run without torch (the edge's fresh-venv test holds that); nothing below
+`engine` knows the engine, and only `serving` speaks to the network.
+
 Every import statement counts, at module level or inside a function: a lazy import is still a
 dependency. `protos` holds generated stubs and imports nothing of quadapt.
 """
@@ -33,13 +42,26 @@ ALLOWED = {
 # runtime's own at that boundary (STYLE: wire types never leak past the server). Every other
 # runtime module keeps ALLOWED["runtime"].
 EXTRA_ALLOWED = {
-    "quadapt.runtime.server": {"protos"},
-    "quadapt.runtime.server_rpc": {"protos"},
-    "quadapt.runtime.client": {"protos"},
+    "quadapt.runtime.serving.server": {"protos"},
+    "quadapt.runtime.serving.rpc": {"protos"},
+    "quadapt.runtime.serving.client": {"protos"},
     # `quadapt train`'s command glues two siblings, as the CLI does: the converters quantize a float
     # base in memory, then train fits an adapter over it. The rest of train keeps ALLOWED["train"].
     "quadapt.train.command": {"converters"},
 }
+
+# Which runtime rooms each room may import (itself and the shared root modules always included).
+ROOMS = {
+    "model": set(),
+    "checkpoints": {"model"},
+    "text": {"checkpoints", "model"},
+    "edge": {"text"},
+    "engine": {"model", "checkpoints", "text"},
+    "api": {"engine", "model", "checkpoints", "text"},
+    "serving": {"api", "engine", "model", "checkpoints", "text"},
+}
+# Modules of `runtime` itself, outside the rooms, that every room may use.
+SHARED = {"quadapt.runtime", "quadapt.runtime.errors", "quadapt.runtime.files"}
 
 
 def module_files() -> dict[str, Path]:
@@ -93,8 +115,8 @@ def graph() -> dict[str, set[str]]:
 
 def test_the_walk_sees_the_package(graph):
     """Guard against a check that passes because it read nothing."""
-    assert {"quadapt.kernels", "quadapt.runtime.loader", "quadapt.converters.convert", "quadapt.cli"} <= set(graph)
-    assert "quadapt.runtime.checkpoints" in graph["quadapt.runtime.loader"]
+    assert {"quadapt.kernels", "quadapt.runtime.checkpoints.loader", "quadapt.converters.convert", "quadapt.cli"} <= set(graph)
+    assert "quadapt.runtime.checkpoints" in graph["quadapt.runtime.checkpoints.loader"]
     assert "quadapt.kernels.reference" in graph["quadapt.kernels"]
 
 
@@ -109,6 +131,36 @@ def test_imports_run_one_way(graph):
             elif other != part and other not in ALLOWED[part] | EXTRA_ALLOWED.get(module, set()):
                 wrong.append(f"{module} ({part}) imports {target} ({other}), a layer above or beside it")
     assert not wrong, "\n".join(wrong)
+
+
+def room_of(module: str) -> str | None:
+    """The runtime room a module lives in (`model`, `engine`, ...), or None outside the rooms."""
+    parts = module.split(".")
+    return parts[2] if len(parts) >= 3 and parts[1] == "runtime" and module not in SHARED else None
+
+
+def test_every_runtime_module_is_in_a_room(graph):
+    loose = [m for m in graph if part_of(m) == "runtime" and m not in SHARED and room_of(m) not in ROOMS]
+    assert not loose, f"runtime modules outside the rooms of ROOMS: {loose}"
+
+
+def test_runtime_rooms_import_one_way(graph):
+    wrong = []
+    for module, targets in sorted(graph.items()):
+        room = room_of(module)
+        if room is None:
+            continue
+        for target in sorted(targets):
+            other = room_of(target)
+            if other is not None and other != room and other not in ROOMS[room]:
+                wrong.append(f"{module} ({room}) imports {target} ({other}), a room above or beside it")
+    assert not wrong, "\n".join(wrong)
+
+
+def test_the_room_check_catches_a_violation():
+    """Negative control: the model importing the engine is a room above it."""
+    assert room_of("quadapt.runtime.engine.engine") == "engine" and room_of("quadapt.runtime.errors") is None
+    assert room_of("quadapt.runtime.engine.engine") not in ROOMS[room_of("quadapt.runtime.model.model")]
 
 
 def test_no_import_cycles(graph):

@@ -9,12 +9,12 @@ import pytest
 import torch
 from peft import LoraConfig
 
-from quadapt.runtime.adapters import apply_adapter, lora_modules
-from quadapt.runtime.engine import Engine, EngineConfig
-from quadapt.runtime.generate import generate_ids
-from quadapt.runtime.loader import load_model, serving_layout
-from quadapt.runtime.lora import LoRALinear
-from quadapt.runtime.sampling import SamplingParams
+from quadapt.runtime.checkpoints.adapters import apply_adapter, lora_modules
+from quadapt.runtime.engine.engine import Engine, EngineConfig
+from quadapt.runtime.api.generate import generate_ids
+from quadapt.runtime.checkpoints.loader import load_model, serving_layout
+from quadapt.runtime.model.lora import LoRALinear
+from quadapt.runtime.engine.sampling import SamplingParams
 
 from .conftest import assert_close
 from .test_adapters import make_base, make_peft_adapter

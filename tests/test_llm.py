@@ -11,16 +11,16 @@ import time
 import pytest
 from peft import LoraConfig
 
-from quadapt.runtime.adapters import apply_adapter
+from quadapt.runtime.checkpoints.adapters import apply_adapter
 from quadapt.runtime.checkpoints import open_checkpoint
-from quadapt.runtime.engine import Engine, EngineConfig
+from quadapt.runtime.engine.engine import Engine, EngineConfig
 from quadapt.runtime.errors import EngineDeadError, InvalidParameterError, RequestFailedError
-from quadapt.runtime.generate import generate_text
-from quadapt.runtime.async_llm import AsyncLLM
-from quadapt.runtime.llm import LLM, GenerateRequest
-from quadapt.runtime.loader import load_model
-from quadapt.runtime.sampling import SamplingParams
-from quadapt.runtime.tokenizer import Tokenizer
+from quadapt.runtime.api.generate import generate_text
+from quadapt.runtime.api.async_llm import AsyncLLM
+from quadapt.runtime.api.llm import LLM, GenerateRequest
+from quadapt.runtime.checkpoints.loader import load_model
+from quadapt.runtime.engine.sampling import SamplingParams
+from quadapt.runtime.text.tokenizer import Tokenizer
 
 from .conftest import fails_on_call
 from .test_adapters import make_base, make_peft_adapter

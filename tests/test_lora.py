@@ -12,12 +12,12 @@ import pytest
 import torch
 from torch import nn
 
-from quadapt.runtime.adapters import add_lora_slots, load_into_slot, lora_modules
-from quadapt.runtime.config import ModelConfig
+from quadapt.runtime.checkpoints.adapters import add_lora_slots, load_into_slot, lora_modules
+from quadapt.runtime.model.config import ModelConfig
 from quadapt.runtime.errors import AdapterError, InvalidParameterError
 from quadapt.kernels.reference import add_lora
-from quadapt.runtime.lora import NO_SLOT, LoRALinear, LoRAWeights, SlotMapping
-from quadapt.runtime.model import CausalLM
+from quadapt.runtime.model.lora import NO_SLOT, LoRALinear, LoRAWeights, SlotMapping
+from quadapt.runtime.model.model import CausalLM
 
 from .conftest import assert_close, tiny_llama_config
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 import transformers
 
-from quadapt.runtime.kv_cache import KVCache
-from quadapt.runtime.loader import load_model
+from quadapt.runtime.model.kv_cache import KVCache
+from quadapt.runtime.checkpoints.loader import load_model
 
 from .conftest import assert_close, tiny_llama_config
 

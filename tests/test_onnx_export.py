@@ -15,7 +15,7 @@ from quadapt.cli import main
 from quadapt.converters.onnx_weights import quantize, repack, to_nbits
 from quadapt.converters.quantize import quantize_int
 from quadapt.kernels.reference import dequant_packed_int
-from quadapt.runtime.quant import PackedIntLinear
+from quadapt.runtime.model.quant import PackedIntLinear
 
 from .test_edge import make_base, tiny  # noqa: F401  (the module-scoped export fixture)
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from quadapt.runtime.errors import InvalidParameterError
-from quadapt.runtime.loader import load_model
-from quadapt.runtime.perplexity import perplexity
+from quadapt.runtime.checkpoints.loader import load_model
+from quadapt.runtime.api.perplexity import perplexity
 
 from .test_model import save_hf_model
 
@@ -73,7 +73,7 @@ def test_progress_is_logged_not_printed(tmp_path, caplog, capsys):
     capsys.readouterr()  # drop what set-up printed
     caplog.set_level(logging.DEBUG, logger="quadapt")
     result = perplexity(model, list(range(100)), window=32, stride=16, progress=True)
-    windows = [r for r in caplog.records if r.name == "quadapt.runtime.perplexity"]
+    windows = [r for r in caplog.records if r.name == "quadapt.runtime.api.perplexity"]
     assert [r.levelno for r in windows] == [logging.INFO] * 6  # 1 + ceil((100 - 32) / 16) windows
     assert windows[-1].getMessage() == f"window 6/6: 99 tokens, running perplexity {result.perplexity:.4f}"
     caplog.clear()

@@ -12,8 +12,8 @@ from collections import UserDict
 import pytest
 
 from quadapt.runtime.errors import ConfigError, ContextLengthError, InvalidParameterError
-from quadapt.runtime.prompt import MAX_MESSAGES
-from quadapt.runtime.tokenizer import Tokenizer
+from quadapt.runtime.text.prompt import MAX_MESSAGES
+from quadapt.runtime.text.tokenizer import Tokenizer
 
 from .test_tokenizer import build_chatml_dir, build_llama_dir
 

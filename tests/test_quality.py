@@ -25,8 +25,8 @@ from quadapt.converters.gptq import HessianAccumulator, gptq_quantize, output_er
 from quadapt.converters.plan import Plan
 from quadapt.converters.quantize import quantize_int
 from quadapt.runtime.errors import InvalidParameterError
-from quadapt.runtime.loader import load_model
-from quadapt.runtime.tokenizer import Tokenizer
+from quadapt.runtime.checkpoints.loader import load_model
+from quadapt.runtime.text.tokenizer import Tokenizer
 
 from .test_model import save_hf_model
 from .test_tokenizer import build_chatml_dir

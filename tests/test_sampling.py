@@ -15,7 +15,7 @@ from transformers.generation.logits_process import (
 )
 
 from quadapt.runtime.errors import InvalidParameterError, QuadaptError
-from quadapt.runtime.sampling import (
+from quadapt.runtime.engine.sampling import (
     SamplingParams,
     apply_repetition_penalty,
     apply_temperature,

@@ -2,7 +2,7 @@
 
 A real `grpc.aio` server runs on its own event loop in a thread (`ServerThread`), over a tiny
 random Llama with a ChatML tokenizer and two PEFT adapters; tests call it through
-`quadapt.runtime.client`. Each request's tokens must equal what the engine gives it alone
+`quadapt.runtime.serving.client`. Each request's tokens must equal what the engine gives it alone
 (`LLM.generate`); refusals must carry their status code and name the field; a request that ends
 early (cancel, deadline, drain) must leave the engine's accounting at zero. A throttle slows the
 engine's steps where a test needs a request to still be running.
@@ -20,14 +20,14 @@ import grpc
 import pytest
 from peft import LoraConfig
 
-from quadapt.runtime.client import Client, ServerError
-from quadapt.runtime.engine import Engine, EngineConfig
-from quadapt.runtime.async_llm import AsyncLLM
-from quadapt.runtime.llm import LLM, GenerateRequest
-from quadapt.runtime.loader import load_model
-from quadapt.runtime.sampling import SamplingParams
-from quadapt.runtime.server import ServerConfig, start
-from quadapt.runtime.tokenizer import Tokenizer
+from quadapt.runtime.serving.client import Client, ServerError
+from quadapt.runtime.engine.engine import Engine, EngineConfig
+from quadapt.runtime.api.async_llm import AsyncLLM
+from quadapt.runtime.api.llm import LLM, GenerateRequest
+from quadapt.runtime.checkpoints.loader import load_model
+from quadapt.runtime.engine.sampling import SamplingParams
+from quadapt.runtime.serving.server import ServerConfig, start
+from quadapt.runtime.text.tokenizer import Tokenizer
 
 from .test_adapters import make_base, make_peft_adapter
 

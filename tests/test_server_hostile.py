@@ -23,8 +23,8 @@ import pytest
 
 from quadapt.protos.quadapt.v1 import generation_pb2 as pb
 from quadapt.protos.quadapt.v1 import generation_pb2_grpc as pb_grpc
-from quadapt.runtime.async_llm import AsyncLLM
-from quadapt.runtime.server import ServerConfig
+from quadapt.runtime.api.async_llm import AsyncLLM
+from quadapt.runtime.serving.server import ServerConfig
 
 from .conftest import fails_on_call
 from .test_server import (  # noqa: F401 - fixtures
@@ -287,7 +287,7 @@ def test_an_engine_that_cannot_go_on_turns_the_server_not_serving(base, adapters
 
 def test_serve_exits_non_zero_when_the_engine_dies(base, adapters, tokenizer, monkeypatch, capsys):
     from quadapt import cli
-    from quadapt.runtime import server as server_module
+    from quadapt.runtime.serving import server as server_module
 
     engine = make_engine(base, adapters, tokenizer)
 

@@ -16,8 +16,8 @@ import pytest
 
 from quadapt.cli import main
 from quadapt.runtime.errors import InvalidParameterError
-from quadapt.runtime.async_llm import AsyncLLM
-from quadapt.runtime.server import ServerConfig, read_secret
+from quadapt.runtime.api.async_llm import AsyncLLM
+from quadapt.runtime.serving.server import ServerConfig, read_secret
 
 from .test_server import ServerThread, base, make_engine, tokenizer  # noqa: F401 - fixtures
 
@@ -89,14 +89,14 @@ def test_a_token_file_open_to_others_is_reported_without_the_token(tmp_path, cap
     path = tmp_path / "token"
     path.write_text(USER + "\n")
     path.chmod(0o644)
-    with caplog.at_level(logging.WARNING, logger="quadapt.runtime.server_config"):
+    with caplog.at_level(logging.WARNING, logger="quadapt.runtime.serving.config"):
         assert read_secret(path) == USER
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1, caplog.text
     assert f"chmod 600 {path}" in caplog.text and "0644" in caplog.text and USER not in caplog.text
     caplog.clear()
     path.chmod(0o600)
-    with caplog.at_level(logging.WARNING, logger="quadapt.runtime.server_config"):
+    with caplog.at_level(logging.WARNING, logger="quadapt.runtime.serving.config"):
         assert read_secret(path) == USER
     assert not caplog.records
 
@@ -107,7 +107,7 @@ def test_serve_flags_reach_the_config(capsys, monkeypatch, tmp_path):
     help_text = capsys.readouterr().out
     assert "--metrics-host" in help_text and "--metrics-require-token" in help_text
 
-    import quadapt.runtime.server as server_module
+    import quadapt.runtime.serving.server as server_module
 
     configs: list[ServerConfig] = []
     monkeypatch.setattr(server_module, "serve", configs.append)

@@ -25,11 +25,11 @@ import pytest
 from peft import LoraConfig
 
 from quadapt.protos import generate as protos
-from quadapt.runtime.client import Client, ServerError
+from quadapt.runtime.serving.client import Client, ServerError
 from quadapt.runtime.errors import CheckpointError
-from quadapt.runtime.async_llm import AsyncLLM
-from quadapt.runtime.server import ServerConfig, serve
-from quadapt.runtime.tokenizer import Tokenizer
+from quadapt.runtime.api.async_llm import AsyncLLM
+from quadapt.runtime.serving.server import ServerConfig, serve
+from quadapt.runtime.text.tokenizer import Tokenizer
 
 from .test_adapters import make_base, make_peft_adapter
 from .test_server import GREEDY, HELLO, ServerThread, make_engine, wait_until
@@ -155,13 +155,13 @@ def test_a_client_generated_from_the_proto_alone(tmp_path, base, adapter):
 SERVE = textwrap.dedent('''
     import logging, sys, time
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(name)s: %(message)s")
-    from quadapt.runtime.engine import Engine
+    from quadapt.runtime.engine.engine import Engine
     step = Engine.step
     def slow_step(self):  # so that a stream is still running when SIGTERM comes
         time.sleep(0.03)
         return step(self)
     Engine.step = slow_step
-    from quadapt.runtime.server import ServerConfig, serve
+    from quadapt.runtime.serving.server import ServerConfig, serve
     serve(ServerConfig(model=sys.argv[1], port=0, adapters={"a": sys.argv[2]}, max_loras=2, drain_timeout_s=30,
                        kv_cache_bytes=2 * 2**20))
 ''')

@@ -19,12 +19,12 @@ import pytest
 from peft import LoraConfig
 from safetensors.torch import load_file, save_file
 
-from quadapt.runtime.client import Client, ServerError
+from quadapt.runtime.serving.client import Client, ServerError
 from quadapt.runtime.errors import InvalidParameterError
-from quadapt.runtime.async_llm import AsyncLLM
-from quadapt.runtime.server import ServerConfig, read_secret
-from quadapt.runtime.server_security import Refusal, authorize
-from quadapt.runtime.tokenizer import Tokenizer
+from quadapt.runtime.api.async_llm import AsyncLLM
+from quadapt.runtime.serving.server import ServerConfig, read_secret
+from quadapt.runtime.serving.security import Refusal, authorize
+from quadapt.runtime.text.tokenizer import Tokenizer
 
 from .test_adapters import make_base, make_peft_adapter
 from .test_server import GREEDY, ServerThread, make_engine

@@ -14,13 +14,13 @@ from pathlib import Path
 from .test_tokenizer import build_chatml_dir
 
 TEXT_CORE = [
-    "quadapt.runtime.tokenizer",
-    "quadapt.runtime.prompt",
-    "quadapt.runtime.chat_template",
-    "quadapt.runtime.chat_encoding",
-    "quadapt.runtime.text_stream",
-    "quadapt.runtime.sampling_params",
-    "quadapt.runtime.generation",
+    "quadapt.runtime.text.tokenizer",
+    "quadapt.runtime.text.prompt",
+    "quadapt.runtime.text.chat_template",
+    "quadapt.runtime.text.chat_encoding",
+    "quadapt.runtime.text.text_stream",
+    "quadapt.runtime.text.sampling_params",
+    "quadapt.runtime.text.generation",
     "quadapt.runtime.checkpoints",
     "quadapt.runtime.checkpoints.reader",
     "quadapt.runtime.checkpoints.gguf_tokenizer",
@@ -42,8 +42,8 @@ def test_the_text_core_imports_without_torch():
 def test_a_prompt_encodes_and_a_stream_decodes_without_torch(tmp_path: Path):
     path = build_chatml_dir(tmp_path / "tok")
     code = f"""
-from quadapt.runtime.tokenizer import Tokenizer
-from quadapt.runtime.text_stream import TextStream
+from quadapt.runtime.text.tokenizer import Tokenizer
+from quadapt.runtime.text.text_stream import TextStream
 tokenizer = Tokenizer.from_dir({str(path)!r})
 ids = tokenizer.encode_prompt([{{"role": "user", "content": "Hello world"}}])
 stream = TextStream(tokenizer, ["world"])

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import pytest
 
-from quadapt.runtime.text_stream import StopStringMatcher, TextStream
-from quadapt.runtime.tokenizer import Tokenizer
+from quadapt.runtime.text.text_stream import StopStringMatcher, TextStream
+from quadapt.runtime.text.tokenizer import Tokenizer
 
 from .test_tokenizer import build_chatml_dir
 

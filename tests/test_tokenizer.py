@@ -16,8 +16,8 @@ from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
 from quadapt.runtime.checkpoints import TokenizerFiles
 from quadapt.runtime.errors import CheckpointError, ConfigError, InvalidParameterError
-from quadapt.runtime.text_stream import IncrementalDetokenizer
-from quadapt.runtime.tokenizer import Tokenizer
+from quadapt.runtime.text.text_stream import IncrementalDetokenizer
+from quadapt.runtime.text.tokenizer import Tokenizer
 
 SMOLLM2_TEMPLATE = (
     "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from quadapt.runtime.loader import load_model
+from quadapt.runtime.checkpoints.loader import load_model
 from quadapt.train.autograd import frozen_quant_matmul
 from quadapt.train.command import quantize_in_memory
 from quadapt.train.data import Example, collate
@@ -214,7 +214,7 @@ def test_the_int4_base_is_what_convert_writes(tmp_path):
     size included: the largest of 128, 64, 32 that divides every input size (here 128)."""
     from quadapt.converters.convert import convert_checkpoint
     from quadapt.runtime.errors import InvalidParameterError
-    from quadapt.runtime.quant import PackedIntLinear
+    from quadapt.runtime.model.quant import PackedIntLinear
 
     _, path = save_hf_model(tmp_path, "llama", vocab_size=256, hidden_size=128, intermediate_size=256)
     model, _ = quantized_model(path, "int4")

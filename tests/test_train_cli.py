@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from quadapt.cli import main
-from quadapt.runtime.adapters import apply_adapter
+from quadapt.runtime.checkpoints.adapters import apply_adapter
 from quadapt.runtime.errors import InvalidParameterError
 from quadapt.runtime.files import current_umask
-from quadapt.runtime.loader import load_model
-from quadapt.runtime.tokenizer import Tokenizer
+from quadapt.runtime.checkpoints.loader import load_model
+from quadapt.runtime.text.tokenizer import Tokenizer
 from quadapt.train.data import IGNORE, read_examples
 
 from .conftest import assert_close

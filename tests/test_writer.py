@@ -20,7 +20,7 @@ from quadapt.converters.convert import convert_checkpoint
 from quadapt.converters.peft import write_peft_adapter
 from quadapt.converters.writer import current_umask, staged_dir, write_checkpoint
 from quadapt.runtime.checkpoints.peft import PeftAdapter
-from quadapt.runtime.lora import LoRAWeights
+from quadapt.runtime.model.lora import LoRAWeights
 
 from .conftest import tiny_llama_config
 from .test_model import save_hf_model

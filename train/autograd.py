@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..runtime.quant import NF4Linear, PackedIntLinear
+from ..runtime.model.quant import NF4Linear, PackedIntLinear
 
 QuantLinear = NF4Linear | PackedIntLinear
 

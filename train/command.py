@@ -77,9 +77,9 @@ def fit_adapter(
     """
     import torch
 
-    from ..runtime.api import open_with_tokenizer
+    from ..runtime.api.load import open_with_tokenizer
     from ..runtime.errors import InvalidParameterError
-    from ..runtime.loader import load_model
+    from ..runtime.checkpoints.loader import load_model
     from .data import read_examples, split_examples
     from .files import save_adapter
     from .lora import add_lora

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from ..runtime.errors import InvalidParameterError
-from ..runtime.tokenizer import Tokenizer
+from ..runtime.text.tokenizer import Tokenizer
 
 IGNORE = -100  # the label of a token the loss skips (PyTorch's cross-entropy default)
 

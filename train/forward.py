@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ..runtime.errors import ContextLengthError
-from ..runtime.model import CausalLM
+from ..runtime.model.model import CausalLM
 from .data import IGNORE
 
 

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from ..runtime.errors import InvalidParameterError
-from ..runtime.model import CausalLM
+from ..runtime.model.model import CausalLM
 from .data import IGNORE, Example, collate, length_batches
 from .files import LOG_FILE, LOSS_PLOT, load_state, plot_losses, save_state
 from .forward import completion_loss

@@ -8,7 +8,7 @@ they are); the base is frozen: a quantized base runs through `train.autograd.fro
 PEFT's default (Kaiming-uniform) and B as zeros, so a fresh adapter changes nothing; `loftq_init`
 starts both from the truncated SVD of the quantization error instead.
 
-This is the training-side twin of `runtime/lora.py`, whose slot stacks serve many adapters with
+This is the training-side twin of `runtime/model/lora.py`, whose slot stacks serve many adapters with
 the scale folded into B; it holds no optimizer, data or files (`train/loop.py`, `train/files.py`).
 """
 
@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..runtime.errors import InvalidParameterError
-from ..runtime.lora import LoRAWeights
+from ..runtime.model.lora import LoRAWeights
 from .autograd import frozen_quant_matmul, is_quantized
 
 # The projections of a decoder layer LoRA may target (the runtime serves these).

@@ -100,8 +100,8 @@ def greedy_answers(model_dir: str, prompts: Sequence[str], *, adapter: str | Non
                    max_new_tokens: int = MAX_ANSWER_TOKENS, batch: int = 32, threads: int | None = None) -> list[str]:
     """Greedy answers of the model at `model_dir` (with `adapter`, a PEFT directory, if given) to
     each question, as one chat turn, through the batching engine."""
-    from quadapt.runtime.llm import LLM, GenerateRequest
-    from quadapt.runtime.sampling import SamplingParams
+    from quadapt.runtime.api.llm import LLM, GenerateRequest
+    from quadapt.runtime.engine.sampling import SamplingParams
 
     llm = LLM(
         model_dir, adapters={"demo": str(adapter)} if adapter else {}, threads=threads, max_num_seqs=batch,

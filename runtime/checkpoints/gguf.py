@@ -7,7 +7,7 @@ llama.cpp's Q/K row permutation), and rebuilds a `tokenizer.json` from the vocab
 transformers' GGUF loader does, so both tokenize alike.
 
 It does not write GGUF, quantize, or keep weights packed, and reads only the `llama` and `qwen2`
-architectures with dense attention and MLP and the rope scalings `runtime/config.py` runs (none,
+architectures with dense attention and MLP and the rope scalings `runtime/model/config.py` runs (none,
 linear, llama3); anything else raises `UnsupportedError` at open.
 """
 
@@ -22,7 +22,7 @@ from typing import Any, get_args
 import numpy as np
 import torch
 
-from ..config import RopeType
+from ..model.config import RopeType
 from ..errors import CheckpointError, QuadaptError, UnsupportedError
 from .gguf_file import SUPPORTED_NAMES, SUPPORTED_TYPES, TensorEntry, read_header
 from .reader import TokenizerFiles

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
-from ..config import read_config_json
+from ..model.config import read_config_json
 from ..errors import CheckpointError
 from .reader import TokenizerFiles, read_tokenizer_files
 

@@ -28,9 +28,9 @@ from typing import Any
 
 import torch
 
-from ..config import read_json_object
+from ..model.config import read_json_object
 from ..errors import AdapterError, UnsupportedError, quote
-from ..lora import LoRAWeights
+from ..model.lora import LoRAWeights
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ..errors import AdapterError, UnsupportedError
-from ..lora import is_linear_like
+from ..model.lora import is_linear_like
 from .peft import MAX_ADAPTER_BYTES, PeftAdapter, PeftHeader, read_peft_header, read_peft_weights
 from .reader import CheckpointReader
 
@@ -72,8 +72,8 @@ class BaseModules:
     @classmethod
     def of_config(cls, config: dict[str, Any], label: str) -> BaseModules:
         """The layout of the model a config.json describes, built on the meta device (no memory)."""
-        from ..config import ModelConfig
-        from ..model import CausalLM
+        from ..model.config import ModelConfig
+        from ..model.model import CausalLM
 
         with torch.device("meta"):
             model = CausalLM(ModelConfig.from_dict(config))

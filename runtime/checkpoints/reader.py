@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from ..config import read_json_object
+from ..model.config import read_json_object
 from ..errors import CheckpointError
 
 if TYPE_CHECKING:

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..generation import Generation, GenerationResult, check_prompt_ids, decode_loop, text_loop
-from ..sampling_params import SamplingParams
-from ..tokenizer import Tokenizer
+from ..text.generation import Generation, GenerationResult, check_prompt_ids, decode_loop, text_loop
+from ..text.sampling_params import SamplingParams
+from ..text.tokenizer import Tokenizer
 from .model import EdgeModel, Sequence
 from .sampling import sample
 

@@ -1,6 +1,6 @@
-"""Sampling in numpy: the same settings, processors and order as `runtime/sampling.py`, without torch.
+"""Sampling in numpy: the same settings, processors and order as `runtime/engine/sampling.py`, without torch.
 
-`SamplingParams` is the runtime's one (`runtime/sampling_params.py`, torch-free); the
+`SamplingParams` is the runtime's one (`runtime/text/sampling_params.py`, torch-free); the
 processors (repetition penalty, temperature, top-k, top-p) compute what their torch namesakes do
 (a test holds them to it). Greedy is the argmax, first on ties, as there. Draws come from a
 numpy `Generator` seeded per request, so a seed reproduces the edge runtime's own output; it does
@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ..sampling_params import SamplingParams
+from ..text.sampling_params import SamplingParams
 
 
 def apply_repetition_penalty(logits: np.ndarray, prev_ids: Sequence[int], penalty: float) -> np.ndarray:

@@ -1,0 +1,123 @@
+"""Executors: what runs one forward pass for the engine, behind one small interface.
+
+The engine hands an executor the rows of a step (`RowSpec`s) and gets back the logits of the
+rows that sample; it never sees the model, the cache or the device. An executor also owns the
+adapter slots that live beside its model (`write_adapter_slot`), so the registry can fill them
+without knowing how they are stored.
+
+`TorchExecutor` runs `CausalLM` with a `PagedKVCache`: Triton kernels on CUDA, the torch
+references elsewhere (see `kernels`), on the layout `loader.serving_layout` gives the model (packed
+weights dequantized once on CPU, q/k/v and gate/up stacked), with LoRA slots on its projections. A
+later ONNX executor runs packed weights on CPU through the same interface.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from ...kernels import NO_SLOT
+from ..checkpoints.adapters import add_lora_slots, lora_modules, projection_names
+from ..model.batch import RowSpec, build_batch
+from ..model.config import ModelConfig
+from ..checkpoints.loader import serving_layout
+from ..model.lora import LoRALinear, LoRAWeights, SlotMapping
+from ..model.model import CausalLM
+from .paged_cache import PagedKVCache
+
+# The projections a served adapter may target: every linear of a decoder layer.
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class Executor(Protocol):
+    """What the engine needs of an executor."""
+
+    config: ModelConfig
+    block_size: int
+    num_blocks: int
+    num_lora_slots: int
+    device: torch.device
+
+    def execute(self, rows: Sequence[RowSpec]) -> torch.Tensor:
+        """Run one forward pass; return float32 logits [L, V] of the rows with `needs_logits`, in order."""
+        ...
+
+    def write_adapter_slot(self, slot: int, modules: Mapping[str, LoRAWeights] | None) -> None:
+        """Copy an adapter (HF module name -> factors) into `slot`, or clear it (None)."""
+        ...
+
+
+class TorchExecutor:
+    """`CausalLM` over a paged cache; see the module docstring.
+
+    Args:
+        model: a loaded model (float or quantized linears), taken over and modified in place.
+        num_blocks: cache blocks to allocate.
+        block_size: positions per block.
+        max_num_batched_tokens: the most tokens one step feeds (sizes the LoRA slot buffer).
+        num_lora_slots: adapter slots beside the model (0: no adapters served).
+        max_lora_rank: the largest adapter rank a slot holds.
+        lora_targets: the short names of the projections that get slots.
+        dequantize: see `loader.serving_layout` (None: dequantize packed linears on CPU only).
+    """
+
+    def __init__(
+        self,
+        model: CausalLM,
+        *,
+        num_blocks: int,
+        block_size: int,
+        max_num_batched_tokens: int,
+        num_lora_slots: int = 0,
+        max_lora_rank: int = 16,
+        lora_targets: Iterable[str] = LORA_TARGETS,
+        dequantize: bool | None = None,
+    ) -> None:
+        weight = next(p for p in model.parameters() if p.is_floating_point())
+        self.model = model
+        self.config = model.config
+        self.device = weight.device
+        self.dtype = weight.dtype
+        serving_layout(model, dequantize=dequantize)
+        backend = getattr(model, "kernel_backend", None)
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        self.cache = PagedKVCache(model.config, num_blocks, block_size, dtype=self.dtype, device=self.device)
+        self.num_lora_slots = num_lora_slots
+        self.mapping: SlotMapping | None = None
+        if num_lora_slots:
+            names = projection_names(model, tuple(lora_targets))
+            self.mapping = add_lora_slots(
+                model, names, num_slots=num_lora_slots, max_rank=max_lora_rank, max_tokens=max_num_batched_tokens
+            )
+            if backend == "cpu":
+                for stack in (m for m in model.modules() if isinstance(m, LoRALinear)):
+                    if isinstance(getattr(stack.base, "weight", None), nn.Parameter):
+                        stack.fuse_shrink()  # one GEMM for the base and the shrink (kernels.lora_linear)
+
+    def execute(self, rows: Sequence[RowSpec]) -> torch.Tensor:
+        batch = build_batch(rows, self.block_size, self.device)
+        if self.mapping is not None:
+            slots = {row.lora_slot for row in rows}
+            if batch.lora_slots is None:
+                self.mapping.set(NO_SLOT)
+            elif len(slots) == 1 and self.device.type == "cpu":
+                # Every token uses one slot: the LoRA ops read that slot's factors alone, not the
+                # whole stack (the host knows the slot; nothing is read back from a device).
+                self.mapping.set(slots.pop())
+            else:
+                self.mapping.set_tokens(batch.lora_slots)
+        with torch.inference_mode():
+            return self.model(batch.input_ids, self.cache, batch=batch).float()
+
+    def write_adapter_slot(self, slot: int, modules: Mapping[str, LoRAWeights] | None) -> None:
+        if modules is None:
+            for stack in lora_modules(self.model).values():
+                stack.clear_slot(slot)
+            return
+        from ..checkpoints.adapters import load_into_slot
+
+        load_into_slot(self.model, modules, slot)

@@ -1,0 +1,1 @@
+"""The torch-free text core: tokenizer, chat template, text stream and sampling parameters."""
