@@ -1,7 +1,7 @@
 """The public API, `quadapt.load(...).generate(...)`, gives what the layers under it give.
 
 On a tiny random Llama with a ChatML tokenizer: the text equals `generate_text` called by hand
-(the sequence cli.py's `_load`/`_generate` run) and the CLI's stdout for the same settings, with
+(the reference generator the engine is checked against) and the CLI's stdout for the same settings, with
 and without a LoRA adapter; mistakes raise the runtime's errors; and `import quadapt` stays cheap.
 """
 

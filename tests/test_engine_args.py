@@ -40,7 +40,7 @@ def test_every_front_door_builds_its_engine_through_build_engine(base, adapter, 
 
     def guarded(self, *args, **kwargs):
         callers = {(frame.function, Path(frame.filename).name) for frame in inspect.stack()}
-        assert ("build_engine", "engine_args.py") in callers, "an Engine was built outside build_engine"
+        assert ("build_engine", "args.py") in callers, "an Engine was built outside build_engine"
         init(self, *args, **kwargs)
         built.append(self)
 

@@ -66,7 +66,7 @@ def test_metrics_token_is_required_when_asked_for(base, tokenizer, caplog):
                 assert status == 200 and "quadapt_kv_cache_blocks_total" in body
                 assert headers["Content-Type"].startswith("text/plain")
         assert caplog.records and USER not in caplog.text and ADMIN not in caplog.text
-        assert not [r for r in caplog.records if r.name.endswith("server_metrics") and r.levelno >= logging.INFO
+        assert not [r for r in caplog.records if r.name.endswith("serving.metrics") and r.levelno >= logging.INFO
                     and "GET" in r.getMessage()]  # no log line per scrape above DEBUG
     finally:
         server.close()

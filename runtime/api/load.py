@@ -9,7 +9,7 @@ hold this path to. One adapter for the model's lifetime; many requests with thei
 are `llm.LLM`'s.
 
 The helpers at the end of this file (checking dtypes and threads) serve every front door;
-opening a checkpoint with its tokenizer and the default thread count are `engine_args.py`'s.
+opening a checkpoint with its tokenizer and the default thread count are `engine/args.py`'s.
 """
 
 from __future__ import annotations
@@ -215,7 +215,7 @@ def load(
             activations; quantized weights stay packed.
         device: where the model lives.
         threads: CPU threads for torch (a process-wide setting, as `--threads` in the CLI);
-            None: `engine_args.default_threads()`, half the cores (see there why).
+            None: `engine.args.default_threads()`, half the cores (see there why).
         kv_cache_bytes: memory for the engine's KV cache; it bounds prompt + output tokens.
 
     Returns:

@@ -4,7 +4,7 @@
 `generate.generate_text` / `generate_ids` run the reference generator's shared loop
 (`runtime.generation`) over it, `sampling` holds the processors in numpy over the shared
 `SamplingParams`, `perplexity` its scoring. The text is the runtime's own torch-free core: read an
-export's tokenizer with `runtime.tokenizer.Tokenizer.from_dir(export)` and its prompts with
+export's tokenizer with `runtime.text.tokenizer.Tokenizer.from_dir(export)` and its prompts with
 `encode_prompt`. Every module here imports only numpy, onnxruntime, tokenizers, jinja2 and
 torch-free quadapt modules. Nothing here exports a model.
 This file imports nothing, so its names can be read where onnxruntime is not installed.

@@ -19,7 +19,7 @@ from ..text.sampling_params import SamplingParams
 
 
 def apply_repetition_penalty(logits: np.ndarray, prev_ids: Sequence[int], penalty: float) -> np.ndarray:
-    """As `runtime.sampling.apply_repetition_penalty`: each distinct earlier id once, positive
+    """As `runtime.engine.sampling.apply_repetition_penalty`: each distinct earlier id once, positive
     logits divided by `penalty`, negative ones multiplied; returns a new row [V]."""
     if penalty == 1.0 or len(prev_ids) == 0:
         return logits
@@ -32,7 +32,7 @@ def apply_repetition_penalty(logits: np.ndarray, prev_ids: Sequence[int], penalt
 
 
 def apply_top_k(logits: np.ndarray, k: int) -> np.ndarray:
-    """As `runtime.sampling.apply_top_k`: logits below the k-th largest become -inf (ties kept)."""
+    """As `runtime.engine.sampling.apply_top_k`: logits below the k-th largest become -inf (ties kept)."""
     if k <= 0 or k >= logits.shape[-1]:
         return logits
     kth = np.partition(logits, -k)[-k]
@@ -40,7 +40,7 @@ def apply_top_k(logits: np.ndarray, k: int) -> np.ndarray:
 
 
 def apply_top_p(logits: np.ndarray, p: float) -> np.ndarray:
-    """As `runtime.sampling.apply_top_p`: drop the low tail whose cumulative probability stays
+    """As `runtime.engine.sampling.apply_top_p`: drop the low tail whose cumulative probability stays
     within 1 - p; the most likely token always survives."""
     if p >= 1.0:
         return logits
@@ -60,7 +60,7 @@ def _softmax(x: np.ndarray) -> np.ndarray:
 
 
 def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator, prev_ids: Sequence[int] = ()) -> int:
-    """Pick the next token from one logits row [V], as `runtime.sampling.sample` does.
+    """Pick the next token from one logits row [V], as `runtime.engine.sampling.sample` does.
 
     Args:
         logits: the model's logits for the next position [V].

@@ -1,6 +1,6 @@
 """How the batching engine batches (`EngineConfig`), and its KV cache budget's default.
 
-Apart from `engine.py` so that `engine_args.py`, and the command line's `--help` through it,
+Apart from `engine.py` so that `args.py`, and the command line's `--help` through it,
 read these defaults without importing torch. It holds data and checks only.
 """
 

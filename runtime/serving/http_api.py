@@ -6,7 +6,7 @@ every loaded adapter), `GET /health`, `GET /metrics`, and the admin routes
 `POST /v1/load_lora_adapter` and `/v1/unload_lora_adapter`. Every route goes through the
 server's own checks, as the gRPC service does: the bearer token (`Authorization: Bearer`, the
 admin token for the admin routes), the server's state, the request's parsing and limits
-(`http_openai.py` over `server_requests.py`), the queue and drain (`Server.generation`) and the
+(`http_openai.py` over `requests.py`), the queue and drain (`Server.generation`) and the
 adapter-directory confinement (`Server.load_adapter`). An error answers in OpenAI's shape
 (`{"error": {"message", "type", "param", "code"}}`) with the HTTP status of the gRPC code the
 same error gets on the other door. A client that disconnects mid-stream has its request

@@ -2,7 +2,7 @@
 
 `parse_request` turns the JSON body of `POST /v1/chat/completions` or `/v1/completions` into a
 `ParsedRequest`: the adapter its `model` names, its prompts and its `SamplingParams`, through the
-checks both front doors share (`server_requests.py`, `SamplingParams`). A field the server does
+checks both front doors share (`requests.py`, `SamplingParams`). A field the server does
 not use (`user`, `metadata`, `parallel_tool_calls`, any unknown name) is ignored; a field that
 would change the answer in a way the server cannot honour (`n` > 1, `logprobs`, `tools`, a
 presence penalty, ...) is refused by name, never ignored. The builders below make the response

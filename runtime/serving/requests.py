@@ -1,6 +1,6 @@
 """What a request to either front door becomes: a prompt, sampling settings, and a status for its errors.
 
-The gRPC service (`server_rpc.py`) and the OpenAI-compatible HTTP API (`http_api.py`) parse their
+The gRPC service (`rpc.py`) and the OpenAI-compatible HTTP API (`http_api.py`) parse their
 own wire formats, then hand the parts to these functions, so that a request is checked by one set
 of rules whatever door it came through: the message count, roles and chat template here, the
 prompt's size in `encode_prompt` (before it is tokenized, in a worker thread), and every sampling

@@ -6,9 +6,9 @@ server as an asyncio object (tests, embedding). One process serves one model: an
 steps the engine in its own thread, and every RPC is a coroutine on the server's event loop.
 Beside the service run the standard `grpc.health.v1` health service (NOT_SERVING while the
 model loads, while draining and after the engine failed) and server reflection. Around this
-file: `server_rpc.py` (the RPCs: parsing, the proto <-> runtime conversion, status codes),
-`server_config.py` (what to serve, and loading it), `server_security.py` (tokens, adapter paths,
-TLS), `server_metrics.py` (Prometheus, on a port of its own), `server_requests.py` (the checks
+file: `rpc.py` (the RPCs: parsing, the proto <-> runtime conversion, status codes),
+`config.py` (what to serve, and loading it), `security.py` (tokens, adapter paths,
+TLS), `metrics.py` (Prometheus, on a port of its own), `requests.py` (the checks
 both doors share) and `http_api.py` (the HTTP door). Both doors admit requests through
 `Server.generation` and change adapters through `Server.load_adapter`/`unload_adapter`: one
 queue limit, one drain, one set of adapters, one log.
