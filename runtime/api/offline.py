@@ -27,9 +27,9 @@ logger = logging.getLogger(__name__)
 # The keys of one request line besides its sampling settings.
 REQUEST_KEYS = ("id", "prompt", "messages", "adapter")
 # The sampling settings a line may give, with their defaults: SamplingParams' fields and defaults
-# (stop_token_ids is the library's only).
+# (stop_token_ids is the library's only; logprobs too, as the output lines have no place for them).
 LINE_DEFAULTS: dict[str, object] = {
-    name: value for name, value in SAMPLING_DEFAULTS.items() if name != "stop_token_ids"
+    name: value for name, value in SAMPLING_DEFAULTS.items() if name not in ("stop_token_ids", "logprobs")
 }
 _JSON_TYPES = {dict: "an object", list: "an array", str: "a string", int: "a number", float: "a number", bool: "a boolean"}
 

@@ -39,7 +39,7 @@ from .metrics import EngineStats, MetricsSnapshot
 from ..model.model import CausalLM
 from .paged_cache import BlockAllocator, blocks_for_budget
 from .registry import AdapterRegistry, LoRASlots, SlotWriter
-from .sampling import SamplingParams, sample_batch
+from .sampling import SamplingParams, TokenLogprobs, batch_logprobs, sample_batch
 from .scheduler import Admission, Request, ScheduledRow, Scheduler, Status
 
 logger = logging.getLogger(__name__)
@@ -59,6 +59,8 @@ class RequestOutput:
         prompt_tokens, completion_tokens: usage so far (a final stop token counts).
         error: why the request failed, with finish reason "error" (`RequestFailedError`, or the
             `QuadaptError` its parameters caused), else None.
+        logprobs: one `TokenLogprobs` per new token when the request asked
+            (`SamplingParams.logprobs`), else None.
     """
 
     request_id: str
@@ -70,6 +72,7 @@ class RequestOutput:
     prompt_tokens: int
     completion_tokens: int
     error: Exception | None = None
+    logprobs: list[TokenLogprobs] | None = None
 
 
 class Engine:
@@ -289,6 +292,12 @@ class Engine:
             # What a repetition penalty looks at: prompt and output (copied only when it is on).
             [r.prompt_ids + r.output_ids if r.params.repetition_penalty != 1.0 else () for r in sampling],
         )
+        # Only the rows that asked pay for logprobs: of the raw logits, before any processor.
+        asked = [j for j, r in enumerate(sampling) if r.params.logprobs is not None and isinstance(tokens[j], int)]
+        found = dict(zip(
+            [sampling[j].request_id for j in asked],
+            batch_logprobs(logits[asked], [tokens[j] for j in asked], [sampling[j].params.logprobs for j in asked]),
+        )) if asked else {}
         now = time.perf_counter()
         outputs = []
         failed = [(r, t) for r, t in zip(sampling, tokens) if isinstance(t, Exception)]
@@ -321,7 +330,8 @@ class Engine:
                     request.finish_reason, request.context_full = "length", True
             if request.finish_reason is not None:
                 self._finish(request)
-            outputs.append(self._output(request, new))
+            logprobs = found.get(request.request_id)  # a stop token's goes with it: it is not output
+            outputs.append(self._output(request, new, logprobs=None if logprobs is None else [logprobs][: len(new)]))
         return outputs
 
     # -- adapters and metrics -----------------------------------------------------------------
@@ -400,7 +410,8 @@ class Engine:
             self.stats.requests_finished += 1
 
     @staticmethod
-    def _output(request: Request, new: list[int], error: Exception | None = None) -> RequestOutput:
+    def _output(request: Request, new: list[int], error: Exception | None = None,
+                logprobs: list[TokenLogprobs] | None = None) -> RequestOutput:
         return RequestOutput(
             request_id=request.request_id,
             new_token_ids=new,
@@ -411,5 +422,6 @@ class Engine:
             prompt_tokens=len(request.prompt_ids),
             completion_tokens=request.completion_tokens,
             error=error,
+            logprobs=logprobs,
         )
 

@@ -12,14 +12,29 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
 from ..errors import InvalidParameterError, RequestFailedError
 from ..text.sampling_params import (  # noqa: F401 - re-exported: the processors' callers import them from here
-    GREEDY_TEMPERATURE, MAX_REPETITION_PENALTY, MAX_STOP_LENGTH, MAX_STOP_STRINGS, MIN_REPETITION_PENALTY,
-    SAMPLING_DEFAULTS, SamplingParams,
+    GREEDY_TEMPERATURE, MAX_LOGPROBS, MAX_REPETITION_PENALTY, MAX_STOP_LENGTH, MAX_STOP_STRINGS,
+    MIN_REPETITION_PENALTY, SAMPLING_DEFAULTS, SamplingParams,
 )
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """One sampled token's log-probability, and the most likely tokens with theirs (ids only).
+
+    Attributes:
+        logprob: the sampled token's log-probability.
+        top: `(token id, logprob)` of the most likely tokens, most likely first (as many as the
+            request's `SamplingParams.logprobs`).
+    """
+
+    logprob: float
+    top: list[tuple[int, float]]
 
 
 def apply_repetition_penalty(
@@ -193,6 +208,32 @@ def logprobs(logits: torch.Tensor, token: int, k: int = 0) -> tuple[float, list[
     top = torch.topk(logp, min(k, vocab)) if k else None
     alternatives = [] if top is None else [(int(i), float(v)) for v, i in zip(top.values, top.indices)]
     return float(logp[token]), alternatives
+
+
+def batch_logprobs(logits: torch.Tensor, tokens: Sequence[int], ks: Sequence[int]) -> list[TokenLogprobs]:
+    """What `logprobs(logits[i], tokens[i], ks[i])` gives for each row, in one batched pass.
+
+    The engine calls it only for the rows whose request asked (`SamplingParams.logprobs`), with
+    the raw logits the rows sampled from, so the others pay nothing.
+
+    Args:
+        logits: the rows' logits [L, V].
+        tokens: each row's sampled token id (inside the vocabulary).
+        ks: how many top alternatives each row lists.
+
+    Returns:
+        One `TokenLogprobs` per row, in row order.
+    """
+    logp = torch.log_softmax(logits.float(), dim=-1)  # [L, V]
+    index = torch.tensor(list(tokens), dtype=torch.long, device=logits.device)
+    chosen = logp.gather(-1, index[:, None]).squeeze(-1).tolist()  # [L]
+    k = min(max(ks, default=0), logp.shape[-1])
+    values, ids = torch.topk(logp, k, dim=-1) if k else (logp[:, :0], logp[:, :0])  # [L, k]
+    values, ids = values.tolist(), ids.tolist()
+    return [
+        TokenLogprobs(chosen[i], [(int(t), v) for t, v in zip(ids[i][: ks[i]], values[i][: ks[i]])])
+        for i in range(len(chosen))
+    ]
 
 
 def sample_batch(

@@ -30,6 +30,8 @@ MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 0.01, 100.0
 # so that one request cannot slow the steps of every other.
 MAX_STOP_STRINGS, MAX_STOP_LENGTH = 16, 256
 MAX_STOP_TOKEN_IDS = 256
+# The most top alternatives a request may ask logprobs for, as OpenAI's chat API and vLLM allow.
+MAX_LOGPROBS = 20
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,10 @@ class SamplingParams:
         stop_token_ids: token ids that end the output; the stop token itself is not output (at
             most 256).
         ignore_eos: keep going past the model's eos tokens (stop_token_ids still stop).
+        logprobs: report each output token's log-probability and this many most likely
+            alternatives (0 to 20; 0 reports the token's alone); None (the default) computes none.
+            They are of the model's raw distribution: the log-softmax of its logits, before the
+            repetition penalty, temperature, top-k and top-p.
     """
 
     max_new_tokens: int = 128
@@ -65,6 +71,7 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
@@ -129,6 +136,11 @@ class SamplingParams:
         object.__setattr__(self, "stop_token_ids", list(self.stop_token_ids))
         if not isinstance(self.ignore_eos, bool):
             raise InvalidParameterError(f"ignore_eos must be True or False, got {quote(self.ignore_eos)}")
+        if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
+            raise InvalidParameterError(
+                f"logprobs must be None or an integer in [0, {MAX_LOGPROBS}] (how many top alternatives to report "
+                f"beside each token's own), got {quote(self.logprobs)}"
+            )
 
     @property
     def greedy(self) -> bool:
