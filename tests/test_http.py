@@ -19,9 +19,11 @@ import urllib.request
 
 import openai
 import pytest
+import torch
 from peft import LoraConfig
 
 from quadapt.runtime.api.async_llm import AsyncLLM
+from quadapt.runtime.checkpoints.loader import load_model
 from quadapt.runtime.serving.client import ServerError
 from quadapt.runtime.serving.server import ServerConfig
 
@@ -150,7 +152,8 @@ def test_errors_reach_the_sdk_as_its_types(sdk, served):
         sdk.chat.completions.create(model=f"{BASE_ID}:nope", messages=HELLO, **NEW)
     with pytest.raises(openai.BadRequestError, match="temperature"):
         sdk.chat.completions.create(model=BASE_ID, messages=HELLO, temperature=-1, **NEW)
-    for refused, name in (({"n": 2}, "n must be 1"), ({"logprobs": True}, "logprobs"),
+    for refused, name in (({"n": 2}, "n must be 1"), ({"top_logprobs": 2}, "needs logprobs: true"),
+                          ({"logprobs": True, "top_logprobs": 21}, r"top_logprobs must be an integer in \[0, 20\]"),
                           ({"presence_penalty": 0.5}, "repetition_penalty"),
                           ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "text parts")):
         with pytest.raises(openai.BadRequestError, match=name) as e:
@@ -158,6 +161,12 @@ def test_errors_reach_the_sdk_as_its_types(sdk, served):
         assert e.value.body["type"] == "invalid_request_error"
     with pytest.raises(openai.BadRequestError, match="stop"):
         sdk.completions.create(model=BASE_ID, prompt="hi", stop=["x"] * 17, **NEW)
+    for logprobs, name in ((6, r"logprobs must be an integer in \[0, 5\]"), (True, "logprobs must be an integer")):
+        with pytest.raises(openai.BadRequestError, match=name) as e:
+            sdk.completions.create(model=BASE_ID, prompt="hi", logprobs=logprobs, **NEW)
+        assert e.value.body["param"] == "logprobs"
+    with pytest.raises(openai.BadRequestError, match="top_logprobs is a chat completions field"):
+        sdk.completions.create(model=BASE_ID, prompt="hi", logprobs=2, **NEW | {"extra_body": {"top_logprobs": 2}})
     with openai.OpenAI(base_url=str(sdk.base_url), api_key="wrong", max_retries=0) as stranger:
         with pytest.raises(openai.AuthenticationError):
             stranger.models.list()
@@ -276,3 +285,58 @@ def test_health_metrics_and_the_gateway_gauge(sdk, served, throttle):
     stream.close()
     assert 'quadapt_lora_requests_info{max_lora="2",running_lora_adapters="b",waiting_lora_adapters=""}' in running
     assert 'quadapt_http_requests_total{route="completions",status="200"}' in running
+
+
+def greedy_reference(base, tokenizer, prompt_ids: list[int], n: int, k: int) -> list[tuple[str, float, list]]:
+    """Greedy decoding by hand over the model's full logits: each token's text, its log-softmax, and
+    the top k (text, logprob) of its row, from `torch.topk`."""
+    model, ids, made = load_model(base), list(prompt_ids), []
+    for _ in range(n):
+        with torch.no_grad():
+            row = torch.log_softmax(model(torch.tensor([ids]))[0, -1].float(), dim=-1)
+        token = int(row.argmax())
+        top = torch.topk(row, k)
+        name = lambda t: tokenizer.decode([t], skip_special_tokens=False)  # noqa: E731
+        made.append((name(token), float(row[token]), [(name(int(t)), float(v)) for v, t in zip(*top)]))
+        ids.append(token)
+    return made
+
+
+def test_logprobs_parse_into_the_sdk_types_and_equal_the_models_log_softmax(sdk, base, tokenizer):
+    expected = greedy_reference(base, tokenizer, tokenizer.encode_prompt(HELLO), 8, 5)
+    chat = sdk.chat.completions.create(model=BASE_ID, messages=HELLO, logprobs=True, top_logprobs=5, **NEW)
+    content = chat.choices[0].logprobs.content
+    assert len(content) == 8 and isinstance(content[0].top_logprobs[0].logprob, float)
+    for got, (token, logprob, top) in zip(content, expected):
+        assert got.token == token and got.bytes == list(token.encode())
+        assert got.logprob == pytest.approx(logprob, abs=1e-4) == pytest.approx(top[0][1], abs=1e-4)  # greedy: the max
+        assert [t.token for t in got.top_logprobs] == [t for t, _ in top]
+        assert [t.logprob for t in got.top_logprobs] == pytest.approx([v for _, v in top], abs=1e-4)
+        assert [t.logprob for t in got.top_logprobs] == sorted((t.logprob for t in got.top_logprobs), reverse=True)
+    chunks, _ = chat_stream(sdk, model=BASE_ID, messages=HELLO, logprobs=True, top_logprobs=5, **NEW)
+    streamed = [t for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content]
+    assert streamed == content
+    plain = sdk.chat.completions.create(model=BASE_ID, messages=HELLO, **NEW)
+    assert plain.choices[0].logprobs is None and plain.choices[0].message.content == chat.choices[0].message.content
+
+
+def test_completions_logprobs_are_the_legacy_columns(sdk, base, tokenizer):
+    expected = greedy_reference(base, tokenizer, tokenizer.encode_prompt("the quick brown"), 8, 3)
+    done = sdk.completions.create(model=BASE_ID, prompt="the quick brown", logprobs=3, **NEW)
+    logprobs = done.choices[0].logprobs
+    assert logprobs.tokens == [t for t, _, _ in expected]
+    assert logprobs.token_logprobs == pytest.approx([v for _, v, _ in expected], abs=1e-4)
+    for got, (token, logprob, top) in zip(logprobs.top_logprobs, expected):
+        # The top 3 and the token itself, by text: tokens with one text share a key, the likeliest's.
+        want = {t: v for t, v in reversed(top)}
+        want.setdefault(token, logprob)
+        assert list(got) == list(dict.fromkeys([t for t, _ in top] + [token]))
+        assert got == pytest.approx(want, abs=1e-4)
+    assert logprobs.text_offset == [sum(len(t) for t, _, _ in expected[:i]) for i in range(8)]
+    streamed = list(sdk.completions.create(model=BASE_ID, prompt="the quick brown", logprobs=3, stream=True, **NEW))
+    columns = [c.choices[0].logprobs for c in streamed if c.choices[0].logprobs]
+    assert [t for c in columns for t in c.tokens] == logprobs.tokens
+    assert [o for c in columns for o in c.text_offset] == logprobs.text_offset
+    assert [d for c in columns for d in c.top_logprobs] == logprobs.top_logprobs
+    zero = sdk.completions.create(model=BASE_ID, prompt="the quick brown", logprobs=0, **NEW).choices[0].logprobs
+    assert zero.top_logprobs == [{t: v} for t, v in zip(zero.tokens, zero.token_logprobs)]

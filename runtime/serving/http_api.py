@@ -153,15 +153,18 @@ class _API:
         if parsed.stream:
             return await _stream(server, request, parsed, chat, rid, created, who)
 
-        async def one(prompt: Any) -> tuple[str, str | None, int, int]:
+        async def one(prompt: Any) -> tuple[str, str | None, list[Any] | None, int, int]:
             text, last = "", None
+            logprobs: list[Any] | None = None if parsed.params.logprobs is None else []
             async with server.generation(prompt, parsed.params, parsed.adapter, who=who) as generation:
                 async for delta in generation:
                     text += delta.text
+                    if logprobs is not None:
+                        logprobs += delta.logprobs or ()
                     last = delta
-            return text, last.finish_reason, last.prompt_tokens, last.completion_tokens
+            return text, last.finish_reason, logprobs, last.prompt_tokens, last.completion_tokens
 
-        async def every() -> list[tuple[str, str | None, int, int]]:
+        async def every() -> list[tuple[str, str | None, list[Any] | None, int, int]]:
             try:
                 async with asyncio.TaskGroup() as group:  # one prompt failing cancels the others
                     tasks = [group.create_task(one(p)) for p in parsed.prompts]
@@ -172,8 +175,8 @@ class _API:
         results = await _unless_disconnected(request, every())
         if results is None:
             return Response(status_code=499)  # nobody to answer; the requests were cancelled
-        total = usage(sum(r[2] for r in results), sum(r[3] for r in results))
-        return JSONResponse(completion(chat, rid, created, parsed.model, [(r[0], r[1]) for r in results], total))
+        total = usage(sum(r[3] for r in results), sum(r[4] for r in results))
+        return JSONResponse(completion(chat, rid, created, parsed.model, [r[:3] for r in results], total))
 
     async def models(self, request: Any, body: Any) -> Any:
         base, created = self.server.model_id, self.server.started
@@ -232,11 +235,13 @@ async def _stream(server: Any, request: Any, parsed: ParsedRequest, chat: bool, 
         model, usage_on = parsed.model, parsed.include_usage
         if chat:
             yield event(chunk(chat, rid, created, model, None, None, usage_on, role=True))
-        delta = first
+        delta, offset = first, 0  # offset: where the next token's text begins, for the completions API's logprobs
         try:
             while True:
-                if delta.text:
-                    yield event(chunk(chat, rid, created, model, delta.text, None, usage_on))
+                if delta.text or delta.logprobs:
+                    yield event(chunk(chat, rid, created, model, delta.text, None, usage_on, logprobs=delta.logprobs,
+                                      text_offset=offset))
+                    offset += sum(len(lp.token) for lp in delta.logprobs or ())
                 if delta.finished:
                     yield event(chunk(chat, rid, created, model, None, delta.finish_reason, usage_on))
                     if usage_on:

@@ -4,11 +4,11 @@
 `ParsedRequest`: the adapter its `model` names, its prompts and its `SamplingParams`, through the
 checks both front doors share (`requests.py`, `SamplingParams`). A field the server does
 not use (`user`, `metadata`, `parallel_tool_calls`, any unknown name) is ignored; a field that
-would change the answer in a way the server cannot honour (`n` > 1, `logprobs`, `tools`, a
-presence penalty, ...) is refused by name, never ignored. The builders below make the response
-objects and the stream's chunks in the shapes the `openai` SDKs parse (`choices` always a list,
-`usage: null` on every chunk but the usage chunk). This file holds no state and does no I/O;
-`http_api.py` serves it.
+would change the answer in a way the server cannot honour (`n` > 1, `tools`, a presence penalty,
+...) is refused by name, never ignored. The builders below make the response objects and the
+stream's chunks in the shapes the `openai` SDKs parse (`choices` always a list, `usage: null` on
+every chunk but the usage chunk, logprobs as chat's `content` list or the completions API's
+legacy columns). This file holds no state and does no I/O; `http_api.py` serves it.
 """
 
 from __future__ import annotations
@@ -19,11 +19,15 @@ from typing import Any
 
 from ..errors import InvalidParameterError, quote
 from ..text.prompt import Prompt
-from ..text.sampling_params import SamplingParams
+from ..text.sampling_params import MAX_LOGPROBS, SamplingParams
 from .requests import Message, check_message_count, request_prompt, request_sampling
 
 # The most prompts one completions request may list; each is a request of its own in the queue.
 MAX_PROMPTS = 64
+# The most alternatives the completions API's integer `logprobs` may ask for, as OpenAI's own.
+MAX_COMPLETION_LOGPROBS = 5
+# What a logprob of -inf (a token the model rules out) is written as: JSON has no infinity. vLLM's value.
+MIN_LOGPROB = -9999.0
 # Body field -> SamplingParams field, for the settings passed through as they are.
 _SAMPLING_FIELDS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
                     "repetition_penalty": "repetition_penalty", "seed": "seed"}
@@ -105,9 +109,6 @@ def parse_request(body: Any, *, chat: bool, base_id: str, adapters: Sequence[str
     if n != 1:
         raise FieldError(f"n must be 1, got {quote(n)}: the engine does not share a prompt's prefill between "
                          "samples; send n requests (with different seeds) instead", "n")
-    if body.get("logprobs") not in (None, False) or body.get("top_logprobs") not in (None, 0):
-        raise FieldError("logprobs are not supported by this server yet; leave logprobs and top_logprobs unset",
-                         "logprobs")
     format_ = body.get("response_format")
     if format_ is not None and not (isinstance(format_, Mapping) and format_.get("type") in ("text", None)):
         raise FieldError(f"response_format {quote(format_)} is not supported; this server generates plain text",
@@ -121,7 +122,7 @@ def parse_request(body: Any, *, chat: bool, base_id: str, adapters: Sequence[str
     if stream and len(prompts) > 1:
         raise FieldError(f"a streamed completion takes one prompt, got {len(prompts)}; stream them one request each",
                          "prompt")
-    return ParsedRequest(model, adapter, prompts, _sampling(body), stream, include_usage)
+    return ParsedRequest(model, adapter, prompts, _sampling(body, _logprobs(body, chat)), stream, include_usage)
 
 
 def resolve_model(model: str, base_id: str, adapters: Sequence[str]) -> str | None:
@@ -179,8 +180,34 @@ def _prompts(raw: Any) -> list[str]:
                      f"got {quote(raw)}", "prompt")
 
 
-def _sampling(body: Mapping[str, Any]) -> SamplingParams:
+def _logprobs(body: Mapping[str, Any], chat: bool) -> int | None:
+    """How many alternatives the request wants beside each token's logprob; None for no logprobs.
+
+    Chat asks with `logprobs: true` and `top_logprobs` (0 to 20); completions with an integer
+    `logprobs` (0 to 5, as OpenAI's API).
+    """
+    if not chat:
+        if body.get("top_logprobs") is not None:
+            raise FieldError("top_logprobs is a chat completions field; /v1/completions takes an integer logprobs "
+                             f"(0 to {MAX_COMPLETION_LOGPROBS}) instead", "top_logprobs")
+        count = _typed(body, "logprobs", int, default=None)
+        if count is not None and not 0 <= count <= MAX_COMPLETION_LOGPROBS:
+            raise FieldError(f"logprobs must be an integer in [0, {MAX_COMPLETION_LOGPROBS}] (the alternatives "
+                             f"listed beside each token), got {quote(count)}", "logprobs")
+        return count
+    wanted = _typed(body, "logprobs", bool, default=False)
+    top = _typed(body, "top_logprobs", int, default=None)
+    if top is not None and not 0 <= top <= MAX_LOGPROBS:
+        raise FieldError(f"top_logprobs must be an integer in [0, {MAX_LOGPROBS}], got {quote(top)}", "top_logprobs")
+    if top and not wanted:  # 0 asks for nothing, as logprobs: false
+        raise FieldError(f"top_logprobs {top} needs logprobs: true; set it, or leave top_logprobs out", "top_logprobs")
+    return (top or 0) if wanted else None
+
+
+def _sampling(body: Mapping[str, Any], logprobs: int | None) -> SamplingParams:
     settings = {ours: body[theirs] for theirs, ours in _SAMPLING_FIELDS.items() if body.get(theirs) is not None}
+    if logprobs is not None:
+        settings["logprobs"] = logprobs
     if settings.get("top_k") == -1:  # vLLM's clients say "off" this way
         settings["top_k"] = 0
     for name in ("max_completion_tokens", "max_tokens"):  # the newer name wins where both are sent
@@ -220,35 +247,78 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def completion(chat: bool, rid: str, created: int, model: str, choices: Sequence[tuple[str, str | None]],
-               usage_: dict[str, int]) -> dict[str, Any]:
-    """A whole response: one choice per (text, finish reason)."""
+def completion(chat: bool, rid: str, created: int, model: str,
+               choices: Sequence[tuple[str, str | None, Sequence[Any] | None]], usage_: dict[str, int]) -> dict[str, Any]:
+    """A whole response: one choice per (text, finish reason, `TokenLogprob`s or None)."""
     if chat:
-        made = [{"index": i, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                 "finish_reason": reason} for i, (text, reason) in enumerate(choices)]
+        made = [{"index": i, "message": {"role": "assistant", "content": text},
+                 "logprobs": logprobs_object(chat, logprobs), "finish_reason": reason}
+                for i, (text, reason, logprobs) in enumerate(choices)]
     else:
-        made = [{"index": i, "text": text, "logprobs": None, "finish_reason": reason}
-                for i, (text, reason) in enumerate(choices)]
+        made = [{"index": i, "text": text, "logprobs": logprobs_object(chat, logprobs), "finish_reason": reason}
+                for i, (text, reason, logprobs) in enumerate(choices)]
     return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
             "model": model, "choices": made, "usage": usage_}
 
 
 def chunk(chat: bool, rid: str, created: int, model: str, text: str | None, finish_reason: str | None,
-          include_usage: bool, *, role: bool = False) -> dict[str, Any]:
-    """One streamed chunk of choice 0: new text, or (`text` None) the finish reason alone; with
+          include_usage: bool, *, role: bool = False, logprobs: Sequence[Any] | None = None,
+          text_offset: int = 0) -> dict[str, Any]:
+    """One streamed chunk of choice 0: new text (with the logprobs of its tokens, the completions
+    API's offsets counted from `text_offset`), or (`text` None) the finish reason alone; with
     `role`, the chat stream's first chunk, which names the assistant."""
+    made_logprobs = logprobs_object(chat, logprobs, text_offset)
     if chat:
         delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else {}
         if text is not None:
             delta["content"] = text
-        choice: dict[str, Any] = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        choice: dict[str, Any] = {"index": 0, "delta": delta, "logprobs": made_logprobs,
+                                  "finish_reason": finish_reason}
     else:
-        choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+        choice = {"index": 0, "text": text or "", "logprobs": made_logprobs, "finish_reason": finish_reason}
     made = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion", "created": created,
             "model": model, "choices": [choice]}
     if include_usage:
         made["usage"] = None
     return made
+
+
+def logprobs_object(chat: bool, logprobs: Sequence[Any] | None, text_offset: int = 0) -> dict[str, Any] | None:
+    """A choice's `logprobs` from its `TokenLogprob`s (None when the request asked for none).
+
+    Chat: `{"content": [{token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}]}`.
+    Completions, OpenAI's legacy columns: `tokens`, `token_logprobs`, `top_logprobs` (one
+    `{token: logprob}` per token: its alternatives and itself, so up to logprobs + 1 entries;
+    tokens with the same text share one key, the likeliest's) and `text_offset` (where each token's text begins:
+    `text_offset` plus the lengths of the token strings before it, as vLLM counts).
+    """
+    if logprobs is None:
+        return None
+    if chat:
+        return {"content": [{**_token(lp), "top_logprobs": [_token(t) for t in lp.top_logprobs]} for lp in logprobs],
+                "refusal": None}
+    offsets = []
+    for lp in logprobs:
+        offsets.append(text_offset)
+        text_offset += len(lp.token)
+    return {"tokens": [lp.token for lp in logprobs], "token_logprobs": [_finite(lp.logprob) for lp in logprobs],
+            "top_logprobs": [_legacy_top(lp) for lp in logprobs],
+            "text_offset": offsets}
+
+
+def _legacy_top(lp: Any) -> dict[str, float]:
+    top: dict[str, float] = {}
+    for t in (*lp.top_logprobs, lp):  # most likely first: a text shared by several keeps the likeliest's
+        top.setdefault(t.token, _finite(t.logprob))
+    return top
+
+
+def _token(lp: Any) -> dict[str, Any]:
+    return {"token": lp.token, "logprob": _finite(lp.logprob), "bytes": list(lp.token.encode("utf-8"))}
+
+
+def _finite(logprob: float) -> float:
+    return max(logprob, MIN_LOGPROB)
 
 
 def usage_chunk(chat: bool, rid: str, created: int, model: str, usage_: dict[str, int]) -> dict[str, Any]:
