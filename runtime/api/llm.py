@@ -95,14 +95,15 @@ class LLM:
             chat: None follows each prompt's type; True wraps every string as one user message
                 (as `quadapt generate --chat`); False with messages is an error.
             **settings: sampling keywords for every prompt (`max_new_tokens`, `temperature`,
-                `top_k`, `top_p`, `repetition_penalty`, `seed`, `stop`, `ignore_eos`), with
-                `SamplingParams`' defaults.
+                `top_k`, `top_p`, `repetition_penalty`, `seed`, `stop`, `ignore_eos`, `logprobs`),
+                with `SamplingParams`' defaults.
 
         Returns:
             One `Completion` per prompt, in order: `.text` (what `quadapt.load(...).generate`
             gives that prompt alone), `.finish_reason` ("stop", "length", or "error" with
             `.error` saying why), `.context_full`, `.stop_reason`, `.prompt_tokens`,
-            `.completion_tokens`.
+            `.completion_tokens`, and `.logprobs` when asked (`TokenLogprob`s, one per token
+            whose text is in `.text`).
 
         Raises:
             InvalidParameterError: a malformed prompt, lists not aligned with the prompts, an
