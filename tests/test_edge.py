@@ -30,6 +30,7 @@ from quadapt.runtime.errors import (
     CheckpointError,
     ContextLengthError,
     InvalidParameterError,
+    UnsupportedError,
 )
 from quadapt.runtime.api.generate import generate_ids as torch_generate_ids
 from quadapt.runtime.api.generate import generate_text as torch_generate_text
@@ -191,6 +192,8 @@ def test_clear_errors(tiny, tmp_path):
         list(generate_ids(model, [1, 2], SamplingParams(max_new_tokens=2), set(), "c"))
     with pytest.raises(ContextLengthError, match="shorten the prompt"):
         generate_ids(model, [1] * 256, SamplingParams(max_new_tokens=2), set())
+    with pytest.raises(UnsupportedError, match="edge runtime does not report logprobs.*quadapt.LLM"):
+        generate_ids(model, [1, 2], SamplingParams(max_new_tokens=2, logprobs=1), set())
     # An adapter file of another base (other shapes), put into this export.
     hf_dir = make_base(tmp_path / "other", intermediate_size=96)
     foreign = make_peft_adapter(hf_dir, tmp_path / "foreign", r=2, target_modules=["down_proj"])

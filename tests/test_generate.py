@@ -12,7 +12,7 @@ import torch
 
 from quadapt.runtime.checkpoints import TokenizerFiles
 from quadapt.runtime.model.config import ModelConfig
-from quadapt.runtime.errors import ContextLengthError, InvalidParameterError, QuadaptError
+from quadapt.runtime.errors import ContextLengthError, InvalidParameterError, QuadaptError, UnsupportedError
 from quadapt.runtime.api.generate import generate_ids, generate_text
 from quadapt.runtime.model.model import CausalLM
 from quadapt.runtime.engine.sampling import SamplingParams
@@ -267,3 +267,9 @@ def test_eos_in_text_generation(chat):
     gen = generate_text(lm, Tokenizer.from_files(files), prompt, SamplingParams(max_new_tokens=40, temperature=0))
     assert "".join(gen) == tokenizer.decode(ids[:i])
     assert (gen.result.finish_reason, gen.result.stop_reason) == ("stop", eos)
+
+
+def test_logprobs_are_refused_not_dropped(model):
+    """Only the engine reports logprobs; the reference loop says so instead of ignoring the field."""
+    with pytest.raises(UnsupportedError, match="reference generator does not report logprobs"):
+        generate_ids(model, [1, 2], SamplingParams(max_new_tokens=2, logprobs=0), set())

@@ -23,7 +23,7 @@ from torch import nn
 
 from ..model.config import ModelConfig
 from ..errors import InvalidParameterError
-from ..text.generation import Generation, GenerationResult, check_prompt_ids, decode_loop, text_loop
+from ..text.generation import Generation, GenerationResult, check_prompt_ids, decode_loop, refuse_logprobs, text_loop
 from ..model.kv_cache import KVCache
 from ..engine.sampling import SamplingParams, sample
 from ..text.tokenizer import Tokenizer
@@ -67,8 +67,10 @@ def generate_ids(
         InvalidParameterError: an empty prompt, a prompt id outside the model's vocabulary, or a
             model without floating-point parameters (whose dtype and device are then unknown).
         ContextLengthError: the prompt leaves no room in the context for even one new token.
+        UnsupportedError: `params.logprobs` is set (the engine reports them; this loop does not).
     """
     config = model.config
+    refuse_logprobs(params, "the reference generator")
     prompt = check_prompt_ids(prompt_ids, config.vocab_size, config.max_position_embeddings)
     weight = _first_float_parameter(model)
     result = GenerationResult(prompt_tokens=len(prompt))

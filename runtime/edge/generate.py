@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..text.generation import Generation, GenerationResult, check_prompt_ids, decode_loop, text_loop
+from ..text.generation import Generation, GenerationResult, check_prompt_ids, decode_loop, refuse_logprobs, text_loop
 from ..text.sampling_params import SamplingParams
 from ..text.tokenizer import Tokenizer
 from .model import EdgeModel, Sequence
@@ -44,7 +44,9 @@ def generate_ids(
     Raises:
         InvalidParameterError: an empty prompt, an id outside the vocabulary, an unknown adapter.
         ContextLengthError: the prompt leaves no room for one new token.
+        UnsupportedError: `params.logprobs` is set (the engine reports them; the edge does not).
     """
+    refuse_logprobs(params, "the edge runtime")
     manifest = model.manifest
     context = manifest.context_length
     prompt = check_prompt_ids(prompt_ids, manifest.vocab_size, context)

@@ -17,7 +17,7 @@ from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Generic, Literal, TypeVar
 
-from ..errors import ContextLengthError, InvalidParameterError
+from ..errors import ContextLengthError, InvalidParameterError, UnsupportedError
 from .sampling_params import SamplingParams
 from .text_stream import Decoder, TextStream
 
@@ -95,6 +95,19 @@ def check_prompt_ids(prompt_ids: Iterable[int], vocab_size: int, context: int) -
             f"for output; shorten the prompt to at most {context - 1} tokens"
         )
     return prompt
+
+
+def refuse_logprobs(params: SamplingParams, runner: str) -> None:
+    """Refuse `params.logprobs` in a loop that cannot report them (only the engine computes them).
+
+    Raises:
+        UnsupportedError: `params.logprobs` is set.
+    """
+    if params.logprobs is not None:
+        raise UnsupportedError(
+            f"{runner} does not report logprobs; leave SamplingParams.logprobs unset, or generate through "
+            "the engine (quadapt.LLM, quadapt.AsyncLLM or the server), which returns them"
+        )
 
 
 def decode_loop(
