@@ -105,7 +105,7 @@ def _eval_ppl(args: argparse.Namespace) -> int:
         return _eval_ppl_export(args, text)
     import torch
 
-    from ..runtime.api.load import default_threads, open_with_tokenizer
+    from ..runtime.engine.args import default_threads, open_with_tokenizer
     from ..runtime.checkpoints.loader import load_model
     from ..runtime.api.perplexity import perplexity
 

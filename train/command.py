@@ -77,7 +77,7 @@ def fit_adapter(
     """
     import torch
 
-    from ..runtime.api.load import open_with_tokenizer
+    from ..runtime.engine.args import open_with_tokenizer
     from ..runtime.errors import InvalidParameterError
     from ..runtime.checkpoints.loader import load_model
     from .data import read_examples, split_examples

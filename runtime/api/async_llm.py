@@ -17,7 +17,6 @@ import asyncio
 import concurrent.futures
 import contextlib
 import functools
-import itertools
 import logging
 import threading
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -25,21 +24,20 @@ from pathlib import Path
 from typing import Any
 
 from ..engine.engine import Engine
-from ..engine.args import args_from_options, build_engine
 from ..errors import EngineDeadError, InvalidParameterError
 from ..engine.metrics import MetricsSnapshot
+from .front import EngineFront
 from .outputs import (
-    Completion, OutputProcessor, TextDelta, completion_of, is_adapter_name, is_params, requests_of, sampling_params,
+    Completion, TextDelta, completion_of, is_adapter_name, is_params, requests_of, sampling_params,
 )
 from ..text.prompt import Prompt, text_or_messages
-from ..engine.registry import AdapterVersion
 from ..text.sampling_params import SamplingParams
 from ..text.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 
 
-class AsyncLLM:
+class AsyncLLM(EngineFront):
     """The engine stepped by a background thread, each request streamed to an asyncio consumer.
 
     Args:
@@ -65,22 +63,8 @@ class AsyncLLM:
     engine thread at once, and a new request could wait for the running ones to finish).
     """
 
-    def __init__(self, model: str | Path, **options: Any) -> None:
-        engine, tokenizer, path = build_engine(args_from_options(model, options))
-        self._attach(engine, tokenizer, path)
-
-    @classmethod
-    def from_engine(cls, engine: Engine, tokenizer: Tokenizer, path: Path | None = None) -> AsyncLLM:
-        """An `AsyncLLM` over an engine already built (by `build_engine`), with the model's tokenizer."""
-        llm = cls.__new__(cls)
-        llm._attach(engine, tokenizer, path)
-        return llm
-
     def _attach(self, engine: Engine, tokenizer: Tokenizer, path: Path | None) -> None:
-        self.engine = engine
-        self.tokenizer = tokenizer
-        self.path = path
-        self._outputs = OutputProcessor(engine, tokenizer)
+        super()._attach(engine, tokenizer, path)
         self._lock = threading.Lock()  # guards the fields below; never held through a step
         self._wake = threading.Condition(self._lock)
         self._commands: list[tuple[Callable[[], Any], concurrent.futures.Future]] = []
@@ -90,7 +74,6 @@ class AsyncLLM:
         self._thread: threading.Thread | None = None
         # The engine thread's alone while it runs: where each request's deltas go.
         self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
-        self._ids = itertools.count()
         self._failure_callbacks: list[Callable[[BaseException], None]] = []
 
     @property
@@ -234,11 +217,6 @@ class AsyncLLM:
                 self.abort(rid, wait=False)  # posted: those still unfinished are freed before the next step
             raise
 
-    def load_adapter(self, name: str, path: str | Path, *, pinned: bool = False) -> AdapterVersion:
-        """Load (or reload) an adapter while requests run; as `LLM.load_adapter`. It blocks while
-        the files are read (the registry has its own lock): from an event loop, run it in a thread."""
-        return self.engine.adapters.load(name, path, pinned=pinned)
-
     def unload_adapter(self, name: str, *, wait: bool = True) -> concurrent.futures.Future | None:
         """Unload an adapter between two steps, after every command posted before it (so an abort
         posted for its last request has freed it).
@@ -256,14 +234,6 @@ class AsyncLLM:
             future.result()
             return None
         return future
-
-    def list_adapters(self) -> list[str]:
-        """The names of the loaded adapters, sorted."""
-        return [v.name for v in self.engine.adapters.names()]
-
-    def adapter_versions(self) -> list[AdapterVersion]:
-        """The loaded adapters' current versions (name, digest, rank, slot, users), by name."""
-        return self.engine.adapters.names()
 
     # -- on the engine thread (or the caller's, when none runs) -----------------------------
 

@@ -13,24 +13,19 @@ this file owns no thread and holds no text logic of its own.
 
 from __future__ import annotations
 
-import itertools
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..engine.engine import Engine
-from ..engine.args import args_from_options, build_engine
-from ..engine.metrics import MetricsSnapshot
-from .outputs import Completion, GenerateRequest, OutputProcessor, TextDelta, completion_of, requests_of
-from ..engine.registry import AdapterVersion
+from .front import EngineFront
+from .outputs import Completion, GenerateRequest, TextDelta, completion_of, requests_of
 from ..text.sampling_params import SamplingParams
-from ..text.tokenizer import Tokenizer
 
 __all__ = ["LLM", "GenerateRequest", "TextDelta", "Completion", "serve"]
 
 
-class LLM:
+class LLM(EngineFront):
     """Many requests at once over one batching engine, synchronously; see the module docstring.
 
     Args:
@@ -46,29 +41,9 @@ class LLM:
             (checked before the weights load).
         InvalidParameterError: an unknown or out-of-range option.
 
-    Attributes:
-        engine: the engine; `engine.adapters` is its adapter registry.
-        tokenizer: the checkpoint's tokenizer and chat template.
-        path: the checkpoint it was loaded from (None when wrapped with `from_engine`).
+    Attributes: `engine`, `tokenizer` and `path`, as `EngineFront`'s; `from_engine(engine,
+    tokenizer)` wraps an engine already built.
     """
-
-    def __init__(self, model: str | Path, **options: Any) -> None:
-        engine, tokenizer, path = build_engine(args_from_options(model, options))
-        self._attach(engine, tokenizer, path)
-
-    @classmethod
-    def from_engine(cls, engine: Engine, tokenizer: Tokenizer, path: Path | None = None) -> LLM:
-        """An `LLM` over an engine already built (by `build_engine`), with the model's tokenizer."""
-        llm = cls.__new__(cls)
-        llm._attach(engine, tokenizer, path)
-        return llm
-
-    def _attach(self, engine: Engine, tokenizer: Tokenizer, path: Path | None) -> None:
-        self.engine = engine
-        self.tokenizer = tokenizer
-        self.path = path
-        self._outputs = OutputProcessor(engine, tokenizer)
-        self._ids = itertools.count()
 
     # -- requests -----------------------------------------------------------------------------
 
@@ -176,27 +151,7 @@ class LLM:
             raise
         return added
 
-    # -- adapters and metrics -----------------------------------------------------------------
-
-    def load_adapter(self, name: str, path: str | Path, *, pinned: bool = False) -> AdapterVersion:
-        """Load (or reload with new weights) a PEFT adapter under `name`; requests already queued
-        keep the weights they started with.
-
-        Args:
-            name: letters, digits and `._-/`, at most 128 characters.
-            path: the adapter directory.
-            pinned: keep it in a slot once it has one.
-
-        Returns:
-            Its current version (the same one when the weights are unchanged).
-
-        Raises:
-            InvalidParameterError: a bad name.
-            NoAdapterSlotsError: the model was started with `max_loras=0`.
-            AdapterError, UnsupportedError: the adapter is malformed, unsupported, made for
-                another base, or of a rank above `max_lora_rank`.
-        """
-        return self.engine.adapters.load(name, path, pinned=pinned)
+    # -- adapters (loading and listing are EngineFront's) -----------------------------------------------------------------
 
     def unload_adapter(self, name: str) -> None:
         """Forget the adapter `name`.
@@ -206,14 +161,6 @@ class LLM:
             AdapterInUseError: unfinished requests use it.
         """
         self.engine.adapters.unload(name)
-
-    def list_adapters(self) -> list[str]:
-        """The names of the loaded adapters, sorted."""
-        return [v.name for v in self.engine.adapters.names()]
-
-    def metrics(self) -> MetricsSnapshot:
-        """The engine's queues, cache use, counters and latencies now (see `metrics.py`)."""
-        return self.engine.metrics()
 
     def close(self) -> None:
         """Cancel every request still queued (their cache blocks are freed); the model stays usable."""

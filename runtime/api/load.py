@@ -23,7 +23,6 @@ from typing import Any, Literal
 import torch
 
 from ..engine.args import EngineArgs, build_engine
-from ..engine.args import default_threads, open_with_tokenizer  # noqa: F401 - re-exported for the CLI
 from ..errors import InvalidParameterError
 from ..text.generation import Generation, GenerationResult
 from .llm import LLM
