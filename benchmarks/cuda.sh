@@ -36,7 +36,7 @@ stage() {  # stage NAME SECONDS COMMAND...: run with a limit, log to LOGDIR/NAME
 workers=()
 python3 -c "import xdist" 2>/dev/null && workers=(-n 8)
 stage tests 90 python3 -m pytest -m cuda -q -p no:cacheprovider "${workers[@]}" tests/test_kernels.py
-stage tables 140 python3 benchmarks/kernels.py
-stage graphs 90 python3 benchmarks/kernels.py --quick --cuda-graphs
-[ "${2:-}" = --no-sweep ] || stage sweep 220 python3 benchmarks/kernels.py --sweep
+stage tables 140 python3 benchmarks/kernel_tables.py
+stage graphs 90 python3 benchmarks/kernel_tables.py --quick --cuda-graphs
+[ "${2:-}" = --no-sweep ] || stage sweep 220 python3 benchmarks/kernel_tables.py --sweep
 exit $status

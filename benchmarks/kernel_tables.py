@@ -14,7 +14,7 @@ L2 holds for the large shapes), and the time is divided by 4.
 `--sweep` times a grid of tilings (`kernels.qmatmul.Schedule`) per shape and row count instead,
 and prints the default schedule's time beside the fastest one found.
 
-    python benchmarks/kernels.py [--quick] [--cuda-graphs] [--sweep]
+    python benchmarks/kernel_tables.py [--quick] [--cuda-graphs] [--sweep]
 
 Needs a CUDA device and the `gpu` extra (triton). Not a test: it prints tables. Times are medians
 of triton's `do_bench` (CUDA events, L2 flushed between runs).
@@ -229,7 +229,7 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true", help="time a grid of tilings instead of the tables")
     args = parser.parse_args()
     if not torch.cuda.is_available():
-        raise SystemExit("benchmarks/kernels.py needs a CUDA device; the kernels' CPU checks are in tests/test_kernels.py")
+        raise SystemExit("benchmarks/kernel_tables.py needs a CUDA device; the kernels' CPU checks are in tests/test_kernels.py")
     os.environ["QUADAPT_KERNELS"] = "triton"
     if args.sweep:
         sweep(args.quick)
