@@ -58,10 +58,15 @@ def run(engine) -> dict[str, list[int]]:
     return tokens
 
 
-def test_greedy_equals_the_edge_runtime_for_each_adapter(tiny, tmp_path):
+@pytest.mark.parametrize("first_capacity", [256, 2], ids=["room", "lanes-grow"])
+def test_greedy_equals_the_edge_runtime_for_each_adapter(tiny, tmp_path, monkeypatch, first_capacity):
     """The engine's export (int8 compute, int8 head: the defaults of both) against `export-onnx`
     with the same settings, run by the edge runtime one request at a time; the engine runs the
-    three together, with a fourth base request, in one batch."""
+    three together, with a fourth base request, in one batch. With lanes of 2 positions at first,
+    they grow (keeping what they hold) several times during the run."""
+    from quadapt.runtime.engine import onnx_executor
+
+    monkeypatch.setattr(onnx_executor, "_FIRST_CAPACITY", first_capacity)
     _, checkpoint, adapters = tiny
     engine, tokenizer, _ = build_engine(
         EngineArgs(model=str(checkpoint), adapters=adapters, executor="onnx", kv_cache_bytes=KV, threads=1)
@@ -80,6 +85,7 @@ def test_greedy_equals_the_edge_runtime_for_each_adapter(tiny, tmp_path):
         assert got[str(name)] == expected, name
     assert got["a"] != got["None"] or got["b"] != got["None"]  # the adapters do something
     assert engine.allocator.num_used == 0 and engine.executor.lanes_used == 0
+    assert engine.executor.capacity >= max(len(p) for p in ids.values()) + GREEDY["max_new_tokens"]
 
 
 def test_the_export_is_cached_under_a_content_hash(tiny, monkeypatch):

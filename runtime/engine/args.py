@@ -187,9 +187,11 @@ def build_engine(args: EngineArgs) -> tuple[Engine, Tokenizer, Path]:
     slots = max(MIN_LORA_SLOTS, len(adapters)) if args.max_loras is None else args.max_loras
     config = EngineConfig(args.max_num_seqs, args.max_num_batched_tokens, slots, rank)
     threads = args.threads if args.threads is not None else default_threads()
-    torch.set_num_threads(threads)
     bits = packed_bits(reader.config_dict(), reader.keys()) if args.executor != "torch" else None
-    if choose_executor(args.executor, args.device, bits, args.model) == "onnx":
+    onnx = choose_executor(args.executor, args.device, bits, args.model) == "onnx"
+    # On the ONNX executor torch only samples: its threads would compete with onnxruntime's.
+    torch.set_num_threads(1 if onnx else threads)
+    if onnx:
         engine = _onnx_engine(args, reader, tokenizer, base, config, bits, threads)
         for name, adapter in adapters.items():
             engine.adapters.load(name, adapter)

@@ -50,6 +50,8 @@ logger = logging.getLogger(__name__)
 SERVING_FORMAT = "quadapt-onnx-serving"
 SERVING_VERSION = 1
 SERVING_MANIFEST = "quadapt_serving.json"
+# The positions a lane holds at first; it doubles as requests grow (up to the longest the engine admits).
+_FIRST_CAPACITY = 256
 
 
 class OnnxExecutor:
@@ -94,20 +96,21 @@ class OnnxExecutor:
         if threads is not None:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
+        # onnxruntime's threads spin after a run by default, taking the cores the engine's
+        # sampling (torch) needs between runs: 15 ms for an isnan over the logits, measured.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self.session = ort.InferenceSession(
                 str(self.path / self.manifest["model"]), options, providers=["CPUExecutionProvider"]
             )
         except Exception as e:  # noqa: BLE001 - onnxruntime raises its own types for a bad file
             raise CheckpointError(f"{self.path}: onnxruntime cannot load the serving export: {e}") from None
-        # Each lane holds the longest request the engine admits, plus the position a dummy token writes.
+        # A lane grows to hold the longest request the engine admits, plus the position a dummy token writes.
         self.lanes = max_num_seqs
-        self.capacity = min(config.max_position_embeddings, num_blocks * block_size) + 1
-        shape = (self.lanes, config.num_key_value_heads, self.capacity, config.head_dim)
-        self._cache = {
-            f"{i}.{kind}": np.zeros(shape, np.float32)
-            for i in range(config.num_hidden_layers) for kind in ("key", "value")
-        }
+        self.max_capacity = min(config.max_position_embeddings, num_blocks * block_size) + 1
+        self.capacity = 0
+        self._cache: dict[str, np.ndarray] = {}
+        self._grow(min(self.max_capacity, _FIRST_CAPACITY))
         self._lengths = np.zeros(self.lanes, np.int64)  # positions held per lane
         self._lane_of: dict[int, int] = {}  # a running request's first block -> its lane
         self._free_lanes = set(range(self.lanes))
@@ -126,6 +129,9 @@ class OnnxExecutor:
 
     def execute(self, rows: Sequence[RowSpec]) -> torch.Tensor:
         lanes = [self._lane(row) for row in rows]
+        need = max(int(self._lengths.max()), *(row.start + len(row.token_ids) for row in rows)) + 1
+        if need > self.capacity:
+            self._grow(min(self.max_capacity, max(need, 2 * self.capacity)))
         logits: dict[int, np.ndarray] = {}
         for index, (row, lane) in enumerate(zip(rows, lanes)):
             if len(row.token_ids) > 1:
@@ -187,6 +193,18 @@ class OnnxExecutor:
         return self.lanes - len(self._free_lanes)
 
     # -- internals ----------------------------------------------------------------------------
+
+    def _grow(self, capacity: int) -> None:
+        """Give every lane room for `capacity` positions, keeping what they hold."""
+        c = self.config
+        shape = (self.lanes, c.num_key_value_heads, capacity, c.head_dim)
+        for name in [f"{i}.{kind}" for i in range(c.num_hidden_layers) for kind in ("key", "value")]:
+            grown = np.zeros(shape, np.float32)
+            old = self._cache.get(name)
+            if old is not None:
+                grown[:, :, : old.shape[2]] = old
+            self._cache[name] = grown
+        self.capacity = capacity
 
     def _lane(self, row: RowSpec) -> int:
         key = row.blocks[0]
