@@ -110,6 +110,7 @@ class OnnxExecutor:
         self.max_capacity = min(config.max_position_embeddings, num_blocks * block_size) + 1
         self.capacity = 0
         self._cache: dict[str, np.ndarray] = {}
+        self._bound_lanes = (0, 0, 0)  # the lanes and capacity the KV buffers are bound for
         self._grow(min(self.max_capacity, _FIRST_CAPACITY))
         self._lengths = np.zeros(self.lanes, np.int64)  # positions held per lane
         self._lane_of: dict[int, int] = {}  # a running request's first block -> its lane
@@ -239,10 +240,12 @@ class OnnxExecutor:
         self._bind("lora_slots", slots)
         self._bind("seqlens_k", seqlens)
         self._bind("total_sequence_length", total)
-        for name, buffer in self._cache.items():
-            view = buffer[first:end]
-            self._bind(f"past_key_values.{name}", view)
-            self._bind(f"present.{name}", view, output=True)
+        if self._bound_lanes != (first, end, self.capacity):  # a step's decode batch is usually the last one's
+            for name, buffer in self._cache.items():
+                view = buffer[first:end]
+                self._bind(f"past_key_values.{name}", view)
+                self._bind(f"present.{name}", view, output=True)
+            self._bound_lanes = (first, end, self.capacity)
         self._binding.bind_output("logits", "cpu")
         self.session.run_with_iobinding(self._binding)
         for lane, row in rows.items():
