@@ -178,3 +178,40 @@ def test_batch_on_the_onnx_executor(tiny, tmp_path):
     rows = [json.loads(line) for line in results.read_text().splitlines()]
     assert [r["usage"]["completion_tokens"] for r in rows] == [3, 3, 3]
     assert quadapt.__name__ == "quadapt"
+
+
+def test_async_streams_hot_load_and_cancellation_on_the_onnx_executor(tiny, tmp_path):
+    """`quadapt.AsyncLLM(..., executor="onnx")`: streams run together, an adapter loaded while
+    they stream serves the next request, and a stream left early frees its blocks and KV lane."""
+    import asyncio
+
+    from quadapt.runtime.text.sampling_params import SamplingParams as Params
+
+    _, checkpoint, adapters = tiny
+    params = Params(max_new_tokens=8, temperature=0.0, ignore_eos=True)
+    long = Params(max_new_tokens=200, temperature=0.0, ignore_eos=True)
+    alone = quadapt.LLM(checkpoint, executor="onnx", adapters=adapters, kv_cache_bytes=KV, threads=1)
+    expected = {name: alone.generate(["hello world"], params, adapter=name)[0].text for name in (None, "a", "b")}
+
+    async def collect(llm, adapter=None) -> str:
+        return "".join([d.text async for d in llm.stream("hello world", params, adapter=adapter)])
+
+    async def cancel_early(llm) -> int:
+        seen = 0
+        async for _ in llm.stream("a long one", long):
+            seen += 1
+            if seen == 3:
+                break  # the consumer goes away: the request is aborted
+        return seen
+
+    async def main(llm):
+        async with llm:
+            first = await asyncio.gather(collect(llm), collect(llm, "a"), cancel_early(llm))
+            llm.load_adapter("b", adapters["b"])
+            return [*first, await collect(llm, "b")]
+
+    llm = quadapt.AsyncLLM(checkpoint, executor="onnx", adapters={"a": adapters["a"]}, kv_cache_bytes=KV, threads=1)
+    plain, adapted, seen, late = asyncio.run(main(llm))
+    assert seen == 3
+    assert (plain, adapted, late) == (expected[None], expected["a"], expected["b"])
+    assert llm.engine.allocator.num_used == 0 and llm.engine.executor.lanes_used == 0
