@@ -48,9 +48,26 @@ def __getattr__(name: str) -> Any:
     if name in _LAZY:
         from importlib import import_module
 
+        _register_serving_exporter()
         return getattr(import_module(f".runtime.{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_LAZY))
+
+
+
+def _register_serving_exporter() -> None:
+    """Let the engine's ONNX executor build its export: the converters are a layer above the
+    runtime, so the public API and the command line hand it their builder (imported only when an
+    export is built, so onnx stays optional)."""
+    from .runtime.engine.onnx_setup import set_serving_exporter
+
+    set_serving_exporter(_export_serving)
+
+
+def _export_serving(*args: Any, **kwargs: Any) -> Any:
+    from .converters.onnx_serving import export_serving
+
+    return export_serving(*args, **kwargs)

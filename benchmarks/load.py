@@ -10,7 +10,8 @@ message; HTTP: the `include_usage` chunk before `data: [DONE]`). The HTTP client
 HTTP/1.1 with keep-alive (http.client, Server-Sent Events read line by line), so that the client
 side costs about what the gRPC stub does; TTFT and inter-token gaps are timed on text chunks.
 
-    python benchmarks/load.py --model DIR [--adapter NAME=PATH ...] [--protocol both] [--clients 16] [--seconds 60]
+    python benchmarks/load.py --model DIR [--adapter NAME=PATH ...] [--protocol both] [--clients 16] [--seconds 60] \
+        [--executor torch|onnx]
     python benchmarks/load.py --address HOST:PORT --adapter-names a b c   # a gRPC server already running
 
 With --model it starts `quadapt serve` (with --http-port for HTTP) on free loopback ports and
@@ -166,7 +167,8 @@ def percentile(values: list[float], q: float) -> float:
 def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str, str | None]:
     """`quadapt serve` on free loopback ports; returns it, its gRPC address and its HTTP address."""
     command = [sys.executable, "-m", "quadapt.cli", "serve", "--model", str(args.model), "--port", "0",
-               "--max-queue", str(max(64, 2 * args.clients)), "--threads", str(args.threads)]
+               "--max-queue", str(max(64, 2 * args.clients)), "--threads", str(args.threads),
+               "--executor", args.executor]
     if args.protocol != "grpc":
         command += ["--http-port", "0"]
     for spec in args.adapter:
@@ -210,6 +212,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--executor", choices=["auto", "torch", "onnx"], default="auto",
+                        help="with --model: the server's executor (quadapt serve --executor)")
     parser.add_argument("--protocol", choices=["grpc", "http", "both"], default="grpc",
                         help="which door the clients use; both: gRPC, then HTTP, on the same server")
     parser.add_argument("--rounds", type=int, default=1,

@@ -53,7 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one `quadapt` command; returns its exit status (argparse exits 2 on a bad flag)."""
     args = build_parser().parse_args(argv)
+    from .. import _register_serving_exporter
     from ..runtime.errors import EngineDeadError, QuadaptError
+
+    _register_serving_exporter()  # `--executor onnx` builds its export through the converters
 
     level = logging.WARNING if args.quiet else logging.DEBUG if args.verbose else logging.INFO
     with _log_to_stderr(level):

@@ -165,6 +165,12 @@ def engine_options(max_loras_help: str) -> argparse.ArgumentParser:
         "--max-lora-rank", type=positive_int, default=_engine_default("max_lora_rank"), metavar="R",
         help="the largest rank a slot holds (default: the largest start-up adapter's rank, at least 16)",
     )
+    engine.add_argument(
+        "--executor", choices=("auto", "torch", "onnx"), default=_engine_default("executor"),
+        help="what runs the model: torch, or onnx (packed int4/int8 checkpoints on the CPU through onnxruntime, "
+        "weights kept packed; needs pip install 'quadapt[onnx]'; the export is built at start and cached beside the "
+        "checkpoint); auto is torch (default %(default)s)",
+    )
     return options
 
 
@@ -174,6 +180,7 @@ def engine_args(args: argparse.Namespace, adapters: dict[str, str]) -> dict[str,
         model=args.model, adapters=adapters, dtype=args.dtype, threads=args.threads,
         kv_cache_bytes=args.kv_cache_memory, block_size=args.block_size, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_batched_tokens, max_loras=args.max_loras, max_lora_rank=args.max_lora_rank,
+        executor=args.executor,
     )
 
 

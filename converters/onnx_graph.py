@@ -113,22 +113,14 @@ class _Builder:
     def build(self) -> onnx.ModelProto:
         s, w = self.s, self.w
         kv_shape = ["batch_size", s.kv_heads, "past_sequence_length", s.head_dim]
-        self.inputs += [
-            helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
-            helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch_size", "total_sequence_length"]),
-        ]
+        self.inputs.append(helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]))
+        self._length_inputs()
         for i in range(len(w.layers)):
             for kind in ("key", "value"):
                 self.inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kind}", TensorProto.FLOAT, kv_shape))
         self.inputs.append(helper.make_tensor_value_info("num_logits_to_keep", TensorProto.INT64, [1]))
         self.const("num_logits_to_keep", np.array([0], np.int64))
-
-        # GQA's lengths: seqlens_k = tokens seen per row - 1, total = the mask's length.
-        mask_sum = self.node("ReduceSum", ["attention_mask", self.const("/one_axis", np.array([1], np.int64))], keepdims=0)[0]
-        seqlens = self.node("Sub", [mask_sum, self.const("/one", np.array(1, np.int64))])[0]
-        self.seqlens_k = self.node("Cast", [seqlens], to=TensorProto.INT32)[0]
-        total = self.node("Gather", [self.node("Shape", ["attention_mask"])[0], self.const("/idx1", np.array(1, np.int64))], axis=0)[0]
-        self.total_len = self.node("Cast", [total], to=TensorProto.INT32)[0]
+        self.seqlens_k, self.total_len = self._lengths()
         self.const("cos_cache", w.cos.astype(np.float32))
         self.const("sin_cache", w.sin.astype(np.float32))
 
@@ -163,6 +155,20 @@ class _Builder:
         )
         model.ir_version = IR_VERSION
         return model
+
+    def _length_inputs(self) -> None:
+        """Declare the inputs GroupQueryAttention's lengths come from (here the attention mask)."""
+        self.inputs.append(
+            helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch_size", "total_sequence_length"])
+        )
+
+    def _lengths(self) -> tuple[str, str]:
+        """GQA's lengths: seqlens_k = tokens seen per row - 1, total = the mask's length."""
+        mask_sum = self.node("ReduceSum", ["attention_mask", self.const("/one_axis", np.array([1], np.int64))], keepdims=0)[0]
+        seqlens = self.node("Sub", [mask_sum, self.const("/one", np.array(1, np.int64))])[0]
+        seqlens_k = self.node("Cast", [seqlens], to=TensorProto.INT32)[0]
+        total = self.node("Gather", [self.node("Shape", ["attention_mask"])[0], self.const("/idx1", np.array(1, np.int64))], axis=0)[0]
+        return seqlens_k, self.node("Cast", [total], to=TensorProto.INT32)[0]
 
     def _rms_norm(self, x: str, gamma: str) -> str:
         # Plain ops (onnxruntime fuses them into SimplifiedLayerNormalization), so that

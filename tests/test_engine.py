@@ -9,6 +9,8 @@ outputs.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from peft import LoraConfig
@@ -22,8 +24,22 @@ from quadapt.runtime.engine.registry import AdapterInUseError, AdapterNotFoundEr
 from quadapt.runtime.engine.sampling import SamplingParams
 
 from .test_adapters import VOCAB, make_base, make_peft_adapter
+from .test_model import save_hf_model
+from .test_tokenizer import build_chatml_dir
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
+ADAPTER_CONFIGS = {
+    "a": LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+    "b": LoraConfig(r=8, lora_alpha=16, target_modules=["o_proj", "down_proj", "up_proj"]),
+    "c": LoraConfig(r=2, lora_alpha=4, target_modules=["k_proj", "gate_proj", "q_proj"]),
+}
+try:
+    import onnxruntime  # noqa: F401
+
+    _HAS_ONNX = True
+except ImportError:
+    _HAS_ONNX = False
+EXECUTORS = ["torch", pytest.param("onnx", marks=pytest.mark.skipif(not _HAS_ONNX, reason="needs onnxruntime"))]
 
 
 @pytest.fixture(scope="module")
@@ -35,12 +51,34 @@ def base(tmp_path_factory):
 def adapters(base, tmp_path_factory):
     """Three random, non-zero PEFT adapters of different targets and ranks."""
     root = tmp_path_factory.mktemp("engine-adapters")
-    configs = {
-        "a": LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
-        "b": LoraConfig(r=8, lora_alpha=16, target_modules=["o_proj", "down_proj", "up_proj"]),
-        "c": LoraConfig(r=2, lora_alpha=4, target_modules=["k_proj", "gate_proj", "q_proj"]),
+    return {name: make_peft_adapter(base, root / name, config=c, seed=i + 1) for i, (name, c) in enumerate(ADAPTER_CONFIGS.items())}
+
+
+@pytest.fixture(scope="module")
+def packed(tmp_path_factory):
+    """An int4 checkpoint (group 32) whose every linear MatMulNBits holds bit for bit, and the
+    three adapters made on its float base."""
+    from quadapt.converters.convert import convert_checkpoint
+
+    root = tmp_path_factory.mktemp("engine-packed")
+    _, path = save_hf_model(root, "llama", vocab_size=VOCAB, intermediate_size=128)
+    float_base = build_chatml_dir(path)
+    adapters = {
+        name: make_peft_adapter(float_base, root / name, config=c, seed=i + 1)
+        for i, (name, c) in enumerate(ADAPTER_CONFIGS.items())
     }
-    return {name: make_peft_adapter(base, root / name, config=c, seed=i + 1) for i, (name, c) in enumerate(configs.items())}
+    return convert_checkpoint(float_base, root / "int4", "int4", group_size=32), adapters
+
+
+@pytest.fixture(params=EXECUTORS)
+def served(request, base, adapters):
+    """(checkpoint, adapters, executor): the float base on the torch executor; an int4 checkpoint
+    on the ONNX executor, whose export computes in float32 with a float vocabulary projection
+    (accuracy level 1, `lm_head="float"`), so both are held to the reference generator's tokens."""
+    if request.param == "torch":
+        return base, adapters, "torch"
+    checkpoint, packed_adapters = request.getfixturevalue("packed")
+    return checkpoint, packed_adapters, "onnx"
 
 
 def prompts(n: int, seed: int = 0) -> list[list[int]]:
@@ -56,16 +94,45 @@ def reference(base, adapter_dir, prompt, params) -> list[int]:
     return list(generate_ids(model, prompt, params, eos_token_ids={2}))
 
 
-def make_engine(base, adapters=None, **config) -> Engine:
+def make_engine(base, adapters=None, executor="torch", **config) -> Engine:
     kv_bytes = config.pop("kv_cache_bytes", 4 * 2**20)
     settings = dict(max_num_seqs=8, max_num_batched_tokens=24, max_loras=3, max_lora_rank=8)
     settings.update(config)
-    engine = Engine.for_model(
-        load_model(base), eos_token_ids={2}, config=EngineConfig(**settings), kv_cache_bytes=kv_bytes, block_size=4
-    )
+    if executor == "onnx":
+        engine = onnx_engine(base, EngineConfig(**settings), kv_bytes)
+    else:
+        engine = Engine.for_model(
+            load_model(base), eos_token_ids={2}, config=EngineConfig(**settings), kv_cache_bytes=kv_bytes, block_size=4
+        )
     for name, path in (adapters or {}).items():
         engine.adapters.load(name, path)
     return engine
+
+
+def onnx_engine(checkpoint, config: EngineConfig, kv_bytes: int, **export) -> Engine:
+    """An engine over the ONNX executor on `checkpoint`'s serving export (float32 compute and
+    vocabulary projection unless `export` says otherwise), 4-position blocks."""
+    import tempfile
+
+    from quadapt.converters.onnx_serving import export_serving
+    from quadapt.runtime.checkpoints import open_checkpoint
+    from quadapt.runtime.checkpoints.peft_fit import BaseModules
+    from quadapt.runtime.engine.onnx_executor import OnnxExecutor
+    from quadapt.runtime.engine.paged_cache import blocks_for_budget
+
+    reader = open_checkpoint(checkpoint)
+    model_config = load_model(reader).config
+    settings = {"accuracy_level": 1, "lm_head": "float", **export}
+    out = export_serving(
+        checkpoint, Path(tempfile.mkdtemp(prefix="serving-", dir=Path(checkpoint).parent)) / "export",
+        num_slots=config.max_loras, max_rank=config.max_lora_rank, **settings,
+    )
+    executor = OnnxExecutor(
+        out, model_config, num_blocks=blocks_for_budget(model_config, kv_bytes, 4, torch.float32), block_size=4,
+        max_num_seqs=config.max_num_seqs, threads=1,
+    )
+    base = BaseModules.of_checkpoint(reader) if config.max_loras else None
+    return Engine(executor, eos_token_ids={2}, config=config, base=base)
 
 
 def run(engine: Engine) -> dict[str, list[int]]:
@@ -76,10 +143,11 @@ def run(engine: Engine) -> dict[str, list[int]]:
     return tokens
 
 
-def test_mixed_batch_equals_each_request_alone(base, adapters):
+def test_mixed_batch_equals_each_request_alone(served):
     """8 requests, three adapters and the base, different lengths, a 40-token prompt chunked by a
     24-token step budget: each yields what the reference generator yields for it alone."""
-    engine = make_engine(base, adapters)
+    base, adapters, executor = served
+    engine = make_engine(base, adapters, executor)
     names = ["a", None, "b", "c", "a", None, "b", "c"]
     params = SamplingParams(max_new_tokens=10, **GREEDY)
     requests = {}
@@ -113,8 +181,9 @@ def test_seeded_sampling_is_the_same_alone_and_in_a_batch(base, adapters):
     assert got["penalized"] == reference(base, None, ps[1], penalized)
 
 
-def test_requests_join_mid_flight_and_cancel_frees_blocks(base, adapters):
-    engine = make_engine(base, adapters)
+def test_requests_join_mid_flight_and_cancel_frees_blocks(served):
+    base, adapters, executor = served
+    engine = make_engine(base, adapters, executor)
     params = SamplingParams(max_new_tokens=12, **GREEDY)
     ps = prompts(4, seed=5)
     engine.add_request(ps[0], params, adapter="a", request_id="first")
@@ -126,22 +195,26 @@ def test_requests_join_mid_flight_and_cancel_frees_blocks(base, adapters):
     used = engine.allocator.num_used
     assert engine.abort("cancelled")
     assert engine.allocator.num_used < used  # freed at once, not at the next step
+    if executor == "onnx":
+        assert engine.executor.lanes_used == 1  # its KV lane too
     engine.add_request(ps[2], params, adapter="c", request_id="late")
     for rid, new in run(engine).items():
         tokens.setdefault(rid, []).extend(new)
     assert engine.allocator.num_used == 0
+    assert executor != "onnx" or engine.executor.lanes_used == 0
     assert tokens["first"] == reference(base, adapters["a"], ps[0], params)
     assert tokens["late"] == reference(base, adapters["c"], ps[2], params)
     assert not engine.abort("cancelled")  # already gone
 
 
-def test_tiny_kv_budget_preempts_and_every_request_completes(base, adapters):
+def test_tiny_kv_budget_preempts_and_every_request_completes(served):
     # 12 blocks of 4 positions: three requests of up to 4 blocks each fit, eight do not.
     from quadapt.runtime.engine.paged_cache import bytes_per_block
 
+    base, adapters, executor = served
     model = load_model(base)
     per_block = bytes_per_block(model.config, 4, torch.float32)
-    engine = make_engine(base, adapters, kv_cache_bytes=12 * per_block)
+    engine = make_engine(base, adapters, executor, kv_cache_bytes=12 * per_block)
     params = SamplingParams(max_new_tokens=10, **GREEDY)
     ps = [p[:6] for p in prompts(8, seed=9)]
     names = ["a", None, "b", "c", None, "a", "b", None]
@@ -154,16 +227,17 @@ def test_tiny_kv_budget_preempts_and_every_request_completes(base, adapters):
         assert got[f"r{i}"] == reference(base, adapters[name] if name else None, prompt, params), f"r{i}"
 
 
-def test_loading_an_adapter_while_requests_run_changes_nothing(base, adapters):
+def test_loading_an_adapter_while_requests_run_changes_nothing(served):
+    base, adapters, executor = served
     params = SamplingParams(max_new_tokens=8, **GREEDY)
     ps = prompts(8, seed=11)
     names = ["a", "b", None, "a", "b", None, "a", "b"]
-    quiet = make_engine(base, {"a": adapters["a"], "b": adapters["b"]})
+    quiet = make_engine(base, {"a": adapters["a"], "b": adapters["b"]}, executor)
     for i, (p, n) in enumerate(zip(ps, names)):
         quiet.add_request(p, params, adapter=n, request_id=str(i))
     expected = run(quiet)
 
-    busy = make_engine(base, {"a": adapters["a"], "b": adapters["b"]}, max_loras=2)
+    busy = make_engine(base, {"a": adapters["a"], "b": adapters["b"]}, executor, max_loras=2)
     for i, (p, n) in enumerate(zip(ps, names)):
         busy.add_request(p, params, adapter=n, request_id=str(i))
     got: dict[str, list[int]] = {}

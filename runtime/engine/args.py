@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from .config import DEFAULT_KV_CACHE_BYTES, EngineConfig
+from .onnx_setup import EXECUTORS
 from ..errors import CheckpointError, InvalidParameterError, QuadaptError, quote
 
 if TYPE_CHECKING:
@@ -53,6 +54,8 @@ class EngineArgs:
             0 serves the base model only.
         max_lora_rank: the largest rank a slot holds; None: the largest start-up adapter's, at
             least `MIN_LORA_RANK`.
+        executor: what runs the model: "torch" (`TorchExecutor`), "onnx" (`OnnxExecutor`: packed
+            int4/int8 weights on onnxruntime, CPU only, needs the `onnx` extra) or "auto" (torch).
     """
 
     model: str
@@ -66,6 +69,7 @@ class EngineArgs:
     max_num_batched_tokens: int = EngineConfig.max_num_batched_tokens
     max_loras: int | None = None
     max_lora_rank: int | None = None
+    executor: Literal["auto", "torch", "onnx"] = "auto"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "model", str(self.model))
@@ -78,6 +82,8 @@ class EngineArgs:
                 not isinstance(value, int) or isinstance(value, bool) or value < 1
             ):
                 raise InvalidParameterError(f"{name} must be a positive integer, got {quote(value)}")
+        if self.executor not in EXECUTORS:
+            raise InvalidParameterError(f"executor must be one of {', '.join(EXECUTORS)}, got {quote(self.executor)}")
         if self.adapters and self.max_loras == 0:
             raise InvalidParameterError(
                 f"max_loras=0 serves the base model only, but adapters {sorted(self.adapters)} were given; "
@@ -165,6 +171,7 @@ def build_engine(args: EngineArgs) -> tuple[Engine, Tokenizer, Path]:
     from ..checkpoints.peft_fit import BaseModules, load_adapter_for
     from .engine import Engine
     from ..checkpoints.loader import load_model
+    from .onnx_setup import choose_executor, packed_bits
 
     reader, tokenizer = open_with_tokenizer(args.model)
     base = BaseModules.of_checkpoint(reader)
@@ -179,7 +186,16 @@ def build_engine(args: EngineArgs) -> tuple[Engine, Tokenizer, Path]:
         rank = max([MIN_LORA_RANK, *(a.max_rank for a in adapters.values())])
     slots = max(MIN_LORA_SLOTS, len(adapters)) if args.max_loras is None else args.max_loras
     config = EngineConfig(args.max_num_seqs, args.max_num_batched_tokens, slots, rank)
-    torch.set_num_threads(args.threads if args.threads is not None else default_threads())
+    threads = args.threads if args.threads is not None else default_threads()
+    bits = packed_bits(reader.config_dict(), reader.keys()) if args.executor != "torch" else None
+    onnx = choose_executor(args.executor, args.device, bits, args.model) == "onnx"
+    # On the ONNX executor torch only samples: its threads would compete with onnxruntime's.
+    torch.set_num_threads(1 if onnx else threads)
+    if onnx:
+        engine = _onnx_engine(args, reader, tokenizer, base, config, bits, threads)
+        for name, adapter in adapters.items():
+            engine.adapters.load(name, adapter)
+        return engine, tokenizer, reader.path
     model = load_model(reader, dtype=getattr(torch, args.dtype), device=args.device)
     try:
         engine = Engine.for_model(
@@ -196,3 +212,29 @@ def build_engine(args: EngineArgs) -> tuple[Engine, Tokenizer, Path]:
     for name, adapter in adapters.items():
         engine.adapters.load(name, adapter)
     return engine, tokenizer, reader.path
+
+
+def _onnx_engine(
+    args: EngineArgs, reader: CheckpointReader, tokenizer: Tokenizer, base: Any, config: EngineConfig, bits: int, threads: int
+) -> Engine:
+    """An engine over the ONNX executor: the checkpoint's serving export (cached, or built now)."""
+    import torch
+
+    from ..model.config import ModelConfig
+    from .engine import Engine
+    from .onnx_executor import OnnxExecutor
+    from .onnx_setup import serving_export
+    from .paged_cache import blocks_for_budget
+
+    if args.dtype != "float32":
+        raise InvalidParameterError(
+            f"the ONNX executor computes in float32 (MatMulNBits over packed weights); dtype {args.dtype!r} was "
+            "asked for: leave dtype at float32, or use executor='torch' (--executor torch)"
+        )
+    model_config = ModelConfig.from_dict(reader.config_dict())
+    export = serving_export(reader.path, num_slots=config.max_loras, max_rank=config.max_lora_rank, bits=bits)
+    executor = OnnxExecutor(
+        export, model_config, num_blocks=blocks_for_budget(model_config, args.kv_cache_bytes, args.block_size, torch.float32),
+        block_size=args.block_size, max_num_seqs=config.max_num_seqs, threads=threads,
+    )
+    return Engine(executor, eos_token_ids=tokenizer.eos_token_ids, config=config, base=base if config.max_loras else None)

@@ -98,7 +98,7 @@ class Engine:
         self.config = config or EngineConfig()
         self.executor = executor
         self.eos_token_ids = set(eos_token_ids)
-        self.allocator = BlockAllocator(executor.num_blocks)
+        self.allocator = BlockAllocator(executor.num_blocks, on_free=getattr(executor, "release_blocks", None))
         # Always a registry: with no slots it holds nothing and refuses to load (naming max_loras).
         self.adapters = AdapterRegistry(slots if slots is not None else executor, base, self.config.max_lora_rank)
         admission = None

@@ -12,6 +12,8 @@ is the scheduler's business.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from ..model.attention import causal_attention, masked_attention
@@ -24,14 +26,17 @@ class BlockAllocator:
     """A free list of `num_blocks` block ids.
 
     Invariant: every id is either free or held by exactly one caller; `num_used` counts the held.
+    `on_free`, if given, hears of every block given back (an executor that keeps its own KV
+    per request frees it there).
     """
 
-    def __init__(self, num_blocks: int) -> None:
+    def __init__(self, num_blocks: int, on_free: Callable[[list[int]], None] | None = None) -> None:
         if num_blocks < 1:
             raise InvalidParameterError(f"the KV cache needs at least one block, got {num_blocks}")
         self.num_blocks = num_blocks
         self._free = list(range(num_blocks - 1, -1, -1))  # popped from the end: low ids first
         self._held: set[int] = set()
+        self._on_free = on_free
 
     @property
     def num_free(self) -> int:
@@ -54,6 +59,8 @@ class BlockAllocator:
             assert block in self._held, f"block {block} freed twice or never allocated"
             self._held.remove(block)
             self._free.append(block)
+        if self._on_free is not None:
+            self._on_free(blocks)
 
 
 def bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:

@@ -58,7 +58,7 @@ class ServerConfig:
         http_host: where the HTTP API listens; None: the same host as gRPC.
         model_name: the name ServerInfo reports (default: the checkpoint's file or folder name).
         dtype, threads, max_num_seqs, max_num_batched_tokens, max_loras, max_lora_rank,
-            kv_cache_bytes, block_size: what `EngineArgs` says of them, with its defaults.
+            kv_cache_bytes, block_size, executor: what `EngineArgs` says of them, with its defaults.
     """
 
     model: str
@@ -88,6 +88,7 @@ class ServerConfig:
     max_lora_rank: int | None = EngineArgs.max_lora_rank
     kv_cache_bytes: int = EngineArgs.kv_cache_bytes
     block_size: int = EngineArgs.block_size
+    executor: Literal["auto", "torch", "onnx"] = EngineArgs.executor
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "model", str(self.model))
@@ -140,7 +141,7 @@ class ServerConfig:
             model=self.model, adapters=self.adapters, dtype=self.dtype, threads=self.threads,
             kv_cache_bytes=self.kv_cache_bytes, block_size=self.block_size, max_num_seqs=self.max_num_seqs,
             max_num_batched_tokens=self.max_num_batched_tokens, max_loras=self.max_loras,
-            max_lora_rank=self.max_lora_rank,
+            max_lora_rank=self.max_lora_rank, executor=self.executor,
         )
 
     @property
