@@ -57,7 +57,6 @@ def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_LAZY))
 
 
-
 def _register_serving_exporter() -> None:
     """Let the engine's ONNX executor build its export: the converters are a layer above the
     runtime, so the public API and the command line hand it their builder (imported only when an
