@@ -60,8 +60,9 @@ def make_engine(base, adapters=None, **config) -> Engine:
     kv_bytes = config.pop("kv_cache_bytes", 4 * 2**20)
     settings = dict(max_num_seqs=8, max_num_batched_tokens=24, max_loras=3, max_lora_rank=8)
     settings.update(config)
-    engine = Engine.for_model(
-        load_model(base), eos_token_ids={2}, config=EngineConfig(**settings), kv_cache_bytes=kv_bytes, block_size=4
+    engine = Engine.for_model(  # loaded as `build_engine` loads on CPU: packed weights dequantized once
+        load_model(base, dequantize=True), eos_token_ids={2}, config=EngineConfig(**settings), kv_cache_bytes=kv_bytes,
+        block_size=4,
     )
     for name, path in (adapters or {}).items():
         engine.adapters.load(name, path)
@@ -241,7 +242,7 @@ def _layout(engine: Engine) -> dict[str, object]:
 
 @pytest.mark.parametrize("scheme", ["int4", "nf4"])
 def test_a_quantized_checkpoint_runs_the_float_engines_kernels_on_cpu(base, adapters, tmp_path, scheme):
-    """On CPU the executor dequantizes packed weights once, at start: the quantized engine's
+    """On CPU `build_engine` loads packed weights dequantized once, at start: the quantized engine's
     modules and tensors are laid out as the float engine's, so both run the same matmuls and a
     competing process slows both alike (benchmarks/engine.py --cpu-contention measures it). Its
     tokens, with and without an adapter, are the reference generator's on the packed checkpoint."""

@@ -180,7 +180,10 @@ def build_engine(args: EngineArgs) -> tuple[Engine, Tokenizer, Path]:
     slots = max(MIN_LORA_SLOTS, len(adapters)) if args.max_loras is None else args.max_loras
     config = EngineConfig(args.max_num_seqs, args.max_num_batched_tokens, slots, rank)
     torch.set_num_threads(args.threads if args.threads is not None else default_threads())
-    model = load_model(reader, dtype=getattr(torch, args.dtype), device=args.device)
+    # On CPU packed weights are dequantized once at load: the reference dequant-matmul would
+    # unpack them on every step (see `loader.load_model`).
+    model = load_model(reader, dtype=getattr(torch, args.dtype), device=args.device,
+                       dequantize=torch.device(args.device).type == "cpu")
     try:
         engine = Engine.for_model(
             model, eos_token_ids=tokenizer.eos_token_ids, config=config, kv_cache_bytes=args.kv_cache_bytes,

@@ -122,7 +122,6 @@ class Engine:
         config: EngineConfig | None = None,
         kv_cache_bytes: int = DEFAULT_KV_CACHE_BYTES,
         block_size: int = 16,
-        dequantize: bool | None = None,
     ) -> Engine:
         """An engine over a loaded model with the torch executor (the model is taken over).
 
@@ -132,7 +131,6 @@ class Engine:
             config: batching limits (`max_loras` adapter slots are added to the model).
             kv_cache_bytes: memory for the paged KV cache; it sets how many blocks there are.
             block_size: positions per cache block.
-            dequantize: see `TorchExecutor` (None: dequantize packed weights on CPU only).
 
         Raises:
             InvalidParameterError: a budget that holds no block, or a model that already carries LoRA slots.
@@ -149,7 +147,6 @@ class Engine:
             max_num_batched_tokens=config.max_num_batched_tokens,
             num_lora_slots=config.max_loras,
             max_lora_rank=config.max_lora_rank,
-            dequantize=dequantize,
         )
         # The stacks the executor put on the model, found once for every slot write to come.
         slots = LoRASlots(lora_modules(model), config.max_loras) if config.max_loras else None
