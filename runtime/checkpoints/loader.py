@@ -188,12 +188,12 @@ class _Members:
             self.put(name, as_float_linear(self.get(name), dtype))
 
     def stack(self, dtype: torch.dtype) -> None:
-        """Put each group's stacked module in the model (`fused.stack_modules`)."""
+        """Put each group's stacked module in the model (`fused.stack_modules`), dropping the
+        group's separate modules as it goes, so the copy costs one group's memory at a time."""
         for name, sections in self.groups.items():
-            stacked = stack_modules([(s.rpartition(".")[2], self.sections[s]) for s in sections], dtype)
+            stacked = stack_modules([(s.rpartition(".")[2], self.sections.pop(s)) for s in sections], dtype)
             parent_name, _, child = name.rpartition(".")
             setattr(self.model.get_submodule(parent_name), child, stacked)
-        self.sections.clear()
 
 
 def _bind_kernel_backend(model: CausalLM, backend: kernels.Backend) -> None:
