@@ -126,7 +126,9 @@ class Engine:
         """An engine over a loaded model with the torch executor (the model is taken over).
 
         Args:
-            model: a loaded model, float or quantized, without LoRA slots.
+            model: a loaded model, float or quantized, without LoRA slots; the engine changes
+                none of its modules (it only puts LoRA slots on them). On CPU load it with
+                `dequantize=True`, as `build_engine` does, or packed weights unpack on every step.
             eos_token_ids: the model's end-of-sequence ids.
             config: batching limits (`max_loras` adapter slots are added to the model).
             kv_cache_bytes: memory for the paged KV cache; it sets how many blocks there are.
