@@ -80,16 +80,15 @@ def largest_tensor_bytes(model: str) -> tuple[str, int]:
 
     from quadapt.runtime.checkpoints import open_checkpoint
     from quadapt.runtime.model.config import ModelConfig
-    from quadapt.runtime.model.model import CausalLM
+    from quadapt.runtime.model.model import checkpoint_shapes
 
     reader = open_checkpoint(model)
     config = reader.config_dict()
     dtype = config.get("torch_dtype") or config.get("dtype") or "float32"
     element = 4 if reader.path.suffix == ".gguf" else torch.empty(0, dtype=getattr(torch, dtype)).element_size()
-    with torch.device("meta"):
-        params = CausalLM(ModelConfig.from_dict(config)).named_parameters()
-    name, p = max(params, key=lambda item: item[1].numel())
-    return name, p.numel() * element
+    shapes = checkpoint_shapes(ModelConfig.from_dict(config))
+    name, shape = max(shapes.items(), key=lambda item: torch.Size(item[1]).numel())
+    return name, torch.Size(shape).numel() * element
 
 
 def directory_bytes(path: Path) -> int:

@@ -73,7 +73,9 @@ def quadapt_rate(model_dir: Path, adapters: list[Path], prompts, n_adapters: int
 
     config = EngineConfig(max_num_seqs=max(16, len(prompts)), max_num_batched_tokens=1024, max_loras=max(n_adapters, 1),
                           max_lora_rank=16)
-    engine = Engine.for_model(load_model(model_dir), eos_token_ids=set(), config=config, kv_cache_bytes=256 * 2**20)
+    # Loaded as `build_engine` loads on CPU: packed weights dequantized once.
+    engine = Engine.for_model(load_model(model_dir, dequantize=True), eos_token_ids=set(), config=config,
+                              kv_cache_bytes=256 * 2**20)
     for i in range(n_adapters):
         engine.adapters.load(f"a{i}", adapters[i])
     params = SamplingParams(max_new_tokens=new_tokens, temperature=0.0, ignore_eos=True)
@@ -162,7 +164,7 @@ def _engine(model_dir: Path):
     from quadapt.runtime.engine.engine import Engine, EngineConfig
     from quadapt.runtime.checkpoints.loader import load_model
 
-    return Engine.for_model(load_model(model_dir), eos_token_ids=set(), config=EngineConfig(max_loras=1),
+    return Engine.for_model(load_model(model_dir, dequantize=True), eos_token_ids=set(), config=EngineConfig(max_loras=1),
                             kv_cache_bytes=64 * 2**20)
 
 

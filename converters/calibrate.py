@@ -33,6 +33,7 @@ import torch
 
 from ..runtime.model.config import ModelConfig
 from ..runtime.errors import InvalidParameterError
+from ..runtime.model.fused import checkpoint_tensor, stack_state_dict, stacked_name
 from ..runtime.model.model import CausalLM, DecoderLayer
 from ..runtime.text.tokenizer import Tokenizer
 from ..runtime.checkpoints import CheckpointReader
@@ -253,13 +254,14 @@ def calibrated_layers(
         own = [name for name in names if name.startswith(prefix)]
         weights = {name: read(name) for name in own}  # one layer, as stored
         layer = DecoderLayer(config, i).float()
-        layer.load_state_dict({name[len(prefix) :]: w.float() for name, w in weights.items()}, strict=True)
+        layer.load_state_dict(stack_state_dict({name[len(prefix) :]: w.float() for name, w in weights.items()}),
+                              strict=True)
         layer.requires_grad_(False)
         stats = _collect_stats(layer, hidden, rope, is_heldout, prefix, targets, first_tokens)
         result = quantize_layer(prefix, weights, stats)
         with torch.no_grad():
             for name, restored in result.restored.items():
-                layer.get_parameter(name[len(prefix) :]).copy_(restored)
+                checkpoint_tensor(layer, name[len(prefix) :]).copy_(restored)
         for name in own:
             yield from result.tensors.get(name, [(name, weights[name])])
             written.add(name)
@@ -283,7 +285,7 @@ def _collect_stats(
     for members, source in INPUT_GROUPS:
         if not any(prefix + member in targets for member in members):
             continue
-        linear = layer.get_submodule(source)
+        linear = layer.get_submodule(stacked_name(source)[0])  # a stacked module reads its sections' input
         pair = LayerStats(*(HessianAccumulator(linear.in_features, first_tokens=first_tokens) for _ in range(2)))
 
         def hook(_module, args, pair=pair):

@@ -24,6 +24,7 @@ from torch import nn
 
 from ..runtime.checkpoints.quantized import NF4Spec, PackedIntSpec, module_buffers
 from ..runtime.errors import InvalidParameterError, UnsupportedError
+from ..runtime.model.fused import checkpoint_module, stack_modules, stacked_name
 from ..runtime.model.model import CausalLM
 from ..runtime.model.quant import NF4Linear, PackedIntLinear
 from .convert import check_finite, quantize_linear
@@ -90,12 +91,13 @@ def quantize_model(
     plan = Plan(scheme, group_size, calibration, False, lm_head, quantized, kept, SOURCE)
     targets = [*plan.quantized, *([HEAD] if lm_head == "int8" else [])]
     for name in targets:
-        linear = model.get_submodule(name)
+        linear = checkpoint_module(model, name)
         assert isinstance(linear, nn.Linear), (name, type(linear))  # the plan lists the model's own linears
         check_finite(f"{name}.weight", linear.weight, SOURCE)
-    floats = {}
+    floats, modules = {}, {}
     for name in targets:
-        floats[name] = _swap(model, plan, name)
+        floats[name], modules[name] = _quantized(model, plan, name)
+    _put(model, modules)
     logger.info(
         "quantized %d linears in memory: %s%s", len(targets), scheme,
         "" if plan.group_size is None or scheme == "nf4" else f", group {plan.group_size}",
@@ -103,9 +105,28 @@ def quantize_model(
     return floats
 
 
-def _swap(model: CausalLM, plan: Plan, name: str) -> torch.Tensor:
-    """Replace the float linear `name` by its quantized module; return the float weight it held."""
-    linear = model.get_submodule(name)
+def _put(model: CausalLM, modules: dict[str, nn.Module]) -> None:
+    """Put each quantized module in `model` by its HF name: alone, or as its section of a stacked
+    module, stacked with the group's other sections as the loader stacks them (`fused.stack_modules`)."""
+    groups: dict[str, None] = {}
+    for name, module in modules.items():
+        holder, section = stacked_name(name)
+        if section is None:
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, module)
+        else:
+            groups[holder] = None
+    dtype = model.model.embed_tokens.weight.dtype
+    for holder in groups:
+        stacked = model.get_submodule(holder)
+        parent, _, child = holder.rpartition(".")
+        members = [(s, modules.get(f"{parent}.{s}") or stacked.section(s)) for s in stacked.section_names]
+        setattr(model.get_submodule(parent), child, stack_modules(members, dtype))
+
+
+def _quantized(model: CausalLM, plan: Plan, name: str) -> tuple[torch.Tensor, nn.Module]:
+    """The float weight of linear `name` and its quantized module."""
+    linear = checkpoint_module(model, name)
     weight = linear.weight.detach()
     shape = (linear.out_features, linear.in_features)
     quantized = quantize_linear(plan, name, weight.to("cpu"))
@@ -134,6 +155,4 @@ def _swap(model: CausalLM, plan: Plan, name: str) -> torch.Tensor:
         state["bias"] = linear.bias.detach()
     module.load_state_dict({key: value.to(weight.device) for key, value in state.items()}, strict=True, assign=True)
     module.kernel_backend = getattr(model, "kernel_backend", None)
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent), child, module)
-    return weight
+    return weight, module

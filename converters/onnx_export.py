@@ -32,6 +32,7 @@ from ..runtime.model.config import ModelConfig
 from ..runtime.edge import MANIFEST
 from ..runtime.errors import InvalidParameterError, UnsupportedError
 from ..runtime.checkpoints.loader import load_model
+from ..runtime.model.fused import checkpoint_module
 from ..runtime.model.model import CausalLM, rope_inv_freq
 from .onnx_graph import (
     ACCURACY_LEVELS,
@@ -165,7 +166,7 @@ def _decoder_weights(
     lora: dict[tuple[int, str], list[tuple[str, int, int]]] = {}
 
     def fused(i: int, kind: str) -> NBitsWeight:
-        modules = [model.get_submodule(f"model.layers.{i}.{part}") for part in _FUSED[kind]]
+        modules = [checkpoint_module(model, f"model.layers.{i}.{part}") for part in _FUSED[kind]]
         parts = [to_nbits(m, bits, block_size) for m in modules]
         if len({(p.bits, p.block_size) for p in parts}) > 1:  # mixed formats: one grid for the fused weight
             parts = [quantize(p.dequantize(), bits, block_size) for p in parts]
@@ -177,7 +178,7 @@ def _decoder_weights(
         return concat_rows(parts)
 
     def bias(i: int, kind: str) -> np.ndarray | None:
-        modules = [model.get_submodule(f"model.layers.{i}.{part}") for part in _FUSED[kind]]
+        modules = [checkpoint_module(model, f"model.layers.{i}.{part}") for part in _FUSED[kind]]
         if all(getattr(m, "bias", None) is None for m in modules):
             return None
         return np.concatenate([

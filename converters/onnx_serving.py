@@ -30,6 +30,7 @@ from onnx import TensorProto, helper
 
 from ..runtime.checkpoints import open_checkpoint
 from ..runtime.checkpoints.loader import load_model
+from ..runtime.model.fused import checkpoint_module
 from ..runtime.engine.onnx_executor import SERVING_FORMAT, SERVING_MANIFEST, SERVING_VERSION
 from ..runtime.errors import InvalidParameterError
 from .onnx_export import _FUSED, DATA_FILE, MODEL_FILE, _decoder_weights, _shape
@@ -86,7 +87,7 @@ def export_serving(
     for i, layer in enumerate(torch_model.model.layers):
         for kind, parts in _FUSED.items():
             names = [f"model.layers.{i}.{part}" for part in parts]
-            found = [torch_model.get_submodule(n) for n in names]
+            found = [checkpoint_module(torch_model, n) for n in names]  # HF names, through the stacks
             weights.lora[(i, kind)] = [(n, m.in_features, m.out_features) for n, m in zip(names, found)]
             modules.update({n: [m.in_features, m.out_features] for n, m in zip(names, found)})
     graph = _ServingBuilder(weights, _shape(config), accuracy_level, num_slots + 1, max_rank).build()

@@ -33,12 +33,11 @@ from types import MappingProxyType
 from typing import Any, Literal, get_args
 
 import torch
-from torch import nn
 
 from ..runtime.checkpoints import CheckpointReader, is_derived_key
 from ..runtime.model.config import ModelConfig
 from ..runtime.errors import CheckpointError, InvalidParameterError, QuadaptError, UnsupportedError
-from ..runtime.model.model import CausalLM
+from ..runtime.model.model import checkpoint_linears, checkpoint_shapes
 from .calibration_set import DEFAULT_CALIBRATION_TOKENS
 
 Scheme = Literal["int4", "int4-asym", "int8", "nf4"]
@@ -186,9 +185,7 @@ def plan_linears(
             nothing to quantize, an int8 head the scheme's format cannot hold.
         UnsupportedError: an int8 head tied to the embedding.
     """
-    with torch.device("meta"):
-        model = CausalLM(config)
-    linears = {name: (m.out_features, m.in_features) for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    linears = checkpoint_linears(config)
     kept = {EMBEDDING: "embedding: stays float (transformers cannot load a quantized embedding)"}
     if lm_head == "int8":
         _check_int8_head(source, config, scheme, keep)
@@ -295,8 +292,7 @@ def check_names(reader: CheckpointReader, config: ModelConfig) -> list[str]:
     Raises:
         CheckpointError: the source holds unexpected tensors or lacks expected ones.
     """
-    with torch.device("meta"):
-        expected = {name for name, _ in CausalLM(config).named_parameters()}
+    expected = set(checkpoint_shapes(config))
     names, unknown = [], []
     for name in reader.keys():
         if is_derived_key(name) or (name == f"{HEAD}.weight" and config.tie_word_embeddings):
@@ -337,10 +333,9 @@ def check_disk_space(out_dir: Path, config: ModelConfig, plan: Plan, config_dict
 def _estimate_bytes(config: ModelConfig, plan: Plan, config_dict: dict[str, Any], *, spill: bool) -> int:
     """An upper estimate of the bytes the conversion writes (output, plus GPTQ's spill of the source)."""
     float_bytes = 2 if float_dtype_name(config_dict) in ("bfloat16", "float16") else 4
-    with torch.device("meta"):
-        params = dict(CausalLM(config).named_parameters())
     total, source_total = 0, 0
-    for name, p in params.items():
+    for name, shape in checkpoint_shapes(config).items():
+        p = torch.empty(shape, device="meta")
         source_total += p.numel() * float_bytes
         module = name.removesuffix(".weight")
         if name.endswith(".weight") and module in plan.quantized:

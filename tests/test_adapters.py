@@ -255,14 +255,19 @@ def test_merge_options_need_a_scheme(base, tmp_path):
 
 def test_adapter_on_a_quantized_like_base(base, ids, tmp_path):
     """LoRA wraps any module with in/out features and a forward, as the quantized modules will be."""
+    from quadapt.runtime.model.fused import FusedLinear
+
     from .test_lora import Int8Linear
 
     adapter = make_peft_adapter(base, tmp_path / "peft", **CONFIGS["all-linear"])
     quantized, twin = load_model(base), load_model(base)
     for name, module in list(quantized.named_modules()):
-        if isinstance(module, torch.nn.Linear) and name != "lm_head":
+        if isinstance(module, (torch.nn.Linear, FusedLinear)) and name != "lm_head":
             parent, _, child = name.rpartition(".")
-            setattr(quantized.get_submodule(parent), child, Int8Linear(module))
+            stand_in = Int8Linear(module)
+            if isinstance(module, FusedLinear):  # stacked q/k/v or gate/up: the stand-in keeps the sections
+                stand_in.section_names, stand_in.section_sizes = module.section_names, module.section_sizes
+            setattr(quantized.get_submodule(parent), child, stand_in)
             twin.get_submodule(name).weight.copy_(quantized.get_submodule(name).qweight * quantized.get_submodule(name).scale)
     apply_adapter(quantized, adapter)
     apply_adapter(twin, adapter)  # the same dequantized weights as float nn.Linear

@@ -191,5 +191,5 @@ def test_the_kernel_backend_is_resolved_once_at_load(tmp_path, monkeypatch):
     monkeypatch.setenv("QUADAPT_KERNELS", "reference")
     model = load_model(converted)
     monkeypatch.setenv("QUADAPT_KERNELS", "fast")  # read no more: the modules keep what load resolved
-    assert model.model.layers[0].mlp.up_proj.kernel_backend == "reference"
+    assert model.model.layers[0].mlp.gate_up_proj.kernel_backend == "reference"
     model(torch.tensor([[1, 2, 3]]))

@@ -22,6 +22,7 @@ from quadapt.runtime.checkpoints.hf import HFCheckpoint
 from quadapt.runtime.errors import CheckpointError, InvalidParameterError, QuadaptError, UnsupportedError
 from quadapt.runtime.api.generate import generate_ids
 from quadapt.runtime.checkpoints.loader import load_model
+from quadapt.runtime.model.fused import checkpoint_module
 from quadapt.runtime.model.quant import NF4Linear, PackedIntLinear
 from quadapt.runtime.engine.sampling import SamplingParams
 from quadapt.runtime.text.tokenizer import Tokenizer
@@ -122,8 +123,8 @@ def test_keep_leaves_modules_float_and_records_them(source, tmp_path):
     assert len(manifest["quantized"]) == 11
     model, float_model = load_model(out), load_model(source)
     for name in kept:
-        module = model.get_submodule(name)
-        assert type(module) is torch.nn.Linear and torch.equal(module.weight, float_model.get_submodule(name).weight)
+        module = checkpoint_module(model, name)
+        assert type(module) is torch.nn.Linear and torch.equal(module.weight, checkpoint_module(float_model, name).weight)
 
     transformers = pytest.importorskip("transformers")
     reference = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
@@ -309,7 +310,7 @@ def test_a_run_killed_while_replacing_gets_its_old_checkpoint_back(source, tmp_p
     capsys.readouterr()
     status, _, err = run(capsys, "convert", "--model", source, "--out", out, "--scheme", "int4")
     assert status == 2 and "already exists; pass --overwrite" in err  # restored, so guarded again
-    assert not trash.exists() and load_model(out).model.layers[0].mlp.up_proj.num_bits == 8
+    assert not trash.exists() and checkpoint_module(load_model(out), "model.layers.0.mlp.up_proj").num_bits == 8
 
 
 def test_overwrite(source, tmp_path, capsys):
@@ -320,8 +321,8 @@ def test_overwrite(source, tmp_path, capsys):
     status, _, err = run(capsys, "convert", "--model", source, "--out", out, "--scheme", "int4")
     assert status == 2 and err.startswith("quadapt: error: output directory") and err.count("\n") == 1
     convert_checkpoint(source, out, "int4", overwrite=True)
-    assert isinstance(load_model(out).model.layers[0].mlp.up_proj, PackedIntLinear)
-    assert load_model(out).model.layers[0].mlp.up_proj.num_bits == 4
+    assert isinstance(checkpoint_module(load_model(out), "model.layers.0.mlp.up_proj"), PackedIntLinear)
+    assert checkpoint_module(load_model(out), "model.layers.0.mlp.up_proj").num_bits == 4
 
 
 def test_messages_name_the_flag_first_and_the_python_keyword_second(source, tmp_path):

@@ -101,8 +101,9 @@ def make_engine(base, adapters=None, executor="torch", **config) -> Engine:
     if executor == "onnx":
         engine = onnx_engine(base, EngineConfig(**settings), kv_bytes)
     else:
-        engine = Engine.for_model(
-            load_model(base), eos_token_ids={2}, config=EngineConfig(**settings), kv_cache_bytes=kv_bytes, block_size=4
+        engine = Engine.for_model(  # loaded as `build_engine` loads on CPU: packed weights dequantized once
+            load_model(base, dequantize=True), eos_token_ids={2}, config=EngineConfig(**settings),
+            kv_cache_bytes=kv_bytes, block_size=4,
         )
     for name, path in (adapters or {}).items():
         engine.adapters.load(name, path)
@@ -315,7 +316,7 @@ def _layout(engine: Engine) -> dict[str, object]:
 
 @pytest.mark.parametrize("scheme", ["int4", "nf4"])
 def test_a_quantized_checkpoint_runs_the_float_engines_kernels_on_cpu(base, adapters, tmp_path, scheme):
-    """On CPU the executor dequantizes packed weights once, at start: the quantized engine's
+    """On CPU `build_engine` loads packed weights dequantized once, at start: the quantized engine's
     modules and tensors are laid out as the float engine's, so both run the same matmuls and a
     competing process slows both alike (benchmarks/engine.py --cpu-contention measures it). Its
     tokens, with and without an adapter, are the reference generator's on the packed checkpoint."""

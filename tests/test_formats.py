@@ -18,6 +18,7 @@ from quadapt.converters.convert import convert_checkpoint
 from quadapt.runtime.errors import CheckpointError, InvalidParameterError, UnsupportedError
 from quadapt.runtime.api.generate import generate_ids
 from quadapt.runtime.checkpoints.loader import load_model
+from quadapt.runtime.model.fused import checkpoint_module, checkpoint_modules
 from quadapt.runtime.model.quant import NF4Linear, PackedIntLinear
 from quadapt.runtime.engine.sampling import SamplingParams
 
@@ -75,7 +76,7 @@ def test_compressed_tensors_decompresses_to_our_weights_exactly(converted, schem
     compressor = ct_compressors.BaseCompressor.get_value_from_registry(config.format)
     state = load_file(path / "model.safetensors")
     model = load_model(path)
-    quantized = {name: m for name, m in model.named_modules() if isinstance(m, PackedIntLinear)}
+    quantized = {name: m for name, m in checkpoint_modules(model).items() if isinstance(m, PackedIntLinear)}
     assert len(quantized) == 14  # 7 linears x 2 layers; lm_head stays float
     for name, module in quantized.items():
         theirs = compressor.decompress(module_tensors(state, name), scheme_args)["weight"]
@@ -96,7 +97,7 @@ def test_a_bfloat16_source_decompresses_exactly_too(source, tmp_path, scheme):
     config = json.loads((source / "config.json").read_text())
     (bf16 / "config.json").write_text(json.dumps({**config, "dtype": "bfloat16", "torch_dtype": "bfloat16"}))
     out = convert_checkpoint(bf16, tmp_path / scheme, scheme)
-    module = load_model(out).model.layers[0].mlp.gate_proj
+    module = checkpoint_module(load_model(out), "model.layers.0.mlp.gate_proj")
     packed = module_tensors(load_file(out / "model.safetensors"), "model.layers.0.mlp.gate_proj")
     if scheme == "nf4":
         functional = pytest.importorskip("bitsandbytes.functional")
@@ -195,7 +196,7 @@ def test_an_int8_head_is_what_compressed_tensors_and_transformers_read(source, t
     assert dumped == {k: v for k, v in written.items() if k not in ("quant_method", "version", "sparsity_config", "transform_config")}
     model = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
     schemes = {name: m.quantization_scheme for name, m in model.named_modules() if hasattr(m, "quantization_scheme")}
-    assert set(schemes) == {name for name, m in load_model(path).named_modules() if isinstance(m, PackedIntLinear)}
+    assert set(schemes) == {name for name, m in checkpoint_modules(load_model(path)).items() if isinstance(m, PackedIntLinear)}
     head = schemes["lm_head"].weights
     assert (head.num_bits, head.strategy, head.symmetric) == (8, "channel", True)
     assert schemes["model.layers.0.mlp.up_proj"].weights.num_bits == (4 if scheme == "int4" else 8)
@@ -203,7 +204,7 @@ def test_an_int8_head_is_what_compressed_tensors_and_transformers_read(source, t
     ours = load_model(path)
     state = load_file(path / "model.safetensors")
     compressor = ct_compressors.BaseCompressor.get_value_from_registry("pack-quantized")
-    for name, module in ours.named_modules():
+    for name, module in checkpoint_modules(ours).items():
         if isinstance(module, PackedIntLinear):
             theirs = compressor.decompress(module_tensors(state, name), schemes[name])["weight"]
             assert torch.equal(theirs, module.dequantize()), name
@@ -273,11 +274,11 @@ def test_transformers_and_bitsandbytes_load_our_nf4(converted):
     model = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
     assert type(model.model.layers[0].mlp.up_proj).__name__ == "Linear4bit"
     ours = load_model(path)
-    assert isinstance(ours.model.layers[0].mlp.up_proj, NF4Linear)
+    assert isinstance(checkpoint_module(ours, "model.layers.0.mlp.up_proj"), NF4Linear)
     import bitsandbytes.functional as functional
 
     theirs = model.model.layers[0].mlp.up_proj.weight
-    assert torch.equal(functional.dequantize_4bit(theirs.data, theirs.quant_state), ours.model.layers[0].mlp.up_proj.dequantize())
+    assert torch.equal(functional.dequantize_4bit(theirs.data, theirs.quant_state), checkpoint_module(ours, "model.layers.0.mlp.up_proj").dequantize())
     # On CPUs with AVX512-BF16, bitsandbytes repacks the weight and multiplies in bf16, whose rounding
     # flips near-tied argmaxes of a random model; its plain path (dequantize, fp32 matmul) is the
     # format's reference arithmetic, so compare against that.
@@ -302,7 +303,7 @@ def test_loader_reads_nf4_checkpoints_transformers_wrote(source, tmp_path, doubl
     model = transformers.AutoModelForCausalLM.from_pretrained(source, quantization_config=config, device_map="cpu")
     model.save_pretrained(tmp_path / "nf4")
     ours = load_model(tmp_path / "nf4")
-    for name, module in ours.named_modules():
+    for name, module in checkpoint_modules(ours).items():
         if isinstance(module, NF4Linear):
             weight = model.get_submodule(name).weight
             assert torch.equal(module.dequantize(), functional.dequantize_4bit(weight.data, weight.quant_state)), name

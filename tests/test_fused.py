@@ -1,5 +1,6 @@
-"""Fused projections (runtime/model/fused.py): q/k/v and gate/up in one matmul, with per-section LoRA
-slots, give the separate projections' outputs; a section's adapter reaches its own output only."""
+"""Stacked projections (runtime/model/fused.py): q/k/v and gate/up in one module of their format,
+with per-section LoRA slots, give the separate projections' outputs; a section's adapter reaches
+its own output only."""
 
 from __future__ import annotations
 
@@ -11,60 +12,64 @@ from torch import nn
 
 from quadapt.runtime.checkpoints.adapters import add_lora_slots, load_into_slot, lora_modules
 from quadapt.runtime.errors import InvalidParameterError
-from quadapt.runtime.model.fused import FusedLinear, fuse_projections
+from quadapt.runtime.model.fused import FusedLinear, checkpoint_tensor, stack_modules
 from quadapt.runtime.model.lora import NO_SLOT, LoRALinear, SlotMapping
+from quadapt.runtime.model.quant import NF4Linear
 
 from .conftest import assert_close
 from .test_lora import TARGETS, make_model, model_adapter, random_lora
 
 
-def test_fused_projections_equal_the_separate_ones():
+def test_the_stacked_projections_are_their_sections_side_by_side():
+    """`CausalLM` holds q/k/v and gate/up stacked; each section is a view of its rows, and the
+    stacked output is the sections' outputs side by side."""
     model = make_model()
-    fused = copy.deepcopy(model)
-    assert fuse_projections(fused) == 2 * fused.config.num_hidden_layers
-    attn, mlp = fused.model.layers[0].self_attn, fused.model.layers[0].mlp
+    attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
     assert isinstance(attn.qkv_proj, FusedLinear) and isinstance(mlp.gate_up_proj, FusedLinear)
     assert not hasattr(attn, "q_proj") and not hasattr(mlp, "up_proj")
-    ids = torch.randint(0, model.config.vocab_size, (2, 7))
-    assert_close(fused(ids), model(ids))
+    x = torch.randn(2, 5, model.config.hidden_size)
+    for stacked in (attn.qkv_proj, mlp.gate_up_proj):
+        sections = [stacked.section(name) for name in stacked.section_names]
+        assert_close(stacked(x), torch.cat([section(x) for section in sections], dim=-1))
+        assert all(s.weight.untyped_storage().data_ptr() == stacked.weight.untyped_storage().data_ptr() for s in sections)
+    k = checkpoint_tensor(model, "model.layers.0.self_attn.k_proj.weight")
+    assert torch.equal(k, attn.qkv_proj.weight[attn.q_dim: attn.q_dim + attn.kv_dim])
 
 
-def test_fused_lora_sections_equal_separate_stacks_in_a_mixed_batch():
-    """The same two adapters in separate `LoRALinear` stacks and in fused stacks, rows of both
-    slots and rows of none in one batch: the same logits."""
+def merged(model, adapter) -> nn.Module:
+    """A copy of `model` with each module's LoRA delta added into its (section's) weight rows."""
+    out = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, weights in adapter.items():
+            checkpoint_tensor(out, f"{name}.weight").add_(weights.delta())
+    return out
+
+
+def test_lora_sections_equal_merged_weights_in_a_mixed_batch():
+    """Two adapters in the stacked modules' LoRA sections, rows of both slots and rows of none in
+    one batch: each row's logits are those of the base with its adapter merged into the weights."""
     model = make_model()
     adapters = [model_adapter(model, rank=4, seed=s) for s in (1, 2)]
-    names = [n for n, _ in model.named_modules() if n.rsplit(".", 1)[-1] in TARGETS]
-    separate = copy.deepcopy(model)
-    sep_mapping = add_lora_slots(separate, names, num_slots=2, max_rank=4)
-
-    fused = copy.deepcopy(model)
-    fuse_projections(fused)
-    rest = [n for n, m in fused.named_modules() if n.rsplit(".", 1)[-1] in TARGETS]
-    mapping = add_lora_slots(fused, rest, num_slots=2, max_rank=4)
-    for name, module in list(fused.named_modules()):
-        if isinstance(module, FusedLinear):
-            parent, _, child = name.rpartition(".")
-            setattr(fused.get_submodule(parent), child, LoRALinear(module, mapping, 4, targets=TARGETS))
-    assert sorted(lora_modules(fused)) == sorted(names)  # every section by its own HF name
-
+    names = sorted(adapters[0])
+    served = copy.deepcopy(model)
+    mapping = add_lora_slots(served, names, num_slots=2, max_rank=4)
+    assert sorted(lora_modules(served)) == names  # every section by its own HF name
+    assert isinstance(served.model.layers[0].self_attn.qkv_proj, LoRALinear)
     for slot, adapter in enumerate(adapters):
-        load_into_slot(separate, adapter, slot)
-        load_into_slot(fused, adapter, slot)
+        load_into_slot(served, adapter, slot)
     ids = torch.randint(0, model.config.vocab_size, (3, 5))
-    slots = torch.tensor([0, NO_SLOT, 1]).repeat_interleave(5)
-    sep_mapping.set(slots)
-    mapping.set(slots)
-    assert_close(fused(ids), separate(ids))
-    sep_mapping.set(NO_SLOT)
+    mapping.set(torch.tensor([0, NO_SLOT, 1]).repeat_interleave(5))
+    got = served(ids)
+    for row, reference in enumerate((merged(model, adapters[0]), model, merged(model, adapters[1]))):
+        assert_close(got[row], reference(ids[row: row + 1])[0])
     mapping.set(NO_SLOT)
-    assert_close(fused(ids), model(ids))
+    assert_close(served(ids), model(ids))
 
 
 def test_a_section_adapter_reaches_its_own_output_only():
     torch.manual_seed(0)
     q, k, v = nn.Linear(16, 12), nn.Linear(16, 6), nn.Linear(16, 6)
-    base = FusedLinear([("q_proj", q), ("k_proj", k), ("v_proj", v)])
+    base = FusedLinear.from_linears([("q_proj", q), ("k_proj", k), ("v_proj", v)])
     mapping = SlotMapping(2)
     stack = LoRALinear(base, mapping, max_rank=4, targets=TARGETS)
     w = random_lora(6, 16, 3)
@@ -90,7 +95,7 @@ def test_a_section_adapter_reaches_its_own_output_only():
 
 def test_only_float_linears_fuse():
     with pytest.raises(InvalidParameterError, match="cannot fuse"):
-        FusedLinear([("a", nn.Linear(8, 4)), ("b", nn.Linear(9, 4))])
+        FusedLinear.from_linears([("a", nn.Linear(8, 4)), ("b", nn.Linear(9, 4))])
 
 
 def test_the_cpu_engine_serves_through_fused_stacks(tmp_path):
@@ -112,7 +117,7 @@ def test_the_cpu_engine_serves_through_fused_stacks(tmp_path):
 def test_one_slot_for_every_token_equals_the_per_token_form():
     """A batch whose tokens all use one slot reads that slot's factors alone; same output."""
     torch.manual_seed(1)
-    base = FusedLinear([("gate_proj", nn.Linear(16, 10)), ("up_proj", nn.Linear(16, 10))])
+    base = FusedLinear.from_linears([("gate_proj", nn.Linear(16, 10)), ("up_proj", nn.Linear(16, 10))])
     mapping = SlotMapping(3)
     stack = LoRALinear(base, mapping, max_rank=4, targets=TARGETS)
     for slot in range(3):
@@ -147,36 +152,44 @@ def packed(linear: nn.Linear, scheme: str) -> nn.Module:
 
 @pytest.mark.parametrize("scheme", ["int4", "int8", "nf4"])
 def test_packed_projections_stack_in_their_format(scheme):
-    """q/k/v and gate/up of packed weights stack into one packed module of their format whose
-    output is the separate modules' side by side; LoRA sections on it load by HF name."""
-    model = make_model()
-    for name, m in list(model.named_modules()):
-        if name.startswith("model.layers.") and isinstance(m, nn.Linear):
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, packed(m, scheme))
-    stacked = copy.deepcopy(model)
-    assert fuse_projections(stacked) == 2 * model.config.num_hidden_layers
-    attn = stacked.model.layers[0].self_attn
-    assert type(attn.qkv_proj) is type(model.model.layers[0].self_attn.q_proj)
-    assert attn.qkv_proj.section_names == ("q_proj", "k_proj", "v_proj")
-    ids = torch.randint(0, model.config.vocab_size, (2, 7))
-    assert_close(stacked(ids), model(ids))
-
-    adapter = model_adapter(model, rank=4, seed=3)
-    names = [n for n, _ in model.named_modules() if n.rsplit(".", 1)[-1] in TARGETS]
-    mappings = [add_lora_slots(m, names, num_slots=1, max_rank=4) for m in (model, stacked)]
-    assert sorted(lora_modules(stacked)) == sorted(names)
-    for m, mapping in zip((model, stacked), mappings):
-        load_into_slot(m, adapter, 0)
-        mapping.set(0)
-    assert_close(stacked(ids), model(ids))
-
-
-def test_nf4_projections_that_split_a_block_stay_apart():
-    """An NF4 weight whose size is not a whole number of 64-weight blocks would share its last
-    block with the next projection's rows: such a group keeps its separate modules."""
+    """q/k/v of packed weights stack into one packed module of their format whose output is the
+    separate modules' side by side, whose sections give back the separate buffers, and whose
+    LoRA sections equal LoRA stacks on the separate modules."""
     torch.manual_seed(0)
-    parent = nn.Module()
-    parent.gate_proj, parent.up_proj = packed(nn.Linear(24, 10), "nf4"), packed(nn.Linear(24, 10), "nf4")  # 240 weights
-    assert fuse_projections(parent) == 0
-    assert hasattr(parent, "gate_proj") and not hasattr(parent, "gate_up_proj")
+    members = [(name, packed(nn.Linear(64, size), scheme)) for name, size in (("q_proj", 64), ("k_proj", 32), ("v_proj", 32))]
+    stacked = stack_modules(members, torch.float32)
+    assert type(stacked) is type(members[0][1]) and stacked.section_names == ("q_proj", "k_proj", "v_proj")
+    x = torch.randn(2, 3, 64)
+    assert_close(stacked(x), torch.cat([m(x) for _, m in members], dim=-1))
+    for name, module in members:
+        section = stacked.section(name)
+        assert type(section) is type(module)
+        for key, value in module.named_buffers():
+            assert torch.equal(getattr(section, key), value), (name, key)
+        assert_close(section(x), module(x))
+
+    mapping = SlotMapping(1)
+    stack = LoRALinear(stacked, mapping, max_rank=4, targets=TARGETS)
+    separate = [LoRALinear(m, mapping, max_rank=4) for _, m in members]
+    for (name, module), plain in zip(members, separate):
+        weights = random_lora(module.out_features, 64, 3)
+        stack.sections[name].set_slot(0, weights)
+        plain.set_slot(0, weights)
+    mapping.set(0)
+    assert_close(stack(x), torch.cat([plain(x) for plain in separate], dim=-1))
+
+
+def test_nf4_projections_that_split_a_block_are_dequantized_and_stacked_float():
+    """An NF4 weight whose size is not a whole number of 64-weight blocks would share its last
+    block with the next projection's rows: such a group is dequantized and stacked as float, with
+    the same values; so is a group of mixed formats."""
+    torch.manual_seed(0)
+    gate, up = packed(nn.Linear(24, 10), "nf4"), packed(nn.Linear(24, 10), "nf4")  # 240 weights
+    assert NF4Linear.stack([("gate_proj", gate), ("up_proj", up)]) is None
+    stacked = stack_modules([("gate_proj", gate), ("up_proj", up)], torch.float32)
+    assert isinstance(stacked, FusedLinear) and stacked.section_names == ("gate_proj", "up_proj")
+    assert torch.equal(stacked.section("up_proj").weight, up.dequantize())
+    x = torch.randn(4, 24)
+    assert_close(stacked(x), torch.cat([gate(x), up(x)], dim=-1))
+    mixed = stack_modules([("gate_proj", nn.Linear(24, 10)), ("up_proj", up)], torch.float32)
+    assert isinstance(mixed, FusedLinear) and torch.equal(mixed.section("up_proj").weight, up.dequantize())

@@ -83,14 +83,16 @@ def test_generation_leaves_the_global_rng_alone(model):
 
 @pytest.fixture(scope="module")
 def hf_twin(model):
-    """transformers' Llama with the same weights (quadapt's names are HF's)."""
+    """transformers' Llama with the same weights (quadapt's stacked q/k/v and gate/up under HF's names)."""
+    from quadapt.runtime.model.fused import checkpoint_state_dict
+
     import transformers
 
     fields = tiny_llama_config()
     for key in ("architectures", "model_type", "torch_dtype"):
         fields.pop(key)
     hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**fields)).eval()
-    hf.load_state_dict(model.state_dict(), strict=True)
+    hf.load_state_dict(checkpoint_state_dict(model), strict=True)
     hf.generation_config.eos_token_id = None  # compare fixed-length outputs
     return hf
 

@@ -15,6 +15,7 @@ from quadapt.converters.convert import convert_checkpoint
 from quadapt.converters.in_memory import quantize_model
 from quadapt.runtime.errors import CheckpointError, InvalidParameterError, UnsupportedError
 from quadapt.runtime.checkpoints.loader import load_model
+from quadapt.runtime.model.fused import checkpoint_module
 from quadapt.runtime.model.quant import NF4Linear, PackedIntLinear
 
 from .test_model import save_hf_model
@@ -61,7 +62,7 @@ def test_in_memory_equals_the_converted_checkpoint(source, tmp_path, case):
     scheme, options = CASES[case]
     converted = load_model(convert_checkpoint(source, tmp_path / case, scheme, **options))
     model = load_model(source)
-    before = {name: model.get_submodule(name).weight.detach().clone() for name in [*LINEARS, "lm_head"]}
+    before = {name: checkpoint_module(model, name).weight.detach().clone() for name in [*LINEARS, "lm_head"]}
     floats = quantize_model(model, scheme=scheme, **options)
     assert_same_model(model, converted)
     kept = [name for name in LINEARS if any(name.endswith(k) or name.startswith(k) for k in options.get("keep", ()))]
@@ -69,7 +70,7 @@ def test_in_memory_equals_the_converted_checkpoint(source, tmp_path, case):
     assert list(floats) == [name for name in LINEARS if name not in kept] + head
     for name, weight in floats.items():  # the float weights it replaced, for LoftQ's start
         assert torch.equal(weight, before[name]), name
-    assert all(isinstance(model.get_submodule(name), torch.nn.Linear) for name in kept)
+    assert all(isinstance(checkpoint_module(model, name), torch.nn.Linear) for name in kept)
     ids = torch.randint(0, 256, (2, 7))
     with torch.no_grad():
         assert torch.equal(model(ids), converted(ids))
@@ -89,7 +90,7 @@ def test_a_bfloat16_model_keeps_bfloat16_scales_as_convert_does(source, tmp_path
     model = load_model(bf16, dtype=torch.bfloat16)
     quantize_model(model, scheme=scheme)
     assert_same_model(model, converted)
-    module = model.model.layers[0].mlp.gate_proj
+    module = checkpoint_module(model, "model.layers.0.mlp.gate_proj")
     assert (module.weight_scale if scheme == "int4-asym" else module.dequantize()).dtype == torch.bfloat16
 
 
@@ -100,7 +101,7 @@ def test_linear_biases_are_kept_float(tmp_path):
     model = load_model(path)
     quantize_model(model, scheme="int4")
     assert_same_model(model, converted)
-    q_proj = model.model.layers[0].self_attn.q_proj
+    q_proj = checkpoint_module(model, "model.layers.0.self_attn.q_proj")
     assert isinstance(q_proj, PackedIntLinear) and q_proj.bias is not None and not q_proj.bias.requires_grad
 
 
@@ -139,7 +140,7 @@ def test_the_group_size_default_is_converts(tmp_path):
         quantize_model(model, scheme="int4")
     assert unchanged(model)
     quantize_model(model, scheme="nf4")  # blocks of 64 over the flattened weight: any shape
-    assert all(isinstance(model.get_submodule(name), NF4Linear) for name in LINEARS)
+    assert all(isinstance(checkpoint_module(model, name), NF4Linear) for name in LINEARS)
 
 
 def test_a_quantized_model_and_a_nan_weight_are_refused(source, tmp_path):
@@ -148,7 +149,7 @@ def test_a_quantized_model_and_a_nan_weight_are_refused(source, tmp_path):
         quantize_model(quantized, scheme="int4")
     model = load_model(source)
     with torch.no_grad():
-        model.model.layers[1].mlp.up_proj.weight[3, 5] = float("nan")
+        checkpoint_module(model, "model.layers.1.mlp.up_proj").weight[3, 5] = float("nan")
     with pytest.raises(CheckpointError, match=r"model.layers.1.mlp.up_proj.weight' in the in-memory model holds 1 NaN"):
         quantize_model(model, scheme="nf4")
     assert unchanged(model)  # checked before the first linear changed

@@ -13,7 +13,9 @@ import torch
 from torch import nn
 
 from quadapt.runtime.checkpoints.adapters import add_lora_slots, load_into_slot, lora_modules
+from quadapt.runtime.checkpoints.peft_fit import BaseModules
 from quadapt.runtime.model.config import ModelConfig
+from quadapt.runtime.model.fused import checkpoint_module, checkpoint_tensor
 from quadapt.runtime.errors import AdapterError, InvalidParameterError
 from quadapt.kernels.reference import add_lora
 from quadapt.runtime.model.lora import NO_SLOT, LoRALinear, LoRAWeights, SlotMapping
@@ -42,7 +44,7 @@ def model_adapter(model: nn.Module, rank: int, seed: int, *, b_std: float = 0.1)
     torch.manual_seed(seed)
     return {
         name: random_lora(m.out_features, m.in_features, rank, alpha=2.0 * rank, b_std=b_std)
-        for name, m in model.named_modules()
+        for name, m in ((n, checkpoint_module(model, n)) for n in BaseModules.of_model(model).linear)
         if name.rsplit(".", 1)[-1] in TARGETS
     }
 
@@ -206,7 +208,7 @@ def test_model_zero_b_equals_base_and_merged_equals_unmerged():
         load_into_slot(model, adapter, 0)
         unmerged = model(ids)
         for name, w in adapter.items():
-            merged.get_submodule(name).weight += w.delta()
+            checkpoint_tensor(merged, f"{name}.weight").add_(w.delta())
         assert_close(unmerged, merged(ids))
     assert (unmerged - plain).abs().max() > 1e-3
 
@@ -219,8 +221,10 @@ def test_partial_adapter_clears_the_slot_elsewhere():
     load_into_slot(model, full, 0)
     q_only = {n: w for n, w in full.items() if n.endswith("q_proj")}
     load_into_slot(model, q_only, 0)
-    for name, stack in lora_modules(model).items():
-        assert bool(stack.lora_b[0].any()) == name.endswith("q_proj"), name
+    for name, target in lora_modules(model).items():
+        # a one-section stack, or one section (its rows and rank columns) of a stacked one
+        b = target.lora_b[0] if isinstance(target, LoRALinear) else target.stack.lora_b[0, target._rows, target._cols]
+        assert bool(b.any()) == name.endswith("q_proj"), name
 
 
 def test_model_slot_errors():

@@ -11,11 +11,12 @@ import torch
 from torch import nn
 
 from quadapt.runtime.checkpoints.loader import load_model
+from quadapt.runtime.model.fused import checkpoint_module
 from quadapt.train.autograd import frozen_quant_matmul
 from quadapt.train.command import quantize_in_memory
 from quadapt.train.data import Example, collate
 from quadapt.train.forward import completion_loss, hidden_states
-from quadapt.train.lora import QLoRALinear, add_lora, lora_parameters
+from quadapt.train.lora import QLoRALinear, StackedQLoRA, add_lora, lora_parameters
 from quadapt.train.loop import TrainConfig, learning_rate, train
 
 from .conftest import assert_close
@@ -44,7 +45,7 @@ def dequantized_twin(model: nn.Module) -> nn.Module:
 
     twin = copy.deepcopy(model)
     for name, m in list(twin.named_modules()):
-        if isinstance(m, QLoRALinear) and not isinstance(m.base, nn.Linear):
+        if isinstance(m, (QLoRALinear, StackedQLoRA)) and not isinstance(m.base, nn.Linear):
             linear = nn.Linear(m.in_features, m.out_features, bias=m.base.bias is not None)
             linear.weight = nn.Parameter(m.base.dequantize().detach().clone(), requires_grad=False)
             if m.base.bias is not None:
@@ -93,7 +94,7 @@ def test_gradients_equal_autograd_through_the_dequantized_weights(float_dir, sch
 @pytest.mark.parametrize("scheme", ["nf4", "int4"])
 def test_input_gradient_of_the_frozen_matmul(float_dir, scheme):
     model, _ = quantized_model(float_dir, scheme)
-    base = model.model.layers[0].mlp.up_proj
+    base = checkpoint_module(model, "model.layers.0.mlp.up_proj")
     x = torch.randn(2, 5, base.in_features, requires_grad=True)
     y = frozen_quant_matmul(x, base)
     grad_y = torch.randn_like(y)

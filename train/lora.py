@@ -8,6 +8,10 @@ they are); the base is frozen: a quantized base runs through `train.autograd.fro
 PEFT's default (Kaiming-uniform) and B as zeros, so a fresh adapter changes nothing; `loftq_init`
 starts both from the truncated SVD of the quantization error instead.
 
+A stacked base (q/k/v in one `qkv_proj`, the runtime's layout) gets a `StackedQLoRA`: the base
+runs once and each targeted section has its own `QLoRALinear` factors, named and saved by the
+section's HF name, so the adapter is PEFT's on the separate projections.
+
 This is the training-side twin of `runtime/model/lora.py`, whose slot stacks serve many adapters with
 the scale folded into B; it holds no optimizer, data or files (`train/loop.py`, `train/files.py`).
 """
@@ -58,11 +62,21 @@ class QLoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # PEFT's init_lora_weights=True
         self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
         self.dense: torch.Tensor | None = None  # see `keep_dense_copy`
+        self.stack: StackedQLoRA | None = None  # set (unregistered) when this is a section of one
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if name == "stack":  # a back reference, not a child module
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
 
     def keep_dense_copy(self, dtype: torch.dtype) -> None:
         """Hold a float copy of the quantized base's weight for both passes (CPU speed; see
-        `train/autograd.py`). A float base needs none."""
-        if is_quantized(self.base):
+        `train/autograd.py`); a section's copy is its stack's, of the whole stacked weight. A
+        float base needs none."""
+        if self.stack is not None:
+            self.stack.keep_dense_copy(dtype)
+        elif is_quantized(self.base):
             with torch.no_grad():
                 self.dense = self.base.dequantize().to(dtype)
 
@@ -73,9 +87,12 @@ class QLoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_forward(x)
+        return y.add(self.delta(x).to(y.dtype), alpha=self.scale)  # one fused scale-and-add
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        """The LoRA branch before its scale: dropout(x) @ A^T @ B^T, in the factors' dtype."""
         h = self.dropout(x.to(self.lora_A.dtype))
-        delta = (h @ self.lora_A.t()) @ self.lora_B.t()
-        return y.add(delta.to(y.dtype), alpha=self.scale)  # one fused scale-and-add
+        return (h @ self.lora_A.t()) @ self.lora_B.t()
 
     def weights(self) -> LoRAWeights:
         """The factors as the runtime and PEFT hold them (delta W = alpha / r * B @ A)."""
@@ -113,9 +130,64 @@ class QLoRALinear(nn.Module):
         return f"rank={self.rank}, alpha={self.alpha:g}, scale={self.scale:g}"
 
 
+class StackedQLoRA(nn.Module):
+    """A frozen stacked base (q/k/v or gate/up in one module, `runtime.model.fused`) with a
+    `QLoRALinear` per targeted section, by the section's HF short name: the base runs once, and each
+    section's LoRA adds to its own output rows only, as PEFT's LoRA on the separate projection.
+
+    Args:
+        base: a stacked module (`FusedLinear`, or a stacked `NF4Linear` / `PackedIntLinear`);
+            frozen, never modified.
+        sections: the short names of the sections that get LoRA factors (`q_proj`, `v_proj`).
+        rank, alpha, dropout, dtype: as `QLoRALinear`, for every section.
+    """
+
+    def __init__(self, base: nn.Module, sections: Iterable[str], *, rank: int, alpha: float, dropout: float = 0.0,
+                 dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.base = base.requires_grad_(False)
+        self.in_features: int = base.in_features
+        self.out_features: int = base.out_features
+        self.section_names: tuple[str, ...] = tuple(base.section_names)
+        self.section_sizes: tuple[int, ...] = tuple(base.section_sizes)
+        chosen = set(sections)
+        self.sections = nn.ModuleDict({
+            name: QLoRALinear(base.section(name), rank=rank, alpha=alpha, dropout=dropout, dtype=dtype)
+            for name in self.section_names if name in chosen
+        })
+        for section in self.sections.values():
+            section.stack = self
+        self.dense: torch.Tensor | None = None  # see `keep_dense_copy`
+
+    def keep_dense_copy(self, dtype: torch.dtype) -> None:
+        """As `QLoRALinear.keep_dense_copy`, of the whole stacked weight, once."""
+        if is_quantized(self.base) and self.dense is None:
+            with torch.no_grad():
+                self.dense = self.base.dequantize().to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if is_quantized(self.base):
+            y = frozen_quant_matmul(x, self.base, self.dense)
+        else:
+            y = F.linear(x, self.base.weight, self.base.bias)
+        parts = []
+        for name, size in zip(self.section_names, self.section_sizes):
+            if name in self.sections:
+                section = self.sections[name]
+                parts.append(section.delta(x) * section.scale)
+            else:  # no LoRA on this section: exact zeros
+                parts.append(x.new_zeros(*x.shape[:-1], size, dtype=self._factor_dtype()))
+        return y + torch.cat(parts, dim=-1).to(y.dtype)
+
+    def _factor_dtype(self) -> torch.dtype:
+        return next(iter(self.sections.values())).lora_A.dtype
+
+
 def add_lora(model: nn.Module, targets: Iterable[str], *, rank: int, alpha: float, dropout: float = 0.0,
              dtype: torch.dtype = torch.float32, layers: Iterable[int] | None = None) -> dict[str, QLoRALinear]:
-    """Freeze `model` and wrap each decoder-layer projection named in `targets` in a `QLoRALinear`.
+    """Freeze `model` and put a `QLoRALinear` on each decoder-layer projection named in `targets`:
+    around the module of a plain projection (`o_proj`), or as a section of a `StackedQLoRA` around
+    a stacked module (`k_proj` of `qkv_proj`).
 
     Args:
         model: a runtime `CausalLM` (float or quantized linears), modified in place.
@@ -144,23 +216,34 @@ def add_lora(model: nn.Module, targets: Iterable[str], *, rank: int, alpha: floa
             f"LoRA layers {sorted(chosen)} are not all layers of this model; choose from 0 to {n_layers - 1}"
         )
     model.requires_grad_(False)
-    names = sorted(
-        n for n, m in model.named_modules()
-        if n.startswith("model.layers.") and n.rsplit(".", 1)[-1] in targets and not isinstance(m, QLoRALinear)
-        and int(n.split(".")[2]) in chosen
-    )
-    modules = {}
-    for name in names:
-        parent, _, child = name.rpartition(".")
-        wrapped = QLoRALinear(model.get_submodule(name), rank=rank, alpha=alpha, dropout=dropout, dtype=dtype)
-        setattr(model.get_submodule(parent), child, wrapped)
-        modules[name] = wrapped
-    return modules
+    for i in sorted(chosen):
+        for part in ("self_attn", "mlp"):
+            parent = model.get_submodule(f"model.layers.{i}.{part}")
+            for child, module in list(parent.named_children()):
+                if isinstance(module, (QLoRALinear, StackedQLoRA)) or not isinstance(getattr(module, "in_features", None), int):
+                    continue
+                sections = [s for s in getattr(module, "section_names", ()) if s in targets]
+                if sections:
+                    wrapped: nn.Module = StackedQLoRA(module, sections, rank=rank, alpha=alpha, dropout=dropout, dtype=dtype)
+                elif child in targets:
+                    wrapped = QLoRALinear(module, rank=rank, alpha=alpha, dropout=dropout, dtype=dtype)
+                else:
+                    continue
+                setattr(parent, child, wrapped)
+    return {name: m for name, m in lora_modules(model).items() if int(name.split(".")[2]) in chosen}
 
 
 def lora_modules(model: nn.Module) -> dict[str, QLoRALinear]:
-    """The `QLoRALinear`s of `model` by HF module name (the base's name, without `.base`)."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, QLoRALinear)}
+    """The `QLoRALinear`s of `model` by HF module name (the base's name, without `.base`; a
+    section's by its own name, `model.layers.0.self_attn.k_proj`), sorted by name."""
+    modules = {}
+    for name, m in model.named_modules():
+        if isinstance(m, StackedQLoRA):
+            parent = name.rpartition(".")[0]
+            modules.update((f"{parent}.{section}", lora) for section, lora in m.sections.items())
+        elif isinstance(m, QLoRALinear) and m.stack is None:
+            modules[name] = m
+    return dict(sorted(modules.items()))
 
 
 def lora_parameters(modules: Mapping[str, QLoRALinear]) -> dict[str, nn.Parameter]:

@@ -48,7 +48,7 @@ def lora_modules(model: nn.Module) -> dict[str, SlotTarget]:
 
 def projection_names(model: nn.Module, targets: Collection[str]) -> list[str]:
     """HF names of the decoder-layer projections whose short names are in `targets`, a stacked
-    module's sections included (`model.layers.0.self_attn.k_proj` of a fused `qkv_proj`)."""
+    module's sections included (`model.layers.0.self_attn.k_proj` of the stacked `qkv_proj`)."""
     names = []
     for name, module in model.named_modules():
         if not name.startswith("model.layers."):
@@ -67,7 +67,7 @@ def add_lora_slots(
 ) -> SlotMapping:
     """Wrap each named linear module of `model` in a `LoRALinear` stack of `num_slots` empty slots.
 
-    A name may be a section of a stacked module (`...self_attn.k_proj` of a fused `qkv_proj`): the
+    A name may be a section of a stacked module (`...self_attn.k_proj` of the stacked `qkv_proj`): the
     stacked module gets one stack whose sections are the named ones. The stacks' buffers take the
     dtype and device of the model's first float parameter (the embedding in a `CausalLM`), i.e.
     the activations'.

@@ -10,8 +10,9 @@ bitsandbytes NF4) gets quantized modules (`runtime.quant`) in place of the linea
 built on the meta device like the rest; their tensors are checked and turned into buffers by
 `runtime.checkpoints.quantized`, under the same strict key accounting.
 
-`serving_layout` turns a loaded model into the engine's layout, chosen by its device: packed
-weights dequantized once on CPU, q/k/v and gate/up stacked in every weight format.
+The model has one layout whatever the format and device: the checkpoint's q/k/v and gate/up
+tensors are written into its stacked `qkv_proj` and `gate_up_proj` (packed formats stacked packed).
+Packed weights are dequantized here, once, when the caller asks (the engine on CPU).
 
 The kernel backend (`QUADAPT_KERNELS`) is resolved here, once, for the load device, and every
 module that calls a kernel keeps it: a bad setting is refused before any weight is read.
@@ -30,7 +31,7 @@ from . import CheckpointReader, as_reader, is_derived_key
 from .quantized import PackedIntSpec, check_linear_shape, checkpoint_keys, module_buffers, quantized_linears
 from ..model.config import ModelConfig
 from ..errors import CheckpointError, UnsupportedError
-from ..model.fused import fuse_projections
+from ..model.fused import FusedLinear, as_float_linear, stack_modules
 from ..model.model import CausalLM
 from ..model.quant import NF4Linear, PackedIntLinear
 
@@ -40,14 +41,25 @@ def load_model(
     *,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
+    dequantize: bool = False,
 ) -> CausalLM:
     """Load a Llama-family model from a checkpoint directory or a `.gguf` file.
+
+    The checkpoint's q_proj/k_proj/v_proj and gate_proj/up_proj tensors go into the model's
+    stacked `qkv_proj` and `gate_up_proj` (`fused.stack_modules`): float ones as a `FusedLinear`,
+    packed ones of one format as a packed module of that format. A group whose members cannot stack
+    packed (one kept float by `convert --keep`, or an NF4 weight that is not a whole number of
+    64-weight blocks) is dequantized into `dtype` and stacked float.
 
     Args:
         source: a checkpoint path, or a reader already opened on one.
         dtype: dtype of the float parameters (and of the activations). Quantized weights keep
-            their packed buffers, whatever `dtype` is.
+            their packed buffers, whatever `dtype` is, unless `dequantize`.
         device: where the parameters live.
+        dequantize: replace every packed linear by a float one holding its dequantized weight in
+            `dtype`, once, here. The engine asks for it on CPU, where the reference dequant-matmul
+            would unpack every weight on every call (see `docs/engine.md`); the results are
+            unchanged, since the reference computes exactly `x @ dequantize(W).T`.
 
     Returns:
         The model in eval mode, its parameters frozen.
@@ -66,9 +78,10 @@ def load_model(
     config = ModelConfig.from_dict(config_dict)
     with torch.device("meta"):
         model = CausalLM(config)
-    quantized = _QuantizedLinears(model, config_dict, str(reader.path), device)
+    members = _Members(model)
+    quantized = _QuantizedLinears(members, config_dict, str(reader.path), device)
 
-    expected = _expected_shapes(model)
+    expected = members.expected_shapes()
     loaded: set[str] = set()
     unexpected: list[str] = []
     for name, tensor in reader.tensors():
@@ -86,7 +99,7 @@ def load_model(
             )
         if not tensor.is_floating_point():
             raise CheckpointError(f"{reader.path}: tensor {name!r} has dtype {tensor.dtype}; float weights expected")
-        _assign(model, name, tensor.to(device=device, dtype=dtype))
+        members.assign(name, tensor.to(device=device, dtype=dtype))
         loaded.add(name)
 
     missing = sorted(set(expected) - loaded) + quantized.missing()
@@ -98,50 +111,89 @@ def load_model(
         )
     if missing or unexpected:
         raise CheckpointError(_key_report(reader.path, missing, unexpected))
+    if dequantize:
+        members.dequantize(dtype)
+    members.stack(dtype)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     _bind_kernel_backend(model, backend)
     return model.eval().requires_grad_(False)
 
 
-def serving_layout(model: CausalLM, *, dequantize: bool | None = None) -> CausalLM:
-    """Lay a loaded model out as the engine runs it, by its device: packed linears dequantized
-    once into float `nn.Linear`s of the model's dtype (`dequantize`; None: on CPU only), then q/k/v
-    and gate/up stacked into one module each, whatever the weight format (`fused.fuse_projections`).
+class _Members:
+    """The linears of a model being loaded, by HF name: the model's own, and a float `nn.Linear`
+    (on meta) for each section of a stacked module, filled alone and stacked once all are loaded."""
 
-    On CPU the reference dequant-matmul unpacks the whole weight on every call, which makes a
-    quantized model slower than the float one (see `docs/engine.md`); dequantized once, it runs
-    the float model's matmuls at the float model's memory. The results are unchanged, since the
-    reference computes exactly `x @ dequantize(W).T`. On a GPU the packed weights stay packed and
-    their kernels read them.
+    def __init__(self, model: CausalLM) -> None:
+        self.model = model
+        self.sections: dict[str, nn.Module] = {}  # HF name of a stacked projection -> its module
+        self.groups: dict[str, list[str]] = {}  # stacked module name -> its sections' HF names
+        for name, module in list(model.named_modules()):
+            if not isinstance(module, FusedLinear):
+                continue
+            parent = name.rpartition(".")[0]
+            self.groups[name] = []
+            for section, size in zip(module.section_names, module.section_sizes):
+                with torch.device("meta"):
+                    linear = nn.Linear(module.in_features, size, bias=module.bias is not None)
+                self.sections[f"{parent}.{section}"] = linear
+                self.groups[name].append(f"{parent}.{section}")
 
-    Args:
-        model: a model from `load_model`, without LoRA slots; modified in place.
-        dequantize: dequantize packed linears; None = when the model lives on the CPU.
+    def get(self, name: str) -> nn.Module:
+        """The module of HF linear (or other module) `name`."""
+        return self.sections[name] if name in self.sections else self.model.get_submodule(name)
 
-    Returns:
-        `model`.
-    """
-    device = next(p for p in model.parameters() if p.is_floating_point()).device
-    if dequantize if dequantize is not None else device.type == "cpu":
-        dequantize_linears(model)
-    fuse_projections(model)
-    return model
-
-
-def dequantize_linears(model: nn.Module) -> int:
-    """Replace every packed linear of `model` by an `nn.Linear` holding its dequantized weight in
-    the model's float dtype. Returns how many were replaced."""
-    dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
-    packed = [(n, m) for n, m in model.named_modules() if isinstance(m, (PackedIntLinear, NF4Linear))]
-    for name, module in packed:
-        linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
-        linear.weight = nn.Parameter(module.dequantize().to(dtype), requires_grad=False)
-        if module.bias is not None:
-            linear.bias = nn.Parameter(module.bias.detach().to(dtype), requires_grad=False)
+    def put(self, name: str, module: nn.Module) -> None:
+        """Make `module` the one of HF linear `name`."""
+        if name in self.sections:
+            self.sections[name] = module
+            return
         parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, linear)
-    return len(packed)
+        setattr(self.model.get_submodule(parent_name) if parent_name else self.model, child, module)
+
+    def linears(self) -> dict[str, nn.Linear]:
+        """Every float `nn.Linear` by HF name, in model order."""
+        out = {}
+        for name, module in self.model.named_modules():
+            if name in self.groups:
+                out.update((section, self.sections[section]) for section in self.groups[name])
+            elif isinstance(module, nn.Linear):
+                out[name] = module
+        return out
+
+    def expected_shapes(self) -> dict[str, tuple[int, ...]]:
+        """HF name -> shape of every float parameter the checkpoint must hold (a tied weight once,
+        under its first name, the embedding)."""
+        shapes = {}
+        for name, module in self.model.named_modules():
+            if name in self.groups:
+                for section in self.groups[name]:
+                    shapes.update({f"{section}.{p}": tuple(t.shape) for p, t in self.sections[section].named_parameters()})
+            elif not isinstance(module, FusedLinear):
+                for p, t in module.named_parameters(recurse=False):
+                    tied = t is self.model.model.embed_tokens.weight and module is not self.model.model.embed_tokens
+                    if not tied:
+                        shapes[f"{name}.{p}" if name else p] = tuple(t.shape)
+        return shapes
+
+    def assign(self, name: str, tensor: torch.Tensor) -> None:
+        module_name, _, param_name = name.rpartition(".")
+        self.get(module_name)._parameters[param_name] = nn.Parameter(tensor, requires_grad=False)
+
+    def dequantize(self, dtype: torch.dtype) -> None:
+        """Replace every packed linear by a float `nn.Linear` of its dequantized weight in `dtype`."""
+        packed = [n for n, m in self.model.named_modules() if isinstance(m, (PackedIntLinear, NF4Linear))]
+        packed += [n for n, m in self.sections.items() if isinstance(m, (PackedIntLinear, NF4Linear))]
+        for name in packed:
+            self.put(name, as_float_linear(self.get(name), dtype))
+
+    def stack(self, dtype: torch.dtype) -> None:
+        """Put each group's stacked module in the model (`fused.stack_modules`), dropping the
+        group's separate modules as it goes, so the copy costs one group's memory at a time."""
+        for name, sections in self.groups.items():
+            stacked = stack_modules([(s.rpartition(".")[2], self.sections.pop(s)) for s in sections], dtype)
+            parent_name, _, child = name.rpartition(".")
+            setattr(self.model.get_submodule(parent_name), child, stacked)
 
 
 def _bind_kernel_backend(model: CausalLM, backend: kernels.Backend) -> None:
@@ -160,8 +212,8 @@ class _QuantizedLinears:
     has all of them, then checked and assigned at once.
     """
 
-    def __init__(self, model: CausalLM, config_dict: dict[str, Any], source: str, device: torch.device | str) -> None:
-        self.model, self.source, self.device = model, source, device
+    def __init__(self, members: _Members, config_dict: dict[str, Any], source: str, device: torch.device | str) -> None:
+        self.members, self.source, self.device = members, source, device
         self.specs: dict[str, Any] = {}
         self.owner: dict[str, str] = {}  # checkpoint key -> module name
         self.pending: dict[str, dict[str, torch.Tensor]] = {}
@@ -169,14 +221,14 @@ class _QuantizedLinears:
         self.keys: dict[str, list[str]] = {}  # module name -> its checkpoint keys
         if "quantization_config" not in config_dict:
             return
-        linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
-        if model.config.tie_word_embeddings:
+        linears = members.linears()
+        if members.model.config.tie_word_embeddings:
             del linears["lm_head"]  # it is the embedding matrix, which stays float
         self.specs = quantized_linears(config_dict, linears)
         for module, spec in self.specs.items():  # every shape checked before any module changes
             check_linear_shape(module, spec, (linears[module].out_features, linears[module].in_features), source)
         for module, spec in self.specs.items():
-            _swap(model, module, spec)
+            _swap(members, module, spec)
             self.keys[module] = checkpoint_keys(module, spec)
             self.owner.update(dict.fromkeys(self.keys[module], module))
 
@@ -201,7 +253,7 @@ class _QuantizedLinears:
         )
 
     def _fill(self, module: str, tensors: dict[str, torch.Tensor]) -> None:
-        target = self.model.get_submodule(module)
+        target = self.members.get(module)
         shape = (target.out_features, target.in_features)
         values = module_buffers(module, self.specs[module], tensors, shape, self.source)
         for key, value in values.items():
@@ -212,28 +264,16 @@ class _QuantizedLinears:
         self.done.add(module)
 
 
-def _swap(model: CausalLM, name: str, spec: Any) -> None:
+def _swap(members: _Members, name: str, spec: Any) -> None:
     """Replace the nn.Linear `name` by the quantized module `spec` describes, on the meta device."""
-    linear = model.get_submodule(name)
-    parent_name, _, child = name.rpartition(".")
+    linear = members.get(name)
     shape = dict(in_features=linear.in_features, out_features=linear.out_features, bias=linear.bias is not None)
     with torch.device("meta"):
         if isinstance(spec, PackedIntSpec):
             module = PackedIntLinear(**shape, num_bits=spec.num_bits, group_size=spec.group_size, symmetric=spec.symmetric)
         else:
             module = NF4Linear(**shape)
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
-
-
-def _expected_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
-    # named_parameters() lists a tied weight once, under its first name (the embedding).
-    return {name: tuple(p.shape) for name, p in model.named_parameters()}
-
-
-def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
-    module_name, _, param_name = name.rpartition(".")
-    module = model.get_submodule(module_name)
-    module._parameters[param_name] = nn.Parameter(tensor, requires_grad=False)
+    members.put(name, module)
 
 
 def _key_report(path: Path, missing: list[str], unexpected: list[str], shown: int = 12) -> str:

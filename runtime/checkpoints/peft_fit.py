@@ -52,7 +52,7 @@ class BaseModules:
     @classmethod
     def of_model(cls, model: nn.Module, label: str = "the base model") -> BaseModules:
         """The layout of a built model (float or quantized linear modules alike); a stacked module
-        (`qkv_proj` of `fused.fuse_projections`) stands for its sections, by their HF names."""
+        (`qkv_proj`, see `fused.STACKED`) stands for its sections, by their HF names."""
         names, linear = [], {}
         for name, module in model.named_modules():
             if not name:

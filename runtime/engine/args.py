@@ -196,7 +196,10 @@ def build_engine(args: EngineArgs) -> tuple[Engine, Tokenizer, Path]:
         for name, adapter in adapters.items():
             engine.adapters.load(name, adapter)
         return engine, tokenizer, reader.path
-    model = load_model(reader, dtype=getattr(torch, args.dtype), device=args.device)
+    # On CPU packed weights are dequantized once at load: the reference dequant-matmul would
+    # unpack them on every step (see `loader.load_model`).
+    model = load_model(reader, dtype=getattr(torch, args.dtype), device=args.device,
+                       dequantize=torch.device(args.device).type == "cpu")
     try:
         engine = Engine.for_model(
             model, eos_token_ids=tokenizer.eos_token_ids, config=config, kv_cache_bytes=args.kv_cache_bytes,

@@ -125,17 +125,17 @@ class Engine:
         config: EngineConfig | None = None,
         kv_cache_bytes: int = DEFAULT_KV_CACHE_BYTES,
         block_size: int = 16,
-        dequantize: bool | None = None,
     ) -> Engine:
         """An engine over a loaded model with the torch executor (the model is taken over).
 
         Args:
-            model: a loaded model, float or quantized, without LoRA slots.
+            model: a loaded model, float or quantized, without LoRA slots; the engine changes
+                none of its modules (it only puts LoRA slots on them). On CPU load it with
+                `dequantize=True`, as `build_engine` does, or packed weights unpack on every step.
             eos_token_ids: the model's end-of-sequence ids.
             config: batching limits (`max_loras` adapter slots are added to the model).
             kv_cache_bytes: memory for the paged KV cache; it sets how many blocks there are.
             block_size: positions per cache block.
-            dequantize: see `TorchExecutor` (None: dequantize packed weights on CPU only).
 
         Raises:
             InvalidParameterError: a budget that holds no block, or a model that already carries LoRA slots.
@@ -152,7 +152,6 @@ class Engine:
             max_num_batched_tokens=config.max_num_batched_tokens,
             num_lora_slots=config.max_loras,
             max_lora_rank=config.max_lora_rank,
-            dequantize=dequantize,
         )
         # The stacks the executor put on the model, found once for every slot write to come.
         slots = LoRASlots(lora_modules(model), config.max_loras) if config.max_loras else None

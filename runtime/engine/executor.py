@@ -6,9 +6,12 @@ adapter slots that live beside its model (`write_adapter_slot`), so the registry
 without knowing how they are stored.
 
 `TorchExecutor` runs `CausalLM` with a `PagedKVCache`: Triton kernels on CUDA, the torch
-references elsewhere (see `kernels`), on the layout `loader.serving_layout` gives the model (packed
-weights dequantized once on CPU, q/k/v and gate/up stacked), with LoRA slots on its projections. A
-later ONNX executor runs packed weights on CPU through the same interface.
+references elsewhere (see `kernels`), on the model as the loader laid it out (q/k/v and gate/up
+stacked in every format; packed weights dequantized at load when the caller asked, as
+`build_engine` does on CPU). It changes no module of the model: it only wraps the projections in
+LoRA slot stacks (`adapters.add_lora_slots`, the base module kept inside), and on CPU stores each
+float base weight beside its stack's A factors (`LoRALinear.fuse_shrink`: the same values, one
+GEMM). A later ONNX executor runs packed weights on CPU through the same interface.
 """
 
 from __future__ import annotations
@@ -23,7 +26,6 @@ from ...kernels import NO_SLOT
 from ..checkpoints.adapters import add_lora_slots, lora_modules, projection_names
 from ..model.batch import RowSpec, build_batch
 from ..model.config import ModelConfig
-from ..checkpoints.loader import serving_layout
 from ..model.lora import LoRALinear, LoRAWeights, SlotMapping
 from ..model.model import CausalLM
 from .paged_cache import PagedKVCache
@@ -54,14 +56,13 @@ class TorchExecutor:
     """`CausalLM` over a paged cache; see the module docstring.
 
     Args:
-        model: a loaded model (float or quantized linears), taken over and modified in place.
+        model: a loaded model (float or quantized linears), taken over: LoRA slots are put on it.
         num_blocks: cache blocks to allocate.
         block_size: positions per block.
         max_num_batched_tokens: the most tokens one step feeds (sizes the LoRA slot buffer).
         num_lora_slots: adapter slots beside the model (0: no adapters served).
         max_lora_rank: the largest adapter rank a slot holds.
         lora_targets: the short names of the projections that get slots.
-        dequantize: see `loader.serving_layout` (None: dequantize packed linears on CPU only).
     """
 
     def __init__(
@@ -74,14 +75,12 @@ class TorchExecutor:
         num_lora_slots: int = 0,
         max_lora_rank: int = 16,
         lora_targets: Iterable[str] = LORA_TARGETS,
-        dequantize: bool | None = None,
     ) -> None:
         weight = next(p for p in model.parameters() if p.is_floating_point())
         self.model = model
         self.config = model.config
         self.device = weight.device
         self.dtype = weight.dtype
-        serving_layout(model, dequantize=dequantize)
         backend = getattr(model, "kernel_backend", None)
         self.block_size = block_size
         self.num_blocks = num_blocks

@@ -1,9 +1,11 @@
 """The Llama-family decoder (Llama, Mistral, Qwen2, SmolLM) in plain PyTorch.
 
-Parameter names equal Hugging Face's (`model.layers.0.self_attn.q_proj.weight`), so loading an HF
-checkpoint is the identity map, and RoPE uses HF's rotate-half layout. This file holds no I/O,
-no quantization and no sampling: the loader swaps and stacks the linear layers, and generation lives in
-`generate.py` and `engine.py`.
+Module names follow Hugging Face's, but for one layout on every device and in every weight format:
+q/k/v are one `qkv_proj` and gate/up one `gate_up_proj` (`fused.STACKED`), whose sections the
+loader fills from the checkpoint's `q_proj`, `k_proj`, ... tensors (`checkpoint_shapes` lists the
+names a checkpoint holds). RoPE uses HF's rotate-half layout. This file holds no I/O, no
+quantization and no sampling: the loader fills and swaps the linear layers, and generation lives
+in `generate.py` and `engine.py`.
 
 Two ways in, one model: `forward(input_ids [B, T], cache)` places rows of equal length after a
 contiguous cache's prefix (the reference generator, perplexity); `forward(input_ids [N], cache,
@@ -25,6 +27,7 @@ from torch import nn
 from .attention import causal_attention
 from .batch import ForwardBatch
 from .config import ModelConfig, RopeScaling
+from .fused import FusedLinear
 from ..errors import ContextLengthError
 
 
@@ -90,14 +93,13 @@ class Attention(nn.Module):
         self.head_dim = config.head_dim
         qkv_bias = config.qkv_bias or config.attention_bias
         hidden, q_dim, kv_dim = config.hidden_size, self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
-        self.q_proj = nn.Linear(hidden, q_dim, bias=qkv_bias)
-        self.k_proj = nn.Linear(hidden, kv_dim, bias=qkv_bias)
-        self.v_proj = nn.Linear(hidden, kv_dim, bias=qkv_bias)
+        # q, k and v in one matmul, whatever the weight format (`fused`); the loader writes the
+        # checkpoint's q_proj, k_proj and v_proj into its sections.
+        self.qkv_proj: nn.Module = FusedLinear(
+            hidden, (("q_proj", q_dim), ("k_proj", kv_dim), ("v_proj", kv_dim)), bias=qkv_bias
+        )
         self.o_proj = nn.Linear(q_dim, hidden, bias=config.attention_bias)
         self.q_dim, self.kv_dim = q_dim, kv_dim
-        # q, k and v in one matmul once `fused.fuse_projections` has replaced the three (the
-        # engine's layout, `loader.serving_layout`).
-        self.qkv_proj: nn.Module | None = None
 
     def forward(
         self,
@@ -109,10 +111,7 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         B, T, _ = x.shape
         # [B, T, H*D] -> [B, H, T, D]
-        if self.qkv_proj is None:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        else:
-            q, k, v = self.qkv_proj(x).split((self.q_dim, self.kv_dim, self.kv_dim), dim=-1)
+        q, k, v = self.qkv_proj(x).split((self.q_dim, self.kv_dim, self.kv_dim), dim=-1)
         q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
@@ -129,16 +128,12 @@ class MLP(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         hidden, inter, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
-        self.gate_proj = nn.Linear(hidden, inter, bias=bias)
-        self.up_proj = nn.Linear(hidden, inter, bias=bias)
+        # gate and up in one matmul, as `qkv_proj`
+        self.gate_up_proj: nn.Module = FusedLinear(hidden, (("gate_proj", inter), ("up_proj", inter)), bias=bias)
         self.down_proj = nn.Linear(inter, hidden, bias=bias)
-        self.gate_up_proj: nn.Module | None = None  # gate and up in one matmul, as `qkv_proj`
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.gate_up_proj is None:
-            gate, up = self.gate_proj(x), self.up_proj(x)
-        else:
-            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 
@@ -249,3 +244,34 @@ class CausalLM(nn.Module):
             x = layer(x, cos, sin, cache, batch)
         # Norm and head only where logits are wanted; both act on each token alone.
         return self.lm_head(self.model.norm(x[0, batch.logits_indices]))  # [L, V]
+
+
+def checkpoint_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """The float parameters a checkpoint of `config` holds, by HF name, in model order, with their
+    shapes: each stacked module's weight and bias listed as its sections' (`q_proj.weight`, ...).
+    A tied head is listed once, as the embedding."""
+    with torch.device("meta"):
+        model = CausalLM(config)
+    shapes: dict[str, tuple[int, ...]] = {}
+    for module_name, module in model.named_modules():
+        params = [(n, p) for n, p in module.named_parameters(recurse=False)]
+        sections = getattr(module, "section_names", ())
+        parent = module_name.rpartition(".")[0]
+        for param_name, p in params:
+            if p is model.model.embed_tokens.weight and module is not model.model.embed_tokens:
+                continue  # the tied head
+            if not sections:
+                shapes[f"{module_name}.{param_name}"] = tuple(p.shape)
+                continue
+            for section, size in zip(sections, module.section_sizes):
+                shapes[f"{parent}.{section}.{param_name}"] = (size, *p.shape[1:])
+    return shapes
+
+
+def checkpoint_linears(config: ModelConfig) -> dict[str, tuple[int, int]]:
+    """Every linear a checkpoint of `config` holds, by HF module name (`model.layers.0.self_attn.k_proj`,
+    `lm_head`), in model order: (out_features, in_features)."""
+    return {
+        name.removesuffix(".weight"): shape for name, shape in checkpoint_shapes(config).items()
+        if name.endswith(".weight") and len(shape) == 2 and name != "model.embed_tokens.weight"
+    } | ({"lm_head": (config.vocab_size, config.hidden_size)} if config.tie_word_embeddings else {})

@@ -10,7 +10,8 @@ weight is, for reports.
 
 Projections that read one input (q, k and v) stack into one module of their format (`stack`):
 the rows of the packed weights one after the other, `section_names` and `section_sizes` naming
-each projection's rows, as `fused.FusedLinear` does for float weights.
+each projection's rows, as `fused.FusedLinear` does for float weights; `section(name)` gives one
+projection back as a module of its own, its buffers views of the stacked ones.
 
 They do not quantize, read checkpoints or know tensor names on disk: the loader fills their
 buffers, and the converters produce them.
@@ -103,6 +104,20 @@ class PackedIntLinear(nn.Module):
         _stack_common(module, modules, sizes)
         return module
 
+    def section(self, name: str) -> PackedIntLinear:
+        """Section `name` of a stacked module (`stack`) as a module of its own, its buffers views of
+        this module's rows."""
+        rows = _section_rows(self, name)
+        with torch.device("meta"):
+            module = PackedIntLinear(self.in_features, rows.stop - rows.start, num_bits=self.num_bits,
+                                     group_size=self.group_size, symmetric=self.symmetric, bias=self.bias is not None,
+                                     scale_dtype=self.weight_scale.dtype)
+        for key in ("weight_packed", "weight_scale", "weight_zero_point"):
+            value = getattr(self, key)
+            module._buffers[key] = None if value is None else value[rows]
+        _section_common(module, self, rows)
+        return module
+
     def dequantize(self) -> torch.Tensor:
         """The float weight [N, K] the packed buffers stand for, in the scales' dtype."""
         return dequant_packed_int(
@@ -185,6 +200,19 @@ class NF4Linear(nn.Module):
         _stack_common(module, modules, sizes)
         return module
 
+    def section(self, name: str) -> NF4Linear:
+        """Section `name` of a stacked module (`stack`) as a module of its own, its buffers views of
+        this module's blocks (a section is a whole number of blocks, as `stack` requires)."""
+        rows = _section_rows(self, name)
+        first, count = rows.start * self.in_features, (rows.stop - rows.start) * self.in_features
+        with torch.device("meta"):
+            module = NF4Linear(self.in_features, rows.stop - rows.start, bias=self.bias is not None,
+                               blocksize=self.blocksize, dtype=self.dtype)
+        module._buffers["weight_packed"] = self.weight_packed[first // 2: (first + count) // 2]
+        module._buffers["absmax"] = self.absmax[first // self.blocksize: (first + count) // self.blocksize]
+        _section_common(module, self, rows)
+        return module
+
     def dequantize(self) -> torch.Tensor:
         """The float weight [N, K] the packed buffers stand for, in `self.dtype`."""
         return dequant_nf4(
@@ -221,3 +249,18 @@ def _stack_common(module: QuantLinear, modules: Sequence[tuple[str, QuantLinear]
         module.bias = nn.Parameter(torch.cat([m.bias.detach() for _, m in modules]), requires_grad=False)
     module.section_names, module.section_sizes = tuple(name for name, _ in modules), sizes
     module.kernel_backend = modules[0][1].kernel_backend
+
+
+def _section_rows(module: QuantLinear, name: str) -> slice:
+    if name not in module.section_names:
+        raise ValueError(f"{type(module).__name__} has sections {module.section_names}, not {name!r}")
+    i = module.section_names.index(name)
+    start = sum(module.section_sizes[:i])
+    return slice(start, start + module.section_sizes[i])
+
+
+def _section_common(module: QuantLinear, stacked: QuantLinear, rows: slice) -> None:
+    """Give a section's `module` its rows of the stacked bias, and the kernel backend."""
+    if stacked.bias is not None:
+        module.bias = nn.Parameter(stacked.bias.detach()[rows], requires_grad=False)
+    module.kernel_backend = stacked.kernel_backend
