@@ -156,7 +156,7 @@ class _API:
         async def one(prompt: Any) -> tuple[str, str | None, list[Any] | None, int, int]:
             text, last = "", None
             logprobs: list[Any] | None = None if parsed.params.logprobs is None else []
-            async with server.generation(prompt, parsed.params, parsed.adapter, who=who) as generation:
+            async with server.generation(prompt, parsed.params, parsed.adapter, who=f" {who}") as generation:
                 async for delta in generation:
                     text += delta.text
                     if logprobs is not None:
@@ -218,7 +218,7 @@ async def _stream(server: Any, request: Any, parsed: ParsedRequest, chat: bool, 
     stack = contextlib.AsyncExitStack()
     try:
         generation = await stack.enter_async_context(
-            server.generation(parsed.prompts[0], parsed.params, parsed.adapter, who=who))
+            server.generation(parsed.prompts[0], parsed.params, parsed.adapter, who=f" {who}"))
         deltas = generation.__aiter__()
         first = await _unless_disconnected(request, deltas.__anext__())  # the prefill: seconds under load
     except BaseException:
