@@ -136,6 +136,9 @@ def test_fields_the_server_does_not_use_are_ignored(sdk):
         metadata={"k": "v"}, extra_body={"ignore_eos": True, "not_a_field": [1, 2]},
     )
     assert done.usage.completion_tokens == 5 and done.choices[0].finish_reason == "length"
+    assert done.model == BASE_ID
+    unnamed = sdk.chat.completions.create(model="", messages=HELLO, max_tokens=5)  # no model: the base answers
+    assert unnamed.model == BASE_ID and unnamed.choices[0].message.content == done.choices[0].message.content
     stop = sdk.completions.create(model=BASE_ID, prompt="the quick brown", max_tokens=12, extra_body={"ignore_eos": True})
     cut = stop.choices[0].text[4:6]
     stopped = sdk.completions.create(model=BASE_ID, prompt="the quick brown", max_tokens=12, stop=cut,
@@ -155,7 +158,8 @@ def test_errors_reach_the_sdk_as_its_types(sdk, served):
     for refused, name in (({"n": 2}, "n must be 1"), ({"top_logprobs": 2}, "needs logprobs: true"),
                           ({"logprobs": True, "top_logprobs": 21}, r"top_logprobs must be an integer in \[0, 20\]"),
                           ({"presence_penalty": 0.5}, "repetition_penalty"),
-                          ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "text parts")):
+                          ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "text parts"),
+                          ({"messages": [{"role": "user"}]}, r"messages\[0\] \('user'\) has no content")):
         with pytest.raises(openai.BadRequestError, match=name) as e:
             sdk.chat.completions.create(**{"model": BASE_ID, "messages": HELLO, **NEW, **refused})
         assert e.value.body["type"] == "invalid_request_error"

@@ -98,6 +98,7 @@ def parse_request(body: Any, *, chat: bool, base_id: str, adapters: Sequence[str
         raise FieldError(f"the request body must be a JSON object, got {quote(body)}")
     model = _typed(body, "model", str, default="")
     adapter = resolve_model(model, base_id, adapters)
+    model = model or base_id  # the response names the model that answered
     if chat:
         prompts: list[Prompt] = [request_prompt("", _messages(body.get("messages")), tokenizer)]
     else:
@@ -152,6 +153,9 @@ def _messages(raw: Any) -> list[Message]:
     for i, message in enumerate(raw):
         if not isinstance(message, Mapping) or not isinstance(message.get("role"), str):
             raise FieldError(f"messages[{i}] must be an object with a string role, got {quote(message)}", "messages")
+        if message.get("content") is None and message["role"] != "assistant":
+            raise FieldError(f"messages[{i}] ({quote(message['role'])}) has no content; only an assistant turn may "
+                             "leave it out", "messages")
         messages.append(Message(message["role"], _content(message.get("content"), i)))
     return messages
 
