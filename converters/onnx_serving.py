@@ -8,12 +8,12 @@ serve a batch whose rows sit at different positions and use different adapters:
   one, after this step) and `total_sequence_length` int32 scalar, instead of an attention mask:
   the executor knows them and each row of the shared KV buffer has its own.
 - Every projection of every layer (q, k, v, o, gate, up, down) carries LoRA stacks as required
-  inputs, `{module}.lora_A` float32 [S, in, r] and `{module}.lora_B` [S, r, out] (the LoRA scale
+  inputs, `{module}.lora_A` float32 [S, r, in] and `{module}.lora_B` [S, r, out] (the LoRA scale
   folded into B), S = slots + 1: stack entry 0 is all zeros and stands for "no adapter", entry
   `slot + 1` holds engine slot `slot`, ranks zero-padded to `r`. The executor owns these arrays
   and binds them once; loading an adapter into a slot writes into them in place.
 - `lora_slots` int64 [B] picks each row's stack entry; a row's LoRA term is
-  `(x @ Gather(A, slot)) @ Gather(B, slot)`, a batched MatMul over the rows.
+  `(x @ Gather(A, slot)^T) @ Gather(B, slot)`, a batched MatMul over the rows.
 
 `export_serving` writes `model.onnx`, `model.onnx.data` and `quadapt_serving.json` atomically. It
 runs no model: `runtime/engine/onnx_executor.py` does.
@@ -31,7 +31,7 @@ from onnx import TensorProto, helper
 from ..runtime.checkpoints import open_checkpoint
 from ..runtime.checkpoints.loader import load_model
 from ..runtime.model.fused import checkpoint_module
-from ..runtime.engine.onnx_executor import SERVING_FORMAT, SERVING_MANIFEST, SERVING_VERSION
+from ..runtime.engine.onnx_setup import SERVING_FORMAT, SERVING_MANIFEST, SERVING_VERSION
 from ..runtime.errors import InvalidParameterError
 from .onnx_export import _FUSED, DATA_FILE, MODEL_FILE, _decoder_weights, _shape
 from .onnx_graph import ACCURACY_LEVELS, DecoderWeights, Shape, _Builder
@@ -132,11 +132,17 @@ class _ServingBuilder(_Builder):
         return "seqlens_k", "total_sequence_length"
 
     def _lora(self, module: str, x: str, k: int, n: int) -> str:
-        """Each row's slot: x [B, S, k] @ A[slot] [B, k, r] @ B[slot] [B, r, n]."""
+        """Each row's slot: (A[slot] [B, r, k] @ x^T [B, k, S])^T [B, S, r] @ B[slot] [B, r, n].
+
+        A is stored rank-major ([S, r, k], as PEFT stores it) so an adapter of a lower rank than the
+        stacks', or one that leaves the module alone, writes (and makes resident) only its own rows;
+        the transposes move S x k and S x r values, one row each when decoding.
+        """
         a, b = f"{module}.lora_A", f"{module}.lora_B"
-        self.inputs.append(helper.make_tensor_value_info(a, TensorProto.FLOAT, [self.stacks, k, self.rank]))
+        self.inputs.append(helper.make_tensor_value_info(a, TensorProto.FLOAT, [self.stacks, self.rank, k]))
         self.inputs.append(helper.make_tensor_value_info(b, TensorProto.FLOAT, [self.stacks, self.rank, n]))
         a_rows = self.node("Gather", [a, "lora_slots"], axis=0)[0]
         b_rows = self.node("Gather", [b, "lora_slots"], axis=0)[0]
-        return self.node("MatMul", [self.node("MatMul", [x, a_rows])[0], b_rows])[0]
-
+        x_t = self.node("Transpose", [x], perm=[0, 2, 1])[0]
+        shrunk = self.node("Transpose", [self.node("MatMul", [a_rows, x_t])[0]], perm=[0, 2, 1])[0]
+        return self.node("MatMul", [shrunk, b_rows])[0]

@@ -27,6 +27,11 @@ from ..errors import InvalidParameterError, UnsupportedError
 logger = logging.getLogger(__name__)
 
 EXECUTORS = ("auto", "torch", "onnx")
+# The serving export's manifest: its file name, format and version. A new version is a new graph
+# (its cache key includes the version, so an engine of this version builds its own export).
+SERVING_FORMAT = "quadapt-onnx-serving"
+SERVING_VERSION = 2
+SERVING_MANIFEST = "quadapt_serving.json"
 # What the ONNX executor's export is built with; part of the cache key.
 EXPORT_SETTINGS = {"lm_head": "int8", "accuracy_level": 4, "block_size": 32}
 _INSTALL = "pip install 'quadapt[onnx]'"
@@ -104,12 +109,12 @@ def serving_export(checkpoint: Path, *, num_slots: int, max_rank: int, bits: int
         Whatever the builder raises for a checkpoint it cannot export.
     """
     settings = {**EXPORT_SETTINGS, "num_slots": num_slots, "max_rank": max_rank, "bits": bits}
-    key = _content_hash(checkpoint, settings)
+    key = _content_hash(checkpoint, {**settings, "version": SERVING_VERSION})
     name = f"onnx-serving-{key[:16]}"
     home = checkpoint if checkpoint.is_dir() else checkpoint.parent
     candidates = [home / ".quadapt" / name, _user_cache() / name]
     for path in candidates:
-        if (path / "quadapt_serving.json").is_file():
+        if (path / SERVING_MANIFEST).is_file():
             return path
     if _exporter is None:
         raise UnsupportedError(_UNREGISTERED)
