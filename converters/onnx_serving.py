@@ -12,8 +12,11 @@ serve a batch whose rows sit at different positions and use different adapters:
   folded into B), S = slots + 1: stack entry 0 is all zeros and stands for "no adapter", entry
   `slot + 1` holds engine slot `slot`, ranks zero-padded to `r`. The executor owns these arrays
   and binds them once; loading an adapter into a slot writes into them in place.
-- `lora_slots` int64 [B] picks each row's stack entry; a row's LoRA term is
-  `(x @ Gather(A, slot)^T) @ Gather(B, slot)`, a batched MatMul over the rows.
+- `lora_slots` int64 [B] picks each row's stack entry for the gather path, `(x @ Gather(A,
+  slot)^T) @ Gather(B, slot)`; `lora_mask` float32 [B, 1, slots x r] keeps each row's columns for
+  the masked path, `((x @ A_all^T) * mask) @ B_all`, where `{module}.lora_A_all` [slots x r, in] and
+  `lora_B_all` are the stacks without entry 0. The executor runs one path per step and binds the
+  other with a zero width (see `_ServingBuilder._lora`).
 
 `export_serving` writes `model.onnx`, `model.onnx.data` and `quadapt_serving.json` atomically. It
 runs no model: `runtime/engine/onnx_executor.py` does.
@@ -126,23 +129,37 @@ class _ServingBuilder(_Builder):
             helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, ["batch_size"]),
             helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, []),
             helper.make_tensor_value_info("lora_slots", TensorProto.INT64, ["batch_size"]),
+            helper.make_tensor_value_info("lora_mask", TensorProto.FLOAT, ["batch_size", 1, "lora_columns"]),
         ]
 
     def _lengths(self) -> tuple[str, str]:
         return "seqlens_k", "total_sequence_length"
 
     def _lora(self, module: str, x: str, k: int, n: int) -> str:
-        """Each row's slot: (A[slot] [B, r, k] @ x^T [B, k, S])^T [B, S, r] @ B[slot] [B, r, n].
+        """Each row's adapter term, by two paths whose sum is the term (the executor feeds one of
+        them and binds the other empty, `lora_rank` or `lora_columns` = 0, so it costs no work):
+
+        - gather: `(A[slot] [B, r, k] @ x^T [B, k, S])^T [B, S, r] @ B[slot] [B, r, n]`, the factors
+          copied per row (cheap for few rows);
+        - masked: `((x @ A_all^T) * lora_mask) @ B_all`, every slot's factors at once as one GEMM
+          each, `lora_mask` [B, 1, columns] keeping each row's own slot's columns (cheap for many
+          rows: the factors are read once per step, whatever the batch).
 
         A is stored rank-major ([S, r, k], as PEFT stores it) so an adapter of a lower rank than the
         stacks', or one that leaves the module alone, writes (and makes resident) only its own rows;
-        the transposes move S x k and S x r values, one row each when decoding.
+        `A_all` [S' x r, k] and `B_all` are the same memory seen without the base entry.
         """
         a, b = f"{module}.lora_A", f"{module}.lora_B"
-        self.inputs.append(helper.make_tensor_value_info(a, TensorProto.FLOAT, [self.stacks, self.rank, k]))
-        self.inputs.append(helper.make_tensor_value_info(b, TensorProto.FLOAT, [self.stacks, self.rank, n]))
+        self.inputs.append(helper.make_tensor_value_info(a, TensorProto.FLOAT, [self.stacks, "lora_rank", k]))
+        self.inputs.append(helper.make_tensor_value_info(b, TensorProto.FLOAT, [self.stacks, "lora_rank", n]))
         a_rows = self.node("Gather", [a, "lora_slots"], axis=0)[0]
         b_rows = self.node("Gather", [b, "lora_slots"], axis=0)[0]
         x_t = self.node("Transpose", [x], perm=[0, 2, 1])[0]
         shrunk = self.node("Transpose", [self.node("MatMul", [a_rows, x_t])[0]], perm=[0, 2, 1])[0]
-        return self.node("MatMul", [shrunk, b_rows])[0]
+        gathered = self.node("MatMul", [shrunk, b_rows])[0]
+        a_all, b_all = f"{module}.lora_A_all", f"{module}.lora_B_all"
+        self.inputs.append(helper.make_tensor_value_info(a_all, TensorProto.FLOAT, ["lora_columns", k]))
+        self.inputs.append(helper.make_tensor_value_info(b_all, TensorProto.FLOAT, ["lora_columns", n]))
+        every = self.node("MatMul", [x, self.node("Transpose", [a_all], perm=[1, 0])[0]])[0]  # fused: transB
+        masked = self.node("MatMul", [self.node("Mul", [every, "lora_mask"])[0], b_all])[0]
+        return self.node("Add", [gathered, masked])[0]

@@ -58,18 +58,31 @@ def run(engine) -> dict[str, list[int]]:
     return tokens
 
 
-@pytest.mark.parametrize("first_capacity", [256, 2], ids=["room", "lanes-grow"])
-def test_greedy_equals_the_edge_runtime_for_each_adapter(tiny, tmp_path, monkeypatch, first_capacity):
+@pytest.mark.parametrize(
+    "first_capacity, lora_path", [(256, None), (2, None), (256, "gather"), (256, "masked")],
+    ids=["room", "lanes-grow", "gather-only", "masked-only"],
+)
+def test_greedy_equals_the_edge_runtime_for_each_adapter(tiny, tmp_path, monkeypatch, first_capacity, lora_path):
     """The engine's export (int8 compute, int8 head: the defaults of both) against `export-onnx`
     with the same settings, run by the edge runtime one request at a time; the engine runs the
     three together, with a fourth base request, in one batch. With lanes of 2 positions at first,
-    they grow (keeping what they hold) several times during the run."""
+    they grow (keeping what they hold) several times during the run. The executor's own choice of
+    LoRA path per step uses all three (base, gather, masked); each adapter path alone, forced for
+    every step, base rows included, gives the same tokens."""
     from quadapt.runtime.engine import onnx_executor
 
     monkeypatch.setattr(onnx_executor, "_FIRST_CAPACITY", first_capacity)
+    chosen = []
+    choose = OnnxExecutor._path
+
+    def path(self, entries):
+        chosen.append(lora_path or choose(self, entries))
+        return chosen[-1]
+
+    monkeypatch.setattr(OnnxExecutor, "_path", path)
     _, checkpoint, adapters = tiny
     engine, tokenizer, _ = build_engine(
-        EngineArgs(model=str(checkpoint), adapters=adapters, executor="onnx", kv_cache_bytes=KV, threads=1)
+        EngineArgs(model=str(checkpoint), adapters=adapters, executor="onnx", kv_cache_bytes=KV, threads=1, max_loras=2)
     )
     assert isinstance(engine.executor, OnnxExecutor)
     edge = EdgeModel(export_onnx(checkpoint, tmp_path / "edge", adapters=adapters), threads=1)
@@ -84,6 +97,7 @@ def test_greedy_equals_the_edge_runtime_for_each_adapter(tiny, tmp_path, monkeyp
         expected = list(generate_ids(edge, prompt, TextSamplingParams(**GREEDY), set(), adapter))
         assert got[str(name)] == expected, name
     assert got["a"] != got["None"] or got["b"] != got["None"]  # the adapters do something
+    assert set(chosen) == ({lora_path} if lora_path else {"base", "gather", "masked"})
     assert engine.allocator.num_used == 0 and engine.executor.lanes_used == 0
     assert engine.executor.capacity >= max(len(p) for p in ids.values()) + GREEDY["max_new_tokens"]
 

@@ -30,7 +30,7 @@ EXECUTORS = ("auto", "torch", "onnx")
 # The serving export's manifest: its file name, format and version. A new version is a new graph
 # (its cache key includes the version, so an engine of this version builds its own export).
 SERVING_FORMAT = "quadapt-onnx-serving"
-SERVING_VERSION = 2
+SERVING_VERSION = 3
 SERVING_MANIFEST = "quadapt_serving.json"
 # What the ONNX executor's export is built with; part of the cache key.
 EXPORT_SETTINGS = {"lm_head": "int8", "accuracy_level": 4, "block_size": 32}
