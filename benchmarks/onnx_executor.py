@@ -6,7 +6,7 @@ and rank 16 on all seven projections), greedy with eos ignored, 32-token prompts
 
 - single stream: `run-onnx`'s runtime (`EdgeModel`, an `export-onnx` export with the same
   settings as the engine's: int8 compute, int8 head) against the engine on the ONNX executor,
-  decode tokens/s after the first token;
+  decode tokens/s after the first token; and the engine's one stream on a rank-16 adapter;
 - 8 concurrent streams over the 4 adapters, and the same 8 on the base model alone: the engine's
   aggregate decode tokens/s (the steps after every request has its first token) on each executor;
 - peak RSS (VmHWM, Linux) of a process that builds the engine with the 4 adapters and serves the 8 streams,
@@ -140,6 +140,7 @@ def main() -> None:
     single = prompts(tokenizer, 1)
     rows.append(("single stream, run-onnx (edge runtime)", edge_rate(edge, single[0], args.new_tokens, args.threads)))
     rows.append(("single stream, engine on onnx", engine_rate(onnx, single, [None], args.new_tokens)))
+    rows.append(("single stream, adapter a3, onnx", engine_rate(onnx, single, ["a3"], args.new_tokens)))
     batch = prompts(tokenizer, 8)
     mixed = [f"a{i % 4}" for i in range(8)]
     rows.append(("8 streams, 4 adapters, onnx", engine_rate(onnx, batch, mixed, args.new_tokens)))
@@ -164,6 +165,7 @@ def main() -> None:
     print("ratios")
     print(f"  engine single / run-onnx                   {rates['single stream, engine on onnx'] / rates['single stream, run-onnx (edge runtime)']:.2f}x")
     print(f"  onnx 8 mixed / onnx single                 {rates['8 streams, 4 adapters, onnx'] / rates['single stream, engine on onnx']:.2f}x")
+    print(f"  onnx 8 mixed / onnx single with an adapter {rates['8 streams, 4 adapters, onnx'] / rates['single stream, adapter a3, onnx']:.2f}x")
     print(f"  onnx 8 mixed / torch 8 mixed               {rates['8 streams, 4 adapters, onnx'] / rates['8 streams, 4 adapters, torch']:.2f}x")
     print(f"  onnx time, mixed / base only               {rates['8 streams, base only, onnx'] / rates['8 streams, 4 adapters, onnx']:.2f}x")
     print(f"  torch time, mixed / base only              {rates['8 streams, base only, torch'] / rates['8 streams, 4 adapters, torch']:.2f}x")

@@ -7,7 +7,7 @@ import logging
 import sys
 import time
 
-from .options import model_options, prompt_options, prompt_of, run_options, sampling_options, sampling_settings
+from .options import executor_option, model_options, prompt_options, prompt_of, run_options, sampling_options, sampling_settings
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +27,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         description="Generate text from a prompt, streaming it to stdout. Prints only the generated text.",
     )
     gen.add_argument("--adapter", default=None, metavar="DIR", help="PEFT LoRA adapter directory to apply to the model")
+    executor_option(gen)
     gen.set_defaults(handler=_generate)
 
     ppl = sub.add_parser(
@@ -62,7 +63,7 @@ def _generate(args: argparse.Namespace) -> int:
     params = SamplingParams(**settings)
 
     started = time.perf_counter()
-    model = load(args.model, adapter=args.adapter, dtype=args.dtype, threads=args.threads)
+    model = load(args.model, adapter=args.adapter, dtype=args.dtype, threads=args.threads, executor=args.executor)
     import torch
 
     logger.debug("loaded %s (%s, %d threads) in %.2f s", args.model, args.dtype, torch.get_num_threads(),

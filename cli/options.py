@@ -137,6 +137,17 @@ def run_options(threads_default: str = "torch's choice") -> argparse.ArgumentPar
     return options
 
 
+def executor_option(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """`--executor` (`generate`, `batch`, `serve`), defaulted by `EngineArgs`."""
+    parser.add_argument(
+        "--executor", choices=("auto", "torch", "onnx"), default=_engine_default("executor"),
+        help="what runs the model: torch, or onnx (packed int4/int8 checkpoints on the CPU through onnxruntime, "
+        "weights kept packed; needs pip install 'quadapt[onnx]'; the export is built at start and cached beside the "
+        "checkpoint); auto is onnx for a packed checkpoint on the CPU when the extra is installed, torch elsewhere "
+        "(default %(default)s)",
+    )
+
+
 def engine_options(max_loras_help: str) -> argparse.ArgumentParser:
     """The batching engine's limits (`batch`, `serve`), defaulted by `EngineArgs`."""
     options = argparse.ArgumentParser(add_help=False)
@@ -165,12 +176,7 @@ def engine_options(max_loras_help: str) -> argparse.ArgumentParser:
         "--max-lora-rank", type=positive_int, default=_engine_default("max_lora_rank"), metavar="R",
         help="the largest rank a slot holds (default: the largest start-up adapter's rank, at least 16)",
     )
-    engine.add_argument(
-        "--executor", choices=("auto", "torch", "onnx"), default=_engine_default("executor"),
-        help="what runs the model: torch, or onnx (packed int4/int8 checkpoints on the CPU through onnxruntime, "
-        "weights kept packed; needs pip install 'quadapt[onnx]'; the export is built at start and cached beside the "
-        "checkpoint); auto is torch (default %(default)s)",
-    )
+    executor_option(engine)
     return options
 
 

@@ -83,7 +83,8 @@ def export_serving(
         raise InvalidParameterError(f"accuracy_level must be one of {ACCURACY_LEVELS}, got {accuracy_level!r}")
     out = check_output_dir(out_dir, overwrite=overwrite)
     reader = open_checkpoint(model)
-    torch_model = load_model(reader)
+    torch_model = load_model(reader)  # a checkpoint the export cannot take is refused here, before any message
+    logger.info("building the ONNX serving export of %s in %s (once per checkpoint and slot setting)", reader.path, out)
     config = torch_model.config
     weights, report = _decoder_weights(torch_model, bits, block_size, lm_head, {})
     modules = {}

@@ -170,7 +170,7 @@ def test_choosing_the_executor_names_the_mistakes(tiny, monkeypatch, capsys):
     monkeypatch.setattr(onnx_setup, "onnx_available", lambda: False)
     with pytest.raises(UnsupportedError, match=r"pip install 'quadapt\[onnx\]'"):
         build_engine(EngineArgs(model=str(checkpoint), executor="onnx", kv_cache_bytes=KV))
-    # auto stays torch; the command line says the same.
+    # Without the extra, auto is the torch executor; asked for by name, onnx says what to install.
     engine, _, _ = build_engine(EngineArgs(model=str(checkpoint), kv_cache_bytes=KV))
     assert type(engine.executor).__name__ == "TorchExecutor"
     requests = checkpoint.parent / "requests.jsonl"
@@ -178,6 +178,32 @@ def test_choosing_the_executor_names_the_mistakes(tiny, monkeypatch, capsys):
     assert cli.main(["batch", "--model", str(checkpoint), "--executor", "onnx", "--kv-cache-memory", "2MiB",
                      "--input", str(requests), "--output", str(checkpoint.parent / "out.jsonl")]) != 0
     assert "pip install 'quadapt[onnx]'" in capsys.readouterr().err
+
+
+def test_auto_is_onnx_for_a_packed_checkpoint_on_the_cpu(tiny, tmp_path, capsys):
+    """`executor="auto"` (the default): the ONNX executor for a packed int4 checkpoint on the CPU in
+    float32, the torch executor for a float checkpoint or another dtype; `quadapt generate` (no
+    flag) on the int4 checkpoint gives `run-onnx`'s greedy text for an export of the same settings."""
+    base, checkpoint, _ = tiny
+    choices = {
+        "int4": build_engine(EngineArgs(model=str(checkpoint), kv_cache_bytes=KV))[0],
+        "float": build_engine(EngineArgs(model=str(base), kv_cache_bytes=KV))[0],
+        "int4 bfloat16": build_engine(EngineArgs(model=str(checkpoint), dtype="bfloat16", kv_cache_bytes=KV))[0],
+    }
+    assert {name: type(e.executor).__name__ for name, e in choices.items()} == {
+        "int4": "OnnxExecutor", "float": "TorchExecutor", "int4 bfloat16": "TorchExecutor"}
+    loaded = quadapt.load(checkpoint, kv_cache_bytes=KV)
+    assert loaded.model is None and isinstance(loaded._llm.engine.executor, OnnxExecutor)
+
+    capsys.readouterr()
+    assert cli.main(["generate", "--model", str(checkpoint), "--prompt", "once upon a time", "--max-new-tokens", "8",
+                     "--ignore-eos", "--temperature", "0", "--threads", "1"]) == 0
+    text = capsys.readouterr().out
+    edge = EdgeModel(export_onnx(checkpoint, tmp_path / "edge"), threads=1)
+    tokenizer = Tokenizer.from_dir(checkpoint)
+    params = TextSamplingParams(temperature=0.0, max_new_tokens=8, ignore_eos=True)
+    expected = tokenizer.decode(list(generate_ids(edge, tokenizer.encode("once upon a time"), params, set(), None)))
+    assert text == expected + "\n"
 
 
 def test_batch_on_the_onnx_executor(tiny, tmp_path):

@@ -2,9 +2,9 @@
 
 `load` does what `quadapt generate` does before its first token (open the checkpoint, read its
 tokenizer, check the adapter against the base, load the weights) through `build_engine`, and
-`LoadedModel.generate` runs each request through that engine's executor: packed weights are
-dequantized once at load, not on every call, so a quantized checkpoint decodes as fast as the
-float one. The reference generator (`generate.py::generate_text`) stays the yardstick the tests
+`LoadedModel.generate` runs each request through that engine's executor: on the CPU a packed
+int4/int8 checkpoint runs on the ONNX executor (weights kept packed, MatMulNBits) when the `onnx`
+extra is installed, and elsewhere packed weights are dequantized once at load, not on every call. The reference generator (`generate.py::generate_text`) stays the yardstick the tests
 hold this path to. One adapter for the model's lifetime; many requests with their own adapters
 are `llm.LLM`'s.
 
@@ -47,8 +47,9 @@ class LoadedModel:
     several threads): each steps the engine for all, and keeps what belongs to the others.
 
     Attributes:
-        model: the model the engine runs (eval mode, parameters frozen), with the adapter's LoRA
-            slots if one was given.
+        model: the torch model the engine runs (eval mode, parameters frozen), with the
+            adapter's LoRA slots if one was given; None on the ONNX executor, which runs a
+            serving export (`executor`).
         tokenizer: the checkpoint's tokenizer and chat template.
         path: the checkpoint it was loaded from.
         adapter: the PEFT adapter directory applied, or None.
@@ -58,7 +59,7 @@ class LoadedModel:
 
     def __init__(self, llm: LLM, path: Path, adapter: Path | None = None) -> None:
         self._llm = llm
-        self.model: CausalLM = llm.engine.executor.model
+        self.model: CausalLM | None = getattr(llm.engine.executor, "model", None)
         self.tokenizer: Tokenizer = llm.tokenizer
         self.path = path
         self.adapter = adapter
@@ -123,7 +124,7 @@ class LoadedModel:
             logger.warning(
                 "the output stopped at the model's context of %d tokens (prompt %d + output %d), "
                 "before max_new_tokens=%d",
-                self.model.config.max_position_embeddings, result.prompt_tokens, result.completion_tokens,
+                self._llm.engine.executor.config.max_position_embeddings, result.prompt_tokens, result.completion_tokens,
                 max_new_tokens,
             )
         return text
@@ -204,6 +205,7 @@ def load(
     device: str | torch.device = "cpu",
     threads: int | None = None,
     kv_cache_bytes: int = EngineArgs.kv_cache_bytes,
+    executor: Literal["auto", "torch", "onnx"] = EngineArgs.executor,
 ) -> LoadedModel:
     """Load a checkpoint (HF directory, packed quadapt checkpoint or `.gguf` file) to generate from.
 
@@ -216,6 +218,8 @@ def load(
         threads: CPU threads for torch (a process-wide setting, as `--threads` in the CLI);
             None: `engine.args.default_threads()`, half the cores (see there why).
         kv_cache_bytes: memory for the engine's KV cache; it bounds prompt + output tokens.
+        executor: "auto", "torch" or "onnx", as `EngineArgs.executor` (auto: onnx for a packed
+            int4/int8 checkpoint on the CPU when the `onnx` extra is installed).
 
     Returns:
         A `LoadedModel`.
@@ -232,7 +236,7 @@ def load(
     adapters = {} if adapter is None else {LoadedModel._ADAPTER: str(adapter)}
     args = EngineArgs(
         model=str(path), adapters=adapters, dtype=str(torch_dtype).removeprefix("torch."), device=str(device),
-        threads=threads, kv_cache_bytes=kv_cache_bytes,
+        threads=threads, kv_cache_bytes=kv_cache_bytes, executor=executor,
         max_loras=1 if adapters else 0,
     )
     try:

@@ -55,7 +55,8 @@ class EngineArgs:
         max_lora_rank: the largest rank a slot holds; None: the largest start-up adapter's, at
             least `MIN_LORA_RANK`.
         executor: what runs the model: "torch" (`TorchExecutor`), "onnx" (`OnnxExecutor`: packed
-            int4/int8 weights on onnxruntime, CPU only, needs the `onnx` extra) or "auto" (torch).
+            int4/int8 weights on onnxruntime, CPU only, needs the `onnx` extra) or "auto" (onnx
+            for a packed checkpoint on the CPU in float32 with the extra installed, else torch).
     """
 
     model: str
@@ -188,7 +189,7 @@ def build_engine(args: EngineArgs) -> tuple[Engine, Tokenizer, Path]:
     config = EngineConfig(args.max_num_seqs, args.max_num_batched_tokens, slots, rank)
     threads = args.threads if args.threads is not None else default_threads()
     bits = packed_bits(reader.config_dict(), reader.keys()) if args.executor != "torch" else None
-    onnx = choose_executor(args.executor, args.device, bits, args.model) == "onnx"
+    onnx = choose_executor(args.executor, args.device, bits, args.model, args.dtype) == "onnx"
     # On the ONNX executor torch only samples: its threads would compete with onnxruntime's.
     torch.set_num_threads(1 if onnx else threads)
     if onnx:

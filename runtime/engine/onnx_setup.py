@@ -1,6 +1,7 @@
 """Choosing the executor (`EngineArgs.executor`) and finding or building the ONNX executor's export.
 
-`choose_executor` turns "auto" | "torch" | "onnx" into the executor to build, refusing "onnx"
+`choose_executor` turns "auto" | "torch" | "onnx" into the executor to build ("auto": the ONNX
+executor for a packed checkpoint on the CPU, the torch executor elsewhere), refusing "onnx"
 where it cannot run with an error that says what to do instead. `serving_export` returns the
 serving export of a checkpoint for given slot settings: cached beside the checkpoint (or in the
 user's cache directory when that is not writable) under a hash of the checkpoint's bytes and the
@@ -69,11 +70,13 @@ def packed_bits(config: dict[str, Any], keys: list[str]) -> int | None:
     return max(set(bits), key=bits.count) if bits else None
 
 
-def choose_executor(executor: str, device: str, bits: int | None, model: str) -> str:
+def choose_executor(executor: str, device: str, bits: int | None, model: str, dtype: str = "float32") -> str:
     """The executor to build: "torch" or "onnx".
 
-    "auto" is "torch": the ONNX executor is chosen by name (its numbers differ from the torch
-    executor's in the last bits, since MatMulNBits computes with int8 activations).
+    "auto" is "onnx" where it runs and pays: on the CPU, for a packed int4/int8 checkpoint, in
+    float32, with the `onnx` extra installed and the export builder registered (the weights stay
+    packed, and decode runs at onnxruntime's speed; `docs/engine.md`). Anywhere else it is "torch":
+    on CUDA, for float or GGUF checkpoints, in bfloat16/float16. The choice is logged (debug).
 
     Raises:
         InvalidParameterError: an unknown executor name.
@@ -82,6 +85,10 @@ def choose_executor(executor: str, device: str, bits: int | None, model: str) ->
     """
     if executor not in EXECUTORS:
         raise InvalidParameterError(f"executor must be one of {', '.join(EXECUTORS)}, got {executor!r}")
+    if executor == "auto":
+        why = _torch_reason(device, bits, dtype)
+        logger.debug("executor auto: %s", f"torch ({why})" if why else "onnx (packed weights on the CPU)")
+        return "torch" if why else "onnx"
     if executor != "onnx":
         return "torch"
     if device != "cpu":
@@ -99,6 +106,21 @@ def choose_executor(executor: str, device: str, bits: int | None, model: str) ->
     if _exporter is None:
         raise UnsupportedError(_UNREGISTERED)
     return "onnx"
+
+
+def _torch_reason(device: str, bits: int | None, dtype: str) -> str | None:
+    """Why "auto" builds the torch executor here, or None where it builds the ONNX one."""
+    if device != "cpu":
+        return f"device {device}"
+    if bits is None:
+        return "the checkpoint is not packed int4/int8"
+    if dtype != "float32":
+        return f"dtype {dtype}; the ONNX executor computes in float32"
+    if not onnx_available():
+        return f"the onnx extra is not installed ({_INSTALL})"
+    if _exporter is None:
+        return "no serving export builder is registered"
+    return None
 
 
 def serving_export(checkpoint: Path, *, num_slots: int, max_rank: int, bits: int) -> Path:
@@ -124,7 +146,6 @@ def serving_export(checkpoint: Path, *, num_slots: int, max_rank: int, bits: int
         except OSError:
             continue
         if os.access(path.parent, os.W_OK):
-            logger.info("building the ONNX serving export of %s in %s (once per checkpoint)", checkpoint, path)
             return _exporter(checkpoint, path, overwrite=True, **settings)
     raise InvalidParameterError(
         f"no writable place for the ONNX export of {checkpoint}: neither {candidates[0].parent} nor "
