@@ -5,6 +5,12 @@ the gRPC server and `run-onnx`.
 The defaults are written once, as `SamplingParams`' field defaults; the flags and the wire format
 derive theirs from it. The model is a tiny random int4 Llama, exported with float32 compute and a
 float head so that onnxruntime computes what the checkpoint says (see tests/test_edge.py).
+
+On a packed checkpoint the doors that build an engine by default (`executor="auto"`) run the ONNX
+executor, whose int8 activations move the logits' last bits (and a tiny random model's greedy
+text with them): those doors agree with each other and with `run-onnx` on an export of the
+executor's settings; with `--executor torch` / the torch engine they give the reference
+generator's text.
 """
 
 from __future__ import annotations
@@ -59,17 +65,20 @@ def test_every_front_door_gives_the_same_greedy_text(checkpoint_and_export, tmp_
 
     [done] = LLM.from_engine(make_engine(checkpoint, {}, tokenizer), tokenizer).generate([GenerateRequest(PROMPT)])
     texts["LLM.generate"] = done.text
-    texts["quadapt.load"] = quadapt.load(checkpoint).generate(PROMPT)
-    texts["quadapt.LLM"] = quadapt.LLM(checkpoint).generate(PROMPT)[0].text
+    texts["quadapt.load, torch"] = quadapt.load(checkpoint, executor="torch").generate(PROMPT)
+    texts["quadapt.LLM, torch"] = quadapt.LLM(checkpoint, executor="torch").generate(PROMPT)[0].text
+    auto = {"quadapt.load": quadapt.load(checkpoint).generate(PROMPT), "quadapt.LLM": quadapt.LLM(checkpoint).generate(PROMPT)[0].text}
 
-    capsys.readouterr()
-    assert cli.main(["generate", "--model", str(checkpoint), "--prompt", PROMPT]) == 0
-    texts["quadapt generate"] = capsys.readouterr().out.removesuffix("\n")
+    for executor in ("auto", "torch"):
+        capsys.readouterr()
+        assert cli.main(["generate", "--model", str(checkpoint), "--prompt", PROMPT, "--executor", executor]) == 0
+        (auto if executor == "auto" else texts)[f"quadapt generate, {executor}"] = capsys.readouterr().out.removesuffix("\n")
 
-    requests, results = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
-    requests.write_text(json.dumps({"id": "q", "prompt": PROMPT}) + "\n")
-    assert cli.main(["batch", "--model", str(checkpoint), "--input", str(requests), "--output", str(results)]) == 0
-    texts["quadapt batch"] = json.loads(results.read_text())["text"]
+        requests, results = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+        requests.write_text(json.dumps({"id": "q", "prompt": PROMPT}) + "\n")
+        assert cli.main(["batch", "--model", str(checkpoint), "--input", str(requests), "--output", str(results),
+                         "--executor", executor]) == 0
+        (auto if executor == "auto" else texts)[f"quadapt batch, {executor}"] = json.loads(results.read_text())["text"]
 
     served = ServerThread(ServerConfig(model=str(checkpoint), port=0),
                           AsyncLLM.from_engine(make_engine(checkpoint, {}, tokenizer), tokenizer))
@@ -82,5 +91,9 @@ def test_every_front_door_gives_the_same_greedy_text(checkpoint_and_export, tmp_
     capsys.readouterr()
     assert cli.main(["run-onnx", str(export), "--prompt", PROMPT]) == 0
     texts["run-onnx"] = capsys.readouterr().out.removesuffix("\n")
+    capsys.readouterr()
+    assert cli.main(["run-onnx", str(export_onnx(checkpoint, tmp_path / "serving-settings")), "--prompt", PROMPT]) == 0
+    auto["run-onnx, the ONNX executor's settings"] = capsys.readouterr().out.removesuffix("\n")
 
+    assert auto == dict.fromkeys(auto, auto["run-onnx, the ONNX executor's settings"])
     assert texts == dict.fromkeys(texts, expected)

@@ -45,8 +45,8 @@ def adapters(smollm2_gguf, tmp_path_factory):
     paths = {}
     for seed, (name, modules) in enumerate(targets.items()):
         base = AutoModelForCausalLM.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name, dtype=torch.float32)
+        torch.manual_seed(seed)  # before peft draws lora_A: the adapters do not depend on the tests run before
         model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=modules))
-        torch.manual_seed(seed)
         with torch.no_grad():
             for param_name, p in model.named_parameters():
                 if "lora_B" in param_name:
