@@ -133,7 +133,6 @@ def standard_nf4(weight: KernelWeight) -> tuple[torch.Tensor, torch.Tensor]:
 
 def unpack_columns(words: torch.Tensor, num_bits: int, size: int) -> torch.Tensor:
     """The raw fields [size, N] of int32 words [W, N] packed along the first dimension (int32, no offset)."""
-    per_word = 32 // num_bits
     shifts = torch.arange(0, 32, num_bits, dtype=torch.int32, device=words.device)
     fields = (words.unsqueeze(1) >> shifts[None, :, None]) & ((1 << num_bits) - 1)  # [W, per_word, N]
     return fields.reshape(-1, words.shape[1])[:size]

@@ -47,6 +47,7 @@ def _epilogue(
     else:
         w_offs = offs_m[:, None] * N + offs_n[None, :]
         tl.atomic_add(work_ptr + w_offs, acc, mask=mask)
+        tl.debug_barrier()  # every thread's adds are done before the count says so
         if tl.atomic_add(lock_ptr + lock_id, 1) == SPLIT_K - 1:  # acq_rel: every other split's adds are in
             total = tl.atomic_xchg(work_bits_ptr + w_offs, 0, mask=mask).to(tl.float32, bitcast=True)
             tl.atomic_xchg(lock_ptr + lock_id, 0)
@@ -79,7 +80,8 @@ def _gemv_kernel(
             w_ptr, scale_ptr, zero_ptr, code_ptr, offs_k, offs_n, k_mask, n_mask, N, group_size,
             FORMAT=FORMAT, NUM_BITS=NUM_BITS, HAS_ZERO=HAS_ZERO, W_DTYPE=W_DTYPE, EXACT_BF16=EXACT_BF16,
         )  # [BLOCK_K, BLOCK_N]
-        w = cast(w, x_ty, EXACT_BF16).to(tl.float32)  # W in x's dtype, as the reference multiplies it
+        if W_DTYPE != x_ty:  # W in x's dtype, as the reference multiplies it
+            w = cast(w, x_ty, EXACT_BF16).to(tl.float32)
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :],
                     other=0.0).to(tl.float32)  # [BLOCK_M, BLOCK_K]
         acc += tl.sum(x[:, :, None] * w[None, :, :], axis=1)

@@ -103,7 +103,7 @@ def test_triton_engine_batch_equals_each_request_alone(packed, monkeypatch):
 
     monkeypatch.setenv("QUADAPT_KERNELS", "triton")
     checkpoint, all_adapters = packed
-    adapters = {name: all_adapters[name] for name in ("a", "b")}
+    chosen = {name: all_adapters[name] for name in ("a", "b")}
     params = SamplingParams(max_new_tokens=3, **GREEDY)
     requests = list(zip([p[:6] for p in prompts(3, seed=1)], ["a", None, "b"]))
 
@@ -113,7 +113,7 @@ def test_triton_engine_batch_equals_each_request_alone(packed, monkeypatch):
         e = Engine.for_model(model, eos_token_ids={2}, config=EngineConfig(max_num_seqs=4, max_num_batched_tokens=24,
                                                                            max_loras=2, max_lora_rank=8),
                              kv_cache_bytes=2**20, block_size=4, cuda_graphs=True)
-        for name, path in adapters.items():
+        for name, path in chosen.items():
             e.adapters.load(name, path)
         return e
 

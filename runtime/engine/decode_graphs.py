@@ -90,7 +90,7 @@ class DecodeGraphs:
         """Copy the step's rows into the buffers, padded to `key`; returns the batch over them (the
         same tensor objects for every step of that key)."""
         bucket, width = key
-        n, bs = len(rows), self.block_size
+        bs = self.block_size
         ids = torch.zeros(bucket, dtype=torch.long)
         positions = torch.zeros(bucket, dtype=torch.long)
         slots = torch.full((bucket,), self.pad_slot, dtype=torch.long)
