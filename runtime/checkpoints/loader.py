@@ -116,7 +116,7 @@ def load_model(
     members.stack(dtype)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-    _bind_kernel_backend(model, backend)
+    bind_kernel_backend(model, backend)
     return model.eval().requires_grad_(False)
 
 
@@ -196,7 +196,7 @@ class _Members:
             setattr(self.model.get_submodule(parent_name), child, stacked)
 
 
-def _bind_kernel_backend(model: CausalLM, backend: kernels.Backend) -> None:
+def bind_kernel_backend(model: CausalLM, backend: kernels.Backend) -> None:
     """Give every kernel-calling module the backend resolved at load, and on Triton repack packed
     weights into the kernels' layout (`use_kernel_layout`); LoRA slots added later read the
     backend from `model.kernel_backend`."""
