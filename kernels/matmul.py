@@ -28,7 +28,7 @@ from .dequant import TL_DTYPES
 from .layout import KernelWeight
 from .triton_utils import cast, interpreting
 from .tuning import Config, config_for, tuning_key
-from .unpack import _decode_kt_tile, dequant_weight, kernel_args
+from .unpack import _decode_kt_tile, dequant_weight, group_arg, kernel_args
 
 
 @triton.jit
@@ -59,8 +59,8 @@ def _epilogue(
 @triton.jit
 def _gemv_kernel(
     x_ptr, w_ptr, scale_ptr, zero_ptr, code_ptr, bias_ptr, out_ptr, work_ptr, work_bits_ptr, lock_ptr,
-    M, N, K, group_size, k_per_split, stride_xm, stride_om,
-    FORMAT: tl.constexpr, NUM_BITS: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
+    M, N, K, k_per_split, stride_xm, stride_om,
+    GROUP: tl.constexpr, FORMAT: tl.constexpr, NUM_BITS: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
     W_DTYPE: tl.constexpr, EXACT_BF16: tl.constexpr, SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -77,8 +77,8 @@ def _gemv_kernel(
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_mask = offs_k < k_end
         w = _decode_kt_tile(
-            w_ptr, scale_ptr, zero_ptr, code_ptr, offs_k, offs_n, k_mask, n_mask, N, group_size,
-            FORMAT=FORMAT, NUM_BITS=NUM_BITS, HAS_ZERO=HAS_ZERO, W_DTYPE=W_DTYPE, EXACT_BF16=EXACT_BF16,
+            w_ptr, scale_ptr, zero_ptr, code_ptr, offs_k, offs_n, k_mask, n_mask, N,
+            GROUP=GROUP, FORMAT=FORMAT, NUM_BITS=NUM_BITS, HAS_ZERO=HAS_ZERO, W_DTYPE=W_DTYPE, EXACT_BF16=EXACT_BF16,
         )  # [BLOCK_K, BLOCK_N]
         if W_DTYPE != x_ty:  # W in x's dtype, as the reference multiplies it
             w = cast(w, x_ty, EXACT_BF16).to(tl.float32)
@@ -92,8 +92,8 @@ def _gemv_kernel(
 @triton.jit
 def _dot_kernel(
     x_ptr, w_ptr, scale_ptr, zero_ptr, code_ptr, bias_ptr, out_ptr, work_ptr, work_bits_ptr, lock_ptr,
-    M, N, K, group_size, k_per_split, stride_xm, stride_om,
-    FORMAT: tl.constexpr, NUM_BITS: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
+    M, N, K, k_per_split, stride_xm, stride_om,
+    GROUP: tl.constexpr, FORMAT: tl.constexpr, NUM_BITS: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
     W_DTYPE: tl.constexpr, EXACT_BF16: tl.constexpr, SPLIT_K: tl.constexpr, UPCAST: tl.constexpr,
     IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -110,8 +110,8 @@ def _dot_kernel(
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_mask = offs_k < k_end
         w = _decode_kt_tile(
-            w_ptr, scale_ptr, zero_ptr, code_ptr, offs_k, offs_n, k_mask, n_mask, N, group_size,
-            FORMAT=FORMAT, NUM_BITS=NUM_BITS, HAS_ZERO=HAS_ZERO, W_DTYPE=W_DTYPE, EXACT_BF16=EXACT_BF16,
+            w_ptr, scale_ptr, zero_ptr, code_ptr, offs_k, offs_n, k_mask, n_mask, N,
+            GROUP=GROUP, FORMAT=FORMAT, NUM_BITS=NUM_BITS, HAS_ZERO=HAS_ZERO, W_DTYPE=W_DTYPE, EXACT_BF16=EXACT_BF16,
         )  # [BLOCK_K, BLOCK_N]: W.T's tile is the dot's right operand as it lies
         w = cast(w, x_ty, EXACT_BF16)
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :],
@@ -128,25 +128,34 @@ def _dot_kernel(
 
 
 class _Workspace:
-    """One device's float32 split-K workspace (always left zeroed), tile counters, and dequant scratch."""
+    """One device's float32 split-K workspace (always left zeroed), tile counters, and dequant scratch.
+
+    A buffer outgrown is kept, not freed: a CUDA graph captured earlier still reads and writes it
+    on every replay. Each grows at least twofold, so few are ever kept.
+    """
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.work = torch.zeros(0, dtype=torch.float32, device=device)
         self.locks = torch.zeros(0, dtype=torch.int32, device=device)
         self.scratch = torch.empty(0, dtype=torch.uint8, device=device)
+        self.outgrown: list[torch.Tensor] = []
+
+    def _grown(self, old: torch.Tensor, size: int, make) -> torch.Tensor:
+        if old.numel() >= size:
+            return old
+        if old.numel():
+            self.outgrown.append(old)
+        return make(max(size, 2 * old.numel()))
 
     def split_k(self, elements: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.work.numel() < elements:
-            self.work = torch.zeros(elements, dtype=torch.float32, device=self.device)
-        if self.locks.numel() < tiles:
-            self.locks = torch.zeros(tiles, dtype=torch.int32, device=self.device)
+        self.work = self._grown(self.work, elements, lambda n: torch.zeros(n, dtype=torch.float32, device=self.device))
+        self.locks = self._grown(self.locks, tiles, lambda n: torch.zeros(n, dtype=torch.int32, device=self.device))
         return self.work, self.locks
 
     def transposed_weight(self, K: int, N: int, dtype: torch.dtype) -> torch.Tensor:
         nbytes = K * N * torch.empty((), dtype=dtype).element_size()
-        if self.scratch.numel() < nbytes:
-            self.scratch = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+        self.scratch = self._grown(self.scratch, nbytes, lambda n: torch.empty(n, dtype=torch.uint8, device=self.device))
         return self.scratch[:nbytes].view(dtype).view(K, N)
 
 
@@ -194,13 +203,14 @@ def qlinear(
     work, locks = space.split_k(M * N if split_k > 1 else 0, grid_m * grid_n if split_k > 1 else 0)
     exact = interpreting()
     common = dict(
-        FORMAT=weight.fmt, NUM_BITS=weight.num_bits, HAS_ZERO=weight.zero is not None, HAS_BIAS=bias is not None,
+        GROUP=group_arg(weight), FORMAT=weight.fmt, NUM_BITS=weight.num_bits, HAS_ZERO=weight.zero is not None,
+        HAS_BIAS=bias is not None,
         W_DTYPE=TL_DTYPES[weight.dtype], EXACT_BF16=exact, SPLIT_K=split_k,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=block_k,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     args = (x2, *kernel_args(weight), out if bias is None else bias, out, work, work.view(torch.int32), locks,
-            M, N, K, weight.group_size, k_per_split, x2.stride(0), out.stride(0))
+            M, N, K, k_per_split, x2.stride(0), out.stride(0))
     if config.path == "gemv":
         _gemv_kernel[(grid_n, split_k)](*args, **common)
     else:

@@ -117,6 +117,13 @@ def test_split_k_workspace_is_left_zeroed(device):
             assert_close(matmul.qlinear(x, weight, None, config=config), expected(x, None), torch.float32)
         space = matmul.workspace(x.device)
         assert not space.work.any() and not space.locks.any()
+    # A larger problem grows the workspace; the outgrown one is kept for graphs that captured it.
+    before = space.work
+    big = torch.randn(4, 96, device=device)
+    wide, expected_wide = kernel_weight(FORMATS[0], 45 * 64, torch.float32, device)
+    assert_close(matmul.qlinear(big, wide, None, config=Config("gemv", 4, 64, 32, split_k=2)), expected_wide(big, None),
+                 torch.float32)
+    assert space.work.numel() >= 4 * 45 * 64 and any(t is before for t in space.outgrown)
 
 
 def test_leading_dims_and_the_dispatching_op():

@@ -114,7 +114,8 @@ class TorchExecutor:
         self.graphs: DecodeGraphs | None = None
         if cuda_graphs:
             self.graphs = DecodeGraphs(
-                self._forward, max_rows=max(1, max_num_seqs),
+                # A step has at most max_num_seqs rows and max_num_batched_tokens tokens (the LoRA slot buffer's size).
+                self._forward, max_rows=max(1, min(max_num_seqs, max_num_batched_tokens)),
                 max_blocks=-(-model.config.max_position_embeddings // block_size), block_size=block_size,
                 pad_slot=num_blocks * block_size, device=self.device, mapping=self.mapping,
                 capture=self.device.type == "cuda",
