@@ -229,7 +229,7 @@ def add_lora_(
         _bgmv_shrink_kernel[(M,)](
             x, lora_a, token_slots, shrunk, K, R,
             x.stride(0), lora_a.stride(0), lora_a.stride(1), lora_a.stride(2), shrunk.stride(0),
-            BLOCK_R=BLOCK_R, BLOCK_K=64,
+            BLOCK_R=BLOCK_R, BLOCK_K=min(256, triton.next_power_of_2(K)),  # one program a token: wide K steps
         )
         BLOCK_N = 64
         _bgmv_expand_kernel[(M, triton.cdiv(N, BLOCK_N))](

@@ -72,7 +72,8 @@ def _gemv_kernel(
     x_ty = x_ptr.dtype.element_ty
     k_start = pid_k * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # Products accumulate elementwise in float32 registers, summed along K once at the end.
+    acc3 = tl.zeros((BLOCK_M, BLOCK_K, BLOCK_N), dtype=tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_mask = offs_k < k_end
@@ -84,7 +85,8 @@ def _gemv_kernel(
             w = cast(w, x_ty, EXACT_BF16).to(tl.float32)
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :],
                     other=0.0).to(tl.float32)  # [BLOCK_M, BLOCK_K]
-        acc += tl.sum(x[:, :, None] * w[None, :, :], axis=1)
+        acc3 += x[:, :, None] * w[None, :, :]
+    acc = tl.sum(acc3, axis=1)  # [BLOCK_M, BLOCK_N]
     _epilogue(acc, offs_m, offs_n, m_mask, n_mask, N, out_ptr, stride_om, bias_ptr, work_ptr, work_bits_ptr,
               lock_ptr, pid_n, SPLIT_K=SPLIT_K, HAS_BIAS=HAS_BIAS, EXACT_BF16=EXACT_BF16)
 
