@@ -57,6 +57,25 @@ def _epilogue(
 
 
 @triton.jit
+def _tiles(
+    x_ptr, w_ptr, scale_ptr, zero_ptr, code_ptr, offs_m, offs_n, m_mask, n_mask, k0, k_end, N, stride_xm,
+    GROUP: tl.constexpr, FORMAT: tl.constexpr, NUM_BITS: tl.constexpr, HAS_ZERO: tl.constexpr,
+    W_DTYPE: tl.constexpr, EXACT_BF16: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """x[offs_m, k0:k0 + BLOCK_K] [BLOCK_M, BLOCK_K] as stored, and W.T's tile [BLOCK_K, BLOCK_N] in
+    float32 rounded to W_DTYPE; both zero past `k_end`."""
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    k_mask = offs_k < k_end
+    w = _decode_kt_tile(
+        w_ptr, scale_ptr, zero_ptr, code_ptr, offs_k, offs_n, k_mask, n_mask, N,
+        GROUP=GROUP, FORMAT=FORMAT, NUM_BITS=NUM_BITS, HAS_ZERO=HAS_ZERO, W_DTYPE=W_DTYPE, EXACT_BF16=EXACT_BF16,
+    )
+    x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :],
+                other=0.0)
+    return x, w
+
+
+@triton.jit
 def _gemv_kernel(
     x_ptr, w_ptr, scale_ptr, zero_ptr, code_ptr, bias_ptr, out_ptr, work_ptr, work_bits_ptr, lock_ptr,
     M, N, K, k_per_split, stride_xm, stride_om,
@@ -75,17 +94,12 @@ def _gemv_kernel(
     # Products accumulate elementwise in float32 registers, summed along K once at the end.
     acc3 = tl.zeros((BLOCK_M, BLOCK_K, BLOCK_N), dtype=tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_mask = offs_k < k_end
-        w = _decode_kt_tile(
-            w_ptr, scale_ptr, zero_ptr, code_ptr, offs_k, offs_n, k_mask, n_mask, N,
-            GROUP=GROUP, FORMAT=FORMAT, NUM_BITS=NUM_BITS, HAS_ZERO=HAS_ZERO, W_DTYPE=W_DTYPE, EXACT_BF16=EXACT_BF16,
-        )  # [BLOCK_K, BLOCK_N]
+        x, w = _tiles(x_ptr, w_ptr, scale_ptr, zero_ptr, code_ptr, offs_m, offs_n, m_mask, n_mask, k0, k_end, N,
+                      stride_xm, GROUP=GROUP, FORMAT=FORMAT, NUM_BITS=NUM_BITS, HAS_ZERO=HAS_ZERO, W_DTYPE=W_DTYPE,
+                      EXACT_BF16=EXACT_BF16, BLOCK_K=BLOCK_K)
         if W_DTYPE != x_ty:  # W in x's dtype, as the reference multiplies it
             w = cast(w, x_ty, EXACT_BF16).to(tl.float32)
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :],
-                    other=0.0).to(tl.float32)  # [BLOCK_M, BLOCK_K]
-        acc3 += x[:, :, None] * w[None, :, :]
+        acc3 += x.to(tl.float32)[:, :, None] * w[None, :, :]
     acc = tl.sum(acc3, axis=1)  # [BLOCK_M, BLOCK_N]
     _epilogue(acc, offs_m, offs_n, m_mask, n_mask, N, out_ptr, stride_om, bias_ptr, work_ptr, work_bits_ptr,
               lock_ptr, pid_n, SPLIT_K=SPLIT_K, HAS_BIAS=HAS_BIAS, EXACT_BF16=EXACT_BF16)
@@ -109,15 +123,10 @@ def _dot_kernel(
     k_end = tl.minimum(k_start + k_per_split, K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_mask = offs_k < k_end
-        w = _decode_kt_tile(
-            w_ptr, scale_ptr, zero_ptr, code_ptr, offs_k, offs_n, k_mask, n_mask, N,
-            GROUP=GROUP, FORMAT=FORMAT, NUM_BITS=NUM_BITS, HAS_ZERO=HAS_ZERO, W_DTYPE=W_DTYPE, EXACT_BF16=EXACT_BF16,
-        )  # [BLOCK_K, BLOCK_N]: W.T's tile is the dot's right operand as it lies
-        w = cast(w, x_ty, EXACT_BF16)
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :],
-                    other=0.0)
+        x, w = _tiles(x_ptr, w_ptr, scale_ptr, zero_ptr, code_ptr, offs_m, offs_n, m_mask, n_mask, k0, k_end, N,
+                      stride_xm, GROUP=GROUP, FORMAT=FORMAT, NUM_BITS=NUM_BITS, HAS_ZERO=HAS_ZERO, W_DTYPE=W_DTYPE,
+                      EXACT_BF16=EXACT_BF16, BLOCK_K=BLOCK_K)
+        w = cast(w, x_ty, EXACT_BF16)  # W.T's tile is the dot's right operand as it lies
         if UPCAST:  # the interpreter's bf16 dot is wrong (triton_utils)
             x, w = x.to(tl.float32), w.to(tl.float32)
         if IEEE:

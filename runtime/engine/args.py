@@ -178,11 +178,6 @@ def build_engine(args: EngineArgs) -> tuple[Engine, Tokenizer, Path]:
     from ..checkpoints.loader import load_model
     from .onnx_setup import choose_executor, packed_bits
 
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise InvalidParameterError(
-            f"device {args.device!r} was asked for, but torch {torch.__version__} sees no CUDA device; "
-            "serve on device 'cpu', or install a CUDA build of torch"
-        )
     reader, tokenizer = open_with_tokenizer(args.model)
     base = BaseModules.of_checkpoint(reader)
     adapters = {}
@@ -199,6 +194,11 @@ def build_engine(args: EngineArgs) -> tuple[Engine, Tokenizer, Path]:
     threads = args.threads if args.threads is not None else default_threads()
     bits = packed_bits(reader.config_dict(), reader.keys()) if args.executor != "torch" else None
     onnx = choose_executor(args.executor, args.device, bits, args.model) == "onnx"
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise InvalidParameterError(
+            f"device {args.device!r} was asked for, but torch {torch.__version__} sees no CUDA device; "
+            "serve on device 'cpu', or install a CUDA build of torch"
+        )
     # On the ONNX executor torch only samples: its threads would compete with onnxruntime's.
     torch.set_num_threads(1 if onnx else threads)
     if onnx:
