@@ -39,10 +39,10 @@ stage() {  # stage NAME SECONDS COMMAND...: run with a limit, log to LOGDIR/NAME
 
 workers=()
 python3 -c "import xdist" 2>/dev/null && workers=(-n 8)
-stage tests 100 python3 -P -m pytest -m cuda -q -p no:cacheprovider "${workers[@]}" \
+stage tests 150 python3 -P -m pytest -m cuda -q -p no:cacheprovider "${workers[@]}" \
     tests/test_kernels.py tests/test_kernel_layout.py tests/test_decode_graphs.py
-stage tables 80 python3 benchmarks/kernel_tables.py --quick
-stage graphs 80 python3 benchmarks/kernel_tables.py --quick --cuda-graphs
-stage engine 200 python3 benchmarks/cuda_engine.py --layers 4 --new-tokens 64 --runs 3
+stage tables 70 python3 benchmarks/kernel_tables.py --quick
+stage graphs 70 python3 benchmarks/kernel_tables.py --quick --cuda-graphs
+stage engine 180 python3 benchmarks/cuda_engine.py --layers 4 --new-tokens 64 --runs 3
 [ "${2:-}" = --tune ] && stage tune 1200 python3 -m quadapt.kernels.tune --out "$logs/tuned"
 exit $status

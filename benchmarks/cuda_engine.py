@@ -8,8 +8,8 @@ kernels, weights repacked into their layout). Each engine serves 1, 8 and 32 req
 prompt tokens, greedy, eos ignored, with no adapter or with 4 random rank-16 adapters on every
 projection (round robin over the requests), decode steps replayed as CUDA graphs. Decode
 tokens/s counts the tokens of the steps after every request has its first token, over those
-steps' time; each figure is the median of `--runs` runs, after one warm-up run that captures the
-graphs. The last table gives int4 over bf16 and the targets (>= 1.5x at 1 request, >= 1.0x at 32).
+steps' time; each figure is the median of `--runs` runs, after one warm-up run that compiles the
+kernels and captures the graphs. The last table gives int4 over bf16 and the targets (>= 1.5x at 1 request, >= 1.0x at 32).
 
     python benchmarks/cuda_engine.py [--layers 4] [--new-tokens 64] [--runs 3] [--tiny]
 
@@ -20,6 +20,7 @@ Not a test: it prints tables.
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import time
 
@@ -38,12 +39,10 @@ def model_config(layers: int, tiny: bool) -> dict:
                 max_position_embeddings=1024, rms_norm_eps=1e-5, rope_theta=500000.0, torch_dtype="bfloat16")
 
 
-def build_model(config: dict, weights: str, device: str, dtype: torch.dtype, state: dict[str, torch.Tensor]):
-    """The model of `config` with the float weights `state`, int4-quantized when `weights` is int4,
-    on `device` with the kernel backend a loaded checkpoint gets there."""
-    from quadapt import kernels
+def cpu_model(config: dict, weights: str, state: dict[str, torch.Tensor]):
+    """The model of `config` on the CPU with the float weights `state`, int4-quantized (as
+    `quadapt convert --scheme int4` would) when `weights` is int4."""
     from quadapt.converters.in_memory import quantize_model
-    from quadapt.runtime.checkpoints.loader import bind_kernel_backend
     from quadapt.runtime.model.config import ModelConfig
     from quadapt.runtime.model.model import CausalLM
 
@@ -52,7 +51,16 @@ def build_model(config: dict, weights: str, device: str, dtype: torch.dtype, sta
     model.load_state_dict(state, assign=True)
     if weights == "int4":
         quantize_model(model, scheme="int4", group_size=128 if config["hidden_size"] % 128 == 0 else 32)
-    model = model.to(device=device)
+    return model
+
+
+def on_device(model, device: str):
+    """A copy of a CPU model on `device`, with the kernel backend (and, on Triton, the weight layout)
+    a checkpoint loaded there gets."""
+    from quadapt import kernels
+    from quadapt.runtime.checkpoints.loader import bind_kernel_backend
+
+    model = copy.deepcopy(model).to(device=device)
     bind_kernel_backend(model, kernels.resolve_backend(device))
     return model.eval().requires_grad_(False)
 
@@ -136,9 +144,10 @@ def main() -> None:
     results: dict[tuple[str, int, int], float] = {}
     print(f"{'weights':<8}{'adapters':>9}{'requests':>9}{'decode tok/s':>14}  runs")
     for weights in ("bf16", "int4"):
+        model = cpu_model(config, weights, state)
         for n_adapters in (0, 4):
             engine = Engine.for_model(
-                build_model(config, weights, device, dtype, state), eos_token_ids=set(),
+                on_device(model, device), eos_token_ids=set(),
                 config=EngineConfig(max_num_seqs=max(args.requests), max_num_batched_tokens=2048,
                                     max_loras=max(n_adapters, 1), max_lora_rank=16),
                 kv_cache_bytes=2**30 if device == "cuda" else 2**24, block_size=16,
@@ -148,7 +157,8 @@ def main() -> None:
                 engine.adapters.load(f"a{i}", adapter)
                 names.append(f"a{i}")
             for requests in args.requests:
-                decode_throughput(engine, requests, names, 4, config["vocab_size"])  # warm-up: captures the graphs
+                # Warm-up, as long as a run: compiles the kernels and captures every graph the runs replay.
+                decode_throughput(engine, requests, names, args.new_tokens, config["vocab_size"])
                 runs = [decode_throughput(engine, requests, names, args.new_tokens, config["vocab_size"])
                         for _ in range(args.runs)]
                 results[weights, n_adapters, requests] = statistics.median(runs)
