@@ -129,12 +129,20 @@ def test_triton_engine_batch_equals_each_request_alone(packed, monkeypatch):
 
 
 @pytest.mark.cuda
-def test_cuda_graph_replays_equal_eager_steps(base, adapters):
+@pytest.mark.parametrize("weights", ["float", "int4"])
+def test_cuda_graph_replays_equal_eager_steps(request, weights):
+    """On a GPU, decode steps replayed as CUDA graphs yield the eager steps' tokens (the float base,
+    and an int4 checkpoint on the Triton kernels), adapters and the base mixed in one batch."""
+    if weights == "float":
+        checkpoint, adapters = request.getfixturevalue("base"), request.getfixturevalue("adapters")
+    else:
+        checkpoint, adapters = request.getfixturevalue("packed")
     params = SamplingParams(max_new_tokens=8, **GREEDY)
     outputs = []
     for cuda_graphs in (False, True):
-        engine = Engine.for_model(load_model(base, device="cuda"), eos_token_ids={2}, config=EngineConfig(**SETTINGS),
-                                  kv_cache_bytes=4 * 2**20, block_size=4, cuda_graphs=cuda_graphs)
+        engine = Engine.for_model(load_model(checkpoint, device="cuda"), eos_token_ids={2},
+                                  config=EngineConfig(**SETTINGS), kv_cache_bytes=4 * 2**20, block_size=4,
+                                  cuda_graphs=cuda_graphs)
         for name, path in adapters.items():
             engine.adapters.load(name, path)
         for i, (prompt, name) in enumerate(zip(prompts(6), ["a", None, "b", "c", None, "a"])):
