@@ -20,7 +20,7 @@ from typing import Literal
 import torch
 
 TUNED_DIR = Path(__file__).with_name("tuned")
-Path_ = Literal["gemv", "dot", "dequant"]
+KernelPath = Literal["gemv", "dot", "dequant"]
 GEMV_MAX_ROWS = 4  # the GEMV keeps one accumulator row per input row
 PATHS = ("gemv", "dot", "dequant")
 
@@ -29,7 +29,7 @@ PATHS = ("gemv", "dot", "dequant")
 class Config:
     """How one call runs: the path, its tile, K splits, and Triton's warps and stages."""
 
-    path: Path_
+    path: KernelPath
     block_m: int = 1
     block_n: int = 64
     block_k: int = 32
