@@ -134,8 +134,8 @@ class DecodeGraphs:
                 self._graphs[key] = self._capture(batch)
             graph, logits = self._graphs[key]
             graph.replay()
-        keep = [i for i, row in enumerate(rows) if row.needs_logits]
-        return logits[keep] if len(keep) != logits.shape[0] else logits
+        # A copy, always: the graph's output is overwritten by the next replay.
+        return logits[[i for i, row in enumerate(rows) if row.needs_logits]]
 
     @property
     def captured(self) -> list[tuple[int, int]]:
