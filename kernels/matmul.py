@@ -147,15 +147,16 @@ class _Workspace:
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
-        self.work = torch.zeros(0, dtype=torch.float32, device=device)
-        self.locks = torch.zeros(0, dtype=torch.int32, device=device)
+        # Never empty: a kernel's pointer argument must be a real allocation even when unused.
+        self.work = torch.zeros(1, dtype=torch.float32, device=device)
+        self.locks = torch.zeros(1, dtype=torch.int32, device=device)
         self.scratch = torch.empty(0, dtype=torch.uint8, device=device)
         self.outgrown: list[torch.Tensor] = []
 
     def _grown(self, old: torch.Tensor, size: int, make) -> torch.Tensor:
         if old.numel() >= size:
             return old
-        if old.numel():
+        if old.numel() > 1:
             self.outgrown.append(old)
         return make(max(size, 2 * old.numel()))
 
