@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
-# Every GPU check in one command: the `cuda`-marked tests, the kernel tables (single calls, then
-# CUDA-graph replays without the host's launch cost), the tiling sweep.
+# Every GPU check in one command, within 8 minutes of device time: the `cuda`-marked tests, the
+# kernel tables for 8192x8192 (single calls, then CUDA-graph replays without the host's launch
+# cost; each ends with the kernel targets, met or not), and the engine's decode throughput on int4
+# weights beside the same engine on bf16 weights (1, 8 and 32 requests, 0 and 4 adapters).
 #
-#   bash benchmarks/cuda.sh [LOGDIR] [--no-sweep]
+#   bash benchmarks/cuda.sh [LOGDIR] [--tune]
 #
 # Each stage has its own time limit, so one that hangs does not cost the others; each writes its
-# log to LOGDIR (default ./cuda-logs). It runs a copy of the checkout named `quadapt` (the root is
-# the package), so it needs no install, whatever the checkout's directory is called.
+# log to LOGDIR (default ./cuda-logs): env.txt, tests.log, tables.log, graphs.log, engine.log.
+# `--tune` then regenerates this GPU's tuned kernel table into LOGDIR/tuned (not within the 8
+# minutes; copy the file into kernels/tuned/ to use it). It runs a copy of the checkout named
+# `quadapt` (the root is the package), so it needs no install, whatever the checkout is called.
 set -uo pipefail
 logs=$(mkdir -p "${1:-cuda-logs}" && cd "${1:-cuda-logs}" && pwd)
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -35,8 +39,10 @@ stage() {  # stage NAME SECONDS COMMAND...: run with a limit, log to LOGDIR/NAME
 
 workers=()
 python3 -c "import xdist" 2>/dev/null && workers=(-n 8)
-stage tests 90 python3 -m pytest -m cuda -q -p no:cacheprovider "${workers[@]}" tests/test_kernels.py
-stage tables 140 python3 benchmarks/kernel_tables.py
-stage graphs 90 python3 benchmarks/kernel_tables.py --quick --cuda-graphs
-[ "${2:-}" = --no-sweep ] || stage sweep 220 python3 benchmarks/kernel_tables.py --sweep
+stage tests 150 python3 -P -m pytest -m cuda -q -p no:cacheprovider "${workers[@]}" \
+    tests/test_kernels.py tests/test_kernel_layout.py tests/test_decode_graphs.py
+stage tables 70 python3 benchmarks/kernel_tables.py --quick
+stage graphs 70 python3 benchmarks/kernel_tables.py --quick --cuda-graphs
+stage engine 180 python3 benchmarks/cuda_engine.py --layers 4 --new-tokens 64 --runs 3
+[ "${2:-}" = --tune ] && stage tune 1200 python3 -m quadapt.kernels.tune --out "$logs/tuned"
 exit $status

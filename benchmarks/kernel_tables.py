@@ -11,10 +11,12 @@ rank-16 adapters, 1, 8 or 32 distinct, against no adapters.
 not counted: each replay runs the op over 4 copies of the weights in turn (more bytes than the
 L2 holds for the large shapes), and the time is divided by 4.
 
-`--sweep` times a grid of tilings (`kernels.qmatmul.Schedule`) per shape and row count instead,
-and prints the default schedule's time beside the fastest one found.
+The weights are in the kernels' layout (`kernels/layout.py`), as a model loaded on Triton holds
+them, and each call goes through the M dispatch (`kernels.matmul.qlinear`) with this GPU's tuned
+configurations, or the defaults (`python -m quadapt.kernels.tune` regenerates them). `--quick`
+times 8192x8192 at M = 1, 16, 256 and ends with the GPU targets, each met or not.
 
-    python benchmarks/kernel_tables.py [--quick] [--cuda-graphs] [--sweep]
+    python benchmarks/kernel_tables.py [--quick] [--cuda-graphs]
 
 Needs a CUDA device and the `gpu` extra (triton). Not a test: it prints tables. Times are medians
 of triton's `do_bench` (CUDA events, L2 flushed between runs).
@@ -23,7 +25,6 @@ of triton's `do_bench` (CUDA events, L2 flushed between runs).
 from __future__ import annotations
 
 import argparse
-import itertools
 import os
 
 import torch
@@ -69,45 +70,27 @@ def copy_bandwidth_gbs() -> float:
 
 
 def weights(fmt: str, N: int, K: int):
-    """Random packed weights of one format, and the bytes the kernel reads for them."""
-    dev = "cuda"
-    if fmt == "nf4":
-        packed = torch.randint(0, 256, (N * K // 2,), dtype=torch.uint8, device=dev)
-        absmax = torch.rand(N * K // 64, device=dev) + 0.1
-        return (packed, absmax), packed.numel() + absmax.numel() * 4
-    bits, group = (8, None) if fmt == "int8" else (4, 128)
-    G = 1 if group is None else K // group
-    packed = torch.randint(-(2**31), 2**31 - 1, (N, K * bits // 32), dtype=torch.int32, device=dev)
-    scale = (torch.rand(N, G, device=dev) * 0.05 + 0.005).to(torch.bfloat16)
-    zero = torch.randint(-8, 8, (N, G), dtype=torch.int8, device=dev) if fmt == "int4-asym" else None
-    nbytes = packed.numel() * 4 + scale.numel() * 2 + (zero.numel() if zero is not None else 0)
-    return (packed, scale, zero, bits), nbytes
+    """Random weights of one format in the kernels' layout (as a model loaded on Triton holds them),
+    and the bytes the kernel reads for them."""
+    from quadapt.kernels.tune import random_weight
+
+    w = random_weight(fmt, N, K, "cuda")
+    nbytes = sum(t.numel() * t.element_size() for t in w.tensors().values())
+    return w, nbytes
 
 
-def qmatmul_fn(fmt: str, x: torch.Tensor, w, K: int, N: int, schedule=None):
-    """A closure running the Triton kernel on (x, w)."""
-    from quadapt.kernels import qmatmul
+def qmatmul_fn(fmt: str, x: torch.Tensor, w, K: int, N: int, config=None):
+    """A closure running the dispatched Triton matmul (`kernels.matmul.qlinear`) on (x, w)."""
+    from quadapt.kernels.matmul import qlinear
 
-    if fmt == "nf4":
-        packed, absmax = w
-        return lambda: qmatmul.qmatmul_nf4(
-            x, packed, absmax, None, shape=(N, K), blocksize=64, dtype=torch.bfloat16, schedule=schedule
-        )
-    packed, scale, zero, bits = w
-    return lambda: qmatmul.qmatmul_packed_int(
-        x, packed, scale, zero, None, num_bits=bits, in_features=K, schedule=schedule
-    )
+    return lambda: qlinear(x, w, None, config=config)
 
 
 def dequantized(fmt: str, w, K: int, N: int) -> torch.Tensor:
     """The bf16 weight [N, K] the torch reference decodes."""
     from quadapt.kernels import reference
 
-    if fmt == "nf4":
-        packed, absmax = w
-        return reference.dequant_nf4(packed, absmax, shape=(N, K), blocksize=64, dtype=torch.bfloat16)
-    packed, scale, zero, bits = w
-    return reference.dequant_packed_int(packed, scale, zero, num_bits=bits, in_features=K)
+    return reference.dequant_weight(w)
 
 
 def relative_error(out: torch.Tensor, x: torch.Tensor, dense: torch.Tensor) -> float:
@@ -116,20 +99,22 @@ def relative_error(out: torch.Tensor, x: torch.Tensor, dense: torch.Tensor) -> f
     return float((out.double() - ref).norm() / ref.norm())
 
 
-def matmul_table(quick: bool, graphs: bool) -> None:
+def matmul_table(quick: bool, graphs: bool) -> dict:
     bw = copy_bandwidth_gbs()
     timing = "CUDA-graph replays" if graphs else "single calls"
     print(f"device: {torch.cuda.get_device_name()}, copy bandwidth {bw:.0f} GB/s (measured); timing {timing}")
     print(f"{'shape':<26}{'fmt':<10}{'M':>5}{'kernel us':>11}{'bf16 us':>10}{'speed-up':>10}{'GB/s':>8}"
           f"{'% copy':>8}{'rel err':>10}")
     shapes = {"8192x8192": SHAPES["8192x8192"]} if quick else SHAPES
+    rows = (1, 16, 256) if quick else ROWS
+    times: dict[tuple[str, str, int], tuple[float, float]] = {}  # (shape, fmt, M) -> (kernel ms, bf16 ms)
     failures = []
     for name, (N, K) in shapes.items():
         for fmt in FORMATS:
             copies = [weights(fmt, N, K) for _ in range(ROTATE if graphs else 1)]
             nbytes = copies[0][1]
             denses = [dequantized(fmt, c[0], K, N) for c in copies]
-            for M in ROWS:
+            for M in rows:
                 x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
                 runs = [qmatmul_fn(fmt, x, c[0], K, N) for c in copies]
                 err = relative_error(runs[0](), x, denses[0])
@@ -140,102 +125,73 @@ def matmul_table(quick: bool, graphs: bool) -> None:
                     ms, ms_dense = bench_graph(runs), bench_graph(dense_runs)
                 else:
                     ms, ms_dense = bench(runs[0]), bench(dense_runs[0])
+                times[name, fmt, M] = ms, ms_dense
                 gbs = nbytes / ms / 1e6
                 print(f"{name:<26}{fmt:<10}{M:>5}{ms * 1e3:>11.1f}{ms_dense * 1e3:>10.1f}"
                       f"{ms_dense / ms:>9.2f}x{gbs:>8.0f}{100 * gbs / bw:>7.0f}%{err:>10.1e}", flush=True)
     if failures:
         raise SystemExit(f"relative error above {MAX_REL_ERR:g}: {failures}")
+    return times
 
 
-def sweep_schedules(M: int):
-    """The tilings tried for M rows: split-K GEMV shapes for decode, GEMM tiles above."""
-    from quadapt.kernels.qmatmul import Schedule
-
-    if M == 1:
-        for bn, bk, split in itertools.product((16, 32, 64), (128, 256, 512), (1, 2, 4, 8)):
-            yield Schedule(1, bn, bk, split)
-    elif M <= 16:
-        for bn, bk, split in itertools.product((32, 64, 128), (64, 128), (1, 4, 16)):
-            yield Schedule(16, bn, bk, split)
-    else:
-        for bm, bn, bk, warps in itertools.product((64, 128), (64, 128), (32, 64), (4, 8)):
-            yield Schedule(bm, bn, bk, 1, warps)
-
-
-def sweep(quick: bool) -> None:
-    """Time every schedule of `sweep_schedules` per shape, format and M; print the default and the best."""
-    from quadapt.kernels.qmatmul import schedule_for
-
-    shapes = ["4096x4096", "4096x14336 (up)", "14336x4096 (down)"]
-    if quick:
-        shapes = shapes[:1]
-    print(f"\n{'shape':<26}{'fmt':<6}{'M':>5}{'default us':>12}{'best us':>10}{'gain':>7}  best schedule")
-    for name, fmt, M in itertools.product(shapes, ("int4", "nf4"), (1, 16, 256)):
-        if fmt == "nf4" and M > 16:
-            continue  # the GEMM tiles share everything but the tile decoder; int4 decides them
-        N, K = SHAPES[name]
-        w, _ = weights(fmt, N, K)
-        dense = dequantized(fmt, w, K, N)
-        x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
-        default = bench(qmatmul_fn(fmt, x, w, K, N), reps=25)
-        best, best_schedule = float("inf"), None
-        for schedule in sweep_schedules(M):
-            run = qmatmul_fn(fmt, x, w, K, N, schedule)
-            try:
-                err = relative_error(run(), x, dense)
-            except Exception as e:  # noqa: BLE001 (a tiling over the shared-memory limit fails to compile)
-                print(f"  skipped {schedule}: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
-                continue
-            if not err < MAX_REL_ERR:
-                raise SystemExit(f"{schedule} on {name} {fmt} M={M}: relative error {err:.2e}")
-            ms = bench(run, reps=25)
-            if ms < best:
-                best, best_schedule = ms, schedule
-        print(f"{name:<26}{fmt:<6}{M:>5}{default * 1e3:>12.1f}{best * 1e3:>10.1f}{default / best:>6.2f}x  "
-              f"{best_schedule} (default {schedule_for(M, N, K, x.device)})", flush=True)
+def targets(times: dict, lora_overhead: dict[int, float]) -> None:
+    """The GPU targets for 8192x8192, each with its figure and whether it is met."""
+    t = {(fmt, M): v for (name, fmt, M), v in times.items() if name == "8192x8192"}
+    checks = [
+        ("int4 M=1 >= 2.3x faster than bf16", t["int4", 1][1] / t["int4", 1][0], ">=", 2.3),
+        ("int4 M=16 within 1.25x of int4 M=1", t["int4", 16][0] / t["int4", 1][0], "<=", 1.25),
+        ("int4 M=256 within 1.5x of bf16", t["int4", 256][0] / t["int4", 256][1], "<=", 1.5),
+        ("int8 M=1 >= 1.6x faster than bf16", t["int8", 1][1] / t["int8", 1][0], ">=", 1.6),
+        ("8 rank-16 adapters, 32 tokens: <= 20% over the base", lora_overhead[8], "<=", 0.20),
+    ]
+    print("\ntargets:")
+    for label, value, op, bound in checks:
+        met = value >= bound if op == ">=" else value <= bound
+        print(f"  {label:<55} {value:6.2f}  {'met' if met else 'NOT met'}")
 
 
-def lora_table(graphs: bool) -> None:
+def lora_table(graphs: bool) -> dict[int, float]:
     from quadapt.kernels import lora as lora_kernel
-    from quadapt.kernels import qmatmul
+    from quadapt.kernels.matmul import qlinear
 
     N = K = 4096
-    (packed, scale, zero, bits), _ = weights("int4", N, K)
+    w, _ = weights("int4", N, K)
     x = torch.randn(32, K, device="cuda", dtype=torch.bfloat16)
     timer = (lambda fn: bench_graph([fn])) if graphs else bench
 
     def layer():
-        return qmatmul.qmatmul_packed_int(x, packed, scale, zero, None, num_bits=bits, in_features=K)
+        return qlinear(x, w, None)
 
     base = timer(layer)
     print(f"\nLoRA, batch of 32 tokens, 4096x4096 int4 layer, rank 16: base layer {base * 1e3:.1f} us")
     print(f"{'adapters':>9}{'layer+LoRA us':>15}{'overhead':>10}")
+    overhead: dict[int, float] = {}
     for distinct in (1, 8, 32):
         a = torch.randn(distinct, 16, K, device="cuda", dtype=torch.bfloat16)
         b = torch.randn(distinct, N, 16, device="cuda", dtype=torch.bfloat16)
         slots = torch.arange(32, device="cuda") % distinct
 
         def step(a=a, b=b, slots=slots):
-            return lora_kernel.add_lora(layer(), x, a, b, slots)
+            return lora_kernel.add_lora_(layer(), x, a, b, slots)  # the expand adds into the layer's output
 
         ms = timer(step)
+        overhead[distinct] = ms / base - 1
         print(f"{distinct:>9}{ms * 1e3:>15.1f}{100 * (ms / base - 1):>9.0f}%")
+    return overhead
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer shapes")
     parser.add_argument("--cuda-graphs", action="store_true", help="time CUDA-graph replays (no host launch cost)")
-    parser.add_argument("--sweep", action="store_true", help="time a grid of tilings instead of the tables")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/kernel_tables.py needs a CUDA device; the kernels' CPU checks are in tests/test_kernels.py")
     os.environ["QUADAPT_KERNELS"] = "triton"
-    if args.sweep:
-        sweep(args.quick)
-        return
-    matmul_table(args.quick, args.cuda_graphs)
-    lora_table(args.cuda_graphs)
+    times = matmul_table(args.quick, args.cuda_graphs)
+    overhead = lora_table(args.cuda_graphs)
+    if args.quick:
+        targets(times, overhead)
 
 
 if __name__ == "__main__":

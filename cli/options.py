@@ -176,6 +176,11 @@ def engine_options(max_loras_help: str) -> argparse.ArgumentParser:
         "--max-lora-rank", type=positive_int, default=_engine_default("max_lora_rank"), metavar="R",
         help="the largest rank a slot holds (default: the largest start-up adapter's rank, at least 16)",
     )
+    engine.add_argument(
+        "--device", default=_engine_default("device"), metavar="DEVICE",
+        help="where the torch executor runs the model: cpu, or cuda (cuda:N): the Triton kernels on packed weights "
+        "and decode steps replayed as CUDA graphs; needs pip install 'quadapt[gpu]' (default %(default)s)",
+    )
     executor_option(engine)
     return options
 
@@ -186,7 +191,7 @@ def engine_args(args: argparse.Namespace, adapters: dict[str, str]) -> dict[str,
         model=args.model, adapters=adapters, dtype=args.dtype, threads=args.threads,
         kv_cache_bytes=args.kv_cache_memory, block_size=args.block_size, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_batched_tokens, max_loras=args.max_loras, max_lora_rank=args.max_lora_rank,
-        executor=args.executor,
+        executor=args.executor, device=args.device,
     )
 
 

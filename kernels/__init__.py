@@ -9,6 +9,10 @@ otherwise. The environment variable `QUADAPT_KERNELS` overrides that choice:
   slow but exact: how the kernels are tested without a GPU);
 - `reference`: always the torch reference.
 
+`qlinear` and `dequant_weight` take a weight in the kernels' layout (`kernels/layout.py`), which the
+runtime's quantized modules repack to at load when they run on Triton; `qlinear` dispatches by
+the number of rows (`kernels/matmul.py`). `add_lora_` adds into its output in place.
+
 `lora_linear` has no Triton kernel: its layout (a float base weight stored above the A stack) is
 the CPU's (`runtime/model/lora.py`), so under `triton` it runs the reference.
 
@@ -31,11 +35,13 @@ from typing import Any, Literal
 import torch
 
 from . import reference
+from .layout import KernelWeight
 from .reference import NO_SLOT
 
 __all__ = [
-    "BACKENDS", "NO_SLOT", "Backend", "KernelBackendError", "add_lora", "backend_setting", "dequant_nf4",
-    "dequant_packed_int", "lora_linear", "qmatmul_nf4", "qmatmul_packed_int", "reference", "resolve_backend", "use_triton",
+    "BACKENDS", "NO_SLOT", "Backend", "KernelBackendError", "KernelWeight", "add_lora", "add_lora_", "backend_setting",
+    "dequant_nf4", "dequant_packed_int", "dequant_weight", "lora_linear", "qlinear", "qmatmul_nf4", "qmatmul_packed_int",
+    "reference", "resolve_backend", "use_triton",
 ]
 
 Backend = Literal["triton", "cpu", "reference"]
@@ -46,6 +52,9 @@ _KERNEL_MODULES = {
     "dequant_packed_int": "dequant",
     "dequant_nf4": "dequant",
     "add_lora": "lora",
+    "add_lora_": "lora",
+    "qlinear": "matmul",
+    "dequant_weight": "unpack",
 }
 _CPU_OPS = {"add_lora", "lora_linear"}  # the ops `kernels.cpu` implements
 
@@ -158,6 +167,21 @@ def dequant_nf4(weight_packed, absmax, *, shape, blocksize, dtype, backend=None)
     return _dispatch(
         "dequant_nf4", weight_packed.device, backend, weight_packed, absmax, shape=shape, blocksize=blocksize, dtype=dtype
     )
+
+
+def qlinear(x, weight, bias, *, backend=None):
+    """x @ W.T + bias for a weight in the kernels' layout, a `KernelWeight` (`reference.qlinear`)."""
+    return _dispatch("qlinear", x.device, backend, x, weight, bias)
+
+
+def dequant_weight(weight, *, backend=None):
+    """W [N, K] of a weight in the kernels' layout (`reference.dequant_weight`)."""
+    return _dispatch("dequant_weight", weight.words.device, backend, weight)
+
+
+def add_lora_(y, x, lora_a, lora_b, token_slots, *, backend=None):
+    """`add_lora` into y in place; returns y (`reference.add_lora_`)."""
+    return _dispatch("add_lora_", x.device, backend, y, x, lora_a, lora_b, token_slots)
 
 
 def add_lora(y, x, lora_a, lora_b, token_slots, *, backend=None):

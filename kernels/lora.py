@@ -1,8 +1,16 @@
 """Triton multi-adapter LoRA: shrink (x @ A[s].T) and expand (+ @ B[s].T) with a slot per token.
 
-Tokens are grouped by slot once per call (vLLM's sort-by-slot metadata), and each program works
-on one slot's tokens, so one launch serves a batch that mixes adapters, prefill and decode alike.
-The grouping and the grid never wait on the device (no host sync), so a call only queues work.
+Two schedules, both one shrink and one expand launch for a whole batch mixing adapters:
+
+- up to `BGMV_MAX_TOKENS` tokens (decode): a per-token gather (Punica's BGMV): program m reads
+  token m's slot from the per-token slot buffer and that slot's factors; no sort, no metadata
+  beyond the slots themselves, so a CUDA graph replays it with the slots its buffer holds;
+- more tokens (prefill): tokens grouped by slot (vLLM's sort-by-slot metadata, made once per
+  slots tensor, i.e. once per forward pass, not once per layer), each program on one slot's tokens.
+
+The expand adds into the base output in place (`add_lora_`). A stacked base (q/k/v in one
+module) has one stack whose A holds every section's factors, so its sections take one launch each
+way. Nothing waits on the device (no host sync), so a call only queues work.
 Slot buffers are the `LoRALinear` stacks: A [S, R, in] and B [S, out, R] with the scale folded
 into B. Loading an adapter is a copy into a slot; nothing here depends on which adapter is where,
 so swapping one recompiles nothing. `kernels.reference.add_lora` is the torch version of `add_lora`.
@@ -102,6 +110,56 @@ def _lora_expand_kernel(
     tl.store(y_ptrs, cast(y + delta, y_ptr.dtype.element_ty, EXACT_BF16), mask=mask)
 
 
+BGMV_MAX_TOKENS = 128
+
+
+@triton.jit
+def _bgmv_shrink_kernel(
+    x_ptr, a_ptr, slots_ptr, out_ptr, K, R,
+    stride_xm, stride_as, stride_ar, stride_ak, stride_om,
+    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # Program m: out[m, :R] = x[m] @ A[slot_m].T in float32; a token without a slot is skipped.
+    m = tl.program_id(0)
+    slot = tl.load(slots_ptr + m)
+    if slot < 0:
+        return
+    offs_r = tl.arange(0, BLOCK_R)
+    r_mask = offs_r < R
+    acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < K
+        x = tl.load(x_ptr + m * stride_xm + offs_k, mask=k_mask, other=0.0).to(tl.float32)
+        a = tl.load(a_ptr + slot * stride_as + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak,
+                    mask=r_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)  # [BLOCK_R, BLOCK_K]
+        acc += tl.sum(a * x[None, :], axis=1)
+    tl.store(out_ptr + m * stride_om + offs_r, acc, mask=r_mask)
+
+
+@triton.jit
+def _bgmv_expand_kernel(
+    s_ptr, b_ptr, slots_ptr, y_ptr, N, R,
+    stride_sm, stride_bs, stride_bn, stride_br, stride_ym, stride_yn,
+    BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, EXACT_BF16: tl.constexpr,
+):
+    # Program (m, column block n): y[m, n] += s[m, :R] @ B[slot_m][n, :].T, in place.
+    m, pid_n = tl.program_id(0), tl.program_id(1)
+    slot = tl.load(slots_ptr + m)
+    if slot < 0:
+        return
+    offs_r = tl.arange(0, BLOCK_R)
+    r_mask = offs_r < R
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    s = tl.load(s_ptr + m * stride_sm + offs_r, mask=r_mask, other=0.0)
+    b = tl.load(b_ptr + slot * stride_bs + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br,
+                mask=n_mask[:, None] & r_mask[None, :], other=0.0).to(tl.float32)  # [BLOCK_N, BLOCK_R]
+    y_ptrs = y_ptr + m * stride_ym + offs_n * stride_yn
+    y = tl.load(y_ptrs, mask=n_mask, other=0.0).to(tl.float32) + tl.sum(b * s[None, :], axis=1)
+    tl.store(y_ptrs, cast(y, y_ptr.dtype.element_ty, EXACT_BF16), mask=n_mask)
+
+
 def slot_groups(token_slots: torch.Tensor, num_slots: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Group token rows by slot without a device-to-host sync (the grid does not depend on the data).
 
@@ -124,7 +182,26 @@ def add_lora(
     lora_b: torch.Tensor,
     token_slots: int | torch.Tensor,
 ) -> torch.Tensor:
-    """y + (x @ A[s].T) @ B[s].T for each row, s its slot (-1 adds nothing).
+    """y + (x @ A[s].T) @ B[s].T for each row, s its slot (-1 adds nothing): `add_lora_` on a copy of y."""
+    if isinstance(token_slots, int) and token_slots == NO_SLOT:
+        return y
+    return add_lora_(y.clone(), x, lora_a, lora_b, token_slots)
+
+
+# The slot groups made for the last slots tensor (the prefill schedule): every LoRA layer of one
+# forward pass gets the same slots tensor object from the model's SlotMapping, so they are made
+# once per pass. The cache holds that object, so its id cannot be reused.
+_groups_of: tuple[torch.Tensor, int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
+
+
+def add_lora_(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    token_slots: int | torch.Tensor,
+) -> torch.Tensor:
+    """y += (x @ A[s].T) @ B[s].T for each row in place, s its slot (-1 adds nothing); returns y.
 
     Args:
         y: base output [M, out].
@@ -134,8 +211,9 @@ def add_lora(
         token_slots: one slot for every row, or an int64 tensor [M].
 
     Returns:
-        A new tensor [M, out] in `y`'s dtype; `y` is not modified.
+        `y`, updated in place.
     """
+    global _groups_of
     M, K = x.shape
     S, R, K_a = lora_a.shape
     N = lora_b.shape[1]
@@ -144,15 +222,31 @@ def add_lora(
         if token_slots == NO_SLOT:
             return y
         token_slots = torch.full((M,), token_slots, dtype=torch.int64, device=x.device)
-    tokens, starts, counts = slot_groups(token_slots, S)
-    slots = torch.arange(S, dtype=torch.int32, device=x.device)
-    out = y.clone()
-    BLOCK_M = 16
+    x = x if x.stride(1) == 1 else x.contiguous()
     BLOCK_R = max(16, triton.next_power_of_2(R))
+    shrunk = torch.empty(M, R, dtype=torch.float32, device=x.device)  # [M, R]; rows without a slot unused
+    if M <= BGMV_MAX_TOKENS:
+        _bgmv_shrink_kernel[(M,)](
+            x, lora_a, token_slots, shrunk, K, R,
+            x.stride(0), lora_a.stride(0), lora_a.stride(1), lora_a.stride(2), shrunk.stride(0),
+            BLOCK_R=BLOCK_R, BLOCK_K=min(256, triton.next_power_of_2(K)),  # one program a token: wide K steps
+        )
+        BLOCK_N = 64
+        _bgmv_expand_kernel[(M, triton.cdiv(N, BLOCK_N))](
+            shrunk, lora_b, token_slots, y, N, R,
+            shrunk.stride(0), lora_b.stride(0), lora_b.stride(1), lora_b.stride(2), y.stride(0), y.stride(1),
+            BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_R, EXACT_BF16=interpreting(),
+        )
+        return y
+    if _groups_of is None or _groups_of[0] is not token_slots or _groups_of[1] != S:
+        _groups_of = (token_slots, S, slot_groups(token_slots, S))
+    tokens, starts, counts = _groups_of[2]
+    slots = torch.arange(S, dtype=torch.int32, device=x.device)
+    out = y
+    BLOCK_M = 16
     grid_m = triton.cdiv(M, BLOCK_M)  # programs past their slot's rows return at once
     ieee = x.dtype == torch.float32  # fp32 inputs keep fp32 products (no TF32) to match the reference
     upcast = interpreting()
-    shrunk = torch.empty(M, R, dtype=torch.float32, device=x.device)  # [M, R]; rows without a slot unused
     _lora_shrink_kernel[(slots.numel(), grid_m)](
         x, lora_a, shrunk, tokens, slots, starts, counts, K, R,
         x.stride(0), x.stride(1), lora_a.stride(0), lora_a.stride(1), lora_a.stride(2),

@@ -12,6 +12,9 @@ implements under the same name and signature; `kernels/__init__.py` picks betwee
   high nibble; `absmax` float32, one per `blocksize` consecutive weights of the flattened
   matrix. W = NF4[q] * absmax, in float32, then cast; this is bitsandbytes' own arithmetic.
 
+`dequant_weight` and `qlinear` take a weight in the kernels' layout (`kernels/layout.py`, a
+`KernelWeight`): they are defined as the ops above on its standard layout, restored exactly.
+
 The LoRA ops (`add_lora`, and `lora_linear` for a base weight stored above the A stack) are the
 same kind of definition for the slot stacks of `runtime/model/lora.py`.
 
@@ -22,6 +25,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from .layout import INT, KernelWeight, standard_nf4, standard_packed_int
 
 NO_SLOT = -1  # the LoRA slot of a token that uses no adapter: its rows get the base output only
 
@@ -170,6 +175,29 @@ def qmatmul_nf4(
     return F.linear(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype))
 
 
+def dequant_weight(weight: KernelWeight) -> torch.Tensor:
+    """W [N, K] in `weight.dtype` of a weight in the kernels' layout: the standard format's dequantization."""
+    N, K = weight.shape
+    if weight.fmt == INT:
+        return dequant_packed_int(*standard_packed_int(weight), num_bits=weight.num_bits, in_features=K)
+    packed, absmax = standard_nf4(weight)
+    return dequant_nf4(packed, absmax, shape=(N, K), blocksize=weight.group_size, dtype=weight.dtype)
+
+
+def qlinear(x: torch.Tensor, weight: KernelWeight, bias: torch.Tensor | None) -> torch.Tensor:
+    """x @ W.T + bias in x's dtype for a weight in the kernels' layout (W rounded to its dtype first).
+
+    Args:
+        x: activations [..., K].
+        weight: the weight (`kernels.layout.KernelWeight`).
+        bias: [N] or None.
+
+    Returns:
+        [..., N] in x's dtype.
+    """
+    return F.linear(x, dequant_weight(weight).to(x.dtype), None if bias is None else bias.to(x.dtype))
+
+
 def add_lora(
     y: torch.Tensor,
     x: torch.Tensor,
@@ -201,6 +229,19 @@ def add_lora(
         rows = token_slots == slot
         out[rows] += (x[rows] @ lora_a[slot].T) @ lora_b[slot].T
     return out
+
+
+def add_lora_(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    token_slots: int | torch.Tensor,
+) -> torch.Tensor:
+    """`add_lora` written into `y` in place; returns `y`."""
+    if not (isinstance(token_slots, int) and token_slots == NO_SLOT):
+        y.copy_(add_lora(y, x, lora_a, lora_b, token_slots))
+    return y
 
 
 def lora_linear(

@@ -122,3 +122,13 @@ def test_threads_default_to_half_the_cores(base, monkeypatch):
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_device_is_checked(base):
+    with pytest.raises(InvalidParameterError, match="device must be cpu, cuda or cuda:N, got 'gpu'"):
+        EngineArgs(model=str(base), device="gpu")
+    assert EngineArgs(model=str(base), device="cuda:1").device == "cuda:1"
+    assert ServerConfig(model=str(base), device="cuda").engine_args().device == "cuda"
+    if not __import__("torch").cuda.is_available():
+        with pytest.raises(InvalidParameterError, match="sees no CUDA device; serve on device 'cpu'"):
+            build_engine(EngineArgs(model=str(base), device="cuda"))

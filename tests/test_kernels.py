@@ -207,3 +207,22 @@ def test_swapping_one_slot_leaves_the_others(device):
     assert not torch.allclose(after[~untouched], before[~untouched])
     mapping.set(1)
     assert_close(after[~untouched], layer(x[~untouched]), torch.float32)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("M", [1, 9, 150])  # per-token gathers for decode batches, slot groups above 128 tokens
+def test_lora_adds_in_place(device, dtype, M):
+    S, K, N, R = 3, 40, 70, 12
+    x, y = torch.randn(M, K, device=device).to(dtype), torch.randn(M, N, device=device).to(dtype)
+    a = (torch.randn(S, R, K, device=device) * 0.1).to(dtype)
+    b = (torch.randn(S, N, R, device=device) * 0.1).to(dtype)
+    slots = torch.randint(-1, S, (M,), device=device)
+    slots[0] = -1  # a row without an adapter, whatever the draw
+    expected = reference.add_lora(y, x, a, b, slots)
+    out = y.clone()
+    assert kernels.add_lora_(out, x, a, b, slots) is out
+    assert_close(out, expected, dtype)
+    assert torch.equal(out[slots == -1], y[slots == -1])
+    ref_out = y.clone()
+    assert reference.add_lora_(ref_out, x, a, b, slots) is ref_out and torch.equal(ref_out, expected)

@@ -116,7 +116,7 @@ def load_model(
     members.stack(dtype)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-    _bind_kernel_backend(model, backend)
+    bind_kernel_backend(model, backend)
     return model.eval().requires_grad_(False)
 
 
@@ -196,13 +196,16 @@ class _Members:
             setattr(self.model.get_submodule(parent_name), child, stacked)
 
 
-def _bind_kernel_backend(model: CausalLM, backend: kernels.Backend) -> None:
-    """Give every kernel-calling module the backend resolved at load; LoRA slots added later
-    read it from `model.kernel_backend`."""
+def bind_kernel_backend(model: CausalLM, backend: kernels.Backend) -> None:
+    """Give every kernel-calling module the backend resolved at load, and on Triton repack packed
+    weights into the kernels' layout (`use_kernel_layout`); LoRA slots added later read the
+    backend from `model.kernel_backend`."""
     model.kernel_backend = backend
     for module in model.modules():
         if hasattr(module, "kernel_backend"):
             module.kernel_backend = backend
+        if backend == "triton" and isinstance(module, (PackedIntLinear, NF4Linear)):
+            module.use_kernel_layout()
 
 
 class _QuantizedLinears:

@@ -16,6 +16,7 @@ imports no torch (`build_engine` does, when called), so the CLI derives its flag
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
     from ..text.tokenizer import Tokenizer
 
 _DTYPES = ("float32", "bfloat16", "float16")
+_DEVICE = re.compile(r"cpu|cuda(:[0-9]+)?")
 # The least the slots get when the start-up adapters ask for less: room to load more later.
 MIN_LORA_SLOTS, MIN_LORA_RANK = 4, 16
 
@@ -83,6 +85,8 @@ class EngineArgs:
                 not isinstance(value, int) or isinstance(value, bool) or value < 1
             ):
                 raise InvalidParameterError(f"{name} must be a positive integer, got {quote(value)}")
+        if not isinstance(self.device, str) or not _DEVICE.fullmatch(self.device):
+            raise InvalidParameterError(f"device must be cpu, cuda or cuda:N, got {quote(self.device)}")
         if self.executor not in EXECUTORS:
             raise InvalidParameterError(f"executor must be one of {', '.join(EXECUTORS)}, got {quote(self.executor)}")
         if self.adapters and self.max_loras == 0:
@@ -165,7 +169,8 @@ def build_engine(args: EngineArgs) -> tuple[Engine, Tokenizer, Path]:
         AdapterError, UnsupportedError: a start-up adapter that is malformed, does not fit the base
             or has a rank above `max_lora_rank` (checked before the weights load); its message
             begins `adapter NAME=PATH:`.
-        InvalidParameterError: a cache budget that holds no block, or more than can be allocated.
+        InvalidParameterError: a cache budget that holds no block, or more than can be allocated;
+            a CUDA device that torch does not see.
     """
     import torch
 
@@ -190,6 +195,11 @@ def build_engine(args: EngineArgs) -> tuple[Engine, Tokenizer, Path]:
     threads = args.threads if args.threads is not None else default_threads()
     bits = packed_bits(reader.config_dict(), reader.keys()) if args.executor != "torch" else None
     onnx = choose_executor(args.executor, args.device, bits, args.model, args.dtype) == "onnx"
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise InvalidParameterError(
+            f"device {args.device!r} was asked for, but torch {torch.__version__} sees no CUDA device; "
+            "serve on device 'cpu', or install a CUDA build of torch"
+        )
     # On the ONNX executor torch only samples: its threads would compete with onnxruntime's.
     torch.set_num_threads(1 if onnx else threads)
     if onnx:

@@ -125,6 +125,7 @@ class Engine:
         config: EngineConfig | None = None,
         kv_cache_bytes: int = DEFAULT_KV_CACHE_BYTES,
         block_size: int = 16,
+        cuda_graphs: bool | None = None,
     ) -> Engine:
         """An engine over a loaded model with the torch executor (the model is taken over).
 
@@ -136,6 +137,8 @@ class Engine:
             config: batching limits (`max_loras` adapter slots are added to the model).
             kv_cache_bytes: memory for the paged KV cache; it sets how many blocks there are.
             block_size: positions per cache block.
+            cuda_graphs: replay decode steps as CUDA graphs (default: on a CUDA device); True on
+                CPU runs them eagerly from the same padded buffers (`TorchExecutor`).
 
         Raises:
             InvalidParameterError: a budget that holds no block, or a model that already carries LoRA slots.
@@ -152,6 +155,8 @@ class Engine:
             max_num_batched_tokens=config.max_num_batched_tokens,
             num_lora_slots=config.max_loras,
             max_lora_rank=config.max_lora_rank,
+            max_num_seqs=config.max_num_seqs,
+            cuda_graphs=cuda_graphs,
         )
         # The stacks the executor put on the model, found once for every slot write to come.
         slots = LoRASlots(lora_modules(model), config.max_loras) if config.max_loras else None

@@ -12,6 +12,11 @@ stacked in every format; packed weights dequantized at load when the caller aske
 LoRA slot stacks (`adapters.add_lora_slots`, the base module kept inside), and on CPU stores each
 float base weight beside its stack's A factors (`LoRALinear.fuse_shrink`: the same values, one
 GEMM). A later ONNX executor runs packed weights on CPU through the same interface.
+
+On CUDA, decode steps (every row fed one token) replay CUDA graphs captured per batch bucket and
+block-table width (`decode_graphs.DecodeGraphs`: inputs in fixed, persistent buffers, one cache
+block reserved for padded rows); prefill and mixed steps run eagerly. On CPU every step is eager,
+as before.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from ..model.batch import RowSpec, build_batch
 from ..model.config import ModelConfig
 from ..model.lora import LoRALinear, LoRAWeights, SlotMapping
 from ..model.model import CausalLM
+from .decode_graphs import DecodeGraphs
 from .paged_cache import PagedKVCache
 
 # The projections a served adapter may target: every linear of a decoder layer.
@@ -63,6 +69,9 @@ class TorchExecutor:
         num_lora_slots: adapter slots beside the model (0: no adapters served).
         max_lora_rank: the largest adapter rank a slot holds.
         lora_targets: the short names of the projections that get slots.
+        max_num_seqs: the most rows a step may have; sizes the decode graphs' buffers.
+        cuda_graphs: run decode steps through `DecodeGraphs` (default: on a CUDA device with
+            `max_num_seqs` given); capturing needs CUDA, the padded buffers run anywhere.
     """
 
     def __init__(
@@ -75,6 +84,8 @@ class TorchExecutor:
         num_lora_slots: int = 0,
         max_lora_rank: int = 16,
         lora_targets: Iterable[str] = LORA_TARGETS,
+        max_num_seqs: int = 0,
+        cuda_graphs: bool | None = None,
     ) -> None:
         weight = next(p for p in model.parameters() if p.is_floating_point())
         self.model = model
@@ -84,7 +95,11 @@ class TorchExecutor:
         backend = getattr(model, "kernel_backend", None)
         self.block_size = block_size
         self.num_blocks = num_blocks
-        self.cache = PagedKVCache(model.config, num_blocks, block_size, dtype=self.dtype, device=self.device)
+        if cuda_graphs is None:
+            cuda_graphs = self.device.type == "cuda" and max_num_seqs > 0
+        # Padded decode rows write into one more block, which no request is ever given.
+        self.cache = PagedKVCache(model.config, num_blocks + int(cuda_graphs), block_size, dtype=self.dtype,
+                                  device=self.device)
         self.num_lora_slots = num_lora_slots
         self.mapping: SlotMapping | None = None
         if num_lora_slots:
@@ -96,8 +111,22 @@ class TorchExecutor:
                 for stack in (m for m in model.modules() if isinstance(m, LoRALinear)):
                     if isinstance(getattr(stack.base, "weight", None), nn.Parameter):
                         stack.fuse_shrink()  # one GEMM for the base and the shrink (kernels.lora_linear)
+        self.graphs: DecodeGraphs | None = None
+        if cuda_graphs:
+            self.graphs = DecodeGraphs(
+                # A step has at most max_num_seqs rows and max_num_batched_tokens tokens (the LoRA slot buffer's size).
+                self._forward, max_rows=max(1, min(max_num_seqs, max_num_batched_tokens)),
+                max_blocks=-(-model.config.max_position_embeddings // block_size), block_size=block_size,
+                pad_slot=num_blocks * block_size, device=self.device, mapping=self.mapping,
+                capture=self.device.type == "cuda",
+            )
 
     def execute(self, rows: Sequence[RowSpec]) -> torch.Tensor:
+        if self.graphs is not None:
+            key = self.graphs.key_for(rows)
+            if key is not None and max(row.start for row in rows) < self.config.max_position_embeddings:
+                with torch.inference_mode():
+                    return self.graphs.run(rows, key).float()
         batch = build_batch(rows, self.block_size, self.device)
         if self.mapping is not None:
             slots = {row.lora_slot for row in rows}
@@ -110,7 +139,10 @@ class TorchExecutor:
             else:
                 self.mapping.set_tokens(batch.lora_slots)
         with torch.inference_mode():
-            return self.model(batch.input_ids, self.cache, batch=batch).float()
+            return self._forward(batch).float()
+
+    def _forward(self, batch) -> torch.Tensor:
+        return self.model(batch.input_ids, self.cache, batch=batch)
 
     def write_adapter_slot(self, slot: int, modules: Mapping[str, LoRAWeights] | None) -> None:
         if modules is None:

@@ -315,6 +315,10 @@ class LoRALinear(nn.Module):
         if isinstance(slots, int) and slots == NO_SLOT:
             return y
         y2 = y.reshape(-1, self.out_features)
+        if self.kernel_backend == "triton" and y2.dtype == self.lora_a.dtype and y2.data_ptr() == y.data_ptr():
+            # The base output is this call's own tensor: the expand adds into it in place.
+            kernels.add_lora_(y2, x2.to(self.lora_a.dtype), self.lora_a, self.lora_b, slots, backend="triton")
+            return y
         out = kernels.add_lora(y2, x2.to(self.lora_a.dtype), self.lora_a, self.lora_b, slots, backend=self.kernel_backend)
         return out.to(y.dtype).view(y.shape)
 

@@ -13,6 +13,11 @@ the rows of the packed weights one after the other, `section_names` and `section
 each projection's rows, as `fused.FusedLinear` does for float weights; `section(name)` gives one
 projection back as a module of its own, its buffers views of the stacked ones.
 
+On Triton the loader repacks each module into the kernels' layout (`use_kernel_layout`: packed
+words transposed to [K / per_word, N], scales [G, N]; see `kernels/layout.py`) and drops the
+standard buffers; they stay readable by name (`weight_packed`, ...), restored exactly on demand,
+and a state dict holds them, so a repacked model saves the bytes it loaded.
+
 They do not quantize, read checkpoints or know tensor names on disk: the loader fills their
 buffers, and the converters produce them.
 """
@@ -26,12 +31,62 @@ import torch
 from torch import nn
 
 # The dispatching ops: Triton on CUDA, `kernels.reference` elsewhere (see `kernels/__init__.py`).
-from ...kernels import Backend, dequant_nf4, dequant_packed_int, qmatmul_nf4, qmatmul_packed_int
+from ...kernels import Backend, dequant_nf4, dequant_packed_int, dequant_weight, qlinear, qmatmul_nf4, qmatmul_packed_int
+from ...kernels import layout
 
 WeightFormat = Literal["int4", "int8", "nf4"]
 
 
-class PackedIntLinear(nn.Module):
+class _KernelLayout(nn.Module):
+    """The kernels' layout beside a module's standard buffers (`use_kernel_layout`)."""
+
+    _standard: tuple[str, ...] = ()  # the standard buffers' names, in the order `_restore` gives them
+    _kernel_spec: tuple | None = None  # (fmt, num_bits, group_size, dtype) once repacked
+
+    def _repack(self) -> layout.KernelWeight | None:
+        raise NotImplementedError
+
+    def _restore(self, weight: layout.KernelWeight) -> tuple[torch.Tensor | None, ...]:
+        raise NotImplementedError
+
+    def use_kernel_layout(self) -> bool:
+        """Repack into the kernels' layout and drop the standard buffers; False (and nothing
+        changed) for a weight that has no such layout (NF4 blocks straddling rows)."""
+        if self._kernel_spec is not None:
+            return True
+        weight = self._repack()
+        if weight is None:
+            return False
+        for name in self._standard:
+            del self._buffers[name]
+        for name, tensor in weight.tensors().items():
+            self.register_buffer(name, tensor, persistent=False)
+        self._kernel_spec = (weight.fmt, weight.num_bits, weight.group_size, weight.dtype)
+        return True
+
+    @property
+    def kernel_weight(self) -> layout.KernelWeight | None:
+        """The weight in the kernels' layout, or None before `use_kernel_layout`."""
+        if self._kernel_spec is None:
+            return None
+        zero = self._buffers.get("kernel_zero")
+        return layout.KernelWeight(self._buffers["kernel_words"], self._buffers["kernel_scale"], zero,
+                                   *self._kernel_spec)
+
+    def __getattr__(self, name: str):
+        if name in type(self)._standard and self.__dict__.get("_kernel_spec") is not None:
+            return dict(zip(self._standard, self._restore(self.kernel_weight)))[name]
+        return super().__getattr__(name)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self._kernel_spec is not None:  # the standard bytes, as loaded
+            for name, tensor in zip(self._standard, self._restore(self.kernel_weight)):
+                if tensor is not None:
+                    destination[prefix + name] = tensor
+
+
+class PackedIntLinear(_KernelLayout):
     """A linear layer whose weight is int4 or int8, packed as compressed-tensors packs it.
 
     Buffers:
@@ -39,6 +94,8 @@ class PackedIntLinear(nn.Module):
         weight_scale: [N, K / group_size] (or [N, 1] per channel), in `scale_dtype`.
         weight_zero_point: int8 [N, G] when asymmetric, else absent (None).
     """
+
+    _standard = ("weight_packed", "weight_scale", "weight_zero_point")
 
     def __init__(
         self,
@@ -118,14 +175,25 @@ class PackedIntLinear(nn.Module):
         _section_common(module, self, rows)
         return module
 
+    def _repack(self) -> layout.KernelWeight:
+        return layout.repack_packed_int(self.weight_packed, self.weight_scale, self.weight_zero_point,
+                                        num_bits=self.num_bits, in_features=self.in_features)
+
+    def _restore(self, weight: layout.KernelWeight) -> tuple[torch.Tensor | None, ...]:
+        return layout.standard_packed_int(weight)
+
     def dequantize(self) -> torch.Tensor:
         """The float weight [N, K] the packed buffers stand for, in the scales' dtype."""
+        if self._kernel_spec is not None:
+            return dequant_weight(self.kernel_weight, backend=self.kernel_backend)
         return dequant_packed_int(
             self.weight_packed, self.weight_scale, self.weight_zero_point,
             num_bits=self.num_bits, in_features=self.in_features, backend=self.kernel_backend,
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._kernel_spec is not None:
+            return qlinear(x, self.kernel_weight, self.bias, backend=self.kernel_backend)
         return qmatmul_packed_int(
             x, self.weight_packed, self.weight_scale, self.weight_zero_point, self.bias,
             num_bits=self.num_bits, in_features=self.in_features, backend=self.kernel_backend,
@@ -140,7 +208,7 @@ class PackedIntLinear(nn.Module):
         )
 
 
-class NF4Linear(nn.Module):
+class NF4Linear(_KernelLayout):
     """A linear layer whose weight is NF4 (bitsandbytes' 4-bit NormalFloat), block-scaled.
 
     Buffers:
@@ -148,6 +216,8 @@ class NF4Linear(nn.Module):
         absmax: float32 [ceil(N*K / blocksize)]; a checkpoint's double-quantized scales are
             resolved into this at load, as bitsandbytes' own CPU path does.
     """
+
+    _standard = ("weight_packed", "absmax")
 
     def __init__(
         self,
@@ -213,14 +283,25 @@ class NF4Linear(nn.Module):
         _section_common(module, self, rows)
         return module
 
+    def _repack(self) -> layout.KernelWeight | None:
+        return layout.repack_nf4(self.weight_packed, self.absmax, shape=(self.out_features, self.in_features),
+                                 blocksize=self.blocksize, dtype=self.dtype)
+
+    def _restore(self, weight: layout.KernelWeight) -> tuple[torch.Tensor | None, ...]:
+        return layout.standard_nf4(weight)
+
     def dequantize(self) -> torch.Tensor:
         """The float weight [N, K] the packed buffers stand for, in `self.dtype`."""
+        if self._kernel_spec is not None:
+            return dequant_weight(self.kernel_weight, backend=self.kernel_backend)
         return dequant_nf4(
             self.weight_packed, self.absmax, shape=(self.out_features, self.in_features),
             blocksize=self.blocksize, dtype=self.dtype, backend=self.kernel_backend,
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._kernel_spec is not None:
+            return qlinear(x, self.kernel_weight, self.bias, backend=self.kernel_backend)
         return qmatmul_nf4(
             x, self.weight_packed, self.absmax, self.bias,
             shape=(self.out_features, self.in_features), blocksize=self.blocksize, dtype=self.dtype,

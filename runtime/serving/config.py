@@ -57,7 +57,7 @@ class ServerConfig:
             None: gRPC only.
         http_host: where the HTTP API listens; None: the same host as gRPC.
         model_name: the name ServerInfo reports (default: the checkpoint's file or folder name).
-        dtype, threads, max_num_seqs, max_num_batched_tokens, max_loras, max_lora_rank,
+        dtype, device, threads, max_num_seqs, max_num_batched_tokens, max_loras, max_lora_rank,
             kv_cache_bytes, block_size, executor: what `EngineArgs` says of them, with its defaults.
     """
 
@@ -81,6 +81,7 @@ class ServerConfig:
     http_host: str | None = None
     model_name: str | None = None
     dtype: Literal["float32", "bfloat16", "float16"] = EngineArgs.dtype
+    device: str = EngineArgs.device
     threads: int | None = EngineArgs.threads
     max_num_seqs: int = EngineArgs.max_num_seqs
     max_num_batched_tokens: int = EngineArgs.max_num_batched_tokens
@@ -141,7 +142,7 @@ class ServerConfig:
             model=self.model, adapters=self.adapters, dtype=self.dtype, threads=self.threads,
             kv_cache_bytes=self.kv_cache_bytes, block_size=self.block_size, max_num_seqs=self.max_num_seqs,
             max_num_batched_tokens=self.max_num_batched_tokens, max_loras=self.max_loras,
-            max_lora_rank=self.max_lora_rank, executor=self.executor,
+            max_lora_rank=self.max_lora_rank, executor=self.executor, device=self.device,
         )
 
     @property
