@@ -1,0 +1,210 @@
+"""The engine as a Ray Serve deployment: one `AsyncLLM` per replica, adapters as multiplexed models.
+
+Each replica builds its engine through `build_engine` (`ServerConfig.engine_args`, as the single
+server does) and takes requests one by one: its own engine thread batches them, adapters mixed,
+which `@serve.batch` would not (it splits batches by model id). An adapter is a Serve multiplexed
+model: the first request naming it on a replica loads it from the `AdapterResolver` into the
+engine's registry, Serve announces the replica as holding it so later requests for it route here,
+and at most `max_num_models_per_replica` = the engine's adapter slots stay loaded (Serve evicts the
+least recently used). The registry refuses to unload an adapter that unfinished requests use, so
+an eviction of a busy adapter is deferred until its last request here ends (counted in
+`quadapt_adapter_unloads{outcome="deferred"}`), never forced under a running request.
+
+`generate` streams one request: first a `Placement` (this replica, and whether the adapter was
+already loaded here), then the request's `TextDelta`s. Metrics go through `ray.serve.metrics`
+(Serve adds the deployment and replica tags): adapter hits and loads, unloads, queue depth and
+KV cache use. This file holds no network code; `front.py` is the ingress.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import Counter
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from ...engine.registry import AdapterInUseError
+from ...errors import EngineDeadError, quote
+from ...text.prompt import Prompt
+from ...text.sampling_params import SamplingParams
+from ..config import ServerConfig, load_llm
+from .resolver import AdapterResolver
+
+logger = logging.getLogger(__name__)
+
+# Seconds between two reads of the engine's queues and cache into the replica's gauges.
+GAUGE_PERIOD_S = 2.0
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a request runs: the replica's id, and whether its adapter was loaded there before it
+    came (None for the base model)."""
+
+    replica: str
+    adapter_hit: bool | None
+
+
+class EngineReplica:
+    """One replica's engine and adapters; `engine_deployment` makes the Serve deployment of it.
+
+    Args:
+        config: what to serve (the model, the engine's limits, start-up adapters and adapter dirs).
+    """
+
+    def __init__(self, config: ServerConfig) -> None:
+        from ray import serve
+        from ray.serve import metrics
+
+        self.config = config
+        self.resolver = AdapterResolver(config.adapters, config.adapter_dirs)
+        self.llm = load_llm(config)
+        self.llm.start()
+        self.replica = serve.get_replica_context().replica_id.unique_id
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._held = set(config.adapters)  # loaded in the registry by name, as this replica knows it
+        self._users: Counter[str] = Counter()  # unfinished requests here, by adapter
+        self._retiring: set[str] = set()  # evicted by Serve while in use: unloaded after their last request
+        self._adapter_requests = metrics.Counter(
+            "quadapt_adapter_requests", "Adapter requests on this replica, by whether it held the adapter already "
+            "(hit) or loaded it (load).", tag_keys=("adapter", "result"))
+        self._unloads = metrics.Counter(
+            "quadapt_adapter_unloads", "Adapters Serve evicted here, unloaded at once or deferred past their "
+            "last request.", tag_keys=("outcome",))
+        self._gauges = {name: metrics.Gauge(name, help_) for name, help_ in (
+            ("quadapt_replica_requests_waiting", "Requests queued for their first step on this replica."),
+            ("quadapt_replica_requests_running", "Requests in this replica's running batch."),
+            ("quadapt_replica_kv_cache_blocks_used", "Paged KV cache blocks in use on this replica."),
+            ("quadapt_replica_kv_cache_blocks_total", "Paged KV cache blocks of this replica."),
+            ("quadapt_replica_adapters_loaded", "Adapters loaded on this replica."),
+        )}
+        self._gauge_task: asyncio.Task | None = None
+        logger.info("replica %s serving %s (%d adapter slots)", self.replica, config.model, self.slots)
+
+    @property
+    def slots(self) -> int:
+        return self.llm.engine.config.max_loras
+
+    def describe(self) -> dict[str, Any]:
+        """The model's and the engine's configuration, for the front door's ServerInfo and Tokenize."""
+        return {"model_config": self.llm.engine.executor.config, "engine_config": self.llm.engine.config}
+
+    def check_health(self) -> None:
+        """Serve's health check: a replica whose engine thread stopped is restarted."""
+        if self.llm.failed is not None:
+            raise EngineDeadError(f"the engine stopped after an error ({self.llm.failed!r})")
+
+    async def generate(self, prompt: Prompt, params: SamplingParams, adapter: str | None,
+                       request_id: str) -> AsyncIterator[Placement | Any]:
+        """One request: its `Placement`, then its `TextDelta`s. Cancelled (the client gone), it is
+        aborted and its cache blocks freed before the engine's next step."""
+        self._start_gauges()
+        hit = None
+        if adapter:
+            self._users[adapter] += 1  # before the load: an eviction from here on waits for this request
+        try:
+            if adapter:
+                hit = adapter in self._held and adapter not in self._retiring
+                self._adapter_requests.inc(tags={"adapter": adapter, "result": "hit" if hit else "load"})
+                await self.adapter(adapter)  # Serve's multiplexed loader (`engine_deployment`)
+            yield Placement(self.replica, hit)
+            async with contextlib.aclosing(self.llm.stream(prompt, params, adapter=adapter,
+                                                           request_id=request_id)) as deltas:
+                async for delta in deltas:
+                    yield delta
+        finally:
+            if adapter:
+                self._users[adapter] -= 1
+                if not self._users[adapter]:
+                    del self._users[adapter]
+                    if adapter in self._retiring:
+                        await self._unload(adapter)
+
+    async def adapter(self, name: str) -> Any:  # replaced by the multiplexed loader in `engine_deployment`
+        raise NotImplementedError
+
+    async def load_adapter(self, name: str) -> _Held:
+        """Load `name` from the resolver into the registry (Serve calls it once per replica until evicted)."""
+        self._loop = asyncio.get_running_loop()
+        if name in self._retiring:  # evicted while busy, wanted again: it never left the registry
+            self._retiring.discard(name)
+        elif name not in self._held:
+            path = self.resolver.resolve(name)
+            version = await asyncio.to_thread(self.llm.load_adapter, name, path)
+            logger.info("adapter %s loaded from %s (%s)", quote(name), path, version.identity)
+        self._held.add(name)
+        return _Held(self, name)
+
+    def evicted(self, name: str) -> None:
+        """Serve evicted `name` (from any thread): unload it now, or after its last request here."""
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self._evict(name)))
+
+    async def _evict(self, name: str) -> None:
+        if self._users.get(name):
+            self._retiring.add(name)
+            self._unloads.inc(tags={"outcome": "deferred"})
+            logger.info("adapter %s evicted while %d request(s) use it: unloaded after them", quote(name),
+                        self._users[name])
+            return
+        await self._unload(name)
+
+    async def _unload(self, name: str) -> None:
+        self._retiring.discard(name)
+        try:
+            await asyncio.wrap_future(self.llm.unload_adapter(name, wait=False))
+        except AdapterInUseError:  # an abort not yet run: the next request's end retries it
+            self._retiring.add(name)
+            return
+        self._held.discard(name)
+        self._unloads.inc(tags={"outcome": "unloaded"})
+        logger.info("adapter %s unloaded", quote(name))
+
+    def _start_gauges(self) -> None:
+        if self._gauge_task is None:
+            self._loop = asyncio.get_running_loop()
+            self._gauge_task = asyncio.ensure_future(self._read_gauges())
+
+    async def _read_gauges(self) -> None:
+        while True:
+            snap = await asyncio.to_thread(self.llm.metrics)  # read between two steps
+            for key, value in (("requests_waiting", snap.waiting), ("requests_running", snap.running),
+                               ("kv_cache_blocks_used", snap.kv_blocks_used),
+                               ("kv_cache_blocks_total", snap.kv_blocks_total), ("adapters_loaded", len(self._held))):
+                self._gauges[f"quadapt_replica_{key}"].set(value)
+            await asyncio.sleep(GAUGE_PERIOD_S)
+
+    def __del__(self) -> None:  # Serve's graceful shutdown
+        llm = getattr(self, "llm", None)
+        if llm is not None:
+            llm.shutdown()
+
+
+class _Held:
+    """What the multiplexed loader returns for an adapter; Serve calls `__del__` when it evicts it."""
+
+    def __init__(self, replica: EngineReplica, name: str) -> None:
+        self.replica, self.name, self.done = replica, name, False
+
+    def __del__(self) -> None:
+        if not self.done:  # Serve's eviction, then the garbage collector: once
+            self.done = True
+            self.replica.evicted(self.name)
+
+
+def engine_deployment(config: ServerConfig) -> type:
+    """The replica class with its multiplexed loader, `max_num_models_per_replica` = the engine's
+    adapter slots (at least 1: an engine without slots refuses every adapter by name)."""
+    from ray import serve
+
+    slots = max(1, config.engine_args().lora_slots())
+
+    class QuadaptEngine(EngineReplica):
+        @serve.multiplexed(max_num_models_per_replica=slots)
+        async def adapter(self, name: str) -> _Held:
+            return await self.load_adapter(name)
+
+    return QuadaptEngine
