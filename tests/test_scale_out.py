@@ -14,8 +14,10 @@ replica back that serves again.
 from __future__ import annotations
 
 import concurrent.futures
+import re
 import socket
 import time
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -39,10 +41,20 @@ ADAPTERS = ["a0", "a1", "a2", "a3"]
 PROMPTS = ["the cluster answers", "one more prompt", "and a third"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_port(pair: bool = False) -> int:
+    """A free port (with `pair`, one whose next port is free too: a replica's metrics each)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if not pair:
+            return port
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+        return port
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +65,7 @@ def config(tmp_path_factory) -> ServerConfig:
         make_peft_adapter(base, root / "adapters" / name, seed=10 + i,
                           config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
     return ServerConfig(model=str(base), host="127.0.0.1", port=free_port(), http_port=free_port(),
-                        adapter_dirs=(str(root / "adapters"),), threads=1, max_num_seqs=4, max_num_batched_tokens=32,
+                        adapter_dirs=(str(root / "adapters"),), metrics_port=free_port(pair=True), threads=1, max_num_seqs=4, max_num_batched_tokens=32,
                         max_loras=4, max_lora_rank=8, kv_cache_bytes=2 * 2**20, block_size=4, drain_timeout_s=1)
 
 
@@ -61,7 +73,8 @@ def config(tmp_path_factory) -> ServerConfig:
 def single(config):
     """The single server the cluster must agree with."""
     adapters = {name: str(Path(config.adapter_dirs[0]) / name) for name in ADAPTERS}
-    served = ServerThread(ServerConfig(**{**_fields(config), "port": 0, "http_port": None, "adapters": adapters}))
+    served = ServerThread(ServerConfig(**{**_fields(config), "port": 0, "http_port": None, "metrics_port": None,
+                                                      "adapters": adapters}))
     yield served
     served.close()
 
@@ -130,6 +143,14 @@ def test_same_answers_and_adapters_routed_to_the_replica_that_holds_them(cluster
                     if adapter is not None:
                         hits[adapter].append(hit)
     channel.close()
+    # Each replica's own /metrics (the single server's, on metrics_port + its rank): its engine's cache
+    # and the adapters it holds, which together cover the four.
+    loaded = 0
+    for port in (cluster.metrics_port, cluster.metrics_port + 1):
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        assert re.search(r"^quadapt_kv_cache_blocks_total [1-9]", text, re.M), text[:500]
+        loaded += int(float(re.search(r"^quadapt_adapters_loaded (\S+)", text, re.M).group(1)))
+    assert loaded >= len(ADAPTERS)
     for name, seen in hits.items():
         later = seen[1:]  # the first request per adapter loads it somewhere
         rate = later.count("1") / len(later)

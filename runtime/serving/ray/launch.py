@@ -5,9 +5,9 @@ The application is two deployments: `QuadaptEngine` (the replicas, `replica.py`)
 autoscaled between two bounds on the requests in flight, and `QuadaptFront` (the ingress,
 `front.py`), which is light (a tokenizer, no weights). Serve's HTTP proxy answers on
 `ServerConfig.http_port` (8000 when unset) and its gRPC proxy, with the Generation service, on
-`ServerConfig.port`. What the single server does itself and Serve's proxies do not (TLS, a
-metrics port of its own) is refused by name rather than ignored: TLS ends at the cluster's
-ingress, and the metrics are Ray's (docs/scale-out.md).
+`ServerConfig.port`; with `metrics_port` P, each engine replica serves its `/metrics` on P plus
+its rank on its node. What Serve's proxies do not do (TLS) is refused by name rather than
+ignored: TLS ends at the cluster's ingress (docs/scale-out.md).
 """
 
 from __future__ import annotations
@@ -44,14 +44,11 @@ def check_config(config: ServerConfig, replicas: int | None, autoscale: tuple[in
     """Refuse what a cluster cannot honour, before Ray starts.
 
     Raises:
-        InvalidParameterError: TLS, a metrics port, port 0, or a bad replica count.
+        InvalidParameterError: TLS, port 0 for a proxy, or a bad replica count.
     """
     if config.tls_cert is not None:
         raise InvalidParameterError("--ray serves through Ray Serve's proxies, which end no TLS; terminate TLS at the "
                                     "cluster's ingress (a load balancer, a Kubernetes Ingress) and drop --tls-*")
-    if config.metrics_port is not None:
-        raise InvalidParameterError("--ray reports each replica's metrics through Ray's metrics export "
-                                    "(docs/scale-out.md); drop --metrics-port")
     for name, port in (("--port", config.port), ("--http-port", config.http_port)):
         if port == 0:
             raise InvalidParameterError(f"{name} 0 (any free port) is not available with --ray: Serve's proxies "

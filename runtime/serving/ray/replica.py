@@ -13,7 +13,9 @@ an eviction of a busy adapter is deferred until its last request here ends (coun
 `generate` streams one request: first a `Placement` (this replica, and whether the adapter was
 already loaded here), then the request's `TextDelta`s. Metrics go through `ray.serve.metrics`
 (Serve adds the deployment and replica tags): adapter hits and loads, unloads, queue depth and
-KV cache use. This file holds no network code; `front.py` is the ingress.
+KV cache use; with `metrics_port`, each replica also serves the single server's `/metrics` (the
+engine's queues per adapter, cache, counters) on `metrics_port` + its rank on its node. This file
+holds no other network code; `front.py` is the ingress.
 """
 
 from __future__ import annotations
@@ -82,6 +84,16 @@ class EngineReplica:
             ("quadapt_replica_adapters_loaded", "Adapters loaded on this replica."),
         )}
         self._gauge_task: asyncio.Task | None = None
+        self.metrics_port = None
+        if config.metrics_port is not None:  # the single server's /metrics, one port per replica on a node
+            from ..metrics import ServerMetrics
+
+            rank = getattr(getattr(serve.get_replica_context(), "rank", None), "local_rank", 0) or 0
+            self._server_metrics = ServerMetrics(lambda: (self.llm.metrics(), sorted(self._held), self.slots))
+            port = config.metrics_port + rank if config.metrics_port else 0
+            self.metrics_port = self._server_metrics.serve_http(config.metrics_host.strip("[]"), port,
+                                                                config.metrics_tokens)
+            logger.info("replica %s: /metrics on %s:%d", self.replica, config.metrics_host, self.metrics_port)
         logger.info("replica %s serving %s (%d adapter slots)", self.replica, config.model, self.slots)
 
     @property
@@ -178,6 +190,8 @@ class EngineReplica:
             await asyncio.sleep(GAUGE_PERIOD_S)
 
     def __del__(self) -> None:  # Serve's graceful shutdown
+        if getattr(self, "metrics_port", None) is not None:
+            self._server_metrics.close()
         llm = getattr(self, "llm", None)
         if llm is not None:
             llm.shutdown()
