@@ -70,12 +70,7 @@ class EngineReplica:
         self._held = set(config.adapters)  # loaded in the registry by name, as this replica knows it
         self._users: Counter[str] = Counter()  # unfinished requests here, by adapter
         self._retiring: set[str] = set()  # evicted by Serve while in use: unloaded after their last request
-        self._adapter_requests = metrics.Counter(
-            "quadapt_adapter_requests", "Adapter requests on this replica, by whether it held the adapter already "
-            "(hit) or loaded it (load).", tag_keys=("adapter", "result"))
-        self._unloads = metrics.Counter(
-            "quadapt_adapter_unloads", "Adapters Serve evicted here, unloaded at once or deferred past their "
-            "last request.", tag_keys=("outcome",))
+        self._counters = _Counters(metrics)
         self._gauges = {name: metrics.Gauge(name, help_) for name, help_ in (
             ("quadapt_replica_requests_waiting", "Requests queued for their first step on this replica."),
             ("quadapt_replica_requests_running", "Requests in this replica's running batch."),
@@ -94,6 +89,7 @@ class EngineReplica:
             self.metrics_port = self._server_metrics.serve_http(config.metrics_host.strip("[]"), port,
                                                                 config.metrics_tokens)
             logger.info("replica %s: /metrics on %s:%d", self.replica, config.metrics_host, self.metrics_port)
+            self._counters.mirror(self._server_metrics.registry)
         logger.info("replica %s serving %s (%d adapter slots)", self.replica, config.model, self.slots)
 
     @property
@@ -120,7 +116,7 @@ class EngineReplica:
         try:
             if adapter:
                 hit = adapter in self._held and adapter not in self._retiring
-                self._adapter_requests.inc(tags={"adapter": adapter, "result": "hit" if hit else "load"})
+                self._counters.inc("quadapt_adapter_requests", adapter=adapter, result="hit" if hit else "load")
                 await self.adapter(adapter)  # Serve's multiplexed loader (`engine_deployment`)
             yield Placement(self.replica, hit)
             async with contextlib.aclosing(self.llm.stream(prompt, params, adapter=adapter,
@@ -158,7 +154,7 @@ class EngineReplica:
     async def _evict(self, name: str) -> None:
         if self._users.get(name):
             self._retiring.add(name)
-            self._unloads.inc(tags={"outcome": "deferred"})
+            self._counters.inc("quadapt_adapter_unloads", outcome="deferred")
             logger.info("adapter %s evicted while %d request(s) use it: unloaded after them", quote(name),
                         self._users[name])
             return
@@ -172,7 +168,7 @@ class EngineReplica:
             self._retiring.add(name)
             return
         self._held.discard(name)
-        self._unloads.inc(tags={"outcome": "unloaded"})
+        self._counters.inc("quadapt_adapter_unloads", outcome="unloaded")
         logger.info("adapter %s unloaded", quote(name))
 
     def _start_gauges(self) -> None:
@@ -195,6 +191,33 @@ class EngineReplica:
         llm = getattr(self, "llm", None)
         if llm is not None:
             llm.shutdown()
+
+
+class _Counters:
+    """The replica's adapter counters in Serve's metrics, and mirrored into the replica's own
+    `/metrics` registry when it serves one."""
+
+    HELP = {
+        "quadapt_adapter_requests": ("Adapter requests on this replica, by whether it held the adapter already "
+                                     "(hit) or loaded it (load).", ("adapter", "result")),
+        "quadapt_adapter_unloads": ("Adapters Serve evicted here, unloaded at once or deferred past their last "
+                                    "request.", ("outcome",)),
+    }
+
+    def __init__(self, metrics: Any) -> None:
+        self._ray = {name: metrics.Counter(name, help_, tag_keys=tags) for name, (help_, tags) in self.HELP.items()}
+        self._mirror: dict[str, Any] = {}
+
+    def mirror(self, registry: Any) -> None:
+        from prometheus_client import Counter as PrometheusCounter
+
+        self._mirror = {name: PrometheusCounter(name, help_, tags, registry=registry)
+                        for name, (help_, tags) in self.HELP.items()}
+
+    def inc(self, name: str, **tags: str) -> None:
+        self._ray[name].inc(tags=tags)
+        if name in self._mirror:
+            self._mirror[name].labels(**tags).inc()
 
 
 class _Held:
