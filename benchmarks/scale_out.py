@@ -98,7 +98,7 @@ def main() -> None:
     from ray import serve
     from ray.serve.config import HTTPOptions, gRPCOptions
 
-    from quadapt.runtime.serving.ray.launch import APP_NAME, GRPC_SERVICER, build_app
+    from quadapt.runtime.serving.ray.launch import APP_NAME, GRPC_SERVICERS, build_app
     from quadapt.runtime.serving.server import ServerConfig
 
     names = sorted(p.name for p in Path(args.adapter_dir).iterdir() if (p / "adapter_config.json").is_file())
@@ -108,7 +108,7 @@ def main() -> None:
     ray.init(num_cpus=max(4, os.cpu_count() or 1), object_store_memory=100 * 2**20, include_dashboard=False,
              log_to_driver=False)
     serve.start(http_options=HTTPOptions(host="127.0.0.1", port=config.http_port),
-                grpc_options=gRPCOptions(port=config.port, grpc_servicer_functions=[GRPC_SERVICER]))
+                grpc_options=gRPCOptions(port=config.port, grpc_servicer_functions=GRPC_SERVICERS))
     results = {}
     try:
         for count in (int(c) for c in args.replicas.split(",")):

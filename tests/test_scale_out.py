@@ -27,6 +27,7 @@ from peft import LoraConfig
 
 from quadapt.protos.quadapt.v1 import generation_pb2 as pb
 from quadapt.protos.quadapt.v1 import generation_pb2_grpc as pb_grpc
+from quadapt.runtime.serving.client import Client, ServerError
 from quadapt.runtime.serving.server import ServerConfig
 
 from .test_adapters import make_base, make_peft_adapter
@@ -83,13 +84,13 @@ def single(config):
 def cluster(config):
     from ray.serve.config import HTTPOptions, gRPCOptions
 
-    from quadapt.runtime.serving.ray.launch import APP_NAME, GRPC_SERVICER, build_app
+    from quadapt.runtime.serving.ray.launch import APP_NAME, GRPC_SERVICERS, build_app
 
     started = time.monotonic()
     ray.init(num_cpus=4, object_store_memory=100 * 2**20, include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options=HTTPOptions(host="127.0.0.1", port=config.http_port),
-                    grpc_options=gRPCOptions(port=config.port, grpc_servicer_functions=[GRPC_SERVICER]))
+                    grpc_options=gRPCOptions(port=config.port, grpc_servicer_functions=GRPC_SERVICERS))
         serve.run(build_app(config, replicas=2, replica_cpus=1), name=APP_NAME, route_prefix="/")
         print(f"\nRay started and 2 replicas deployed in {time.monotonic() - started:.1f} s")
         yield config
@@ -171,6 +172,13 @@ def test_an_unknown_adapter_is_not_found_on_both_doors(cluster):
     assert refused.value.code() == grpc.StatusCode.NOT_FOUND, refused.value.details()
     assert "nope" in refused.value.details()
     channel.close()
+    with Client(f"127.0.0.1:{cluster.port}", timeout=60) as client:  # quadapt's client, unchanged
+        assert client.health() == "SERVING"
+        assert client.server_info().max_loras == cluster.max_loras
+        with pytest.raises(ServerError) as unknown:
+            client.generate("x", adapter="nope", max_new_tokens=2)
+        assert unknown.value.code == "NOT_FOUND"
+        assert client.generate("x", adapter="a2", max_new_tokens=2, ignore_eos=True).completion_tokens == 2
 
 
 def test_a_replica_killed_under_load_fails_its_requests_unavailable_and_comes_back(cluster, single):

@@ -43,7 +43,7 @@ def test_the_rayservice_manifest_names_image_command_and_ports():
     served, replicas, autoscale = launch.config_from_args(application["args"])
     assert served.model == "/models/smollm2-int4" and served.adapter_dirs == ("/models/adapters",)
     assert replicas is None and autoscale == (1, 4)
-    assert config["grpc_options"]["grpc_servicer_functions"] == [launch.GRPC_SERVICER]
+    assert config["grpc_options"]["grpc_servicer_functions"] == launch.GRPC_SERVICERS
 
     # The ports: Serve's HTTP and gRPC proxies listen where the containers expose them.
     ports = {config["http_options"]["port"], config["grpc_options"]["port"]}

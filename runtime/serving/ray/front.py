@@ -160,6 +160,19 @@ class FrontDoor:
 
         return _with_placement_headers(make_app(self.server))
 
+    async def Check(self, request: Any, grpc_context: Any) -> Any:
+        """`grpc.health.v1.Health/Check`, as the single server answers it: SERVING for the whole
+        server ("") and for the Generation service once the front door runs, else NOT_FOUND."""
+        from grpc_health.v1 import health_pb2
+
+        from ..rpc import SERVICE
+
+        if request.service not in ("", SERVICE):
+            grpc_context.set_code(grpc.StatusCode.NOT_FOUND)
+            grpc_context.set_details(f"unknown service {request.service[:128]!r}")
+            raise LookupError(request.service)
+        return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
+
     async def unary(self, name: str, request: Any, grpc_context: Any) -> Any:
         placed: dict[str, str] = {}
         _placements.set(placed)

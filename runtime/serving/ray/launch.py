@@ -26,8 +26,10 @@ logger = logging.getLogger(__name__)
 APP_NAME = "quadapt"
 # What Serve's gRPC proxy registers (by import path, in the proxy's process): the single server's
 # registration, which hands the front door each request's bytes (the generated one would parse
-# them in the proxy and pickle the message to the replica, by a module path that is not importable).
-GRPC_SERVICER = "quadapt.runtime.serving.rpc.add_servicer"
+# them in the proxy and pickle the message to the replica, by a module path that is not
+# importable), and the standard health service, which the front door answers.
+GRPC_SERVICERS = ["quadapt.runtime.serving.rpc.add_servicer",
+                  "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server"]
 DEFAULT_HTTP_PORT = 8000
 MISSING_EXTRA = "serving on Ray needs the ray extra: pip install 'quadapt[ray]'"
 
@@ -126,7 +128,7 @@ def run(config: ServerConfig, *, replicas: int | None = 1, autoscale: tuple[int,
         host = config.http_host or config.host
         http_port = config.http_port if config.http_port is not None else DEFAULT_HTTP_PORT
         serve.start(http_options=HTTPOptions(host=host, port=http_port),
-                    grpc_options=gRPCOptions(port=config.port, grpc_servicer_functions=[GRPC_SERVICER]))
+                    grpc_options=gRPCOptions(port=config.port, grpc_servicer_functions=GRPC_SERVICERS))
         serve.run(build_app(config, replicas=replicas, autoscale=autoscale), name=APP_NAME, route_prefix="/")
         on_ready(f"http://{host}:{http_port}/v1", f"{config.host}:{config.port}")
         stop.wait()
