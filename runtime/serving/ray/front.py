@@ -139,6 +139,7 @@ class ClusterServer(Server):
 
 class FrontDoor:
     """The ingress: HTTP (`__serve_build_asgi_app__`) and the Generation RPCs (one method each).
+    Serve awaits its constructor, which waits for an engine replica to describe the engine.
 
     Args:
         config: what the cluster serves (the tokens, limits and adapter dirs of `ServerConfig`).

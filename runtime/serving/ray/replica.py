@@ -177,7 +177,7 @@ class EngineReplica:
             self._gauge_task = asyncio.ensure_future(self._read_gauges())
 
     async def _read_gauges(self) -> None:
-        while True:
+        while self.llm.failed is None:  # a failed engine fails Serve's health check instead
             snap = await asyncio.to_thread(self.llm.metrics)  # read between two steps
             for key, value in (("requests_waiting", snap.waiting), ("requests_running", snap.running),
                                ("kv_cache_blocks_used", snap.kv_blocks_used),
