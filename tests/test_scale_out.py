@@ -143,6 +143,8 @@ def test_same_answers_and_adapters_routed_to_the_replica_that_holds_them(cluster
                     assert got == text, (door.__name__, adapter, prompt, replica)
                     if adapter is not None:
                         hits[adapter].append(hit)
+                        if len(hits[adapter]) == 1:
+                            time.sleep(0.5)  # Serve announces where an adapter loaded every 0.1 s
     channel.close()
     # Each replica's own /metrics (the single server's, on metrics_port + its rank): its engine's cache
     # and the adapters it holds, which together cover the four.
@@ -165,6 +167,9 @@ def test_an_unknown_adapter_is_not_found_on_both_doors(cluster):
             sdk.completions.create(model="nope", prompt="x", max_tokens=2)
         names = [m.id for m in sdk.models.list().data]
         assert set(ADAPTERS) <= set(names)
+        # An error raised in a replica comes back as itself: a prompt past the context is a 400.
+        with pytest.raises(openai.BadRequestError, match="context"):
+            sdk.completions.create(model="a1", prompt="many words " * 400, max_tokens=2)
     channel, stub = grpc_stub(cluster)
     with pytest.raises(grpc.RpcError) as refused:
         stub.Generate(pb.GenerateRequest(prompt="x", adapter="nope"), metadata=(("multiplexed_model_id", "nope"),),
@@ -178,6 +183,9 @@ def test_an_unknown_adapter_is_not_found_on_both_doors(cluster):
         with pytest.raises(ServerError) as unknown:
             client.generate("x", adapter="nope", max_new_tokens=2)
         assert unknown.value.code == "NOT_FOUND"
+        with pytest.raises(ServerError) as too_long:
+            client.generate("many words " * 400, max_new_tokens=2)
+        assert too_long.value.code == "INVALID_ARGUMENT" and "context" in too_long.value.details
         assert client.generate("x", adapter="a2", max_new_tokens=2, ignore_eos=True).completion_tokens == 2
 
 
