@@ -279,6 +279,13 @@ def test_an_adapter_evicted_under_its_request_unloads_after_it(cluster, single):
     scrape = urllib.request.urlopen(f"http://127.0.0.1:{cluster.metrics_port}/metrics", timeout=10).read().decode()
     assert re.search(r'^quadapt_adapter_unloads_total\{outcome="deferred"\} [1-9]', scrape, re.M), scrape
     assert via_grpc(stub, "a0", PROMPTS[0])[::2] == (expected["a0"], "0")  # unloaded after its stream, loaded again
+    # Three adapters taking turns in the one slot, concurrently: evictions and reloads race, answers stay right.
+    with single.client() as reference:
+        expected |= {name: reference.generate(PROMPTS[0], adapter=name, **SAMPLING).text for name in ("a2",)}
+    jobs = ["a0", "a1", "a2"] * 4
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        answers = list(pool.map(lambda name: via_grpc(stub, name, PROMPTS[0])[0], jobs))
+    assert answers == [expected[name] for name in jobs]
     channel.close()
 
 

@@ -69,7 +69,9 @@ class EngineReplica:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._held = set(config.adapters)  # loaded in the registry by name, as this replica knows it
         self._users: Counter[str] = Counter()  # unfinished requests here, by adapter
-        self._retiring: set[str] = set()  # evicted by Serve while in use: unloaded after their last request
+        self._retiring: dict[str, int] = {}  # evicted by Serve while in use (-> which load): unloaded after them
+        self._loads: Counter[str] = Counter()  # how many times Serve had each adapter loaded here
+        self._changing = asyncio.Lock()
         self._counters = _Counters(metrics)
         self._gauges = {name: metrics.Gauge(name, help_) for name, help_ in (
             ("quadapt_replica_requests_waiting", "Requests queued for their first step on this replica."),
@@ -129,7 +131,7 @@ class EngineReplica:
                 if not self._users[adapter]:
                     del self._users[adapter]
                     if adapter in self._retiring:
-                        await self._unload(adapter)
+                        await self._unload(adapter, self._retiring[adapter])
 
     async def adapter(self, name: str) -> Any:  # replaced by the multiplexed loader in `engine_deployment`
         raise NotImplementedError
@@ -137,37 +139,40 @@ class EngineReplica:
     async def load_adapter(self, name: str) -> _Held:
         """Load `name` from the resolver into the registry (Serve calls it once per replica until evicted)."""
         self._loop = asyncio.get_running_loop()
-        if name in self._retiring:  # evicted while busy, wanted again: it never left the registry
-            self._retiring.discard(name)
-        elif name not in self._held:
-            path = self.resolver.resolve(name)
-            version = await asyncio.to_thread(self.llm.load_adapter, name, path)
-            logger.info("adapter %s loaded from %s (%s)", quote(name), path, version.identity)
-        self._held.add(name)
-        return _Held(self, name)
+        async with self._changing:
+            self._loads[name] += 1  # an eviction of an earlier load no longer applies
+            self._retiring.pop(name, None)  # evicted while busy, wanted again: it never left the registry
+            if name not in self._held:
+                path = self.resolver.resolve(name)
+                version = await asyncio.to_thread(self.llm.load_adapter, name, path)
+                logger.info("adapter %s loaded from %s (%s)", quote(name), path, version.identity)
+                self._held.add(name)
+            return _Held(self, name, self._loads[name])
 
-    def evicted(self, name: str) -> None:
-        """Serve evicted `name` (from any thread): unload it now, or after its last request here."""
+    def evicted(self, name: str, load: int) -> None:
+        """Serve evicted the `load`-th load of `name` (from any thread): unload it now, or after its
+        last request here; not if it was loaded again since."""
         if self._loop is not None:
-            self._loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self._evict(name)))
+            self._loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self._unload(name, load)))
 
-    async def _evict(self, name: str) -> None:
-        if self._users.get(name):
-            self._retiring.add(name)
-            self._counters.inc("quadapt_adapter_unloads", outcome="deferred")
-            logger.info("adapter %s evicted while %d request(s) use it: unloaded after them", quote(name),
-                        self._users[name])
-            return
-        await self._unload(name)
-
-    async def _unload(self, name: str) -> None:
-        self._retiring.discard(name)
-        try:
-            await asyncio.wrap_future(self.llm.unload_adapter(name, wait=False))
-        except AdapterInUseError:  # an abort not yet run: the next request's end retries it
-            self._retiring.add(name)
-            return
-        self._held.discard(name)
+    async def _unload(self, name: str, load: int) -> None:
+        async with self._changing:  # one load or unload at a time, each seeing the other's result
+            if self._loads[name] != load or name not in self._held:
+                return
+            if self._users.get(name):
+                if name not in self._retiring:
+                    self._counters.inc("quadapt_adapter_unloads", outcome="deferred")
+                    logger.info("adapter %s evicted while %d request(s) use it: unloaded after them", quote(name),
+                                self._users[name])
+                self._retiring[name] = load
+                return
+            try:
+                await asyncio.wrap_future(self.llm.unload_adapter(name, wait=False))
+            except AdapterInUseError:  # an abort not yet run: the next request's end retries it
+                self._retiring[name] = load
+                return
+            self._retiring.pop(name, None)
+            self._held.discard(name)
         self._counters.inc("quadapt_adapter_unloads", outcome="unloaded")
         logger.info("adapter %s unloaded", quote(name))
 
@@ -223,13 +228,13 @@ class _Counters:
 class _Held:
     """What the multiplexed loader returns for an adapter; Serve calls `__del__` when it evicts it."""
 
-    def __init__(self, replica: EngineReplica, name: str) -> None:
-        self.replica, self.name, self.done = replica, name, False
+    def __init__(self, replica: EngineReplica, name: str, load: int) -> None:
+        self.replica, self.name, self.load, self.done = replica, name, load, False
 
     def __del__(self) -> None:
         if not self.done:  # Serve's eviction, then the garbage collector: once
             self.done = True
-            self.replica.evicted(self.name)
+            self.replica.evicted(self.name, self.load)
 
 
 def engine_deployment(config: ServerConfig) -> type:
