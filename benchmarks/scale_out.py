@@ -47,8 +47,8 @@ def client_loop(port: int, adapters: list[str | None], index: int, stop_at: floa
         metadata = (("multiplexed_model_id", adapter),) if adapter else ()
         start, first, tokens = time.perf_counter(), None, 0
         try:
-            call = stub.GenerateStream(pb.GenerateRequest(prompt=prompt, adapter=adapter or "", max_new_tokens=new_tokens,
-                                                          ignore_eos=True), metadata=metadata, timeout=600)
+            request = pb.GenerateRequest(prompt=prompt, adapter=adapter or "", max_new_tokens=new_tokens, ignore_eos=True)
+            call = stub.GenerateStream(request, metadata=metadata, timeout=600)
             for message in call:
                 if message.token_ids and first is None:
                     first = time.perf_counter() - start

@@ -6,9 +6,11 @@ the tiny random model with 4 adapters from an adapter dir. Each text, through th
 and through the generated gRPC stub, equals the single server's for the same request and seed;
 after the first request per adapter, at least 90% of that adapter's requests land on a replica
 that already held it (the `x-quadapt-adapter-hit` header / trailing metadata each answer
-carries); an unknown adapter is 404 / NOT_FOUND. Killing one replica's actor under load fails its
+carries) and each replica's own /metrics shows its engine; an unknown adapter is 404 / NOT_FOUND
+and quadapt's own client works unchanged. Killing one replica's actor under load fails its
 in-flight requests with UNAVAILABLE / 503 while the other replica serves, and Serve brings a
-replica back that serves again.
+replica back that serves again. Last, with one replica and one adapter slot, an adapter Serve
+evicts under its running stream is unloaded after it, and racing adapters still answer right.
 """
 
 from __future__ import annotations
@@ -66,7 +68,8 @@ def config(tmp_path_factory) -> ServerConfig:
         make_peft_adapter(base, root / "adapters" / name, seed=10 + i,
                           config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
     return ServerConfig(model=str(base), host="127.0.0.1", port=free_port(), http_port=free_port(),
-                        adapter_dirs=(str(root / "adapters"),), metrics_port=free_port(pair=True), threads=1, max_num_seqs=4, max_num_batched_tokens=32,
+                        adapter_dirs=(str(root / "adapters"),), metrics_port=free_port(pair=True), threads=1,
+                        max_num_seqs=4, max_num_batched_tokens=32,
                         max_loras=4, max_lora_rank=8, kv_cache_bytes=2 * 2**20, block_size=4, drain_timeout_s=1)
 
 
