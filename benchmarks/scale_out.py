@@ -47,7 +47,8 @@ def client_loop(port: int, adapters: list[str | None], index: int, stop_at: floa
         metadata = (("multiplexed_model_id", adapter),) if adapter else ()
         start, first, tokens = time.perf_counter(), None, 0
         try:
-            request = pb.GenerateRequest(prompt=prompt, adapter=adapter or "", max_new_tokens=new_tokens, ignore_eos=True)
+            request = pb.GenerateRequest(prompt=prompt, adapter=adapter or "", max_new_tokens=new_tokens,
+                                         ignore_eos=True)
             call = stub.GenerateStream(request, metadata=metadata, timeout=600)
             for message in call:
                 if message.token_ids and first is None:
@@ -105,8 +106,8 @@ def main() -> None:
     adapters: list[str | None] = [None, *names]
     config = ServerConfig(model=args.model, port=free_port(), http_port=free_port(), adapter_dirs=(args.adapter_dir,),
                           threads=1, max_loras=max(1, len(names)), max_queue=256)
-    ray.init(num_cpus=max(4, os.cpu_count() or 1), object_store_memory=100 * 2**20, include_dashboard=False,
-             log_to_driver=False)
+    ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1), object_store_memory=100 * 2**20,
+             include_dashboard=False, log_to_driver=False)
     serve.start(http_options=HTTPOptions(host="127.0.0.1", port=config.http_port),
                 grpc_options=gRPCOptions(port=config.port, grpc_servicer_functions=GRPC_SERVICERS))
     results = {}

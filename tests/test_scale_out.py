@@ -90,7 +90,8 @@ def cluster(config):
     from quadapt.runtime.serving.ray.launch import APP_NAME, GRPC_SERVICERS, build_app
 
     started = time.monotonic()
-    ray.init(num_cpus=4, object_store_memory=100 * 2**20, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=4, object_store_memory=100 * 2**20, include_dashboard=False,
+             log_to_driver=False)
     try:
         serve.start(http_options=HTTPOptions(host="127.0.0.1", port=config.http_port),
                     grpc_options=gRPCOptions(port=config.port, grpc_servicer_functions=GRPC_SERVICERS))

@@ -119,7 +119,10 @@ def run(config: ServerConfig, *, replicas: int | None = 1, autoscale: tuple[int,
     from ray.serve.config import HTTPOptions, gRPCOptions
 
     started_here = ray_address is None
-    ray.init(address=ray_address, include_dashboard=False if started_here else None, log_to_driver=False)
+    # "local": a new instance even where a cluster runs on this machine (ray.init's default would
+    # join the last one `ray start` made, and shut down Serve on it at the end).
+    ray.init(address=ray_address or "local", include_dashboard=False if started_here else None,
+             log_to_driver=False)
     handlers = {}
     if stop is None:
         stop = threading.Event()
