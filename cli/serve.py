@@ -26,6 +26,18 @@ def listen_port(value: str) -> int:
     return number
 
 
+def min_max(value: str) -> tuple[int, int]:
+    """argparse type: MIN:MAX, two integers with 0 <= MIN <= MAX and MAX >= 1."""
+    low, _, high = value.partition(":")
+    try:
+        bounds = (int(low), int(high))
+    except ValueError:
+        bounds = (-1, -1)
+    if not 0 <= bounds[0] <= bounds[1] or bounds[1] < 1:
+        raise argparse.ArgumentTypeError(f"must be MIN:MAX with 0 <= MIN <= MAX and MAX >= 1, e.g. 1:4; got {value!r}")
+    return bounds
+
+
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     """Add `serve` and `client` to `sub`."""
     srv = sub.add_parser(
@@ -62,6 +74,18 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                            "(0: any free port, logged; default: no HTTP)")
     http.add_argument("--http-host", default=None, metavar="H",
                       help="address the HTTP API listens on (default: the same as --host)")
+    cluster = srv.add_argument_group("replicas on Ray Serve (docs/scale-out.md; needs pip install 'quadapt[ray]')")
+    cluster.add_argument("--ray", action="store_true",
+                         help="serve through Ray Serve: engine replicas behind Serve's HTTP (--http-port, default "
+                              "8000) and gRPC (--port) proxies, each request routed to a replica holding its adapter; "
+                              "adapters load on first use from --adapter-dir")
+    scale = cluster.add_mutually_exclusive_group()
+    scale.add_argument("--replicas", type=positive_int, default=None, metavar="N",
+                       help="engine replicas (with --ray; default 1)")
+    scale.add_argument("--autoscale", type=min_max, default=None, metavar="MIN:MAX",
+                       help="let Serve scale the replicas between MIN and MAX on the requests in flight (with --ray)")
+    cluster.add_argument("--ray-address", default=None, metavar="ADDR",
+                         help="join this Ray cluster (e.g. auto, ray://head:10001) instead of starting one here")
     security = srv.add_argument_group("security")
     security.add_argument("--tls-cert", metavar="F", help="PEM certificate chain of the server (TLS; with --tls-key)")
     security.add_argument("--tls-key", metavar="F", help="PEM private key of the server")
@@ -117,8 +141,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from ..runtime.errors import InvalidParameterError
     from ..runtime.serving.server import ServerConfig, read_secret, serve
 
+    if args.ray:  # before the model or Ray is touched
+        from ..runtime.serving.ray.launch import check_ray
+
+        check_ray()
     config = ServerConfig(
         host=args.host, port=args.port, adapter_dirs=tuple(args.adapter_dir), max_queue=args.max_queue,
         drain_timeout_s=args.drain_timeout, tls_cert=args.tls_cert, tls_key=args.tls_key,
@@ -130,7 +159,19 @@ def _serve(args: argparse.Namespace) -> int:
         http_port=args.http_port, http_host=args.http_host,
         **engine_args(args, named_adapters(args.adapter)),
     )
-    serve(config)
+    if not args.ray:
+        if args.replicas is not None or args.autoscale is not None or args.ray_address is not None:
+            raise InvalidParameterError("--replicas, --autoscale and --ray-address go with --ray; add it, or drop them")
+        serve(config)
+        return 0
+    from ..runtime.serving.ray.launch import run
+
+    def ready(http: str, grpc_address: str) -> None:
+        print(f"serving {config.model} on Ray Serve: OpenAI-compatible HTTP at {http}, gRPC (quadapt.v1.Generation) "
+              f"at {grpc_address}; SIGTERM or Ctrl-C undeploys", flush=True)
+
+    run(config, replicas=args.replicas if args.autoscale is None else None, autoscale=args.autoscale,
+        ray_address=args.ray_address, on_ready=ready)
     return 0
 
 

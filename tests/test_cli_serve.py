@@ -156,3 +156,25 @@ def test_serve_refuses_an_http_port_outside_the_range(capsys, value):
     assert f"argument --http-port: must be a port number in 0-65535 (0: any free port), got {value!r}" in (
         capsys.readouterr().err
     )
+
+
+def test_serve_ray_without_the_extra_names_it(capsys, model, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray fails, as without the extra
+    monkeypatch.setitem(sys.modules, "ray.serve", None)
+    capsys.readouterr()
+    assert main(["serve", "--model", str(model), "--ray", "--replicas", "2"]) == 2
+    assert "pip install 'quadapt[ray]'" in capsys.readouterr().err
+
+
+def test_serve_ray_flags_are_checked_before_anything_starts(capsys, model):
+    capsys.readouterr()
+    assert main(["serve", "--model", str(model), "--replicas", "2"]) == 2
+    assert "go with --ray" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["serve", "--model", str(model), "--ray", "--replicas", "2", "--autoscale", "1:2"])
+    with pytest.raises(SystemExit):
+        main(["serve", "--model", str(model), "--ray", "--autoscale", "3:1"])
+    assert "MIN:MAX" in capsys.readouterr().err
+    pytest.importorskip("ray.serve", reason="checks the cluster's settings, which need the ray extra")
+    assert main(["serve", "--model", str(model), "--ray", "--port", "0"]) == 2
+    assert "--port 0" in capsys.readouterr().err

@@ -96,6 +96,11 @@ class EngineArgs:
             )
         EngineConfig(self.max_num_seqs, self.max_num_batched_tokens, self.max_loras or 0, self.max_lora_rank or 1)
 
+    def lora_slots(self) -> int:
+        """The adapter slots `build_engine` gives: `max_loras`, or one per start-up adapter and at
+        least `MIN_LORA_SLOTS`."""
+        return max(MIN_LORA_SLOTS, len(self.adapters)) if self.max_loras is None else self.max_loras
+
 
 def args_from_options(model: str | Path, options: Mapping[str, Any]) -> EngineArgs:
     """`EngineArgs` for `model` from keyword options (`LLM(model, **options)`, `AsyncLLM`'s):
@@ -190,7 +195,7 @@ def build_engine(args: EngineArgs) -> tuple[Engine, Tokenizer, Path]:
     rank = args.max_lora_rank
     if rank is None:
         rank = max([MIN_LORA_RANK, *(a.max_rank for a in adapters.values())])
-    slots = max(MIN_LORA_SLOTS, len(adapters)) if args.max_loras is None else args.max_loras
+    slots = args.lora_slots()
     config = EngineConfig(args.max_num_seqs, args.max_num_batched_tokens, slots, rank)
     threads = args.threads if args.threads is not None else default_threads()
     bits = packed_bits(reader.config_dict(), reader.keys()) if args.executor != "torch" else None

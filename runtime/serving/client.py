@@ -166,7 +166,7 @@ class Client:
             ServerError: e.g. NOT_FOUND for an unknown adapter, INVALID_ARGUMENT naming a bad setting.
         """
         request = _request(prompt, messages, adapter, settings)
-        response = self._call(self._stub.Generate, request, timeout)
+        response = self._call(self._stub.Generate, request, timeout, adapter)
         return Completion(
             response.text, list(response.token_ids), _FINISH.get(response.finish_reason), _stop_reason(response),
             response.usage.prompt_tokens, response.usage.completion_tokens, response.context_full, response.request_id,
@@ -181,7 +181,7 @@ class Client:
             ServerError: as `generate`, when the first chunk is asked for (or mid-stream).
         """
         request = _request(prompt, messages, adapter, settings)
-        call = self._stub.GenerateStream(request, timeout=self._timeout(timeout), metadata=self._metadata)
+        call = self._stub.GenerateStream(request, timeout=self._timeout(timeout), metadata=self._routed(adapter))
         finished = False
         try:
             for message in call:
@@ -242,11 +242,17 @@ class Client:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _call(self, method: Any, request: Any, timeout: float | None = None) -> Any:
+    def _call(self, method: Any, request: Any, timeout: float | None = None, adapter: str | None = None) -> Any:
         try:
-            return method(request, timeout=self._timeout(timeout), metadata=self._metadata)
+            return method(request, timeout=self._timeout(timeout), metadata=self._routed(adapter))
         except grpc.RpcError as e:
             raise _error(e) from None
+
+    def _routed(self, adapter: str | None) -> tuple[tuple[str, str], ...]:
+        """The call's metadata: the token, and the adapter as `multiplexed_model_id`, which Ray
+        Serve routes by (to a replica that holds it; `quadapt serve --ray`). A single server
+        ignores it: the request's own `adapter` field is what selects the adapter."""
+        return (*self._metadata, ("multiplexed_model_id", adapter)) if adapter else self._metadata
 
     def _timeout(self, timeout: float | None) -> float | None:
         return timeout if timeout is not None else self.timeout

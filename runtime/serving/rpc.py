@@ -115,7 +115,8 @@ _METHODS = {
 def add_servicer(servicer: Servicer, server: grpc.aio.Server) -> None:
     """Register the Generation RPCs as the generated `add_GenerationServicer_to_server` does, but
     taking the request's bytes, so that `_rpc` parses them and answers a malformed one itself
-    (grpc would answer UNKNOWN)."""
+    (grpc would answer UNKNOWN). Ray Serve's gRPC proxy registers the service through it too
+    (`quadapt serve --ray`), with a stand-in servicer, and forwards the bytes to the front door."""
     handlers = {}
     for name, (_, response_type, streams) in _METHODS.items():
         make = grpc.unary_stream_rpc_method_handler if streams else grpc.unary_unary_rpc_method_handler
