@@ -12,7 +12,10 @@ and rank 16 on all seven projections), greedy with eos ignored, 32-token prompts
 - peak RSS (VmHWM, Linux) of a process that builds the engine with the 4 adapters and serves the 8 streams,
   per executor (each in a fresh subprocess; the ONNX export is built first, so it is cached).
 
-    python benchmarks/onnx_executor.py --model DIR --float-model DIR [--new-tokens 32] [--threads 2]
+    python benchmarks/onnx_executor.py --model DIR --float-model DIR [--new-tokens 32] [--threads 2] [--repeats 3]
+
+Each speed figure is the median of --repeats rounds, the measures of one executor interleaved in
+each round.
 
 `--float-model` is the float checkpoint the adapters are made on (peft needs transformers' model).
 Not a test: it prints a table. Run it from /tmp (the repository's `kernels/` folder shadows
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -98,6 +102,16 @@ def edge_rate(export: Path, prompt: list[int], new_tokens: int, threads: int) ->
     return (new_tokens - 1) / (time.perf_counter() - t0)
 
 
+def interleaved(measures: dict, repeats: int) -> list[tuple[str, float]]:
+    """Each measure's median over `repeats` rounds, every round running each measure once in turn
+    (so load on the machine hits them alike)."""
+    runs: dict[str, list[float]] = {name: [] for name in measures}
+    for _ in range(repeats):
+        for name, measure in measures.items():
+            runs[name].append(measure())
+    return [(name, statistics.median(values)) for name, values in runs.items()]
+
+
 def build(model: str, adapters: dict[str, str], executor: str, threads: int):
     import quadapt
     from quadapt.runtime.engine.args import EngineArgs, build_engine
@@ -123,6 +137,7 @@ def main() -> None:
     parser.add_argument("--float-model", required=True)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3, help="rounds per speed figure; each is the median (default 3)")
     parser.add_argument("--rss-child", choices=["torch", "onnx"], help=argparse.SUPPRESS)
     parser.add_argument("--adapters-json", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -134,21 +149,24 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="onnx-executor-bench-"))
     adapters = make_adapters(Path(args.float_model), work)
-    rows = []
     onnx, tokenizer, _ = build(args.model, adapters, "onnx", args.threads)  # builds (or finds) the cached export
     edge = export_onnx(args.model, work / "edge")
-    single = prompts(tokenizer, 1)
-    rows.append(("single stream, run-onnx (edge runtime)", edge_rate(edge, single[0], args.new_tokens, args.threads)))
-    rows.append(("single stream, engine on onnx", engine_rate(onnx, single, [None], args.new_tokens)))
-    rows.append(("single stream, adapter a3, onnx", engine_rate(onnx, single, ["a3"], args.new_tokens)))
-    batch = prompts(tokenizer, 8)
+    single, batch = prompts(tokenizer, 1), prompts(tokenizer, 8)
     mixed = [f"a{i % 4}" for i in range(8)]
-    rows.append(("8 streams, 4 adapters, onnx", engine_rate(onnx, batch, mixed, args.new_tokens)))
-    rows.append(("8 streams, base only, onnx", engine_rate(onnx, batch, [None] * 8, args.new_tokens)))
+    onnx_rows = {
+        "single stream, run-onnx (edge runtime)": lambda: edge_rate(edge, single[0], args.new_tokens, args.threads),
+        "single stream, engine on onnx": lambda: engine_rate(onnx, single, [None], args.new_tokens),
+        "single stream, adapter a3, onnx": lambda: engine_rate(onnx, single, ["a3"], args.new_tokens),
+        "8 streams, 4 adapters, onnx": lambda: engine_rate(onnx, batch, mixed, args.new_tokens),
+        "8 streams, base only, onnx": lambda: engine_rate(onnx, batch, [None] * 8, args.new_tokens),
+    }
+    rows = interleaved(onnx_rows, args.repeats)
     del onnx
     torch_engine, _, _ = build(args.model, adapters, "torch", args.threads)
-    rows.append(("8 streams, 4 adapters, torch", engine_rate(torch_engine, batch, mixed, args.new_tokens)))
-    rows.append(("8 streams, base only, torch", engine_rate(torch_engine, batch, [None] * 8, args.new_tokens)))
+    rows += interleaved({
+        "8 streams, 4 adapters, torch": lambda: engine_rate(torch_engine, batch, mixed, args.new_tokens),
+        "8 streams, base only, torch": lambda: engine_rate(torch_engine, batch, [None] * 8, args.new_tokens),
+    }, args.repeats)
     del torch_engine
     rss = {}
     for executor in ("onnx", "torch"):
@@ -159,7 +177,7 @@ def main() -> None:
         )
         rss[executor] = json.loads(done.stdout.strip().splitlines()[-1])["peak_rss_mb"]
     rates = dict(rows)
-    print(f"decode tok/s, {args.new_tokens} new tokens, greedy, {args.threads} threads")
+    print(f"decode tok/s, {args.new_tokens} new tokens, greedy, {args.threads} threads, median of {args.repeats}")
     for name, rate in rows:
         print(f"  {name:<42} {rate:8.2f}")
     print("ratios")
