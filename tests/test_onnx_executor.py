@@ -133,6 +133,33 @@ def test_the_export_is_cached_under_a_content_hash(tiny, monkeypatch):
             config.write_text(original)
 
 
+def test_engines_starting_together_build_the_export_once(tiny, monkeypatch):
+    """Replicas of a server start at once on one machine: one builds the export, the others wait
+    for it and take it (none replaces it under another's session)."""
+    import threading
+    import time
+
+    _, checkpoint, _ = tiny
+    built = []
+    real = onnx_setup._exporter
+
+    def slow(*args, **kwargs):
+        built.append(args[1])
+        time.sleep(0.5)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(onnx_setup, "_exporter", slow)
+    paths = []
+    starts = [threading.Thread(target=lambda: paths.append(onnx_setup.serving_export(
+        checkpoint, num_slots=5, max_rank=2, bits=4))) for _ in range(3)]
+    for thread in starts:
+        thread.start()
+    for thread in starts:
+        thread.join()
+    assert len(built) == 1 and len(paths) == 3 and len(set(paths)) == 1
+    assert (paths[0] / onnx_setup.SERVING_MANIFEST).is_file()
+
+
 def test_adapters_load_into_the_bound_stacks_without_a_new_session(tiny, monkeypatch):
     _, checkpoint, adapters = tiny
     engine, tokenizer, _ = build_engine(

@@ -14,12 +14,13 @@ do it), so this room never imports them. This module imports no torch and no onn
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -146,11 +147,32 @@ def serving_export(checkpoint: Path, *, num_slots: int, max_rank: int, bits: int
         except OSError:
             continue
         if os.access(path.parent, os.W_OK):
-            return _exporter(checkpoint, path, overwrite=True, **settings)
+            with _exclusive(path.parent / f".{name}.lock"):  # engines starting together build it once
+                if (path / SERVING_MANIFEST).is_file():
+                    return path
+                return _exporter(checkpoint, path, overwrite=True, **settings)
     raise InvalidParameterError(
         f"no writable place for the ONNX export of {checkpoint}: neither {candidates[0].parent} nor "
         f"{candidates[1].parent} can be written; make one of them writable (or set XDG_CACHE_HOME)"
     )
+
+
+@contextlib.contextmanager
+def _exclusive(lock: Path) -> Iterator[None]:
+    """Hold an exclusive lock on the file `lock` (POSIX `flock`; no lock where there is none):
+    replicas of a server started at once on one machine build a checkpoint's export one at a time,
+    and those after the first find it built."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        yield
+        return
+    with open(lock, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _user_cache() -> Path:
