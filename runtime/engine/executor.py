@@ -43,6 +43,7 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 class Executor(Protocol):
     """What the engine needs of an executor."""
 
+    name: str  # "torch", "onnx": which executor, for logs and errors
     config: ModelConfig
     block_size: int
     num_blocks: int
@@ -73,6 +74,8 @@ class TorchExecutor:
         cuda_graphs: run decode steps through `DecodeGraphs` (default: on a CUDA device with
             `max_num_seqs` given); capturing needs CUDA, the padded buffers run anywhere.
     """
+
+    name = "torch"
 
     def __init__(
         self,

@@ -72,6 +72,8 @@ class OnnxExecutor:
         CheckpointError: `path` is not a serving export of this format, or onnxruntime cannot load it.
     """
 
+    name = "onnx"
+
     def __init__(
         self,
         path: str | Path,

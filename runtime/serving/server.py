@@ -295,7 +295,8 @@ class Server:
             self.llm, self._state = llm, "serving"
             for service in ("", SERVICE):
                 await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
-            logger.info("serving %s", self.config.model_name or self.config.model)
+            logger.info("serving %s on the %s executor", self.config.model_name or self.config.model,
+                        getattr(llm.engine.executor, "name", type(llm.engine.executor).__name__))
         self._loaded.set()
 
 
