@@ -280,12 +280,13 @@ class OnnxExecutor:
     def _path(self, entries: np.ndarray) -> str:
         """How this step applies adapters: "base" (no row has one: both LoRA paths bound empty),
         "gather" (each row's factors copied: the cost grows with the rows) or "masked" (every
-        slot's factors in one GEMM: the cost grows with the slots). Masked from more rows than
-        slots: on SmolLM2's projections (4 slots of rank 16, AVX-512, 2 threads) gather took
-        10 ms at 1 row and 44 ms at 8, masked 17 and 32 (`benchmarks/onnx_lora.py`)."""
+        slot's factors in one GEMM: the cost grows with the slots). Masked from as many rows as
+        slots: on SmolLM2's projections (4 slots of rank 16, AVX-512, 2 threads) gather took 5.5
+        ms at 1 row and 24.6 at 8, about 2.7 a row; masked 9.6 and 15.9, about 2.4 a slot
+        (`benchmarks/onnx_lora.py`)."""
         if not entries.any():
             return "base"
-        return "masked" if len(entries) > self.num_lora_slots else "gather"
+        return "masked" if len(entries) >= self.num_lora_slots else "gather"
 
     def _mask(self, entries: np.ndarray) -> np.ndarray:
         """[B, 1, slots x rank]: ones over each row's own slot's columns (none for the base)."""
