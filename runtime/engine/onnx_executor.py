@@ -18,7 +18,10 @@ admission and preemption, exactly as with the torch executor. The buffers are al
 takes new tokens over a past only for one row). Rows fed one token run together: the lanes
 `0 .. highest` form the batch, each lane at its own length (`seqlens_k`); an idle lane in that
 range is fed a dummy token at its next free position, which its next real token overwrites.
-`lora_slots` gives each row's stack entry (0 for the base, slot + 1 otherwise).
+Each run applies adapters one way (`_path`): not at all when no row has one, per row (gather:
+`lora_slots` gives each row's stack entry, 0 for the base, slot + 1 otherwise) for fewer rows
+than slots, every slot at once otherwise (masked: `lora_mask` keeps each row's columns); the path
+not taken is bound with a zero width. Each way has its own IO binding, the stacks bound in it once.
 
 **Adapters.** The stacks `{module}.lora_A` [slots + 1, r, in] and `lora_B` [slots + 1, r, out] are
 numpy arrays bound once; `write_adapter_slot` writes a slot in place (the LoRA scale folded into
@@ -105,7 +108,7 @@ class OnnxExecutor:
         # sampling (torch) needs between runs: 15 ms for an isnan over the logits, measured.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         # The memory pattern plans one block per input shape seen, and a step's shapes change with
-        # its rows: SmolLM2 int4 serving 8 streams held 55 MB more with it, and ran no faster.
+        # its rows: SmolLM2 int4 serving 8 streams held 55 MB more with it, at the same speed.
         options.enable_mem_pattern = False
         try:
             self.session = ort.InferenceSession(
