@@ -325,10 +325,9 @@ def _collect_stats(
         if not any(prefix + member in targets for member in members):
             continue
         linear = layer.get_submodule(stacked_name(source)[0])  # a stacked module reads its sections' input
-        pair = LayerStats(*(
-            HessianAccumulator(linear.in_features, first_tokens=first_tokens, product_dtype=torch.float32)
-            for _ in range(2)
-        ))
+        # Products in float64: with float32 products (summed in float64) GPTQ group 32 on SmolLM2
+        # converted 22% faster, but its held-out perplexity rose 0.4-0.9% on all three texts.
+        pair = LayerStats(*(HessianAccumulator(linear.in_features, first_tokens=first_tokens) for _ in range(2)))
 
         def hook(_module, args, pair=pair):
             (pair.heldout if current["heldout"] else pair.fit).add(args[0])
