@@ -6,12 +6,13 @@ budget. `split_heldout` keeps every `HELDOUT_EVERY`-th sequence apart: the metho
 rest and check each result on these (`calibrated.py`), so a layer that overfits its calibration
 inputs is caught.
 
-`calibrated_layers` holds one layer in memory at a time. It embeds the sequences, then for each
-layer: loads its float weights, runs the layer on the current hidden states while accumulating
+`calibrated_layers` holds one layer in memory at a time. It embeds the sequences, stacked into
+batches of one length (`stack_sequences`), then for each layer: loads its float weights, runs the layer on the current hidden states while accumulating
 each linear's input statistics on the fitting and the held-out sequences (q/k/v share one, gate/up
 share one), hands the layer to a `quantize_layer` callback, puts what it returns back (the
 dequantized linears, any float weight it rescaled), and runs the layer again so the next layer sees
-what the quantized model will compute. Tensors are yielded for writing as they are final, in model
+what the quantized model will compute; each finished layer is logged with an estimate of the time
+left. Tensors are yielded for writing as they are final, in model
 order (embedding, layers, final norm, head).
 
 Layers need random access to the checkpoint: an HF directory is read in place (`hf.SafetensorsFile`,
@@ -24,6 +25,7 @@ It does not choose schemes, quantize or write files: `plan.py`, `calibrated.py` 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +49,9 @@ logger = logging.getLogger(__name__)
 MIN_CALIBRATION_TOKENS = 128  # per text: below this a file is surely not what was meant
 CALIBRATION_SEQUENCE_LENGTH = 512
 HELDOUT_EVERY = 8  # every 8th sequence is held out to check each layer's result
+# Tokens per batch of the layer-by-layer forward: same-length sequences run stacked, so each
+# matmul and each Hessian product is over a few thousand rows rather than one sequence's.
+CALIBRATION_BATCH_TOKENS = 4096
 
 # Linears that read the same input share a Hessian: (the linears, the one whose input is hooked).
 INPUT_GROUPS = (
@@ -242,12 +247,13 @@ def calibrated_layers(
         shell = CausalLM(config)  # only for its rope tables, which live on the CPU
     embed = read("model.embed_tokens.weight")
     yield "model.embed_tokens.weight", embed
-    sequences = [*fit, *heldout]
-    is_heldout = [False] * len(fit) + [True] * len(heldout)
-    hidden = [torch.nn.functional.embedding(ids, embed.float()) for ids in sequences]  # [1, T, hidden] each
+    batches = [(ids, False) for ids in stack_sequences(fit)] + [(ids, True) for ids in stack_sequences(heldout)]
+    is_heldout = [held for _, held in batches]
+    hidden = [torch.nn.functional.embedding(ids, embed.float()) for ids, _ in batches]  # [B, T, hidden] each
     del embed
-    rope = [shell.rope(torch.arange(ids.shape[1])[None], torch.float32) for ids in sequences]
+    rope = [shell.rope(torch.arange(ids.shape[1])[None], torch.float32) for ids, _ in batches]  # [1, 1, T, D]
     written = {"model.embed_tokens.weight"}
+    eta = LayerClock(label, config.num_hidden_layers)
 
     for i in range(config.num_hidden_layers):
         prefix = f"model.layers.{i}."
@@ -268,10 +274,43 @@ def calibrated_layers(
         del weights
         with torch.no_grad():
             hidden = [layer(h, cos, sin, None) for h, (cos, sin) in zip(hidden, rope)]
-        logger.info("%s: layer %d/%d quantized", label, i + 1, config.num_hidden_layers)
+        eta.done(i + 1)
     for name in names:
         if name not in written:
             yield name, read(name)
+
+
+def stack_sequences(sequences: list[torch.Tensor], tokens: int = CALIBRATION_BATCH_TOKENS) -> list[torch.Tensor]:
+    """Sequences [1, T] stacked into batches [B, T] of one length, up to `tokens` tokens each (at
+    least one sequence), in their order of first appearance."""
+    by_length: dict[int, list[torch.Tensor]] = {}
+    for ids in sequences:
+        by_length.setdefault(ids.shape[1], []).append(ids)
+    batches = []
+    for length, same in by_length.items():
+        per_batch = max(1, tokens // length)
+        batches += [torch.cat(same[i : i + per_batch]) for i in range(0, len(same), per_batch)]
+    return batches
+
+
+class LayerClock:
+    """Logs each finished layer with its time and an estimate of the time left (the mean so far)."""
+
+    def __init__(self, label: str, layers: int) -> None:
+        self.label, self.layers, self.start = label, layers, time.perf_counter()
+
+    def done(self, finished: int) -> None:
+        elapsed = time.perf_counter() - self.start
+        left = elapsed / finished * (self.layers - finished)
+        logger.info(
+            "%s: layer %d/%d quantized (%.0f s so far, about %s left)",
+            self.label, finished, self.layers, elapsed, _duration(left),
+        )
+
+
+def _duration(seconds: float) -> str:
+    minutes, seconds = divmod(round(seconds), 60)
+    return f"{minutes} min {seconds} s" if minutes else f"{seconds} s"
 
 
 def _collect_stats(
@@ -286,6 +325,8 @@ def _collect_stats(
         if not any(prefix + member in targets for member in members):
             continue
         linear = layer.get_submodule(stacked_name(source)[0])  # a stacked module reads its sections' input
+        # Products in float64: with float32 products (summed in float64) GPTQ group 32 on SmolLM2
+        # converted 22% faster, but its held-out perplexity rose 0.4-0.9% on all three texts.
         pair = LayerStats(*(HessianAccumulator(linear.in_features, first_tokens=first_tokens) for _ in range(2)))
 
         def hook(_module, args, pair=pair):

@@ -38,7 +38,7 @@ import torch
 from .awq import scaled_error, search_clip, search_scales
 from .calibrate import INPUT_GROUPS, LayerResult, LayerStats
 from .formats import packed_int_tensors
-from .gptq import GPTQ_PERCDAMP_GRID, gptq_quantize, output_error
+from .gptq import GPTQ_PERCDAMP_GRID, gptq_quantize_dampings, output_error
 from .manifest import int_entry
 from .plan import Plan
 from .quantize import IntQuantized, quantize_int, scale_dtype
@@ -84,39 +84,45 @@ def gptq_layer(plan: Plan, prefix: str, weights: dict[str, torch.Tensor], stats:
         manifest entries.
     """
     tensors, restored, entries = {}, {}, {}
+    # The members that read one input share its Hessian, so GPTQ runs on them stacked (rows are
+    # independent given H), at every damping in the same pass.
+    readers: dict[int, list[str]] = {}
     for member, pair in stats.items():
-        module = prefix + member
-        if module not in plan.quantized:
-            continue
-        weight = weights[module + ".weight"]
+        if prefix + member in plan.quantized:
+            readers.setdefault(id(pair), []).append(member)
+    for members in readers.values():
+        pair = stats[members[0]]
         check = _check_hessian(pair)
-        # Round-to-nearest first (a tie keeps it), then the range searches; GPTQ keeps the
-        # clipped ranges (the MSE search's for q/k) and only chooses the integers within them.
-        mse = quantize_int(
-            weight, num_bits=plan.num_bits, group_size=plan.group_size, symmetric=plan.symmetric, mse=True,
-            scale_dtype=scale_dtype(weight),
-        )
-        candidates = {"minmax": _rtn(plan, weight), "mse": mse}
-        ranges = mse
-        if not module.endswith(_GPTQ_MSE_RANGES):
-            ranges = candidates["clip"] = search_clip(
-                weight, pair.fit.value().float(), num_bits=plan.num_bits, group_size=plan.group_size,
-                symmetric=plan.symmetric, scale_dtype=scale_dtype(weight),
+        weights_of = {m: weights[prefix + m + ".weight"] for m in members}
+        candidates_of, ranges_of = {}, {}
+        for member, weight in weights_of.items():
+            # Round-to-nearest first (a tie keeps it), then the range searches; GPTQ keeps the
+            # clipped ranges (the MSE search's for q/k) and only chooses the integers within them.
+            mse = quantize_int(
+                weight, num_bits=plan.num_bits, group_size=plan.group_size, symmetric=plan.symmetric, mse=True,
+                scale_dtype=scale_dtype(weight),
             )
-        for damp in GPTQ_PERCDAMP_GRID:
-            candidates[f"gptq damping {damp:g}"] = gptq_quantize(
-                weight, pair.fit.value(), num_bits=plan.num_bits, group_size=plan.group_size,
-                symmetric=plan.symmetric, scale_dtype=scale_dtype(weight), percdamp=damp, actorder=plan.actorder,
-                ranges=(ranges.scale, ranges.zero_point),
-            )
-        dequantized = {name: q.dequantize().float() for name, q in candidates.items()}
-        errors = {name: output_error(weight, d, check) for name, d in dequantized.items()}
-        choice = min(errors, key=errors.__getitem__)
-        q = candidates[choice]
-        label = "gptq" if choice.startswith("gptq") else choice
-        entries[module] = _entry(weight, q, label, choice, errors[choice] / max(errors["minmax"], 1e-30))
-        tensors[module + ".weight"] = packed_int_tensors(module, q)
-        restored[module + ".weight"] = dequantized[choice]
+            candidates = candidates_of[member] = {"minmax": _rtn(plan, weight), "mse": mse}
+            ranges_of[member] = mse
+            if not member.endswith(_GPTQ_MSE_RANGES):
+                ranges_of[member] = candidates["clip"] = search_clip(
+                    weight, pair.fit.value().float(), num_bits=plan.num_bits, group_size=plan.group_size,
+                    symmetric=plan.symmetric, scale_dtype=scale_dtype(weight),
+                )
+        for damp, stacked in zip(GPTQ_PERCDAMP_GRID, _gptq_stacked(plan, weights_of, ranges_of, pair.fit.value())):
+            for member, q in stacked.items():
+                candidates_of[member][f"gptq damping {damp:g}"] = q
+        for member, weight in weights_of.items():
+            module = prefix + member
+            candidates = candidates_of[member]
+            dequantized = {name: q.dequantize().float() for name, q in candidates.items()}
+            errors = {name: output_error(weight, d, check) for name, d in dequantized.items()}
+            choice = min(errors, key=errors.__getitem__)
+            q = candidates[choice]
+            label = "gptq" if choice.startswith("gptq") else choice
+            entries[module] = _entry(weight, q, label, choice, errors[choice] / max(errors["minmax"], 1e-30))
+            tensors[module + ".weight"] = packed_int_tensors(module, q)
+            restored[module + ".weight"] = dequantized[choice]
     return LayerResult(tensors, restored, entries)
 
 
@@ -167,6 +173,34 @@ def _rtn(plan: Plan, w: torch.Tensor) -> IntQuantized:
     return quantize_int(
         w, num_bits=plan.num_bits, group_size=plan.group_size, symmetric=plan.symmetric, scale_dtype=scale_dtype(w)
     )
+
+
+def _gptq_stacked(
+    plan: Plan, weights: dict[str, torch.Tensor], ranges: dict[str, IntQuantized], hessian: torch.Tensor
+) -> list[dict[str, IntQuantized]]:
+    """GPTQ on the linears that read one input, stacked by rows, at each damping of the grid.
+
+    Returns, per damping of `GPTQ_PERCDAMP_GRID`, each linear's result within its `ranges`.
+    """
+    members = list(weights)
+    first = weights[members[0]]
+    zeros = [ranges[m].zero_point for m in members]
+    stacked = gptq_quantize_dampings(
+        torch.cat([weights[m] for m in members]), hessian, GPTQ_PERCDAMP_GRID, num_bits=plan.num_bits,
+        group_size=plan.group_size, symmetric=plan.symmetric, scale_dtype=scale_dtype(first), actorder=plan.actorder,
+        ranges=(torch.cat([ranges[m].scale for m in members]), None if zeros[0] is None else torch.cat(zeros)),
+    )
+    bounds = torch.tensor([0] + [weights[m].shape[0] for m in members]).cumsum(0).tolist()
+    return [
+        {
+            m: IntQuantized(
+                q=q.q[a:b], scale=q.scale[a:b], zero_point=None if q.zero_point is None else q.zero_point[a:b],
+                num_bits=q.num_bits,
+            )
+            for m, a, b in zip(members, bounds, bounds[1:])
+        }
+        for q in stacked
+    ]
 
 
 def _entry(weight: torch.Tensor, q: IntQuantized, label: str, choice: str, relative: float) -> dict[str, Any]:

@@ -198,3 +198,13 @@ def test_calib_text_adds_to_the_default_set(source, verse, tmp_path):
     out = convert_checkpoint(source, tmp_path / "mixed", "int4", calibration="gptq", calib_text=["default", verse], calib_tokens=4096)
     calibration = json.loads((out / MANIFEST_FILE).read_text())["calibration"]
     assert calibration["texts"] == ["default", str(verse)]
+
+
+def test_calibration_sequences_stack_by_length_within_the_batch_budget():
+    from quadapt.converters.calibrate import stack_sequences
+
+    sequences = [torch.full((1, 4), i) for i in range(5)] + [torch.full((1, 3), 9)] + [torch.full((1, 4), 5)]
+    batches = stack_sequences(sequences, tokens=8)
+    assert [tuple(b.shape) for b in batches] == [(2, 4), (2, 4), (2, 4), (1, 3)]
+    assert torch.cat([b[:, 0] for b in batches]).tolist() == [0, 1, 2, 3, 4, 5, 9]  # every sequence, once
+    assert [tuple(b.shape) for b in stack_sequences(sequences[:2], tokens=2)] == [(1, 4), (1, 4)]  # one at least

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from quadapt.converters.formats import pack_int32
-from quadapt.converters.gptq import HessianAccumulator, gptq_quantize
+from quadapt.converters.gptq import HessianAccumulator, gptq_quantize, gptq_quantize_dampings
 from quadapt.converters.quantize import (
     dynamic_map,
     int_range,
@@ -266,3 +266,43 @@ def test_gptq_tolerates_dead_inputs():
     hessian.add(x)
     quantized = gptq_quantize(gaussian((32, 64)), hessian.value(), num_bits=4, group_size=32, symmetric=False)
     assert torch.isfinite(quantized.dequantize()).all()
+
+
+@pytest.mark.parametrize("symmetric,actorder", [(True, True), (False, False)])
+def test_gptq_at_several_dampings_equals_each_alone_and_rows_stack(symmetric, actorder):
+    """One pass at several dampings gives each damping's result exactly, and linears reading one
+    input, stacked by rows, give each linear's own result (GPTQ's rows are independent given H)."""
+    x = correlated_inputs(256)
+    hessian = HessianAccumulator(256)
+    hessian.add(x)
+    w, other = gaussian((64, 256)), gaussian((32, 256)) * 3.0
+    mse, other_mse = (quantize_int(m, num_bits=4, group_size=64, symmetric=symmetric, mse=True) for m in (w, other))
+    dampings = (0.01, 0.1)
+    both = gptq_quantize_dampings(w, hessian.value(), dampings, num_bits=4, group_size=64, symmetric=symmetric,
+                                  actorder=actorder, ranges=(mse.scale, mse.zero_point))
+    zeros = None if symmetric else torch.cat([mse.zero_point, other_mse.zero_point])
+    stacked = gptq_quantize_dampings(
+        torch.cat([w, other]), hessian.value(), dampings, num_bits=4, group_size=64, symmetric=symmetric,
+        actorder=actorder, ranges=(torch.cat([mse.scale, other_mse.scale]), zeros),
+    )
+    for damp, together, rows in zip(dampings, both, stacked):
+        for matrix, ranges, part in ((w, mse, slice(0, 64)), (other, other_mse, slice(64, 96))):
+            alone = gptq_quantize(matrix, hessian.value(), num_bits=4, group_size=64, symmetric=symmetric,
+                                  actorder=actorder, percdamp=damp, ranges=(ranges.scale, ranges.zero_point))
+            assert torch.equal(rows.q[part], alone.q) and torch.equal(rows.scale[part], alone.scale)
+            if matrix is w:
+                assert torch.equal(together.q, alone.q) and torch.equal(together.scale, alone.scale)
+    assert not torch.equal(both[0].q, both[1].q)  # the dampings do differ
+
+
+def test_hessian_with_float32_products_matches_float64():
+    x = correlated_inputs(256).reshape(4, 512, 256)
+    x[:, 0] *= 100.0  # an attention sink's magnitude
+    exact, fast = HessianAccumulator(256), HessianAccumulator(256, product_dtype=torch.float32)
+    for part in x:
+        exact.add(part)
+        fast.add(part)
+    assert fast.value().dtype == torch.float64
+    relative = (fast.value() - exact.value()).abs().max() / exact.value().abs().max()
+    assert relative < 1e-6, relative
+    assert torch.allclose(fast.mean_abs(), exact.mean_abs(), rtol=1e-6)

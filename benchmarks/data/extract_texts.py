@@ -8,10 +8,15 @@ Three texts of different kinds, none of which any calibration uses (see README.m
   licences it bundles; licence texts may be copied verbatim);
 - `python_reference.txt`: the Python language reference, from `pydoc_data.topics` (PSF licence).
 
+And two of other kinds, which the comparison with the peers' quantizers adds (docs/quality.md):
+
+- `python_source.txt`: source code, the start of the standard library's `fractions.py` (PSF licence);
+- `markdown_readme.txt`: a project README in Markdown (prose, code blocks, tables), rich's (MIT).
+
     python benchmarks/data/extract_texts.py
 
-Rewrites the three files (about 16 KB each); the figures in docs/quality.md were measured on the
-files as committed, which came from Python 3.11.7, torch 2.13.0 and grpcio 1.85.3.
+Rewrites the five files (about 16 KB each); the figures in docs/quality.md were measured on the
+files as committed, which came from Python 3.11.7, torch 2.13.0, grpcio 1.85.3 and rich 15.0.0.
 """
 
 from __future__ import annotations
@@ -68,8 +73,24 @@ def python_reference() -> str:
     return _clip([topics[name] for name in PYTHON_TOPICS if name in topics])
 
 
+def python_source() -> str:
+    import fractions
+
+    return _clip(Path(fractions.__file__).read_text(encoding="utf-8").split("\n\n\n"))
+
+
+def markdown_readme() -> str:
+    return _clip(importlib.metadata.distribution("rich").metadata.get_payload().split("\n\n"))
+
+
+TEXTS = {
+    "ml_prose.txt": ml_prose, "licence.txt": licence, "python_reference.txt": python_reference,
+    "python_source.txt": python_source, "markdown_readme.txt": markdown_readme,
+}
+
+
 def main() -> None:
-    for name, make in (("ml_prose.txt", ml_prose), ("licence.txt", licence), ("python_reference.txt", python_reference)):
+    for name, make in TEXTS.items():
         path = HERE / name
         tmp = path.with_name(name + ".tmp")
         tmp.write_text(make(), encoding="utf-8")
