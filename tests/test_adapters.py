@@ -33,9 +33,9 @@ from .test_tokenizer import build_chatml_dir
 VOCAB = 512
 
 
-def make_base(parent: Path) -> Path:
-    """A tiny random Llama checkpoint with a tokenizer beside it."""
-    _, path = save_hf_model(parent, "llama", vocab_size=VOCAB)
+def make_base(parent: Path, **overrides) -> Path:
+    """A tiny random Llama checkpoint with a tokenizer beside it (`overrides`: config fields)."""
+    _, path = save_hf_model(parent, "llama", vocab_size=VOCAB, **overrides)
     return build_chatml_dir(path)
 
 

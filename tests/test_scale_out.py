@@ -63,7 +63,7 @@ def free_port(pair: bool = False) -> int:
 @pytest.fixture(scope="module")
 def config(tmp_path_factory) -> ServerConfig:
     root = tmp_path_factory.mktemp("scale-out")
-    base = make_base(root / "base")
+    base = make_base(root / "base", max_position_embeddings=1024)  # room for streams still running at a kill
     for i, name in enumerate(ADAPTERS):
         make_peft_adapter(base, root / "adapters" / name, seed=10 + i,
                           config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
@@ -196,7 +196,9 @@ def test_an_unknown_adapter_is_not_found_on_both_doors(cluster):
 def test_a_replica_killed_under_load_fails_its_requests_unavailable_and_comes_back(cluster, single):
     from ray.serve._private.constants import SERVE_NAMESPACE
 
-    prompt, long = "a long answer", {"max_new_tokens": 200, "ignore_eos": True}
+    # Long enough to be running when the replica dies whatever the machine's speed; 4 such rows
+    # per replica fit its KV budget (4 x ~900 positions of 512 bytes in 2 MiB).
+    prompt, long = "a long answer", {"max_new_tokens": 900, "ignore_eos": True}
     with single.client() as reference:
         expected = reference.generate(prompt, **long).text
     sdk = http(cluster)
@@ -215,7 +217,8 @@ def test_a_replica_killed_under_load_fails_its_requests_unavailable_and_comes_ba
 
     def over_http(_) -> tuple[str | int, str]:
         try:
-            done = sdk.completions.create(model="", prompt=prompt, max_tokens=200, extra_body={"ignore_eos": True})
+            done = sdk.completions.create(model="", prompt=prompt, max_tokens=long["max_new_tokens"],
+                                          extra_body={"ignore_eos": True})
             return done.choices[0].text, ""
         except openai.APIStatusError as e:
             return e.status_code, e.message

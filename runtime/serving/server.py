@@ -31,6 +31,7 @@ reflection answer without a token, as probes and tools expect.
 from __future__ import annotations
 
 import asyncio
+import gc
 import contextlib
 import functools
 import itertools
@@ -292,6 +293,11 @@ class Server:
             loop = asyncio.get_running_loop()
             llm.add_failure_callback(lambda error: loop.call_soon_threadsafe(self._engine_failed, error))
             llm.start()
+            # What is alive now lives as long as the server. Frozen, it is off the cyclic
+            # collector's full passes, which otherwise walk it while requests wait: a full pass
+            # over a loaded server's ~180k objects took 94 ms, measured.
+            gc.collect()
+            gc.freeze()
             self.llm, self._state = llm, "serving"
             for service in ("", SERVICE):
                 await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
