@@ -147,6 +147,7 @@ class Server:
             await self._grpc.stop(grace=None)
         if self.llm is not None:
             await asyncio.to_thread(self.llm.shutdown)
+            gc.unfreeze()  # what the start froze is collectable again (and freed at exit)
         self.metrics.close()
         self._stopped.set()
         logger.info("stopped")
