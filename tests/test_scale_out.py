@@ -69,8 +69,8 @@ def config(tmp_path_factory) -> ServerConfig:
                           config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
     return ServerConfig(model=str(base), host="127.0.0.1", port=free_port(), http_port=free_port(),
                         adapter_dirs=(str(root / "adapters"),), metrics_port=free_port(pair=True), threads=1,
-                        max_num_seqs=4, max_num_batched_tokens=32,
-                        max_loras=4, max_lora_rank=8, kv_cache_bytes=2 * 2**20, block_size=4, drain_timeout_s=1)
+                        max_num_seqs=8, max_num_batched_tokens=32,
+                        max_loras=4, max_lora_rank=8, kv_cache_bytes=8 * 2**20, block_size=4, drain_timeout_s=1)
 
 
 @pytest.fixture(scope="module")
@@ -196,8 +196,10 @@ def test_an_unknown_adapter_is_not_found_on_both_doors(cluster):
 def test_a_replica_killed_under_load_fails_its_requests_unavailable_and_comes_back(cluster, single):
     from ray.serve._private.constants import SERVE_NAMESPACE
 
-    # Long enough to be running when the replica dies whatever the machine's speed; 4 such rows
-    # per replica fit its KV budget (4 x ~900 positions of 512 bytes in 2 MiB).
+    # Long enough to be running when the replica dies whatever the machine's speed; all 8 run at
+    # once on either replica (max_num_seqs 8, 8 x ~900 positions of 512 bytes in 8 MiB), so no
+    # stream's first token waits for another stream to finish (when one did, the streams on the
+    # other replica had finished too by the time of the kill).
     prompt, long = "a long answer", {"max_new_tokens": 900, "ignore_eos": True}
     with single.client() as reference:
         expected = reference.generate(prompt, **long).text
