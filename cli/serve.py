@@ -26,15 +26,32 @@ def listen_port(value: str) -> int:
     return number
 
 
+# The most replicas a flag may ask for: Ray Serve takes a 32-bit count, and no cluster runs more.
+MAX_REPLICAS = 10_000
+
+
+def replica_count(value: str) -> int:
+    """argparse type: a whole number of replicas, 1 .. MAX_REPLICAS."""
+    try:
+        count = int(value)
+    except ValueError:
+        count = 0
+    if not 1 <= count <= MAX_REPLICAS:
+        raise argparse.ArgumentTypeError(f"must be a whole number from 1 to {MAX_REPLICAS}, got {value!r}")
+    return count
+
+
 def min_max(value: str) -> tuple[int, int]:
-    """argparse type: MIN:MAX, two integers with 0 <= MIN <= MAX and MAX >= 1."""
+    """argparse type: MIN:MAX, two integers with 0 <= MIN <= MAX, 1 <= MAX <= MAX_REPLICAS."""
     low, _, high = value.partition(":")
     try:
         bounds = (int(low), int(high))
     except ValueError:
         bounds = (-1, -1)
-    if not 0 <= bounds[0] <= bounds[1] or bounds[1] < 1:
-        raise argparse.ArgumentTypeError(f"must be MIN:MAX with 0 <= MIN <= MAX and MAX >= 1, e.g. 1:4; got {value!r}")
+    if not 0 <= bounds[0] <= bounds[1] or not 1 <= bounds[1] <= MAX_REPLICAS:
+        raise argparse.ArgumentTypeError(
+            f"must be MIN:MAX with 0 <= MIN <= MAX and 1 <= MAX <= {MAX_REPLICAS}, e.g. 1:4; got {value!r}"
+        )
     return bounds
 
 
@@ -80,7 +97,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                               "8000) and gRPC (--port) proxies, each request routed to a replica holding its adapter; "
                               "adapters load on first use from --adapter-dir")
     scale = cluster.add_mutually_exclusive_group()
-    scale.add_argument("--replicas", type=positive_int, default=None, metavar="N",
+    scale.add_argument("--replicas", type=replica_count, default=None, metavar="N",
                        help="engine replicas (with --ray; default 1)")
     scale.add_argument("--autoscale", type=min_max, default=None, metavar="MIN:MAX",
                        help="let Serve scale the replicas between MIN and MAX on the requests in flight (with --ray)")

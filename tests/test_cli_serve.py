@@ -175,6 +175,10 @@ def test_serve_ray_flags_are_checked_before_anything_starts(capsys, model):
     with pytest.raises(SystemExit):
         main(["serve", "--model", str(model), "--ray", "--autoscale", "3:1"])
     assert "MIN:MAX" in capsys.readouterr().err
+    for flags in (["--autoscale", "1:99999999999999999999"], ["--replicas", "99999999999999999999"], ["--replicas", "x"]):
+        with pytest.raises(SystemExit):  # refused by the flag, not by Ray deep inside
+            main(["serve", "--model", str(model), "--ray", *flags])
+        assert "10000" in capsys.readouterr().err
     pytest.importorskip("ray.serve", reason="checks the cluster's settings, which need the ray extra")
     assert main(["serve", "--model", str(model), "--ray", "--port", "0"]) == 2
     assert "--port 0" in capsys.readouterr().err
